@@ -1,0 +1,67 @@
+//! Packet classes counted by the kernel program in `PACKET_COUNTERS`.
+//!
+//! The map is a per-CPU array of `u64` indexed by [`PacketClass`]; the agent sums the
+//! CPUs. Indices are host-order `u32` map keys.
+
+/// Index of a packet class in the per-CPU `PACKET_COUNTERS` array.
+///
+/// A plain newtype over `u32` rather than an enum: the value crosses the kernel/user
+/// boundary as a map key, where any `u32` can appear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct PacketClass(pub u32);
+
+impl PacketClass {
+    /// Not IPv4 Ethernet: ARP, IPv6, VLAN-tagged (not looked into) and anything else.
+    pub const NON_IPV4: Self = Self(0);
+    /// IPv4 whose protocol is neither TCP, UDP nor ICMP.
+    pub const IPV4_OTHER: Self = Self(1);
+    /// IPv4 TCP with a complete TCP header.
+    pub const TCP: Self = Self(2);
+    /// IPv4 UDP with a complete UDP header.
+    pub const UDP: Self = Self(3);
+    /// IPv4 ICMP.
+    pub const ICMP: Self = Self(4);
+    /// Frames too short for the headers they announce, or with an invalid IHL.
+    pub const MALFORMED: Self = Self(5);
+
+    /// Number of classes: the size of the counters array.
+    pub const COUNT: u32 = 6;
+
+    /// Every class, in index order.
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::NON_IPV4,
+        Self::IPV4_OTHER,
+        Self::TCP,
+        Self::UDP,
+        Self::ICMP,
+        Self::MALFORMED,
+    ];
+
+    /// Stable lower-case name, used in CLI output and metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "non_ipv4",
+            1 => "ipv4_other",
+            2 => "tcp",
+            3 => "udp",
+            4 => "icmp",
+            5 => "malformed",
+            _ => "unknown",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_classes_are_dense_and_named() {
+        for (i, class) in PacketClass::ALL.iter().enumerate() {
+            assert_eq!(class.0 as usize, i);
+            assert_ne!(class.name(), "unknown");
+        }
+        assert_eq!(PacketClass(PacketClass::COUNT).name(), "unknown");
+    }
+}

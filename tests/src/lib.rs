@@ -1,0 +1,55 @@
+//! Test harness for the splitter: network namespaces, veth pairs and processes that are
+//! created with unique names and removed on drop (so on panic too), plus the artifacts
+//! built by `cargo xtask build`.
+//!
+//! Everything a test creates lives inside namespaces it owns; nothing touches the host's
+//! own interfaces or addresses.
+
+pub mod frames;
+pub mod netns;
+pub mod process;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+};
+
+pub use netns::{Netns, Veth};
+pub use process::Process;
+
+/// The agent binary built by `cargo xtask build`.
+pub fn splitter_bin() -> PathBuf {
+    artifact("SPLITTER_BIN", "target/release/splitter")
+}
+
+/// The eBPF object built by `cargo xtask build`.
+pub fn ebpf_object() -> PathBuf {
+    artifact("SPLITTER_EBPF_OBJ", "target/bpf/splitter.bpf.o")
+}
+
+fn artifact(var: &str, default: &str) -> PathBuf {
+    let path = env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(default)
+    });
+    assert!(
+        path.is_file(),
+        "{} does not exist: build with `cargo xtask build` (or run `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// True when privileged tests can run. Without root they are skipped with a visible line,
+/// except under `CI=true`, where a skip is a failure.
+#[must_use]
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: needs root (BPF, network namespaces) and CI=true does not allow skipping it");
+    }
+    eprintln!("SKIPPED {test}: needs root (BPF, network namespaces)");
+    false
+}

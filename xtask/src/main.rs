@@ -1,0 +1,155 @@
+//! Developer tasks: `cargo xtask build | test | demo | bench`.
+//!
+//! `build` works from a fresh clone: it installs bpf-linker (against the compiling
+//! toolchain's own libLLVM, cached under `~/.cache/splitter`), the rust components it needs,
+//! builds the eBPF object and then the agent with the object embedded.
+
+mod build;
+mod shim;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+
+const USAGE: &str = "\
+usage: cargo xtask <task> [options]
+
+tasks:
+  build [--route auto|standard|host]   install what is missing, build the eBPF object and target/release/splitter
+  test  [--route ...] [-- TEST-ARGS]   build, then run every test (privileged tests need root)
+  demo  [--route ...]                  build, then run the live-split demo in network namespaces (root)
+  bench [--route ...]                  build, then run the benchmarks and print their figures
+
+routes (how the eBPF object is built):
+  standard  nightly + rust-src + -Z build-std=core for bpfel-unknown-none (the ecosystem's route)
+  host      stable only: host-target bitcode linked by bpf-linker for BPF (no rust-src needed)
+  auto      standard, falling back to host when rust-src cannot be installed (default)
+";
+
+fn main() {
+    // rustc invokes this same binary as its linker on the host route.
+    if let Some(code) = shim::run_if_invoked_as_linker() {
+        std::process::exit(code);
+    }
+    if let Err(err) = run() {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let mut args: Vec<String> = env::args().skip(1).collect();
+    if args.is_empty() || args[0] == "-h" || args[0] == "--help" {
+        print!("{USAGE}");
+        return Ok(());
+    }
+    let task = args.remove(0);
+    let (opts, rest) = build::Options::parse(args)?;
+    match task.as_str() {
+        "build" => {
+            if !rest.is_empty() {
+                bail!("unexpected arguments {rest:?}\n{USAGE}");
+            }
+            build::build_all(&opts)?;
+        }
+        "test" => {
+            let art = build::build_all(&opts)?;
+            test(&art, &rest)?;
+        }
+        "demo" => {
+            let art = build::build_all(&opts)?;
+            ensure_system_tools(&["ip"])?;
+            run_tool(&art, "splitter-demo", &rest)?;
+        }
+        "bench" => {
+            let art = build::build_all(&opts)?;
+            ensure_system_tools(&["ip"])?;
+            run_tool(&art, "splitter-bench", &rest)?;
+        }
+        other => bail!("unknown task {other:?}\n{USAGE}"),
+    }
+    Ok(())
+}
+
+/// Runs the whole test suite in release mode (it shares the agent's compiled dependencies).
+fn test(art: &build::Artifacts, extra: &[String]) -> Result<()> {
+    ensure_system_tools(&["ip", "ping"])?;
+    let mut cmd = cargo();
+    cmd.current_dir(workspace_root())
+        .args(["test", "--release", "--workspace"])
+        .envs(art.env());
+    if !extra.is_empty() {
+        cmd.arg("--").args(extra);
+    }
+    status(&mut cmd, "cargo test")
+}
+
+/// Builds and runs one of the test crate's tools (demo, bench) with the built artifacts.
+fn run_tool(art: &build::Artifacts, bin: &str, args: &[String]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.current_dir(workspace_root())
+        .args(["run", "--quiet", "--release", "-p", "splitter-tests", "--bin", bin, "--"])
+        .args(args)
+        .envs(art.env());
+    status(&mut cmd, bin)
+}
+
+/// Installs missing system tools with apt when running as root on Debian/Ubuntu.
+fn ensure_system_tools(tools: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let packages: Vec<&str> = missing
+        .iter()
+        .map(|t| match *t {
+            "ip" => "iproute2",
+            "ping" => "iputils-ping",
+            other => other,
+        })
+        .collect();
+    if which("apt-get").is_none() {
+        bail!("missing tools {missing:?}: install the packages {packages:?}");
+    }
+    eprintln!("xtask: installing {packages:?} with apt-get");
+    let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get install",
+    )
+}
+
+pub(crate) fn which(tool: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+pub(crate) fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// `cargo` as invoked by the user (the toolchain the workspace builds with).
+pub(crate) fn cargo() -> Command {
+    Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+pub(crate) fn status(cmd: &mut Command, what: &str) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("cannot run {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
