@@ -82,7 +82,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>, PacketClass)> {
         ("arp", frames::ethernet(frames::ETHERTYPE_ARP, &[0; 28]), PacketClass::NON_IPV4),
         ("vlan-tagged ipv4", vlan, PacketClass::NON_IPV4),
         ("ipv6 ethertype", frames::ethernet(0x86dd, &[0x60; 40]), PacketClass::NON_IPV4),
-        ("truncated ethernet", tcp[..10].to_vec(), PacketClass::MALFORMED),
+        ("ethernet header only, ipv4 ethertype", tcp[..frames::ETH_LEN].to_vec(), PacketClass::MALFORMED),
         ("truncated ipv4 header", tcp[..frames::ETH_LEN + 12].to_vec(), PacketClass::MALFORMED),
         ("truncated tcp header", tcp[..frames::ETH_LEN + 20 + 10].to_vec(), PacketClass::MALFORMED),
         ("truncated udp header", udp[..frames::ETH_LEN + 20 + 4].to_vec(), PacketClass::MALFORMED),
@@ -112,6 +112,22 @@ fn every_crafted_frame_passes_untouched_and_is_classified() {
         }
         println!("test_run {name}: XDP_PASS, counted as {}", class.name());
     }
+}
+
+#[test]
+fn kernel_refuses_input_shorter_than_an_ethernet_header() {
+    if !privileged("kernel_refuses_input_shorter_than_an_ethernet_header") {
+        return;
+    }
+    // Such a frame can never reach the program: BPF_PROG_TEST_RUN rejects it (EINVAL) and
+    // drivers do not deliver it, so the shortest input the program sees is 14 bytes.
+    let ebpf = load();
+    let prog: &Xdp = ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
+    let short = [0u8; frames::ETH_LEN - 1];
+    let err = prog
+        .test_run(TestRunOptions { data_in: Some(&short), repeat: 1, ..Default::default() })
+        .expect_err("13-byte input");
+    assert!(format!("{err:?}").contains("InvalidInput"), "{err:?}");
 }
 
 #[test]
