@@ -10,6 +10,7 @@
 extern crate alloc;
 
 pub mod counters;
+pub mod table;
 
 pub use counters::PacketClass;
 
