@@ -52,6 +52,38 @@ impl PacketClass {
     }
 }
 
+/// Index of a forwarding outcome in the per-CPU `FORWARD_EVENTS` array (host-order
+/// `u32` map keys). Counts what happened to translated packets after the FIB lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct ForwardEvent(pub u32);
+
+impl ForwardEvent {
+    /// Sent back out of the interface it came in on (`XDP_TX`).
+    pub const TX: Self = Self(0);
+    /// Redirected to another interface (`bpf_redirect`).
+    pub const REDIRECT: Self = Self(1);
+    /// Passed to the kernel after translation because the next hop's neighbour entry is
+    /// not resolved yet (the kernel resolves it and forwards this packet itself).
+    pub const PASS_NO_NEIGH: Self = Self(2);
+    /// Passed to the kernel after translation for any other FIB answer (local
+    /// destination, forwarding disabled, no route...).
+    pub const PASS_FIB: Self = Self(3);
+
+    pub const COUNT: u32 = 4;
+    pub const ALL: [Self; Self::COUNT as usize] = [Self::TX, Self::REDIRECT, Self::PASS_NO_NEIGH, Self::PASS_FIB];
+
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "tx",
+            1 => "redirect",
+            2 => "pass_no_neigh",
+            3 => "pass_fib",
+            _ => "unknown",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

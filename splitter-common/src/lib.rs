@@ -8,11 +8,17 @@
 
 #[cfg(feature = "alloc")]
 extern crate alloc;
+#[cfg(test)]
+extern crate std;
 
+pub mod conntrack;
 pub mod counters;
+pub mod csum;
+pub mod flow;
+pub mod maps;
 pub mod table;
 
-pub use counters::PacketClass;
+pub use counters::{ForwardEvent, PacketClass};
 
 /// Name of the XDP program inside the object.
 pub const PROGRAM_NAME: &str = "splitter";

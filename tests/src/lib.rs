@@ -8,6 +8,7 @@
 pub mod frames;
 pub mod netns;
 pub mod process;
+pub mod testbed;
 
 use std::{
     env,

@@ -1,0 +1,155 @@
+//! Connection-tracking decisions: what a TCP packet does to its flow, and when the agent
+//! may forget a flow. Pure functions over `FlowEntry` flags, shared by kernel and agent.
+
+use crate::maps::{FlowEntry, FLOW_ESTABLISHED, FLOW_FIN_SEEN, FLOW_FROM_TARGET, PROTO_TCP};
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// What the datapath does with a flow after forwarding one TCP packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpVerdict {
+    /// Nothing changes.
+    Keep,
+    /// Write these flags into the entry (and its timestamp when a FIN is first seen).
+    Update { flags: u32, fin_now: bool, connected_now: bool },
+    /// The flow is over (RST): remove both entries after forwarding.
+    Close,
+    /// A fresh SYN on a 5-tuple whose previous flow was closing: forget the old flow and
+    /// treat the packet as a new flow.
+    Reopen,
+}
+
+/// Decides the effect of a TCP packet with `tcp_flags` on the entry of its direction.
+#[inline(always)]
+pub const fn tcp_verdict(entry_flags: u32, tcp_flags: u8) -> TcpVerdict {
+    if tcp_flags & TCP_RST != 0 {
+        return TcpVerdict::Close;
+    }
+    let from_target = entry_flags & FLOW_FROM_TARGET != 0;
+    if !from_target && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && entry_flags & FLOW_FIN_SEEN != 0 {
+        return TcpVerdict::Reopen;
+    }
+    let mut flags = entry_flags;
+    let fin_now = tcp_flags & TCP_FIN != 0 && entry_flags & FLOW_FIN_SEEN == 0;
+    if fin_now {
+        flags |= FLOW_FIN_SEEN;
+    }
+    let connected_now = from_target
+        && tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)
+        && entry_flags & FLOW_ESTABLISHED == 0;
+    if connected_now {
+        flags |= FLOW_ESTABLISHED;
+    }
+    if flags == entry_flags {
+        TcpVerdict::Keep
+    } else {
+        TcpVerdict::Update { flags, fin_now, connected_now }
+    }
+}
+
+/// Idle and close timeouts the agent's conntrack sweep applies (nanoseconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A UDP flow with no packet in either direction for this long is forgotten.
+    pub udp_idle_ns: u64,
+    /// A TCP flow closed in both directions is forgotten this long after its last FIN
+    /// (time for the final ACK and retransmissions).
+    pub tcp_closed_ns: u64,
+    /// A TCP flow half-closed for this long is forgotten.
+    pub tcp_half_closed_ns: u64,
+}
+
+impl Timeouts {
+    pub const DEFAULT: Self = Self {
+        udp_idle_ns: 30_000_000_000,
+        tcp_closed_ns: 10_000_000_000,
+        tcp_half_closed_ns: 300_000_000_000,
+    };
+}
+
+/// True when a flow (its two entries) may be removed at `now_ns` (CLOCK_MONOTONIC).
+pub fn flow_expired(a: &FlowEntry, b: &FlowEntry, now_ns: u64, t: &Timeouts) -> bool {
+    let since = |ts: u64| now_ns.saturating_sub(ts);
+    if a.rewritten.proto == PROTO_TCP {
+        let (fa, fb) = (a.flags & FLOW_FIN_SEEN != 0, b.flags & FLOW_FIN_SEEN != 0);
+        if fa && fb {
+            let last = if a.last_seen_ns > b.last_seen_ns { a.last_seen_ns } else { b.last_seen_ns };
+            return since(last) >= t.tcp_closed_ns;
+        }
+        if fa {
+            return since(a.last_seen_ns) >= t.tcp_half_closed_ns;
+        }
+        if fb {
+            return since(b.last_seen_ns) >= t.tcp_half_closed_ns;
+        }
+        return false;
+    }
+    let last = if a.last_seen_ns > b.last_seen_ns { a.last_seen_ns } else { b.last_seen_ns };
+    since(last) >= t.udp_idle_ns
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::{FlowKey, FLOW_TO_TARGET, PROTO_UDP};
+
+    #[test]
+    fn rst_closes_from_either_side() {
+        assert_eq!(tcp_verdict(FLOW_TO_TARGET, TCP_RST | TCP_ACK), TcpVerdict::Close);
+        assert_eq!(tcp_verdict(FLOW_FROM_TARGET, TCP_RST), TcpVerdict::Close);
+    }
+
+    #[test]
+    fn syn_ack_from_target_marks_connected_once() {
+        let v = tcp_verdict(FLOW_FROM_TARGET, TCP_SYN | TCP_ACK);
+        assert_eq!(v, TcpVerdict::Update { flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED, fin_now: false, connected_now: true });
+        assert_eq!(tcp_verdict(FLOW_FROM_TARGET | FLOW_ESTABLISHED, TCP_SYN | TCP_ACK), TcpVerdict::Keep);
+        // A SYN-ACK in the client's direction is not the target connecting.
+        assert_eq!(tcp_verdict(FLOW_TO_TARGET, TCP_SYN | TCP_ACK), TcpVerdict::Keep);
+    }
+
+    #[test]
+    fn first_fin_is_recorded_once() {
+        assert_eq!(
+            tcp_verdict(FLOW_TO_TARGET, TCP_FIN | TCP_ACK),
+            TcpVerdict::Update { flags: FLOW_TO_TARGET | FLOW_FIN_SEEN, fin_now: true, connected_now: false }
+        );
+        assert_eq!(tcp_verdict(FLOW_TO_TARGET | FLOW_FIN_SEEN, TCP_FIN | TCP_ACK), TcpVerdict::Keep);
+    }
+
+    #[test]
+    fn new_syn_after_close_reopens() {
+        assert_eq!(tcp_verdict(FLOW_TO_TARGET | FLOW_FIN_SEEN, TCP_SYN), TcpVerdict::Reopen);
+        assert_eq!(tcp_verdict(FLOW_TO_TARGET, TCP_SYN), TcpVerdict::Keep);
+    }
+
+    fn entry(proto: u8, flags: u32, last: u64) -> FlowEntry {
+        FlowEntry {
+            rewritten: FlowKey { proto, ..bytemuck::Zeroable::zeroed() },
+            flags,
+            last_seen_ns: last,
+            ..bytemuck::Zeroable::zeroed()
+        }
+    }
+
+    #[test]
+    fn expiry_rules() {
+        let t = Timeouts::DEFAULT;
+        let s = 1_000_000_000u64;
+        let open = entry(PROTO_TCP, FLOW_TO_TARGET, 0);
+        assert!(!flow_expired(&open, &open, 10_000 * s, &t), "open TCP flows are left to the LRU");
+        let fin_a = entry(PROTO_TCP, FLOW_FIN_SEEN, 100 * s);
+        let fin_b = entry(PROTO_TCP, FLOW_FIN_SEEN, 101 * s);
+        assert!(!flow_expired(&fin_a, &fin_b, 105 * s, &t));
+        assert!(flow_expired(&fin_a, &fin_b, 111 * s, &t));
+        assert!(!flow_expired(&fin_a, &open, 111 * s, &t), "half-closed waits longer");
+        assert!(flow_expired(&fin_a, &open, 400 * s, &t));
+        let u1 = entry(PROTO_UDP, 0, 100 * s);
+        let u2 = entry(PROTO_UDP, 0, 120 * s);
+        assert!(!flow_expired(&u1, &u2, 140 * s, &t), "the newer direction counts");
+        assert!(flow_expired(&u1, &u2, 151 * s, &t));
+    }
+}

@@ -1,0 +1,108 @@
+//! Flow hashing: which bucket-table slot a new flow lands in, and which source port a
+//! full-NAT flow tries first. The kernel program and the host tests share this code.
+
+use crate::{maps::FlowKey, table::BUCKET_TABLE_SIZE};
+
+/// A 64-bit finaliser with full avalanche (every input bit flips each output bit with
+/// probability about 1/2), so nearby addresses and ports spread over the whole table.
+#[inline(always)]
+pub const fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    x
+}
+
+/// Hash of a flow's 5-tuple (per-flow splitting).
+#[inline(always)]
+pub const fn flow_hash(key: &FlowKey) -> u32 {
+    let addrs = ((key.src_addr as u64) << 32) | key.dst_addr as u64;
+    let rest = ((key.src_port as u64) << 32) | ((key.dst_port as u64) << 16) | key.proto as u64;
+    let h = mix64(addrs ^ mix64(rest ^ 0x9e37_79b9_7f4a_7c15));
+    (h ^ (h >> 32)) as u32
+}
+
+/// Hash of the client address alone (`sticky: client`): every flow of one client lands
+/// in the same slot while the table stays the same.
+#[inline(always)]
+pub const fn client_hash(src_addr: u32) -> u32 {
+    let h = mix64(src_addr as u64 ^ 0x5851_f42d_4c95_7f2d);
+    (h ^ (h >> 32)) as u32
+}
+
+/// The bucket-table slot of a hash.
+#[inline(always)]
+pub const fn bucket_slot(hash: u32) -> u32 {
+    hash % BUCKET_TABLE_SIZE as u32
+}
+
+/// Source ports a full-NAT flow may take (host order, inclusive). Kept below the Linux
+/// default ephemeral range (32768-60999) so the node's own connections do not collide.
+pub const SNAT_PORT_MIN: u16 = 20000;
+pub const SNAT_PORT_MAX: u16 = 32767;
+/// Candidate ports tried before a new flow gives up (each is one atomic insert).
+pub const SNAT_PORT_TRIES: u32 = 8;
+
+/// The `attempt`-th candidate source port (host order) for a flow with `hash`: a
+/// hash-chosen start and a stride that is coprime with the range, so attempts differ.
+#[inline(always)]
+pub const fn snat_port(hash: u32, attempt: u32) -> u16 {
+    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    let start = (hash >> 8) % range;
+    // 4099 is prime and does not divide the range, so the stride is coprime with it.
+    SNAT_PORT_MIN + ((start + attempt * 4099) % range) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec::Vec;
+
+    fn key(src: u32, sport: u16) -> FlowKey {
+        FlowKey { src_addr: src, dst_addr: 0x0a00_000a, src_port: sport, dst_port: 9050, proto: 6, _pad: [0; 3] }
+    }
+
+    /// Consecutive source ports (the common case: one client,
+    /// many connections) spread evenly over 100 bins of the table.
+    #[test]
+    fn consecutive_ports_spread_evenly_over_the_table() {
+        let mut bins = [0u32; 20];
+        for port in 0..=u16::MAX {
+            let slot = bucket_slot(flow_hash(&key(0x0201_000a, port)));
+            bins[(slot as usize * bins.len()) / BUCKET_TABLE_SIZE] += 1;
+        }
+        // 65536 / 20 per bin; 6% is about 3.5 standard deviations of a uniform spread.
+        let expected = 65536 / 20;
+        for (i, &b) in bins.iter().enumerate() {
+            assert!(b.abs_diff(expected) < expected * 6 / 100, "bin {i}: {b} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn consecutive_client_addresses_spread_evenly() {
+        let mut bins = [0u32; 10];
+        for i in 0..10_000u32 {
+            let addr = u32::from_ne_bytes([10, 1, (i >> 8) as u8, i as u8]);
+            bins[(bucket_slot(client_hash(addr)) as usize * 10) / BUCKET_TABLE_SIZE] += 1;
+        }
+        for b in bins {
+            assert!(b.abs_diff(1000) < 100, "{bins:?}");
+        }
+    }
+
+    #[test]
+    fn snat_candidates_stay_in_range_and_differ() {
+        for hash in [0, 1, 0xdead_beef, u32::MAX] {
+            let ports: Vec<u16> = (0..SNAT_PORT_TRIES).map(|a| snat_port(hash, a)).collect();
+            for &p in &ports {
+                assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&p));
+            }
+            let mut dedup = ports.clone();
+            dedup.sort_unstable();
+            dedup.dedup();
+            assert_eq!(dedup.len(), ports.len(), "{ports:?}");
+        }
+    }
+}

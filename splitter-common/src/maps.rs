@@ -1,0 +1,199 @@
+//! Keys and values of the datapath's BPF maps.
+//!
+//! Addresses and ports are kept exactly as they sit in packet headers ("network byte
+//! order"): a `u32` address is the four header bytes read as a native integer. Both sides
+//! convert with `u32::from_ne_bytes(ip.octets())` / `u16::to_be()`.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::{assert_size, table::BUCKET_TABLE_SIZE};
+
+/// Targets one table generation of a gateway can hold.
+pub const MAX_TARGETS_PER_GATEWAY: u32 = 256;
+/// Default number of gateways the maps are sized for (`--max-gateways`).
+pub const DEFAULT_MAX_GATEWAYS: u32 = 64;
+/// Default conntrack capacity in entries; each flow takes two (`--conntrack-size`).
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+/// Per-target counter slots (one per gateway target, stable across weight changes).
+pub const MAX_TARGET_COUNTERS: u32 = 4096;
+
+/// IP protocol numbers used in keys.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Which gateway a packet addressed to `vip:port` over `proto` belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct GatewayKey {
+    /// Virtual address, network byte order.
+    pub vip: u32,
+    /// Gateway port, network byte order.
+    pub port: u16,
+    /// IP protocol (`PROTO_TCP` or `PROTO_UDP`).
+    pub proto: u8,
+    pub _pad: u8,
+}
+assert_size!(GatewayKey, 8);
+
+/// `GatewayState.flags`: keep the client's source address (DNAT) instead of full NAT.
+pub const GATEWAY_DNAT: u32 = 1;
+/// `GatewayState.flags`: hash new flows on the client address alone (`sticky: client`).
+pub const GATEWAY_STICKY_CLIENT: u32 = 2;
+
+/// The live state of a gateway. Written as a whole by the agent after the table it names
+/// is complete, so a packet sees either the old table or the new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct GatewayState {
+    /// Index of the gateway in `GATEWAY_COUNTERS` (host order).
+    pub gateway_id: u32,
+    /// Index in `BUCKET_TABLES` of the live table; its targets start at
+    /// `table_index * MAX_TARGETS_PER_GATEWAY` in `TARGETS` (host order).
+    pub table_index: u32,
+    /// Number of targets in the live table; 0 means no target takes traffic (host order).
+    pub target_count: u32,
+    /// `GATEWAY_*` bits (host order).
+    pub flags: u32,
+    /// Table generation, increasing with each change (host order); informational.
+    pub generation: u64,
+}
+assert_size!(GatewayState, 24);
+
+/// A flow-hash slot to target table: entries index the gateway's targets.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BucketTable {
+    /// Target index (host order) for each hash slot.
+    pub slots: [u16; BUCKET_TABLE_SIZE],
+    pub _pad: u16,
+}
+assert_size!(BucketTable, BUCKET_TABLE_SIZE * 2 + 2);
+
+/// One target of one table generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct TargetEntry {
+    /// Target address, network byte order.
+    pub addr: u32,
+    /// Address the splitter uses as source towards this target in full-NAT mode,
+    /// network byte order.
+    pub snat_addr: u32,
+    /// Target port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// Index in `TARGET_COUNTERS` (host order).
+    pub counter_index: u32,
+}
+assert_size!(TargetEntry, 16);
+
+/// A packet's 5-tuple as it arrives, the conntrack key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    /// Source address, network byte order.
+    pub src_addr: u32,
+    /// Destination address, network byte order.
+    pub dst_addr: u32,
+    /// Source port, network byte order.
+    pub src_port: u16,
+    /// Destination port, network byte order.
+    pub dst_port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+assert_size!(FlowKey, 16);
+
+impl FlowKey {
+    /// The key of packets travelling the other way.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `FlowEntry.flags`: this entry translates client-to-target packets.
+pub const FLOW_TO_TARGET: u32 = 1;
+/// `FlowEntry.flags`: this entry translates target-to-client packets.
+pub const FLOW_FROM_TARGET: u32 = 2;
+/// `FlowEntry.flags`: a FIN went through in this entry's direction.
+pub const FLOW_FIN_SEEN: u32 = 4;
+/// `FlowEntry.flags`: the target answered the SYN (its SYN-ACK went through).
+pub const FLOW_ESTABLISHED: u32 = 8;
+
+/// Conntrack value: how to rewrite a packet whose 5-tuple is the key. A flow has two
+/// entries, one per direction; each entry's `rewritten` tuple reversed is the key of the
+/// other, so either can find its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowEntry {
+    /// The 5-tuple the packet leaves with.
+    pub rewritten: FlowKey,
+    /// Index in `TARGET_COUNTERS` of the flow's target (host order).
+    pub counter_index: u32,
+    /// `FLOW_*` bits (host order).
+    pub flags: u32,
+    /// `bpf_ktime_get_ns` of the last packet for UDP, of the first FIN for TCP; 0 if
+    /// none (host order, CLOCK_MONOTONIC).
+    pub last_seen_ns: u64,
+    /// `bpf_ktime_get_ns` when the flow was created (host order).
+    pub created_ns: u64,
+}
+assert_size!(FlowEntry, 40);
+
+/// Per-target counters, per CPU; the agent sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TargetCounters {
+    /// Flows assigned to the target.
+    pub new_flows: u64,
+    /// Packets and bytes (IP length) forwarded client to target.
+    pub packets_to_target: u64,
+    pub bytes_to_target: u64,
+    /// Packets and bytes forwarded target to client.
+    pub packets_from_target: u64,
+    pub bytes_from_target: u64,
+    /// TCP resets sent by the target.
+    pub resets_from_target: u64,
+    /// Connection setups completed (SYN-ACK seen) and the sum of their SYN to SYN-ACK
+    /// time in nanoseconds.
+    pub connects: u64,
+    pub connect_ns_total: u64,
+}
+assert_size!(TargetCounters, 64);
+
+/// Per-gateway counters, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct GatewayCounters {
+    /// Packets for the gateway that found no target (no target with weight), passed.
+    pub no_target: u64,
+    /// Non-SYN TCP packets with no conntrack entry (flow unknown or evicted), passed.
+    pub conntrack_miss: u64,
+    /// New flows that could not get a conntrack entry or a source port, passed.
+    pub alloc_failed: u64,
+    /// New flows assigned to a target.
+    pub new_flows: u64,
+}
+assert_size!(GatewayCounters, 32);
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY (for each): the types are `#[repr(C)]`, have no padding (size assertions
+    // above) and every bit pattern is valid, as bytemuck's derived `Pod` checks.
+    unsafe impl aya::Pod for super::GatewayKey {}
+    unsafe impl aya::Pod for super::GatewayState {}
+    unsafe impl aya::Pod for super::BucketTable {}
+    unsafe impl aya::Pod for super::TargetEntry {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowEntry {}
+    unsafe impl aya::Pod for super::TargetCounters {}
+    unsafe impl aya::Pod for super::GatewayCounters {}
+}

@@ -1,0 +1,118 @@
+//! A versioned backend for tests and the demo (the "sava" service): answers with its
+//! version and address.
+//!
+//! - TCP, HTTP: `GET ...` gets `200 OK` with body `VERSION ADDR:PORT`, then the connection
+//!   closes.
+//! - TCP, lines: any other first byte starts a line protocol: every line gets one line
+//!   `VERSION ADDR:PORT` back, on the same connection (long-lived connections).
+//! - `--udp`: every datagram gets one datagram `VERSION ADDR:PORT` back.
+//! - `--reset`: accepts connections and resets them at once (a broken canary).
+//!
+//! usage: splitter-backend --listen ADDR:PORT --version V [--udp] [--reset]
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| usage(&format!("missing {flag}")))
+    };
+    let listen: SocketAddr = value("--listen").parse().unwrap_or_else(|e| usage(&format!("--listen: {e}")));
+    let version = value("--version");
+    let answer = format!("{version} {listen}");
+    if args.iter().any(|a| a == "--udp") {
+        let socket = UdpSocket::bind(listen).unwrap_or_else(|e| fail(&format!("bind {listen}: {e}")));
+        println!("backend {answer} listening (udp)");
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(answer.as_bytes(), from);
+        }
+        return;
+    }
+    let reset_all = args.iter().any(|a| a == "--reset");
+    let listener = TcpListener::bind(listen).unwrap_or_else(|e| fail(&format!("bind {listen}: {e}")));
+    println!("backend {answer} listening (tcp{})", if reset_all { ", resetting every connection" } else { "" });
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        if reset_all {
+            reset(stream);
+            continue;
+        }
+        let answer = answer.clone();
+        thread::spawn(move || serve(stream, &answer));
+    }
+}
+
+fn serve(stream: TcpStream, answer: &str) {
+    let _ = stream.set_nodelay(true);
+    let mut reader = BufReader::new(match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    });
+    let mut writer = stream;
+    let mut first = String::new();
+    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+        return;
+    }
+    if first.starts_with("GET ") {
+        // Read the rest of the request head, then answer and close.
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" && line != "\n" {
+            line.clear();
+        }
+        let _ = write!(
+            writer,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+            answer.len()
+        );
+        let _ = writer.flush();
+        // Drain until the client closes, so our close never resets unread data.
+        let _ = writer.shutdown(std::net::Shutdown::Write);
+        let _ = reader.read_to_end(&mut Vec::new());
+        return;
+    }
+    let mut line = first;
+    loop {
+        if writeln!(writer, "{answer}").is_err() {
+            return;
+        }
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+    }
+}
+
+/// Closes with RST instead of FIN (SO_LINGER with a zero timeout).
+fn reset(stream: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket descriptor and a `linger` value of the size passed.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(stream);
+}
+
+fn usage(msg: &str) -> ! {
+    fail(&format!("{msg}\nusage: splitter-backend --listen ADDR:PORT --version V [--udp] [--reset]"))
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("splitter-backend: {msg}");
+    std::process::exit(2)
+}

@@ -1,0 +1,234 @@
+//! The splitter's standard test topology, in three namespaces it owns:
+//!
+//! ```text
+//!  client (10.10.1.2, +extra)  --  splitter (10.10.1.1 | 10.10.2.1)  --  backends (10.10.2.x)
+//!        cli0                     spl-c            spl-b                       bk0
+//! ```
+//!
+//! The client routes everything via the splitter (the VIP 10.0.0.10 included); the
+//! backends route replies via the splitter too (needed by `dnat` gateways). The agent runs
+//! in the splitter namespace attached to both of its interfaces; the peers get an XDP_PASS
+//! program so redirected frames are delivered promptly, and their TX checksum offload is
+//! off (veth would otherwise hand XDP partial checksums).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    programs::{Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+
+use crate::{ebpf_object, splitter_bin, Netns, Process, Veth};
+
+pub const VIP: &str = "10.0.0.10";
+pub const CLIENT_ADDR: &str = "10.10.1.2";
+pub const SPLITTER_CLIENT_SIDE: &str = "10.10.1.1";
+pub const SPLITTER_BACKEND_SIDE: &str = "10.10.2.1";
+
+/// An XDP program from the splitter's object (`xdp_pass`, `xdp_drop`) attached to a
+/// device in a namespace; detached on drop.
+pub struct XdpAttachment {
+    _ebpf: Ebpf,
+}
+
+impl XdpAttachment {
+    pub fn attach(ns: &Netns, dev: &str, program: &str) -> Result<Self> {
+        // The helper programs use no maps: keep the object's maps minimal.
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("CONNTRACK", 2)
+            .map_max_entries("GATEWAYS", 1)
+            .map_max_entries("GATEWAY_COUNTERS", 1)
+            .map_max_entries("BUCKET_TABLES", 1)
+            .map_max_entries("TARGETS", 1)
+            .load_file(ebpf_object())
+            .context("loading the eBPF object")?;
+        let prog: &mut Xdp = ebpf.program_mut(program).with_context(|| format!("no program {program}"))?.try_into()?;
+        prog.load()?;
+        // Attaching resolves the device in the calling thread's namespace.
+        ns.enter(|| prog.attach(dev, XdpMode::Driver).map(drop))?
+            .with_context(|| format!("attaching {program} to {dev} in {}", ns.name()))?;
+        Ok(Self { _ebpf: ebpf })
+    }
+}
+
+/// A directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(role: &str) -> Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "spltest-{}-{}-{role}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A binary of this crate (`splitter-backend`), next to the running test or tool.
+pub fn sibling_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} not built (cargo build --release -p splitter-tests --bins)", path.display());
+    path
+}
+
+pub struct Testbed {
+    pub client: Netns,
+    pub splitter: Netns,
+    pub backends: Netns,
+    pub config_dir: TempDir,
+    _attachments: Vec<XdpAttachment>,
+    backend_processes: Vec<(String, Process)>,
+    agent: Option<Process>,
+}
+
+impl Testbed {
+    pub fn new() -> Result<Self> {
+        let client = Netns::new("client")?;
+        let splitter = Netns::new("splitter")?;
+        let backends = Netns::new("backends")?;
+        Veth::create(&client, "cli0", &format!("{CLIENT_ADDR}/24"), &splitter, "spl-c", &format!("{SPLITTER_CLIENT_SIDE}/24"))?;
+        Veth::create(&backends, "bk0", "10.10.2.2/24", &splitter, "spl-b", &format!("{SPLITTER_BACKEND_SIDE}/24"))?;
+        client.ip(&["route", "add", "default", "via", SPLITTER_CLIENT_SIDE])?;
+        backends.ip(&["route", "add", "default", "via", SPLITTER_BACKEND_SIDE])?;
+        // Packets the datapath passes up (next hop not resolved yet) are forwarded by the
+        // kernel; full-NAT ones carry this node's own source address.
+        splitter.sysctl("net.ipv4.ip_forward", "1")?;
+        for dev in ["all", "spl-c", "spl-b"] {
+            splitter.sysctl(&format!("net.ipv4.conf.{dev}.accept_local"), "1")?;
+        }
+        for (ns, dev) in [(&client, "cli0"), (&backends, "bk0")] {
+            ns.run("ethtool", &["-K", dev, "tx", "off"])?;
+        }
+        let attachments = vec![
+            XdpAttachment::attach(&client, "cli0", "xdp_pass")?,
+            XdpAttachment::attach(&backends, "bk0", "xdp_pass")?,
+        ];
+        Ok(Self {
+            client,
+            splitter,
+            backends,
+            config_dir: TempDir::new("config")?,
+            _attachments: attachments,
+            backend_processes: Vec::new(),
+            agent: None,
+        })
+    }
+
+    /// Adds extra client source addresses (`10.10.1.x/24`).
+    pub fn add_client_addr(&self, addr: &str) -> Result<()> {
+        self.client.ip(&["addr", "add", &format!("{addr}/24"), "dev", "cli0"])
+    }
+
+    /// Starts a backend process on `addr:port` (added to the backends' interface if new)
+    /// answering `version`; `extra` are more `splitter-backend` flags (`--udp`, `--reset`).
+    pub fn start_backend(&mut self, addr: &str, port: u16, version: &str, extra: &[&str]) -> Result<()> {
+        let have = self.backends.ip_output(&["-4", "addr", "show", "dev", "bk0"])?;
+        if !have.contains(&format!("inet {addr}/")) {
+            self.backends.ip(&["addr", "add", &format!("{addr}/24"), "dev", "bk0"])?;
+        }
+        let listen = format!("{addr}:{port}");
+        let mut args = vec!["--listen", &listen, "--version", version];
+        args.extend_from_slice(extra);
+        let process = self.backends.spawn(sibling_bin("splitter-backend"), &args)?;
+        process.wait_for_line("listening", Duration::from_secs(10))?;
+        self.backend_processes.push((listen, process));
+        Ok(())
+    }
+
+    /// Stops (kills) the backend on `addr:port`.
+    pub fn stop_backend(&mut self, addr_port: &str) -> Result<()> {
+        let before = self.backend_processes.len();
+        self.backend_processes.retain(|(listen, _)| listen != addr_port);
+        if before == self.backend_processes.len() {
+            bail!("no backend on {addr_port}");
+        }
+        Ok(())
+    }
+
+    /// Writes a gateway file into the watched config directory (atomically: the agent
+    /// never reads half a file).
+    pub fn write_config(&self, file: &str, yaml: &str) -> Result<PathBuf> {
+        let path = self.config_dir.path().join(file);
+        let tmp = self.config_dir.path().join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+
+    /// Starts the agent on both splitter interfaces with the config directory.
+    pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
+        let config = self.config_dir.path().display().to_string();
+        let mut args = vec!["agent", "--iface", "spl-c", "--iface", "spl-b", "--config", &config];
+        args.extend_from_slice(extra);
+        let agent = self.splitter.spawn(splitter_bin(), &args)?;
+        agent.wait_for_line("ready", Duration::from_secs(30))?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    pub fn agent(&self) -> &Process {
+        self.agent.as_ref().expect("agent started")
+    }
+
+    /// Stops the agent with SIGTERM; returns its output.
+    pub fn stop_agent(&mut self) -> Result<Vec<String>> {
+        let agent = self.agent.take().context("no agent")?;
+        agent.signal(libc::SIGTERM)?;
+        let (code, lines) = agent.wait(Duration::from_secs(15))?;
+        if code != 0 {
+            bail!("agent exited with {code}:\n{}", lines.join("\n"));
+        }
+        Ok(lines)
+    }
+
+    /// Sends SIGHUP and waits until the agent logs `applied gateway NAME generation N`.
+    pub fn reload_and_wait(&self, gateway: &str, generation: u64) -> Result<()> {
+        self.agent().signal(libc::SIGHUP)?;
+        self.agent()
+            .wait_for_line(&format!("applied gateway {gateway} generation {generation}"), Duration::from_secs(10))
+            .map(drop)
+    }
+
+    /// The agent's latest stats (SIGUSR1 makes it print them).
+    pub fn stats(&self) -> Result<serde_json::Value> {
+        let before = self.agent().lines().iter().filter(|l| l.starts_with("splitter stats ")).count();
+        self.agent().signal(libc::SIGUSR1)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = self.agent().lines();
+            let stats: Vec<&String> = lines.iter().filter(|l| l.starts_with("splitter stats ")).collect();
+            if stats.len() > before {
+                let json = stats[stats.len() - 1].trim_start_matches("splitter stats ");
+                return Ok(serde_json::from_str(json)?);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("no stats from the agent");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

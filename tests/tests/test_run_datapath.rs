@@ -1,0 +1,337 @@
+//! BPF_PROG_TEST_RUN of the datapath on crafted frames, with maps written the way the
+//! agent writes them: translation both ways with valid checksums, conntrack, stickiness,
+//! established flows surviving a table switch, and untouched non-matching packets.
+//!
+//! Runs inside a namespace of its own (the program's FIB lookups then see only the routes
+//! and static neighbours made here): targets are reachable through `tr0`, so translated
+//! packets come out redirected with the neighbour's MAC.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    maps::{Array, HashMap, MapData},
+    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
+};
+use splitter_common::{
+    flow::{bucket_slot, client_hash, flow_hash, SNAT_PORT_MAX, SNAT_PORT_MIN},
+    maps::{
+        BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, GATEWAY_DNAT, GATEWAY_STICKY_CLIENT,
+        MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
+    },
+    table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE},
+    PROGRAM_NAME,
+};
+use splitter_tests::{
+    ebpf_object,
+    frames::{self, Ipv4Packet, ETH_LEN, TCP_ACK, TCP_RST, TCP_SYN},
+    privileged, Netns, Veth,
+};
+
+const XDP_ABORTED: u32 = 0;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
+const SNAT: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 1);
+const TARGETS: [(Ipv4Addr, u16); 2] = [(Ipv4Addr::new(10, 10, 2, 11), 8080), (Ipv4Addr::new(10, 10, 2, 21), 8080)];
+const NEIGH_MAC: [u8; 6] = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0x01];
+
+fn ne(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+struct Bench {
+    ns: Netns,
+    _peer: Netns,
+    ebpf: Ebpf,
+}
+
+impl Bench {
+    fn new() -> Self {
+        let ns = Netns::new("testrun").unwrap();
+        let peer = Netns::new("testrun-peer").unwrap();
+        Veth::create(&ns, "tr0", "10.10.2.1/24", &peer, "tr1", "10.10.2.2/24").unwrap();
+        ns.ip(&["addr", "add", "10.10.1.1/24", "dev", "tr0"]).unwrap();
+        ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+        let mac = NEIGH_MAC.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        for addr in ["10.10.2.11", "10.10.2.21", "10.10.1.2"] {
+            ns.ip(&["neigh", "replace", addr, "lladdr", &mac, "dev", "tr0", "nud", "permanent"]).unwrap();
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("GATEWAYS", 4)
+            .map_max_entries("GATEWAY_COUNTERS", 4)
+            .map_max_entries("BUCKET_TABLES", 8)
+            .map_max_entries("TARGETS", 8 * MAX_TARGETS_PER_GATEWAY)
+            .map_max_entries("CONNTRACK", 4096)
+            .load_file(ebpf_object())
+            .unwrap();
+        let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).unwrap().try_into().unwrap();
+        prog.load().expect("the verifier accepts the datapath");
+        Self { ns, _peer: peer, ebpf }
+    }
+
+    /// Installs gateway `id` on VIP:port/proto with `weights` (ppm) over `TARGETS`, in
+    /// table buffer `table_index`.
+    fn gateway(&mut self, id: u32, port: u16, proto: u8, flags: u32, table_index: u32, weights: [u32; 2]) {
+        let mut targets: Array<&mut MapData, TargetEntry> = Array::try_from(self.ebpf.map_mut("TARGETS").unwrap()).unwrap();
+        for (i, (addr, tport)) in TARGETS.iter().enumerate() {
+            let entry = TargetEntry {
+                addr: ne(*addr),
+                snat_addr: ne(SNAT),
+                port: tport.to_be(),
+                _pad: 0,
+                counter_index: i as u32,
+            };
+            targets.set(table_index * MAX_TARGETS_PER_GATEWAY + i as u32, entry, 0).unwrap();
+        }
+        let table_targets: Vec<TableTarget> = TARGETS
+            .iter()
+            .zip(weights)
+            .map(|((a, p), w)| TableTarget { key: (u64::from(u32::from(*a)) << 16) | u64::from(*p), weight: w })
+            .collect();
+        let slots = build_bucket_table(&table_targets);
+        let mut table = BucketTable { slots: [0; BUCKET_TABLE_SIZE], _pad: 0 };
+        table.slots.copy_from_slice(&slots);
+        let mut tables: Array<&mut MapData, BucketTable> = Array::try_from(self.ebpf.map_mut("BUCKET_TABLES").unwrap()).unwrap();
+        tables.set(table_index, table, 0).unwrap();
+        let mut gateways: HashMap<&mut MapData, GatewayKey, GatewayState> =
+            HashMap::try_from(self.ebpf.map_mut("GATEWAYS").unwrap()).unwrap();
+        let key = GatewayKey { vip: ne(VIP), port: port.to_be(), proto, _pad: 0 };
+        let state = GatewayState { gateway_id: id, table_index, target_count: 2, flags, generation: u64::from(table_index) };
+        gateways.insert(key, state, 0).unwrap();
+    }
+
+    fn table_slots(&self, table_index: u32) -> Vec<u16> {
+        let tables: Array<&MapData, BucketTable> = Array::try_from(self.ebpf.map("BUCKET_TABLES").unwrap()).unwrap();
+        tables.get(&table_index, 0).unwrap().slots.to_vec()
+    }
+
+    fn conntrack_len(&self) -> usize {
+        let ct: HashMap<&MapData, FlowKey, FlowEntry> = HashMap::try_from(self.ebpf.map("CONNTRACK").unwrap()).unwrap();
+        ct.keys().count()
+    }
+
+    /// Runs the program on `frame` inside the namespace.
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &Xdp = self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
+        self.ns
+            .enter(|| {
+                let mut out = vec![0u8; frame.len() + 256];
+                let result = prog
+                    .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() })
+                    .expect("BPF_PROG_TEST_RUN");
+                out.truncate(result.data_size_out as usize);
+                (result.return_value, out)
+            })
+            .unwrap()
+    }
+}
+
+fn ip_src(f: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(f[ETH_LEN + 12], f[ETH_LEN + 13], f[ETH_LEN + 14], f[ETH_LEN + 15])
+}
+fn ip_dst(f: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(f[ETH_LEN + 16], f[ETH_LEN + 17], f[ETH_LEN + 18], f[ETH_LEN + 19])
+}
+fn sport(f: &[u8]) -> u16 {
+    u16::from_be_bytes([f[ETH_LEN + 20], f[ETH_LEN + 21]])
+}
+fn dport(f: &[u8]) -> u16 {
+    u16::from_be_bytes([f[ETH_LEN + 22], f[ETH_LEN + 23]])
+}
+
+fn tcp_frame(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    Ipv4Packet::new(src, dst, PROTO_TCP, frames::tcp(sp, dp, flags, payload)).build()
+}
+
+/// The target the kernel must pick for a flow, from the shared hash and the table.
+fn expected_target(slots: &[u16], hash: u32) -> (Ipv4Addr, u16) {
+    TARGETS[slots[bucket_slot(hash) as usize] as usize]
+}
+
+fn flow_key(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16, proto: u8) -> FlowKey {
+    FlowKey { src_addr: ne(src), dst_addr: ne(dst), src_port: sp.to_be(), dst_port: dp.to_be(), proto, _pad: [0; 3] }
+}
+
+#[test]
+fn full_nat_translates_both_ways_with_valid_checksums() {
+    if !privileged("full_nat_translates_both_ways_with_valid_checksums") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, 0, 0, [500_000, 500_000]);
+    let slots = bench.table_slots(0);
+
+    let syn = tcp_frame(CLIENT, 40000, VIP, 9050, TCP_SYN, b"");
+    let (action, out) = bench.run(&syn);
+    assert_eq!(action, XDP_REDIRECT, "SYN to the VIP is forwarded");
+    let want = expected_target(&slots, flow_hash(&flow_key(CLIENT, 40000, VIP, 9050, PROTO_TCP)));
+    assert_eq!((ip_dst(&out), dport(&out)), want, "addressed to the table's target");
+    assert_eq!(ip_src(&out), SNAT, "source is the splitter's own address");
+    let snat_port = sport(&out);
+    assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&snat_port));
+    assert!(frames::checksums_valid(&out), "IP and TCP checksums recomputed from scratch match");
+    assert_eq!(out[0..6], NEIGH_MAC, "next-hop MAC from the FIB");
+    assert_eq!(bench.conntrack_len(), 2, "one entry per direction");
+
+    let syn_ack = tcp_frame(want.0, want.1, SNAT, snat_port, TCP_SYN | TCP_ACK, b"");
+    let (action, back) = bench.run(&syn_ack);
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!((ip_src(&back), sport(&back)), (VIP, 9050), "the client sees VIP:port");
+    assert_eq!((ip_dst(&back), dport(&back)), (CLIENT, 40000));
+    assert!(frames::checksums_valid(&back));
+
+    // Data with a payload of odd length, both ways.
+    let data = tcp_frame(CLIENT, 40000, VIP, 9050, TCP_ACK, b"GET / HTTP/1.0\r\n\r\n!");
+    let (_, out2) = bench.run(&data);
+    assert_eq!((ip_src(&out2), sport(&out2), ip_dst(&out2), dport(&out2)), (SNAT, snat_port, want.0, want.1));
+    assert!(frames::checksums_valid(&out2));
+
+    // A reset from the target ends the flow.
+    let rst = tcp_frame(want.0, want.1, SNAT, snat_port, TCP_RST | TCP_ACK, b"");
+    let (_, out3) = bench.run(&rst);
+    assert_eq!((ip_dst(&out3), dport(&out3)), (CLIENT, 40000));
+    assert_eq!(bench.conntrack_len(), 0, "RST removes both entries");
+}
+
+#[test]
+fn udp_translates_and_keeps_a_zero_checksum_zero() {
+    if !privileged("udp_translates_and_keeps_a_zero_checksum_zero") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 5353, PROTO_UDP, 0, 0, [500_000, 500_000]);
+    let request = Ipv4Packet::new(CLIENT, VIP, PROTO_UDP, frames::udp(40001, 5353, b"query")).build();
+    let (action, out) = bench.run(&request);
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(ip_src(&out), SNAT);
+    assert!(frames::checksums_valid(&out));
+    let target = (ip_dst(&out), dport(&out));
+    let reply = Ipv4Packet::new(target.0, SNAT, PROTO_UDP, frames::udp(target.1, sport(&out), b"answer")).build();
+    let (_, back) = bench.run(&reply);
+    assert_eq!((ip_src(&back), sport(&back), ip_dst(&back), dport(&back)), (VIP, 5353, CLIENT, 40001));
+    assert!(frames::checksums_valid(&back));
+
+    let mut no_checksum = Ipv4Packet::new(CLIENT, VIP, PROTO_UDP, frames::udp(40002, 5353, b"q")).build();
+    let l4 = ETH_LEN + 20;
+    no_checksum[l4 + 6..l4 + 8].copy_from_slice(&[0, 0]);
+    let (_, out) = bench.run(&no_checksum);
+    assert_eq!(out[l4 + 6..l4 + 8], [0, 0], "UDP without checksum stays without");
+    assert!(frames::checksums_valid(&out));
+}
+
+#[test]
+fn dnat_keeps_the_client_address() {
+    if !privileged("dnat_keeps_the_client_address") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, GATEWAY_DNAT, 0, [500_000, 500_000]);
+    let (_, out) = bench.run(&tcp_frame(CLIENT, 40000, VIP, 9050, TCP_SYN, b""));
+    assert_eq!((ip_src(&out), sport(&out)), (CLIENT, 40000));
+    let target = (ip_dst(&out), dport(&out));
+    assert!(TARGETS.contains(&target));
+    assert!(frames::checksums_valid(&out));
+    let (_, back) = bench.run(&tcp_frame(target.0, target.1, CLIENT, 40000, TCP_SYN | TCP_ACK, b""));
+    assert_eq!((ip_src(&back), sport(&back), ip_dst(&back), dport(&back)), (VIP, 9050, CLIENT, 40000));
+    assert!(frames::checksums_valid(&back));
+}
+
+#[test]
+fn established_flows_keep_their_target_across_a_table_switch() {
+    if !privileged("established_flows_keep_their_target_across_a_table_switch") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, 0, 0, [1_000_000, 0]);
+    let mut flows = Vec::new();
+    for port in 41000..41020 {
+        let (_, out) = bench.run(&tcp_frame(CLIENT, port, VIP, 9050, TCP_SYN, b""));
+        assert_eq!((ip_dst(&out), dport(&out)), TARGETS[0], "100% to the first target");
+        flows.push((port, sport(&out)));
+    }
+    // The switch: the other buffer, then the gateway names it.
+    bench.gateway(0, 9050, PROTO_TCP, 0, 1, [0, 1_000_000]);
+    for &(port, snat_port) in &flows {
+        let (_, out) = bench.run(&tcp_frame(CLIENT, port, VIP, 9050, TCP_ACK, b"more"));
+        assert_eq!((ip_dst(&out), dport(&out)), TARGETS[0], "established flow stays");
+        assert_eq!(sport(&out), snat_port, "and keeps its source port");
+    }
+    let (_, out) = bench.run(&tcp_frame(CLIENT, 42000, VIP, 9050, TCP_SYN, b""));
+    assert_eq!((ip_dst(&out), dport(&out)), TARGETS[1], "new flows follow the new table");
+    let mut ports: Vec<u16> = flows.iter().map(|f| f.1).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), flows.len(), "no two flows share a source port");
+}
+
+#[test]
+fn sticky_client_keeps_one_target_across_connections() {
+    if !privileged("sticky_client_keeps_one_target_across_connections") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, GATEWAY_STICKY_CLIENT, 0, [500_000, 500_000]);
+    let slots = bench.table_slots(0);
+    let mut seen = std::collections::BTreeSet::new();
+    for c in 0..20u8 {
+        let client = Ipv4Addr::new(10, 10, 1, 100 + c);
+        let want = expected_target(&slots, client_hash(ne(client)));
+        for port in 43000..43010 {
+            let (_, out) = bench.run(&tcp_frame(client, port, VIP, 9050, TCP_SYN, b""));
+            assert_eq!((ip_dst(&out), dport(&out)), want, "client {client} port {port}");
+        }
+        seen.insert(want);
+    }
+    assert_eq!(seen.len(), 2, "20 clients at 50/50 use both targets");
+}
+
+#[test]
+fn non_matching_packets_pass_byte_identical() {
+    if !privileged("non_matching_packets_pass_byte_identical") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, 0, 0, [500_000, 500_000]);
+    let other_port = tcp_frame(CLIENT, 40000, VIP, 9051, TCP_SYN, b"");
+    let other_vip = tcp_frame(CLIENT, 40000, Ipv4Addr::new(10, 0, 0, 11), 9050, TCP_SYN, b"");
+    let udp_same_port = Ipv4Packet::new(CLIENT, VIP, PROTO_UDP, frames::udp(40000, 9050, b"x")).build();
+    for frame in [other_port, other_vip, udp_same_port] {
+        let (action, out) = bench.run(&frame);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(out, frame);
+    }
+    assert_eq!(bench.conntrack_len(), 0);
+}
+
+#[test]
+fn malformed_frames_to_the_vip_never_abort() {
+    if !privileged("malformed_frames_to_the_vip_never_abort") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, 0, 0, [500_000, 500_000]);
+    bench.gateway(1, 9050, PROTO_UDP, 0, 2, [500_000, 500_000]);
+    let syn = tcp_frame(CLIENT, 40000, VIP, 9050, TCP_SYN, b"payload");
+    let udp = Ipv4Packet::new(CLIENT, VIP, PROTO_UDP, frames::udp(40000, 9050, b"payload")).build();
+    for frame in [syn, udp] {
+        for len in ETH_LEN..frame.len() {
+            let (action, _) = bench.run(&frame[..len]);
+            assert_ne!(action, XDP_ABORTED, "prefix of {len} bytes");
+        }
+        // Lying IP lengths and IHL values.
+        for ihl in [0u8, 4, 6, 15] {
+            let mut bad = frame.clone();
+            bad[ETH_LEN] = 0x40 | ihl;
+            let (action, _) = bench.run(&bad);
+            assert_ne!(action, XDP_ABORTED, "ihl {ihl}");
+        }
+        // A fragment is passed untouched (no L4 header to translate).
+        let mut fragment = frame.clone();
+        fragment[ETH_LEN + 6] = 0x20; // more fragments
+        let (action, out) = bench.run(&fragment);
+        assert_eq!((action, out), (XDP_PASS, fragment));
+    }
+}
