@@ -1,6 +1,7 @@
 //! `splitter`: the agent (privileged daemon) and the operator's CLI.
 
 mod agent;
+mod gateway;
 mod system;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,9 @@ struct Cli {
 enum Command {
     /// Run the privileged agent: load and attach the XDP program and keep it running.
     Agent(agent::AgentArgs),
+    /// Check gateway files offline (no agent, no privileges): one "ok" line per document,
+    /// or the first error as one line naming file, line, column and field.
+    Validate(gateway::validate::ValidateArgs),
 }
 
 fn main() {
@@ -27,6 +31,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(args) => agent::run(args),
+        Command::Validate(args) => gateway::validate::run(args),
     };
     if let Err(err) = result {
         // One line: the context chain joined with ": ".

@@ -1,0 +1,515 @@
+//! Gateways: Vamp's gateway document extended with targets (see "Gateway YAML" in the
+//! product contract), parsed and checked into [`Gateway`]s or weights-only
+//! [`WeightUpdate`]s, with errors that name the file, line, column and field.
+//!
+//! Weights are integers in hundredths of a percent (`10000` is 100%): `10.5%` is `1050`.
+//! Per-target shares ([`Gateway::weighted_targets`]) are in parts per million, fine enough
+//! to split 80% evenly over 3 targets (266 667 ppm each) without visible rounding.
+
+// The agent, the control socket and the CLI client (other issues) consume most of this API;
+// until they all do, parts of it are used only by tests and `splitter validate`.
+#![allow(dead_code)]
+
+mod parse;
+#[cfg(test)]
+mod tests;
+pub mod validate;
+mod yaml;
+
+use std::{
+    collections::BTreeMap,
+    fmt::{self, Write as _},
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::{Serialize, Serializer};
+use splitter_common::table::TableTarget;
+
+// `parse_weight` is for the CLI's `splitter weight GATEWAY ROUTE=PCT`.
+#[allow(unused_imports)]
+pub use parse::{format_weight, parse_weight};
+
+/// 100% in the unit of route weights (hundredths of a percent).
+pub const FULL_WEIGHT: u32 = 10_000;
+
+/// 100% in the unit of target shares (parts per million).
+pub const FULL_SHARE_PPM: u32 = 1_000_000;
+
+/// Most targets one gateway may have. The bucket table has 10007 slots; beyond a few
+/// thousand targets each would hold only a couple of slots and the 0.01% weight resolution
+/// would be lost.
+pub const MAX_TARGETS_PER_GATEWAY: usize = 4096;
+
+/// Transport protocol of a gateway's port. Vamp's `http` is TCP at L4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// What keeps a client on one target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sticky {
+    /// Each new flow is placed on its own (Vamp's `sticky: none`, the default).
+    Flow,
+    /// One client address keeps one target (`client`, or Vamp's `service` / `instance`).
+    Client,
+}
+
+/// How packets reach the targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum Mode {
+    /// Source and destination rewritten: replies come back through the splitter (default).
+    #[serde(rename = "fullnat")]
+    FullNat,
+    /// Only the destination rewritten: targets must route replies back via the splitter.
+    #[serde(rename = "dnat")]
+    Dnat,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::FullNat => "fullnat",
+            Self::Dnat => "dnat",
+        }
+    }
+}
+
+/// A backend: IPv4 address and port. Written and read as `10.1.0.11:8080`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Target {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+impl Target {
+    /// The target's identity in the bucket table builder: address and port in one `u64`.
+    pub fn table_key(&self) -> u64 {
+        u64::from(u32::from(self.addr)) << 16 | u64::from(self.port)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+impl FromStr for Target {
+    type Err = String;
+
+    /// Parses `IPV4:PORT`; the error says what is wrong, without the input's location.
+    fn from_str(text: &str) -> Result<Self, String> {
+        parse::parse_target(text)
+    }
+}
+
+impl Serialize for Target {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// A route: one version of the service, with its share of the gateway's new flows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Route {
+    pub name: String,
+    /// The weight in effect, in hundredths of a percent: the explicit weight, or an equal
+    /// share of what the weighted routes leave.
+    pub weight: u32,
+    /// The weight the document gave, if any, in hundredths of a percent.
+    pub explicit_weight: Option<u32>,
+    /// The instances of this version, in document order; the route's weight is spread
+    /// evenly over them.
+    pub targets: Vec<Target>,
+}
+
+/// A gateway: a VIP and port whose new flows are split over the routes by weight.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Gateway {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub virtual_address: Ipv4Addr,
+    pub sticky: Sticky,
+    pub mode: Mode,
+    /// Sorted by name.
+    pub routes: Vec<Route>,
+}
+
+/// A weights-only document: new weights for an existing gateway's routes, targets untouched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WeightUpdate {
+    pub name: String,
+    /// Route name and its weight in hundredths of a percent; `None` shares the remainder.
+    /// In document order.
+    pub weights: Vec<(String, Option<u32>)>,
+}
+
+/// One document of a gateway file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Document {
+    /// Routes with targets: the whole gateway, created or replaced.
+    Gateway(Gateway),
+    /// No route lists targets: new weights for a gateway that already exists.
+    Weights(WeightUpdate),
+}
+
+impl Document {
+    /// The gateway the document is about.
+    pub fn gateway_name(&self) -> &str {
+        match self {
+            Self::Gateway(gateway) => &gateway.name,
+            Self::Weights(update) => &update.name,
+        }
+    }
+}
+
+/// Why a document was refused. Displays as one line:
+/// `FILE:LINE:COLUMN: FIELD.PATH: what is wrong`, leaving out what is not known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file path, or e.g. "request body".
+    pub origin: String,
+    /// From 1.
+    pub line: Option<usize>,
+    /// From 1.
+    pub column: Option<usize>,
+    /// Where in the document, e.g. `routes.sava/sava/sava:1.1.0/port.weight`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about the whole input, with no line or field.
+    pub fn new(origin: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            origin: origin.into(),
+            line: None,
+            column: None,
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// An error about one field, where no position is known.
+    pub fn for_field(
+        origin: impl Into<String>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            field: Some(field.into()),
+            ..Self::new(origin, message)
+        }
+    }
+
+    fn at(
+        origin: &str,
+        position: Option<yaml::Position>,
+        field: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            origin: origin.to_owned(),
+            line: position.map(|p| p.line),
+            column: position.map(|p| p.column),
+            field: (!field.is_empty()).then(|| field.to_owned()),
+            message: message.into(),
+        }
+    }
+
+    /// Fills in the line and column from the source text of the document the error is
+    /// about, when only the field is known (as for errors from [`Gateway::apply_weights`]).
+    /// With several documents in `text`, the first one that has the field wins.
+    pub fn locate_in(mut self, text: &str) -> Self {
+        if self.line.is_some() {
+            return self;
+        }
+        let Some(field) = &self.field else {
+            return self;
+        };
+        let Ok(documents) = yaml::parse_stream(text) else {
+            return self;
+        };
+        if let Some(position) = documents.iter().find_map(|root| yaml::locate(root, field)) {
+            self.line = Some(position.line);
+            self.column = Some(position.column);
+        }
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.origin)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        f.write_str(": ")?;
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        // One line whatever the message holds (e.g. a parser's multi-line explanation).
+        let mut words = self.message.split_whitespace();
+        if let Some(first) = words.next() {
+            f.write_str(first)?;
+            for word in words {
+                write!(f, " {word}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Parses and checks every document of a YAML stream (one document, or several separated
+/// by `---`). `origin` names the input in errors. Any error refuses the whole input.
+pub fn parse_documents(origin: &str, text: &str) -> Result<Vec<Document>, ConfigError> {
+    Ok(parse::parse_stream(origin, text)?
+        .into_iter()
+        .map(|parsed| parsed.document)
+        .collect())
+}
+
+/// Loads a gateway file, or every `*.yaml` / `*.yml` file of a directory (sorted by file
+/// name, not recursive). A gateway defined twice across the files is an error.
+pub fn load_path(path: &Path) -> Result<Vec<(PathBuf, Document)>, ConfigError> {
+    let files = if path.is_dir() {
+        let entries = fs::read_dir(path).map_err(|err| {
+            ConfigError::new(
+                path.display().to_string(),
+                format!("cannot read directory: {err}"),
+            )
+        })?;
+        let mut files = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|err| {
+                ConfigError::new(
+                    path.display().to_string(),
+                    format!("cannot read directory: {err}"),
+                )
+            })?;
+            let file = entry.path();
+            let is_yaml = file
+                .extension()
+                .is_some_and(|ext| ext == "yaml" || ext == "yml");
+            if is_yaml && file.is_file() {
+                files.push(file);
+            }
+        }
+        files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+        if files.is_empty() {
+            return Err(ConfigError::new(
+                path.display().to_string(),
+                "no *.yaml or *.yml file in this directory",
+            ));
+        }
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+
+    let mut documents = Vec::new();
+    // Full gateways seen so far: name -> the file that defines it.
+    let mut defined: BTreeMap<String, String> = BTreeMap::new();
+    for file in files {
+        let origin = file.display().to_string();
+        let text = fs::read_to_string(&file)
+            .map_err(|err| ConfigError::new(&origin, format!("cannot read: {err}")))?;
+        for parsed in parse::parse_stream(&origin, &text)? {
+            if let Document::Gateway(gateway) = &parsed.document {
+                if let Some(first) = defined.insert(gateway.name.clone(), origin.clone()) {
+                    return Err(ConfigError::at(
+                        &origin,
+                        Some(parsed.name_position),
+                        "name",
+                        format!("gateway {} is already defined in {first}", gateway.name),
+                    ));
+                }
+            }
+            documents.push((file.clone(), parsed.document));
+        }
+    }
+    Ok(documents)
+}
+
+impl Gateway {
+    /// The gateway with the weights of a weights-only update. Routes the update names take
+    /// its weight (or, without one, share the remainder); routes it does not name lose their
+    /// explicit weight and share the remainder (Ambassador's rule), so an update that only
+    /// says "canary: 20%" gives the other routes the remaining 80%. Targets are untouched.
+    ///
+    /// Errors carry the field path but no line (the update's text is not known here):
+    /// [`ConfigError::locate_in`] adds it.
+    pub fn apply_weights(
+        &self,
+        update: &WeightUpdate,
+        origin: &str,
+    ) -> Result<Gateway, ConfigError> {
+        if update.name != self.name {
+            return Err(ConfigError::for_field(
+                origin,
+                "name",
+                format!(
+                    "this weights update is for gateway {}, not {}",
+                    update.name, self.name
+                ),
+            ));
+        }
+        let mut explicit: BTreeMap<&str, Option<u32>> = self
+            .routes
+            .iter()
+            .map(|route| (route.name.as_str(), None))
+            .collect();
+        let mut seen = Vec::new();
+        for (route, weight) in &update.weights {
+            let field = format!("routes.{route}");
+            let Some(slot) = explicit.get_mut(route.as_str()) else {
+                let known: Vec<&str> = self.routes.iter().map(|r| r.name.as_str()).collect();
+                return Err(ConfigError::for_field(
+                    origin,
+                    field,
+                    format!(
+                        "unknown route {route} in gateway {} (its routes: {})",
+                        self.name,
+                        known.join(", ")
+                    ),
+                ));
+            };
+            if seen.contains(&route) {
+                return Err(ConfigError::for_field(origin, field, "route listed twice"));
+            }
+            seen.push(route);
+            if let Some(weight) = weight {
+                if *weight > FULL_WEIGHT {
+                    return Err(ConfigError::for_field(
+                        origin,
+                        format!("{field}.weight"),
+                        format!("weight {} is more than 100%", format_weight(*weight)),
+                    ));
+                }
+            }
+            *slot = *weight;
+        }
+        let names: Vec<&str> = explicit.keys().copied().collect();
+        let weights: Vec<Option<u32>> = explicit.values().copied().collect();
+        let effective = parse::effective_weights(&names, &weights, true)
+            .map_err(|message| ConfigError::for_field(origin, "routes", message))?;
+        let mut gateway = self.clone();
+        for ((route, weight), explicit_weight) in
+            gateway.routes.iter_mut().zip(effective).zip(weights)
+        {
+            route.weight = weight;
+            route.explicit_weight = explicit_weight;
+        }
+        Ok(gateway)
+    }
+
+    /// Every target with its share of the gateway's new flows, in parts per million: each
+    /// route's weight spread evenly over its targets (3 instances at 80% get 266 667, 266 667
+    /// and 266 666). The shares of a gateway add up to [`FULL_SHARE_PPM`]. Routes by name,
+    /// targets in their document order.
+    pub fn weighted_targets(&self) -> Vec<(Target, u32)> {
+        let mut shares = Vec::new();
+        for route in &self.routes {
+            let Ok(count) = u32::try_from(route.targets.len()) else {
+                continue;
+            };
+            if count == 0 {
+                continue;
+            }
+            let route_ppm = route.weight.min(FULL_WEIGHT) * (FULL_SHARE_PPM / FULL_WEIGHT);
+            let base = route_ppm / count;
+            // The few parts per million that do not divide evenly go to the first targets.
+            let extra = (route_ppm % count) as usize;
+            for (position, target) in route.targets.iter().enumerate() {
+                shares.push((*target, base + u32::from(position < extra)));
+            }
+        }
+        shares
+    }
+
+    /// The input of [`splitter_common::table::build_bucket_table`]: the targets of
+    /// [`Self::weighted_targets`] in the same order, with their shares as weights.
+    pub fn table_targets(&self) -> Vec<TableTarget> {
+        self.weighted_targets()
+            .into_iter()
+            .map(|(target, share)| TableTarget {
+                key: target.table_key(),
+                weight: share,
+            })
+            .collect()
+    }
+
+    /// The gateway as a document that parses back to an equal gateway.
+    pub fn to_yaml(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "name: {}", quoted(&self.name));
+        let _ = writeln!(out, "port: {}/{}", self.port, self.protocol.name());
+        let _ = writeln!(out, "virtual_address: {}", self.virtual_address);
+        let sticky = match self.sticky {
+            Sticky::Flow => "none",
+            Sticky::Client => "client",
+        };
+        let _ = writeln!(out, "sticky: {sticky}");
+        let _ = writeln!(out, "mode: {}", self.mode.name());
+        out.push_str("routes:\n");
+        for route in &self.routes {
+            let _ = writeln!(out, "  {}:", quoted(&route.name));
+            match route.explicit_weight {
+                Some(weight) => {
+                    let _ = writeln!(out, "    weight: {}", format_weight(weight));
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "    # no weight: takes {} (its share of the rest)",
+                        format_weight(route.weight)
+                    );
+                }
+            }
+            let targets: Vec<String> = route.targets.iter().map(Target::to_string).collect();
+            let _ = writeln!(out, "    targets: [{}]", targets.join(", "));
+        }
+        out
+    }
+}
+
+/// A YAML double-quoted string: names may hold `:`, `#` or anything else.
+fn quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
