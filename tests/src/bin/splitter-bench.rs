@@ -1,1 +1,284 @@
-fn main(){}
+//! `splitter-bench [SECTION ...] [--no-write]`: runs benchmarks, prints their figures and
+//! refreshes their sections of docs/BENCHMARKS.md (each section is replaced whole; the rest
+//! of the file is kept).
+//!
+//! Sections (default: all):
+//! - `table`: bucket table build time for 1, 8 and 64 targets, and slots moved by changes.
+//!
+//! Run through `cargo xtask bench` (builds everything first), or directly:
+//! `cargo run --release -p splitter-tests --bin splitter-bench -- table`.
+
+use std::{
+    env, fs,
+    hint::black_box,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use splitter_common::table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE};
+
+/// A benchmark: its name on the command line and the function that runs it.
+struct Benchmark {
+    name: &'static str,
+    run: fn() -> Section,
+}
+
+/// One section of docs/BENCHMARKS.md: a `## title` heading and its Markdown body.
+struct Section {
+    title: &'static str,
+    body: String,
+}
+
+const BENCHMARKS: &[Benchmark] = &[Benchmark {
+    name: "table",
+    run: table_build,
+}];
+
+const USAGE: &str = "usage: splitter-bench [SECTION ...] [--no-write]
+
+Runs the benchmarks (default: all), prints their figures and refreshes their sections of
+docs/BENCHMARKS.md (--no-write: print only).
+
+sections:
+  table   bucket table build time for 1, 8 and 64 targets; slots moved by changes";
+
+fn main() -> ExitCode {
+    let mut write = true;
+    let mut chosen: Vec<&Benchmark> = Vec::new();
+    for arg in env::args().skip(1) {
+        match arg.as_str() {
+            "--no-write" => write = false,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            name => match BENCHMARKS.iter().find(|benchmark| benchmark.name == name) {
+                Some(benchmark) => chosen.push(benchmark),
+                None => {
+                    eprintln!("splitter-bench: unknown section {name:?}\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+        }
+    }
+    if chosen.is_empty() {
+        chosen = BENCHMARKS.iter().collect();
+    }
+    for benchmark in chosen {
+        let section = (benchmark.run)();
+        println!("## {}\n\n{}", section.title, section.body);
+        if write {
+            if let Err(err) = write_section(&section) {
+                eprintln!(
+                    "splitter-bench: cannot update {}: {err}",
+                    benchmarks_file().display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if write {
+        println!("(written to {})", benchmarks_file().display());
+    }
+    ExitCode::SUCCESS
+}
+
+/// Table build time: targets with varied weights, each size repeated for about a second.
+fn table_build() -> Section {
+    const SIZES: [usize; 3] = [1, 8, 64];
+    const TIME_PER_SIZE: Duration = Duration::from_millis(800);
+    const MAX_RUNS: usize = 2000;
+    const MIN_RUNS: usize = 30;
+
+    let mut rows = String::new();
+    for &count in &SIZES {
+        let targets = varied_targets(count);
+        // Warm up caches and the allocator.
+        for _ in 0..3 {
+            black_box(build_bucket_table(black_box(&targets)));
+        }
+        let mut times = Vec::new();
+        let start = Instant::now();
+        while times.len() < MIN_RUNS || (times.len() < MAX_RUNS && start.elapsed() < TIME_PER_SIZE)
+        {
+            let run = Instant::now();
+            black_box(build_bucket_table(black_box(&targets)));
+            times.push(run.elapsed());
+        }
+        times.sort_unstable();
+        rows.push_str(&format!(
+            "| {count} | {} | {} | {} |\n",
+            times.len(),
+            micros(percentile(&times, 50)),
+            micros(percentile(&times, 99)),
+        ));
+    }
+
+    let mut moved = String::new();
+    for &count in &[8usize, 32, 64] {
+        let targets = varied_targets(count);
+        let before = keyed_table(&targets);
+        let removed = keyed_table(&targets[1..]);
+        let mut reweighted = targets.clone();
+        reweighted[0].weight += reweighted[0].weight / 5;
+        let ideal_removed = share_of_slots(&targets, 0);
+        let reweighted_table = keyed_table(&reweighted);
+        let ideal_reweighted = share_of_slots(&reweighted, 0).abs_diff(ideal_removed);
+        moved.push_str(&format!(
+            "| {count} | {} (ideal {ideal_removed}) | {} (ideal {ideal_reweighted}) |\n",
+            slots_moved(&before, &removed),
+            slots_moved(&before, &reweighted_table),
+        ));
+    }
+
+    let body = format!(
+        "How long the agent takes to build one gateway's bucket table ({BUCKET_TABLE_SIZE} slots, \
+         `splitter_common::table::build_bucket_table`), for targets with varied weights. Each size \
+         is built repeatedly for about {} ms (at least {MIN_RUNS}, at most {MAX_RUNS} builds).\n\n\
+         | targets | builds | median | p99 |\n|---:|---:|---:|---:|\n{rows}\n\
+         Slots that change target when the first target is removed, or when its weight grows by a \
+         fifth (ideal: its own slots, or the change of its slot count):\n\n\
+         | targets | removed: slots moved | re-weighted: slots moved |\n|---:|---:|---:|\n{moved}\n\
+         {}",
+        TIME_PER_SIZE.as_millis(),
+        provenance("table"),
+    );
+    Section {
+        title: "Bucket table build",
+        body,
+    }
+}
+
+/// `count` targets at neighbouring addresses with weights that differ (parts per million of
+/// the gateway, as the agent passes them), from a fixed sequence so that runs compare.
+fn varied_targets(count: usize) -> Vec<TableTarget> {
+    let raw: Vec<u64> = (0..count as u64)
+        .map(|n| 1 + (n * 7919 + 13) % 97)
+        .collect();
+    let total: u64 = raw.iter().sum();
+    raw.iter()
+        .zip(0u64..)
+        .map(|(&weight, n)| TableTarget {
+            key: (0x0a01_0000 + n) << 16 | 8080,
+            weight: (weight * 1_000_000 / total) as u32,
+        })
+        .collect()
+}
+
+/// The table with each slot's target key (comparable across target lists).
+fn keyed_table(targets: &[TableTarget]) -> Vec<u64> {
+    build_bucket_table(targets)
+        .iter()
+        .map(|&index| targets[usize::from(index)].key)
+        .collect()
+}
+
+fn slots_moved(before: &[u64], after: &[u64]) -> usize {
+    before.iter().zip(after).filter(|(a, b)| a != b).count()
+}
+
+/// Slots that target `index` should hold: its weight's share of the table, rounded.
+fn share_of_slots(targets: &[TableTarget], index: usize) -> usize {
+    let total: u64 = targets.iter().map(|target| u64::from(target.weight)).sum();
+    ((u64::from(targets[index].weight) * BUCKET_TABLE_SIZE as u64 + total / 2) / total) as usize
+}
+
+fn percentile(sorted: &[Duration], percent: usize) -> Duration {
+    let rank = (sorted.len() * percent).div_ceil(100).max(1);
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+fn micros(duration: Duration) -> String {
+    format!("{:.0} µs", duration.as_secs_f64() * 1e6)
+}
+
+/// How the figures were made: command, machine and date.
+fn provenance(section: &str) -> String {
+    format!(
+        "Command: `cargo xtask bench` (builds everything, then runs all sections), or this section \
+         alone: `cargo run --release -p splitter-tests --bin splitter-bench -- {section}`.  \n\
+         Machine: {} CPUs (nproc), {}; measured {}.\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+        today(),
+    )
+}
+
+fn cpu_model() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned())
+}
+
+/// Today's date (UTC) as YYYY-MM-DD.
+fn today() -> String {
+    let days = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() / 86_400) as i64;
+    // Civil date from days since 1970-01-01, counting in 400-year eras from 0000-03-01.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+fn benchmarks_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/BENCHMARKS.md")
+}
+
+/// Replaces the section's `## title` block in docs/BENCHMARKS.md (up to the next `## `
+/// heading), or appends it; creates the file when missing.
+fn write_section(section: &Section) -> std::io::Result<()> {
+    let path = benchmarks_file();
+    let current = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            "# Benchmarks\n\nFigures written by `splitter-bench` (tests/src/bin/splitter-bench.rs); each section \
+             says the command and the machine that produced it.\n"
+                .to_owned()
+        }
+        Err(err) => return Err(err),
+    };
+    let heading = format!("## {}", section.title);
+    let block = format!("{heading}\n\n{}", section.body.trim_end());
+    let lines: Vec<&str> = current.lines().collect();
+    let updated = match lines.iter().position(|line| line.trim_end() == heading) {
+        Some(start) => {
+            let end = lines[start + 1..]
+                .iter()
+                .position(|line| line.starts_with("## "))
+                .map_or(lines.len(), |offset| start + 1 + offset);
+            let mut parts: Vec<String> =
+                lines[..start].iter().map(|line| line.to_string()).collect();
+            parts.push(block);
+            if end < lines.len() {
+                parts.push(String::new());
+                parts.extend(lines[end..].iter().map(|line| line.to_string()));
+            }
+            parts.join("\n") + "\n"
+        }
+        None => format!("{}\n\n{block}\n", current.trim_end()),
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&path, updated)
+}
