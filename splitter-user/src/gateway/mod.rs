@@ -415,13 +415,19 @@ impl Gateway {
         let weights: Vec<Option<u32>> = explicit.values().copied().collect();
         let effective = parse::effective_weights(&names, &weights, true)
             .map_err(|message| ConfigError::for_field(origin, "routes", message))?;
+        // By name, so that a gateway built by hand with unsorted routes is updated right too.
+        let by_name: BTreeMap<&str, (u32, Option<u32>)> = names
+            .into_iter()
+            .zip(effective.into_iter().zip(weights))
+            .collect();
         let mut gateway = self.clone();
-        for ((route, weight), explicit_weight) in
-            gateway.routes.iter_mut().zip(effective).zip(weights)
-        {
-            route.weight = weight;
-            route.explicit_weight = explicit_weight;
+        for route in &mut gateway.routes {
+            if let Some(&(weight, explicit_weight)) = by_name.get(route.name.as_str()) {
+                route.weight = weight;
+                route.explicit_weight = explicit_weight;
+            }
         }
+        gateway.routes.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(gateway)
     }
 

@@ -325,33 +325,24 @@ impl<'a> Reader<'a> {
         };
         let sticky = match fields.value("sticky") {
             None => None,
-            Some(node) => Some(
-                match self.scalar(node, "sticky", "none, client, service or instance")? {
-                    "none" => Sticky::Flow,
-                    "client" | "service" | "instance" => Sticky::Client,
-                    other => return Err(self.error(
-                        Some(node.position),
-                        "sticky",
-                        format!(
-                            "unknown value `{other}`: expected none, client, service or instance"
-                        ),
-                    )),
-                },
-            ),
+            Some(node) => Some(self.choice(
+                node,
+                "sticky",
+                &[
+                    ("none", Sticky::Flow),
+                    ("client", Sticky::Client),
+                    ("service", Sticky::Client),
+                    ("instance", Sticky::Client),
+                ],
+            )?),
         };
         let mode = match fields.value("mode") {
             None => None,
-            Some(node) => Some(match self.scalar(node, "mode", "fullnat or dnat")? {
-                "fullnat" => Mode::FullNat,
-                "dnat" => Mode::Dnat,
-                other => {
-                    return Err(self.error(
-                        Some(node.position),
-                        "mode",
-                        format!("unknown mode `{other}`: expected fullnat or dnat"),
-                    ))
-                }
-            }),
+            Some(node) => Some(self.choice(
+                node,
+                "mode",
+                &[("fullnat", Mode::FullNat), ("dnat", Mode::Dnat)],
+            )?),
         };
         self.refuse_l7(fields.value("filters"), "filters")?;
 
@@ -745,6 +736,33 @@ impl<'a> Reader<'a> {
             ));
         }
         Ok(text.to_owned())
+    }
+
+    /// One of a few words, e.g. `sticky: client`.
+    fn choice<T: Copy>(
+        &self,
+        node: &Node,
+        field: &str,
+        choices: &[(&str, T)],
+    ) -> Result<T, ConfigError> {
+        let words: Vec<&str> = choices.iter().map(|(word, _)| *word).collect();
+        let expected = match words.split_last() {
+            Some((last, [])) => (*last).to_owned(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        let text = self.scalar(node, field, &expected)?;
+        choices
+            .iter()
+            .find(|(word, _)| *word == text)
+            .map(|(_, value)| *value)
+            .ok_or_else(|| {
+                self.error(
+                    Some(node.position),
+                    field,
+                    format!("unknown value `{text}`: expected {expected}"),
+                )
+            })
     }
 
     /// A scalar's text, or an error saying what was expected instead.
