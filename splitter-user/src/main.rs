@@ -1,6 +1,7 @@
 //! `splitter`: the agent (privileged daemon) and the operator's CLI.
 
 mod agent;
+mod datapath;
 mod gateway;
 mod system;
 

@@ -108,6 +108,46 @@ impl Netns {
             .with_context(|| format!("no tx packet count for {dev} in {json}"))
     }
 
+    /// Turns a device's TX checksum offload on or off (what `ethtool -K DEV tx off` does,
+    /// through the legacy ETHTOOL_STXCSUM ioctl, so no ethtool binary is needed).
+    pub fn set_tx_checksum(&self, dev: &str, on: bool) -> Result<()> {
+        const SIOCETHTOOL: libc::c_ulong = 0x8946;
+        const ETHTOOL_STXCSUM: u32 = 0x17;
+        #[repr(C)]
+        struct EthtoolValue {
+            cmd: u32,
+            data: u32,
+        }
+        if dev.len() >= libc::IFNAMSIZ {
+            bail!("device name {dev} too long");
+        }
+        self.enter(|| {
+            let mut value = EthtoolValue { cmd: ETHTOOL_STXCSUM, data: u32::from(on) };
+            // SAFETY: a zeroed ifreq is valid; the name fits (checked above) with its NUL.
+            let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
+                *d = s as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+            // SAFETY: a datagram socket owned here; the ioctl reads `ifr` and the value it
+            // points to, both alive for the call.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let rc = libc::ioctl(fd, SIOCETHTOOL, &mut ifr);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if rc != 0 {
+                    return Err(err);
+                }
+            }
+            Ok(())
+        })?
+        .with_context(|| format!("setting tx checksum offload of {dev} in {}", self.name))
+    }
+
     /// One counter from `/proc/net/snmp` in this namespace, e.g. `("Tcp", "OutSegs")`.
     pub fn snmp(&self, group: &str, field: &str) -> Result<u64> {
         let text = self.enter(|| fs::read_to_string("/proc/thread-self/net/snmp"))??;

@@ -121,7 +121,7 @@ impl Testbed {
             splitter.sysctl(&format!("net.ipv4.conf.{dev}.accept_local"), "1")?;
         }
         for (ns, dev) in [(&client, "cli0"), (&backends, "bk0")] {
-            ns.run("ethtool", &["-K", dev, "tx", "off"])?;
+            ns.set_tx_checksum(dev, false)?;
         }
         let attachments = vec![
             XdpAttachment::attach(&client, "cli0", "xdp_pass")?,
@@ -230,5 +230,72 @@ impl Testbed {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// One HTTP/1.0 GET through `addr` (e.g. the VIP); returns the body (`VERSION ADDR:PORT`
+/// from a `splitter-backend`). Fails on any error or an incomplete response.
+pub fn http_get(addr: &str, local: Option<&str>) -> Result<String> {
+    use std::io::{Read, Write};
+    let stream = match local {
+        None => std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(5))?,
+        Some(local) => connect_from(local, addr)?,
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut stream = stream;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: sava\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("no end of HTTP head")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("unexpected response {head:?}");
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .context("no Content-Length")?
+        .parse()?;
+    if body.len() != length {
+        bail!("incomplete body {body:?} (Content-Length {length})");
+    }
+    Ok(body.to_string())
+}
+
+/// A TCP connection from a chosen local address (the client namespace has several).
+pub fn connect_from(local: &str, remote: &str) -> Result<std::net::TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let local: std::net::SocketAddr = format!("{local}:0").parse()?;
+    let remote: std::net::SocketAddr = remote.parse()?;
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.bind(&local.into()).with_context(|| format!("bind {local}"))?;
+    socket
+        .connect_timeout(&remote.into(), Duration::from_secs(5))
+        .with_context(|| format!("connect {remote} from {local}"))?;
+    Ok(socket.into())
+}
+
+/// A long-lived connection speaking the backends' line protocol: every line sent gets
+/// one line `VERSION ADDR:PORT` back.
+pub struct LineClient {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+}
+
+impl LineClient {
+    pub fn connect(addr: &str) -> Result<Self> {
+        let stream = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(Self { reader: std::io::BufReader::new(stream.try_clone()?), writer: stream })
+    }
+
+    /// Sends one line; returns the answer (without the newline).
+    pub fn ask(&mut self) -> Result<String> {
+        use std::io::{BufRead, Write};
+        self.writer.write_all(b"ping\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("connection closed");
+        }
+        Ok(line.trim_end().to_string())
     }
 }

@@ -1,0 +1,412 @@
+//! The agent's side of the kernel datapath: owns every map handle, turns gateways into
+//! tables, switches tables atomically, reads counters and sweeps conntrack.
+//!
+//! One task owns the [`Datapath`]; everything else asks it through messages, so map
+//! writes never interleave.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+    Ebpf,
+};
+use log::{debug, info, warn};
+use splitter_common::{
+    conntrack::{flow_expired, Timeouts},
+    maps::{
+        BucketTable, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, TargetCounters, TargetEntry,
+        GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP, PROTO_UDP,
+    },
+    table::build_bucket_table,
+    ForwardEvent, PacketClass,
+};
+
+use crate::gateway::{Gateway, Mode, Protocol, Sticky, Target};
+
+/// Minimum time between two table switches of one gateway. The buffer a switch writes
+/// was live two switches ago; an XDP program that read the old gateway state finishes
+/// within microseconds, so this wait guarantees nobody still reads the buffer.
+const TABLE_REUSE_GRACE: Duration = Duration::from_millis(10);
+
+/// Sizes of the datapath's maps, fixed at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_gateways: u32,
+    pub conntrack_entries: u32,
+}
+
+/// A gateway as the datapath holds it.
+struct LiveGateway {
+    id: u32,
+    key: GatewayKey,
+    generation: u64,
+    last_switch: Option<Instant>,
+    config: Gateway,
+    /// The live table's targets (index = table slot value) and their counter slots.
+    targets: Vec<(Target, u32)>,
+}
+
+/// Counters of one target, summed over CPUs.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TargetStats {
+    pub route: String,
+    pub target: String,
+    /// Share of the gateway's new flows this target should get (percent).
+    pub configured_share: f64,
+    pub new_flows: u64,
+    pub packets_to_target: u64,
+    pub bytes_to_target: u64,
+    pub packets_from_target: u64,
+    pub bytes_from_target: u64,
+    pub resets_from_target: u64,
+    pub connects: u64,
+    pub connect_ns_total: u64,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct GatewayStats {
+    pub name: String,
+    pub generation: u64,
+    pub new_flows: u64,
+    pub no_target: u64,
+    pub conntrack_miss: u64,
+    pub alloc_failed: u64,
+    pub targets: Vec<TargetStats>,
+}
+
+pub struct Datapath {
+    limits: Limits,
+    gateways_map: HashMap<MapData, GatewayKey, GatewayState>,
+    tables: Array<MapData, BucketTable>,
+    targets_map: Array<MapData, TargetEntry>,
+    conntrack: HashMap<MapData, FlowKey, FlowEntry>,
+    target_counters: PerCpuArray<MapData, TargetCounters>,
+    gateway_counters: PerCpuArray<MapData, GatewayCounters>,
+    packet_counters: PerCpuArray<MapData, u64>,
+    forward_events: PerCpuArray<MapData, u64>,
+    gateways: BTreeMap<String, LiveGateway>,
+    /// Counter slot of each (gateway, target), stable across weight changes.
+    counter_slots: BTreeMap<(String, Target), u32>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
+    let map = ebpf.take_map(name).with_context(|| format!("the eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Datapath {
+    /// Takes the datapath maps out of a loaded object.
+    pub fn new(ebpf: &mut Ebpf, limits: Limits) -> Result<Self> {
+        Ok(Self {
+            limits,
+            gateways_map: take(ebpf, "GATEWAYS")?,
+            tables: take(ebpf, "BUCKET_TABLES")?,
+            targets_map: take(ebpf, "TARGETS")?,
+            conntrack: take(ebpf, "CONNTRACK")?,
+            target_counters: take(ebpf, "TARGET_COUNTERS")?,
+            gateway_counters: take(ebpf, "GATEWAY_COUNTERS")?,
+            packet_counters: take(ebpf, "PACKET_COUNTERS")?,
+            forward_events: take(ebpf, "FORWARD_EVENTS")?,
+            gateways: BTreeMap::new(),
+            counter_slots: BTreeMap::new(),
+        })
+    }
+
+    pub fn gateway_names(&self) -> Vec<String> {
+        self.gateways.keys().cloned().collect()
+    }
+
+    pub fn gateway(&self, name: &str) -> Option<&Gateway> {
+        self.gateways.get(name).map(|g| &g.config)
+    }
+
+    /// Makes `gateway` live: builds its complete next table in the buffer no packet
+    /// reads, then switches the gateway to it with one map update. Established flows keep
+    /// their targets (conntrack is not touched).
+    pub fn apply(&mut self, gateway: &Gateway) -> Result<u64> {
+        let weighted = gateway.weighted_targets();
+        ensure!(
+            weighted.len() <= MAX_TARGETS_PER_GATEWAY as usize,
+            "gateway {}: {} targets, at most {MAX_TARGETS_PER_GATEWAY} are supported",
+            gateway.name,
+            weighted.len()
+        );
+        let key = gateway_key(gateway);
+        if let Some((other, _)) = self.gateways.iter().find(|(n, g)| g.key == key && **n != gateway.name) {
+            bail!(
+                "gateway {}: {}:{}/{} is already served by gateway {other}",
+                gateway.name,
+                gateway.virtual_address,
+                gateway.port,
+                protocol_name(gateway.protocol)
+            );
+        }
+        let id = match self.gateways.get(&gateway.name) {
+            Some(live) => live.id,
+            None => self.free_gateway_id()?,
+        };
+
+        // Counter slots and source addresses before touching any map, so an error
+        // leaves the datapath as it was.
+        let mut targets = Vec::with_capacity(weighted.len());
+        let mut entries = Vec::with_capacity(weighted.len());
+        let full_nat = gateway.mode == Mode::FullNat;
+        for (target, _) in &weighted {
+            let snat_addr = if full_nat { source_address_towards(target)? } else { Ipv4Addr::UNSPECIFIED };
+            targets.push((*target, 0u32));
+            entries.push(TargetEntry {
+                addr: u32::from_ne_bytes(target.addr.octets()),
+                snat_addr: u32::from_ne_bytes(snat_addr.octets()),
+                port: target.port.to_be(),
+                _pad: 0,
+                counter_index: 0,
+            });
+        }
+        for ((target, slot), entry) in targets.iter_mut().zip(entries.iter_mut()) {
+            *slot = self.counter_slot(&gateway.name, *target)?;
+            entry.counter_index = *slot;
+        }
+        let slots = build_bucket_table(&gateway.table_targets());
+
+        let (generation, last_switch) = match self.gateways.get(&gateway.name) {
+            Some(live) => (live.generation + 1, live.last_switch),
+            None => (1, None),
+        };
+        if let Some(since) = last_switch.map(|t| t.elapsed()) {
+            if since < TABLE_REUSE_GRACE {
+                std::thread::sleep(TABLE_REUSE_GRACE - since);
+            }
+        }
+        let table_index = id * 2 + (generation & 1) as u32;
+        for (i, entry) in entries.iter().enumerate() {
+            self.targets_map
+                .set(table_index * MAX_TARGETS_PER_GATEWAY + i as u32, entry, 0)
+                .context("writing TARGETS")?;
+        }
+        let target_count = if slots.is_empty() { 0 } else { entries.len() as u32 };
+        if target_count > 0 {
+            let mut table = BucketTable { slots: [0; splitter_common::table::BUCKET_TABLE_SIZE], _pad: 0 };
+            table.slots.copy_from_slice(&slots);
+            self.tables.set(table_index, &table, 0).context("writing BUCKET_TABLES")?;
+        }
+        let mut flags = 0;
+        if gateway.mode == Mode::Dnat {
+            flags |= GATEWAY_DNAT;
+        }
+        if gateway.sticky == Sticky::Client {
+            flags |= GATEWAY_STICKY_CLIENT;
+        }
+        let state = GatewayState { gateway_id: id, table_index, target_count, flags, generation };
+        // The switch: one update of the gateway's value.
+        self.gateways_map.insert(key, state, 0).context("writing GATEWAYS")?;
+        if let Some(old) = self.gateways.get(&gateway.name) {
+            if old.key != key {
+                let _ = self.gateways_map.remove(&old.key);
+            }
+        }
+        if !self.gateways.contains_key(&gateway.name) {
+            self.reset_gateway_counters(id)?;
+        }
+        self.release_counter_slots(&gateway.name, &targets);
+        self.gateways.insert(
+            gateway.name.clone(),
+            LiveGateway { id, key, generation, last_switch: Some(Instant::now()), config: gateway.clone(), targets },
+        );
+        for (target, _) in &weighted {
+            prime_neighbour(target);
+        }
+        info!(
+            "applied gateway {} generation {generation}: {}",
+            gateway.name,
+            gateway
+                .routes
+                .iter()
+                .map(|r| format!("{}={}", r.name, crate::gateway::format_weight(r.weight)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        Ok(generation)
+    }
+
+    /// Removes a gateway: new flows to it are passed to the kernel; its established flows
+    /// keep their conntrack entries until they end.
+    pub fn remove(&mut self, name: &str) -> Result<()> {
+        let live = self.gateways.remove(name).with_context(|| format!("no gateway {name}"))?;
+        self.gateways_map.remove(&live.key).context("removing from GATEWAYS")?;
+        self.release_counter_slots(name, &[]);
+        info!("removed gateway {name}");
+        Ok(())
+    }
+
+    fn free_gateway_id(&self) -> Result<u32> {
+        let used: BTreeSet<u32> = self.gateways.values().map(|g| g.id).collect();
+        (0..self.limits.max_gateways)
+            .find(|id| !used.contains(id))
+            .with_context(|| format!("no room for another gateway (--max-gateways {})", self.limits.max_gateways))
+    }
+
+    /// The counter slot of a gateway's target, allocating (and zeroing) a free one.
+    fn counter_slot(&mut self, gateway: &str, target: Target) -> Result<u32> {
+        let key = (gateway.to_string(), target);
+        if let Some(slot) = self.counter_slots.get(&key) {
+            return Ok(*slot);
+        }
+        let used: BTreeSet<u32> = self.counter_slots.values().copied().collect();
+        let slot = (0..MAX_TARGET_COUNTERS)
+            .find(|s| !used.contains(s))
+            .context("no free per-target counter slot")?;
+        let zeros = PerCpuValues::try_from(vec![TargetCounters::default(); nr_cpus().map_err(|(_, e)| e)?])?;
+        self.target_counters.set(slot, zeros, 0).context("zeroing TARGET_COUNTERS")?;
+        self.counter_slots.insert(key, slot);
+        Ok(slot)
+    }
+
+    /// Frees the counter slots of `gateway`'s targets that are no longer in `keep`.
+    fn release_counter_slots(&mut self, gateway: &str, keep: &[(Target, u32)]) {
+        self.counter_slots
+            .retain(|(g, t), _| g != gateway || keep.iter().any(|(k, _)| k == t));
+    }
+
+    fn reset_gateway_counters(&mut self, id: u32) -> Result<()> {
+        let zeros = PerCpuValues::try_from(vec![GatewayCounters::default(); nr_cpus().map_err(|(_, e)| e)?])?;
+        self.gateway_counters.set(id, zeros, 0).context("zeroing GATEWAY_COUNTERS")?;
+        Ok(())
+    }
+
+    /// Per-gateway and per-target counters, summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<GatewayStats>> {
+        let mut out = Vec::new();
+        for (name, live) in &self.gateways {
+            let g = self.gateway_counters.get(&live.id, 0)?;
+            let mut stats = GatewayStats {
+                name: name.clone(),
+                generation: live.generation,
+                new_flows: g.iter().map(|c| c.new_flows).sum(),
+                no_target: g.iter().map(|c| c.no_target).sum(),
+                conntrack_miss: g.iter().map(|c| c.conntrack_miss).sum(),
+                alloc_failed: g.iter().map(|c| c.alloc_failed).sum(),
+                targets: Vec::new(),
+            };
+            let shares: BTreeMap<Target, u32> = live.config.weighted_targets().into_iter().collect();
+            for route in &live.config.routes {
+                for target in &route.targets {
+                    let Some((_, slot)) = live.targets.iter().find(|(t, _)| t == target) else { continue };
+                    let per_cpu = self.target_counters.get(slot, 0)?;
+                    let sum = |f: fn(&TargetCounters) -> u64| per_cpu.iter().map(f).sum::<u64>();
+                    stats.targets.push(TargetStats {
+                        route: route.name.clone(),
+                        target: format!("{}:{}", target.addr, target.port),
+                        configured_share: f64::from(shares.get(target).copied().unwrap_or(0))
+                            / f64::from(crate::gateway::FULL_SHARE_PPM / 100),
+                        new_flows: sum(|c| c.new_flows),
+                        packets_to_target: sum(|c| c.packets_to_target),
+                        bytes_to_target: sum(|c| c.bytes_to_target),
+                        packets_from_target: sum(|c| c.packets_from_target),
+                        bytes_from_target: sum(|c| c.bytes_from_target),
+                        resets_from_target: sum(|c| c.resets_from_target),
+                        connects: sum(|c| c.connects),
+                        connect_ns_total: sum(|c| c.connect_ns_total),
+                    });
+                }
+            }
+            out.push(stats);
+        }
+        Ok(out)
+    }
+
+    /// Packets seen per class and forwarding outcomes, summed over CPUs.
+    pub fn packet_counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        let mut out = Vec::new();
+        for class in PacketClass::ALL {
+            out.push((class.name(), self.packet_counters.get(&class.0, 0)?.iter().sum()));
+        }
+        for event in ForwardEvent::ALL {
+            out.push((event.name(), self.forward_events.get(&event.0, 0)?.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Conntrack entries in use (each flow has two).
+    pub fn conntrack_entries(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    /// Forgets flows whose close completed or that sat idle past their timeout.
+    pub fn sweep_conntrack(&mut self, timeouts: &Timeouts) -> Result<usize> {
+        let now = monotonic_ns();
+        let mut expired = Vec::new();
+        for item in self.conntrack.iter() {
+            let Ok((key, entry)) = item else { continue };
+            let peer_key = entry.rewritten.reversed();
+            let peer = self.conntrack.get(&peer_key, 0).unwrap_or(entry);
+            if flow_expired(&entry, &peer, now, timeouts) {
+                expired.push(key);
+                expired.push(peer_key);
+            }
+        }
+        expired.sort_unstable_by_key(|k| bytemuck::bytes_of(k).to_vec());
+        expired.dedup();
+        for key in &expired {
+            let _ = self.conntrack.remove(key);
+        }
+        if !expired.is_empty() {
+            debug!("conntrack sweep removed {} entries", expired.len());
+        }
+        Ok(expired.len())
+    }
+}
+
+fn gateway_key(gateway: &Gateway) -> GatewayKey {
+    GatewayKey {
+        vip: u32::from_ne_bytes(gateway.virtual_address.octets()),
+        port: gateway.port.to_be(),
+        proto: match gateway.protocol {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        },
+        _pad: 0,
+    }
+}
+
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    }
+}
+
+/// The address this node uses as source towards `target` (what the kernel's routing
+/// picks), used as the full-NAT source so replies come back here.
+fn source_address_towards(target: &Target) -> Result<Ipv4Addr> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket
+        .connect(SocketAddr::from((target.addr, target.port)))
+        .with_context(|| format!("no route to target {}:{}", target.addr, target.port))?;
+    match socket.local_addr()? {
+        SocketAddr::V4(a) => Ok(*a.ip()),
+        SocketAddr::V6(_) => bail!("target {}: IPv6 source address", target.addr),
+    }
+}
+
+/// Makes the kernel resolve the target's next hop now, so the XDP fast path finds the
+/// neighbour entry for the first flows (one empty datagram to the discard port).
+fn prime_neighbour(target: &Target) {
+    let sent = UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(&[], (target.addr, 9)));
+    if let Err(e) = sent {
+        warn!("cannot prime the neighbour entry of {}: {e}", target.addr);
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
