@@ -1,26 +1,37 @@
-//! `splitter agent`: loads the XDP program, attaches it and runs until SIGTERM/SIGINT.
+//! `splitter agent`: loads (or adopts) the XDP datapath, applies the configuration, serves
+//! the control socket and follows the configuration files until SIGTERM/SIGINT.
 
-use std::io::Write as _;
-
-use std::{path::PathBuf, time::Duration};
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::mpsc,
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    programs::{Xdp, XdpMode},
+    programs::{links::FdLink, ProgramInfo, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use clap::{Args, ValueEnum};
-use log::{error, info, warn};
+use log::{info, warn};
 use splitter_common::{
     conntrack::Timeouts,
     maps::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_GATEWAYS, MAX_TARGETS_PER_GATEWAY},
     PROGRAM_NAME,
 };
-use tokio::{io::unix::AsyncFd, signal::unix::{signal, SignalKind}};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+    sync::oneshot,
+};
 
 use crate::{
-    datapath::{Datapath, Limits},
-    gateway::{self, Document, Gateway},
+    client::DEFAULT_SOCKET,
+    control,
+    datapath::{Datapath, Limits, Maps},
+    pin::Pins,
+    service::{self, Command, Request, Service},
     system,
 };
 
@@ -30,14 +41,31 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 #[derive(Args)]
 pub struct AgentArgs {
     /// Interface to attach the XDP program to (repeat for several).
-    #[arg(long = "iface", value_name = "IF", required = true)]
+    #[arg(long = "iface", value_name = "IF", required_unless_present = "cleanup")]
     ifaces: Vec<String>,
     /// XDP attach mode: `native` (in the driver, the fast path) or `skb` (generic, any device).
     #[arg(long, value_enum, default_value_t = XdpModeArg::Native)]
     xdp_mode: XdpModeArg,
-    /// Gateway file, or directory of `*.yaml` gateway files, applied at start and on SIGHUP.
+    /// Gateway file, or directory of `*.yaml` gateway files: applied at start, then
+    /// followed (changes apply within a second; SIGHUP re-reads at once).
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// The control socket (created mode 0660).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Where the applied gateways are saved.
+    #[arg(long, default_value = "/var/lib/splitter")]
+    state_dir: PathBuf,
+    /// Where the program, its links and its maps are pinned (a BPF filesystem is mounted
+    /// there if it is not on one).
+    #[arg(long, default_value = "/sys/fs/bpf/splitter")]
+    bpffs: PathBuf,
+    /// Pin nothing and save nothing: the datapath goes away with the agent.
+    #[arg(long)]
+    ephemeral: bool,
+    /// Detach and remove everything pinned under --bpffs, then exit.
+    #[arg(long)]
+    cleanup: bool,
     /// Gateways the maps are sized for.
     #[arg(long, default_value_t = DEFAULT_MAX_GATEWAYS)]
     max_gateways: u32,
@@ -76,6 +104,9 @@ pub fn run(args: AgentArgs) -> Result<()> {
         system::ifindex(iface)?;
     }
     system::require_bpf_privileges()?;
+    if args.cleanup {
+        return cleanup(&args.bpffs);
+    }
     if EBPF_OBJECT.is_empty() {
         bail!("this binary was built without the eBPF object: build it with `cargo xtask build`");
     }
@@ -83,16 +114,133 @@ pub fn run(args: AgentArgs) -> Result<()> {
     runtime.block_on(run_agent(args))
 }
 
+fn cleanup(bpffs: &Path) -> Result<()> {
+    if !bpffs.exists() {
+        println!("nothing pinned at {}", bpffs.display());
+        return Ok(());
+    }
+    let pins = Pins::open(bpffs)?;
+    let removed = pins.remove_all()?;
+    println!("removed {} pinned object(s) under {}; the XDP program is detached", removed.len(), bpffs.display());
+    Ok(())
+}
+
+/// What keeps the datapath attached while the agent runs.
+enum Attachment {
+    /// Loaded by this agent; links owned by the program (ephemeral) or pinned.
+    Loaded { _ebpf: Ebpf },
+    /// Adopted from pins left by an earlier agent.
+    Adopted,
+}
+
 async fn run_agent(args: AgentArgs) -> Result<()> {
-    // Parse the configuration before touching the kernel: a bad file stops the start.
-    let initial = match &args.config {
-        Some(path) => load_config(path)?,
-        None => Vec::new(),
+    let limits = Limits { max_gateways: args.max_gateways.max(1), conntrack_entries: args.conntrack_size.max(2) };
+    let pins = if args.ephemeral { None } else { Some(Pins::open(&args.bpffs)?) };
+    let adopting = pins.as_ref().is_some_and(|p| p.has_datapath(&args.ifaces));
+
+    let (maps, attachment, program_id) = if adopting {
+        let pins = pins.as_ref().unwrap();
+        let maps = Maps::open_pinned(pins)?;
+        let program_id = ProgramInfo::from_pin(pins.program()).map(|i| i.id()).unwrap_or(0);
+        spawn_kernel_logger(aya_log::EbpfLogger::init_from_id(program_id));
+        info!("adopting the datapath pinned under {} (program id {program_id})", pins.dir().display());
+        (maps, Attachment::Adopted, program_id)
+    } else {
+        load_and_attach(&args, limits, pins.as_ref())?
     };
+
+    let mut datapath = Datapath::new(maps, limits);
+    let state_dir = (!args.ephemeral).then(|| args.state_dir.clone());
+    let saved = match &state_dir {
+        Some(dir) => service::load_state(dir)?,
+        None => None,
+    };
+    let timeouts = Timeouts { udp_idle_ns: args.udp_timeout.saturating_mul(1_000_000_000), ..Timeouts::DEFAULT };
+    if let Some(saved) = &saved {
+        for gateway in service::saved_gateways(saved)? {
+            let adopted = adopting
+                && saved.placements.get(&gateway.name).is_some_and(|p| datapath.adopt(&gateway, p));
+            if !adopted {
+                if let Err(e) = datapath.apply(&gateway) {
+                    warn!("saved gateway {} not restored: {e:#}", gateway.name);
+                }
+            }
+        }
+    }
+    let mut service = Service::new(datapath, state_dir, args.config.clone(), timeouts, program_id);
+    if let Some(saved) = &saved {
+        service.restore(saved);
+    }
+    service.sync_config();
+
+    let (commands, inbox) = mpsc::channel::<Command>();
+    let service_thread = std::thread::Builder::new()
+        .name("datapath".into())
+        .spawn(move || service.run(inbox))?;
+    let listener = control::bind(&args.socket)?;
+    let server = tokio::spawn(control::serve_listener(listener, commands.clone()));
+
+    println!(
+        "splitter agent ready: XDP {} {} ({} mode), control socket {}",
+        if adopting { "adopted on" } else { "attached to" },
+        args.ifaces.join(","),
+        args.xdp_mode.name(),
+        args.socket.display()
+    );
+    std::io::stdout().flush()?;
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigusr1 = signal(SignalKind::user_defined1())?;
+    let mut poll = tokio::time::interval(Duration::from_millis(250));
+    let mut fingerprint = args.config.as_deref().map(service::config_fingerprint);
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break }
+            _ = sighup.recv() => { ask(&commands, Request::SyncConfig).await; }
+            _ = sigusr1.recv() => print_stats(&commands).await,
+            _ = poll.tick() => if let Some(path) = &args.config {
+                let now = service::config_fingerprint(path);
+                if Some(now) != fingerprint {
+                    fingerprint = Some(now);
+                    ask(&commands, Request::SyncConfig).await;
+                }
+            },
+        }
+    }
+    server.abort();
+    print_stats(&commands).await;
+    let counters = ask(&commands, Request::Metrics).await;
+    let packets = packet_counters_json(&counters.body);
+    drop(commands);
+    let _ = service_thread.join();
+    let _ = std::fs::remove_file(&args.socket);
+    match attachment {
+        Attachment::Loaded { _ebpf } if args.ephemeral => {
+            drop(_ebpf);
+            println!("splitter agent stopped: XDP detached; packet counters {packets}");
+        }
+        _ => println!(
+            "splitter agent stopped: the datapath keeps forwarding from {} (`splitter agent --cleanup` removes it); packet counters {packets}",
+            args.bpffs.display()
+        ),
+    }
+    Ok(())
+}
+
+/// Loads the object, pins its maps (unless ephemeral), attaches the program to every
+/// interface and pins the links.
+fn load_and_attach(args: &AgentArgs, limits: Limits, pins: Option<&Pins>) -> Result<(Maps, Attachment, u32)> {
+    if let Some(pins) = pins {
+        // Leftovers of an earlier datapath that cannot be adopted (say, on other
+        // interfaces) would block the new pins.
+        pins.remove_all()?;
+    }
     // Kernel log statements at or below the agent's own level are kept; the rest are
     // skipped in the kernel at the cost of one load.
     let kernel_log_level = log::max_level() as u8;
-    let limits = Limits { max_gateways: args.max_gateways.max(1), conntrack_entries: args.conntrack_size.max(2) };
     let mut ebpf = EbpfLoader::new()
         .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
         .map_max_entries("GATEWAYS", limits.max_gateways)
@@ -102,104 +250,63 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         .map_max_entries("CONNTRACK", limits.conntrack_entries)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object")?;
-    spawn_kernel_logger(&mut ebpf);
-    let mut datapath = Datapath::new(&mut ebpf, limits)?;
-    for gateway in &initial {
-        datapath.apply(gateway)?;
+    spawn_kernel_logger(aya_log::EbpfLogger::init(&mut ebpf));
+    if let Some(pins) = pins {
+        pins.pin_maps(&ebpf)?;
     }
-
+    let maps = Maps::take(&mut ebpf)?;
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
         .context("the eBPF object has no XDP program named splitter")?
         .try_into()?;
     program.load().context("loading the XDP program into the kernel")?;
-    let mut links = Vec::new();
+    let program_id = program.info().map(|i| i.id()).unwrap_or(0);
+    if let Some(pins) = pins {
+        program.pin(pins.program()).context("pinning the program")?;
+    }
     for iface in &args.ifaces {
-        let link = program
+        let link_id = program
             .attach(iface, args.xdp_mode.mode())
             .with_context(|| format!("attaching XDP ({} mode) to {iface}", args.xdp_mode.name()))?;
-        links.push(link);
-    }
-    println!(
-        "splitter agent ready: XDP attached to {} ({} mode), {} gateway(s)",
-        args.ifaces.join(","),
-        args.xdp_mode.name(),
-        initial.len()
-    );
-    std::io::stdout().flush()?;
-
-    let timeouts = Timeouts { udp_idle_ns: args.udp_timeout.saturating_mul(1_000_000_000), ..Timeouts::DEFAULT };
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut sigusr1 = signal(SignalKind::user_defined1())?;
-    let mut sweep = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break }
-            _ = sigint.recv() => { info!("SIGINT: detaching"); break }
-            _ = sighup.recv() => match &args.config {
-                Some(path) => if let Err(e) = reload(&mut datapath, path) {
-                    error!("configuration not applied, nothing changed: {e:#}");
-                },
-                None => warn!("SIGHUP: no --config to reload"),
-            },
-            _ = sigusr1.recv() => print_stats(&datapath)?,
-            _ = sweep.tick() => { datapath.sweep_conntrack(&timeouts)?; }
+        if let Some(pins) = pins {
+            let link: FdLink = program.take_link(link_id)?.try_into().context("the XDP link is not a bpf_link")?;
+            link.pin(pins.link(iface)).with_context(|| format!("pinning the link of {iface}"))?;
         }
     }
-
-    let program: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).unwrap().try_into()?;
-    for link in links {
-        program.detach(link).context("detaching XDP")?;
-    }
-    print_stats(&datapath)?;
-    let counters: serde_json::Map<String, serde_json::Value> =
-        datapath.packet_counters()?.into_iter().map(|(k, v)| (k.to_string(), v.into())).collect();
-    println!("splitter agent stopped: packet counters {}", serde_json::to_string(&counters)?);
-    Ok(())
+    Ok((maps, Attachment::Loaded { _ebpf: ebpf }, program_id))
 }
 
-/// Reads every gateway document under `path`; full gateways only (weights-only
-/// documents need a running gateway to update).
-fn load_config(path: &std::path::Path) -> Result<Vec<Gateway>> {
-    let mut out = Vec::new();
-    for (file, doc) in gateway::load_path(path)? {
-        match doc {
-            Document::Gateway(g) => out.push(g),
-            Document::Weights(w) => bail!("{}: weights-only update for {} given as a gateway configuration", file.display(), w.name),
-        }
+/// Sends a request to the service thread and waits for its answer.
+async fn ask(commands: &mpsc::Sender<Command>, request: Request) -> service::Response {
+    let (tx, rx) = oneshot::channel();
+    if commands.send(Command { request, reply: tx, json: true }).is_err() {
+        return service::Response { status: 503, content_type: "text/plain", body: "stopped".into() };
     }
-    Ok(out)
+    rx.await.unwrap_or(service::Response { status: 503, content_type: "text/plain", body: "stopped".into() })
 }
 
-/// Applies the configuration again: changed gateways are switched, gateways whose file
-/// is gone are removed. A configuration with any error changes nothing.
-fn reload(datapath: &mut Datapath, path: &std::path::Path) -> Result<()> {
-    let gateways = load_config(path)?;
-    for gateway in &gateways {
-        if datapath.gateway(&gateway.name) != Some(gateway) {
-            datapath.apply(gateway)?;
-        }
-    }
-    for name in datapath.gateway_names() {
-        if !gateways.iter().any(|g| g.name == name) {
-            datapath.remove(&name)?;
-        }
-    }
-    Ok(())
+async fn print_stats(commands: &mpsc::Sender<Command>) {
+    let stats = ask(commands, Request::Stats(None)).await;
+    println!("splitter stats {}", stats.body);
+    let _ = std::io::stdout().flush();
 }
 
-fn print_stats(datapath: &Datapath) -> Result<()> {
-    println!("splitter stats {}", serde_json::to_string(&datapath.stats()?)?);
-    std::io::stdout().flush()?;
-    Ok(())
+/// The `splitter_packets_total` samples of a metrics text, as a JSON object by kind.
+fn packet_counters_json(metrics: &str) -> String {
+    let mut out = serde_json::Map::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("splitter_packets_total{kind=\"") else { continue };
+        if let Some((kind, value)) = rest.split_once("\"} ") {
+            out.insert(kind.to_string(), value.parse::<u64>().unwrap_or(0).into());
+        }
+    }
+    serde_json::Value::Object(out).to_string()
 }
 
 /// Forwards aya-log records from the kernel to the agent's log (standard build route only;
 /// objects built without kernel logging have no AYA_LOGS map).
-fn spawn_kernel_logger(ebpf: &mut Ebpf) {
-    let logger = match aya_log::EbpfLogger::init(ebpf) {
+fn spawn_kernel_logger(logger: Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error>) {
+    let logger = match logger {
         Ok(logger) => logger,
         Err(aya_log::Error::MapNotFound) => return,
         Err(e) => {

@@ -67,6 +67,10 @@ pub struct TargetStats {
     pub resets_from_target: u64,
     pub connects: u64,
     pub connect_ns_total: u64,
+    /// New flows since the gateway's current weights took effect.
+    pub new_flows_since_change: u64,
+    /// This target's share of the gateway's new flows since then (percent).
+    pub observed_share: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -74,10 +78,67 @@ pub struct GatewayStats {
     pub name: String,
     pub generation: u64,
     pub new_flows: u64,
+    pub new_flows_since_change: u64,
     pub no_target: u64,
     pub conntrack_miss: u64,
     pub alloc_failed: u64,
     pub targets: Vec<TargetStats>,
+}
+
+/// Where a gateway lives in the maps; saved with the state so a restarted agent can
+/// adopt the pinned maps and keep writing the right buffers and counters.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Placement {
+    pub id: u32,
+    pub generation: u64,
+    /// `ADDR:PORT` of each target of the live table, in table order, and its counter slot.
+    pub targets: Vec<(String, u32)>,
+}
+
+/// The datapath's maps, from a freshly loaded object or from pins.
+pub struct Maps {
+    pub gateways: HashMap<MapData, GatewayKey, GatewayState>,
+    pub tables: Array<MapData, BucketTable>,
+    pub targets: Array<MapData, TargetEntry>,
+    pub conntrack: HashMap<MapData, FlowKey, FlowEntry>,
+    pub target_counters: PerCpuArray<MapData, TargetCounters>,
+    pub gateway_counters: PerCpuArray<MapData, GatewayCounters>,
+    pub packet_counters: PerCpuArray<MapData, u64>,
+    pub forward_events: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    /// Takes the datapath maps out of a loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            gateways: take(ebpf, "GATEWAYS")?,
+            tables: take(ebpf, "BUCKET_TABLES")?,
+            targets: take(ebpf, "TARGETS")?,
+            conntrack: take(ebpf, "CONNTRACK")?,
+            target_counters: take(ebpf, "TARGET_COUNTERS")?,
+            gateway_counters: take(ebpf, "GATEWAY_COUNTERS")?,
+            packet_counters: take(ebpf, "PACKET_COUNTERS")?,
+            forward_events: take(ebpf, "FORWARD_EVENTS")?,
+        })
+    }
+
+    /// Opens the maps a previous agent pinned.
+    pub fn open_pinned(pins: &crate::pin::Pins) -> Result<Self> {
+        use aya::maps::Map;
+        fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(m: Map, name: &str) -> Result<T> {
+            T::try_from(m).with_context(|| format!("pinned map {name} has an unexpected type"))
+        }
+        Ok(Self {
+            gateways: typed(pins.open_map("GATEWAYS", Map::HashMap)?, "GATEWAYS")?,
+            tables: typed(pins.open_map("BUCKET_TABLES", Map::Array)?, "BUCKET_TABLES")?,
+            targets: typed(pins.open_map("TARGETS", Map::Array)?, "TARGETS")?,
+            conntrack: typed(pins.open_map("CONNTRACK", Map::LruHashMap)?, "CONNTRACK")?,
+            target_counters: typed(pins.open_map("TARGET_COUNTERS", Map::PerCpuArray)?, "TARGET_COUNTERS")?,
+            gateway_counters: typed(pins.open_map("GATEWAY_COUNTERS", Map::PerCpuArray)?, "GATEWAY_COUNTERS")?,
+            packet_counters: typed(pins.open_map("PACKET_COUNTERS", Map::PerCpuArray)?, "PACKET_COUNTERS")?,
+            forward_events: typed(pins.open_map("FORWARD_EVENTS", Map::PerCpuArray)?, "FORWARD_EVENTS")?,
+        })
+    }
 }
 
 pub struct Datapath {
@@ -101,21 +162,142 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf
 }
 
 impl Datapath {
-    /// Takes the datapath maps out of a loaded object.
-    pub fn new(ebpf: &mut Ebpf, limits: Limits) -> Result<Self> {
-        Ok(Self {
+    pub fn new(maps: Maps, limits: Limits) -> Self {
+        Self {
             limits,
-            gateways_map: take(ebpf, "GATEWAYS")?,
-            tables: take(ebpf, "BUCKET_TABLES")?,
-            targets_map: take(ebpf, "TARGETS")?,
-            conntrack: take(ebpf, "CONNTRACK")?,
-            target_counters: take(ebpf, "TARGET_COUNTERS")?,
-            gateway_counters: take(ebpf, "GATEWAY_COUNTERS")?,
-            packet_counters: take(ebpf, "PACKET_COUNTERS")?,
-            forward_events: take(ebpf, "FORWARD_EVENTS")?,
+            gateways_map: maps.gateways,
+            tables: maps.tables,
+            targets_map: maps.targets,
+            conntrack: maps.conntrack,
+            target_counters: maps.target_counters,
+            gateway_counters: maps.gateway_counters,
+            packet_counters: maps.packet_counters,
+            forward_events: maps.forward_events,
             gateways: BTreeMap::new(),
             counter_slots: BTreeMap::new(),
-        })
+        }
+    }
+
+    /// Takes over a gateway that a previous agent left live in pinned maps, without
+    /// writing anything, when the maps still hold exactly what `placement` says; returns
+    /// false (and changes nothing) otherwise.
+    pub fn adopt(&mut self, gateway: &Gateway, placement: &Placement) -> bool {
+        let key = gateway_key(gateway);
+        let Ok(state) = self.gateways_map.get(&key, 0) else { return false };
+        let targets: Vec<(Target, u32)> = placement
+            .targets
+            .iter()
+            .filter_map(|(t, slot)| t.parse::<Target>().ok().map(|t| (t, *slot)))
+            .collect();
+        let expected: Vec<Target> = gateway.weighted_targets().into_iter().map(|(t, _)| t).collect();
+        if state.gateway_id != placement.id
+            || state.generation != placement.generation
+            || targets.iter().map(|(t, _)| *t).collect::<Vec<_>>() != expected
+            || self.gateways.values().any(|g| g.id == placement.id)
+        {
+            return false;
+        }
+        for (t, slot) in &targets {
+            self.counter_slots.insert((gateway.name.clone(), *t), *slot);
+        }
+        self.gateways.insert(
+            gateway.name.clone(),
+            LiveGateway {
+                id: placement.id,
+                key,
+                generation: placement.generation,
+                // Unknown when the last switch was: wait the grace before the next one.
+                last_switch: Some(Instant::now()),
+                config: gateway.clone(),
+                targets,
+            },
+        );
+        info!("adopted gateway {} generation {} from the pinned datapath", gateway.name, placement.generation);
+        true
+    }
+
+    /// Where every gateway lives in the maps.
+    pub fn placements(&self) -> BTreeMap<String, Placement> {
+        self.gateways
+            .iter()
+            .map(|(name, g)| {
+                let targets = g.targets.iter().map(|(t, slot)| (t.to_string(), *slot)).collect();
+                (name.clone(), Placement { id: g.id, generation: g.generation, targets })
+            })
+            .collect()
+    }
+
+    /// Checks that `gateway` can be applied, without changing anything; `batch` are the
+    /// gateways being applied together with it.
+    pub fn check(&self, gateway: &Gateway, batch: &[Gateway]) -> Result<()> {
+        let count = gateway.weighted_targets().len();
+        ensure!(
+            count <= MAX_TARGETS_PER_GATEWAY as usize,
+            "gateway {}: {count} targets, at most {MAX_TARGETS_PER_GATEWAY} are supported by the datapath",
+            gateway.name
+        );
+        let key = gateway_key(gateway);
+        let clash = |name: &str| {
+            format!(
+                "gateway {}: {}:{}/{} is already served by gateway {name}",
+                gateway.name,
+                gateway.virtual_address,
+                gateway.port,
+                protocol_name(gateway.protocol)
+            )
+        };
+        for other in batch.iter().filter(|g| g.name != gateway.name) {
+            ensure!(gateway_key(other) != key, clash(&other.name));
+        }
+        for (name, live) in &self.gateways {
+            let replaced = batch.iter().find(|g| &g.name == name);
+            let live_key = replaced.map(gateway_key).unwrap_or(live.key);
+            ensure!(name == &gateway.name || live_key != key, clash(name));
+        }
+        let new_ones = batch.iter().filter(|g| !self.gateways.contains_key(&g.name)).count();
+        ensure!(
+            self.gateways.len() + new_ones <= self.limits.max_gateways as usize,
+            "no room for gateway {} (--max-gateways {})",
+            gateway.name,
+            self.limits.max_gateways
+        );
+        if gateway.mode == Mode::FullNat {
+            for (target, _) in gateway.weighted_targets() {
+                source_address_towards(&target)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the established flows of `name`'s targets that now have no weight (both
+    /// conntrack entries); returns how many flows.
+    pub fn flush_zero_weight_flows(&mut self, name: &str) -> Result<usize> {
+        let live = self.gateways.get(name).with_context(|| format!("no gateway {name}"))?;
+        let shares: BTreeMap<Target, u32> = live.config.weighted_targets().into_iter().collect();
+        let slots: BTreeSet<u32> = live
+            .targets
+            .iter()
+            .filter(|(t, _)| shares.get(t).copied().unwrap_or(0) == 0)
+            .map(|(_, slot)| *slot)
+            .collect();
+        if slots.is_empty() {
+            return Ok(0);
+        }
+        let doomed: Vec<FlowKey> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, entry)| slots.contains(&entry.counter_index))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            let _ = self.conntrack.remove(key);
+        }
+        Ok(doomed.len() / 2)
+    }
+
+    pub fn conntrack_capacity(&self) -> u32 {
+        self.limits.conntrack_entries
     }
 
     pub fn gateway_names(&self) -> Vec<String> {
@@ -221,16 +403,7 @@ impl Datapath {
         for (target, _) in &weighted {
             prime_neighbour(target);
         }
-        info!(
-            "applied gateway {} generation {generation}: {}",
-            gateway.name,
-            gateway
-                .routes
-                .iter()
-                .map(|r| format!("{}={}", r.name, crate::gateway::format_weight(r.weight)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
+        info!("applied gateway {} generation {generation}: {}", gateway.name, describe_weights(gateway));
         Ok(generation)
     }
 
@@ -292,6 +465,7 @@ impl Datapath {
                 conntrack_miss: g.iter().map(|c| c.conntrack_miss).sum(),
                 alloc_failed: g.iter().map(|c| c.alloc_failed).sum(),
                 targets: Vec::new(),
+                ..GatewayStats::default()
             };
             let shares: BTreeMap<Target, u32> = live.config.weighted_targets().into_iter().collect();
             for route in &live.config.routes {
@@ -312,6 +486,7 @@ impl Datapath {
                         resets_from_target: sum(|c| c.resets_from_target),
                         connects: sum(|c| c.connects),
                         connect_ns_total: sum(|c| c.connect_ns_total),
+                        ..TargetStats::default()
                     });
                 }
             }
@@ -360,6 +535,15 @@ impl Datapath {
         }
         Ok(expired.len())
     }
+}
+
+/// Weights for logs: `route=90% route=10%`.
+pub fn describe_weights(g: &Gateway) -> String {
+    g.routes
+        .iter()
+        .map(|r| format!("{}={}", r.name, crate::gateway::format_weight(r.weight)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn gateway_key(gateway: &Gateway) -> GatewayKey {

@@ -1,8 +1,13 @@
 //! `splitter`: the agent (privileged daemon) and the operator's CLI.
 
 mod agent;
+mod client;
+mod control;
 mod datapath;
 mod gateway;
+mod metrics;
+mod pin;
+mod service;
 mod system;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +28,22 @@ enum Command {
     /// Check gateway files offline (no agent, no privileges): one "ok" line per document,
     /// or the first error as one line naming file, line, column and field.
     Validate(gateway::validate::ValidateArgs),
+    /// Create or update gateways from files (full gateways or weights-only updates).
+    Apply(client::ApplyArgs),
+    /// Show gateways: routes, weights, targets (YAML, or `-o json`).
+    Get(client::GetArgs),
+    /// Remove a gateway (its established flows finish on their targets).
+    Delete(client::DeleteArgs),
+    /// Set route weights, e.g. `splitter weight sava/sava/port sava/sava/sava:1.1.0/port=20%`.
+    Weight(client::WeightArgs),
+    /// Promote a canary: the route takes 100%, every other route 0%.
+    Promote(client::PromoteArgs),
+    /// Back to the weights before the last change (`--flush` also moves established flows
+    /// off routes that lose all their weight).
+    Rollback(client::RollbackArgs),
+    /// Per route and target: flows, packets, bytes, observed share of new flows against
+    /// the configured weight.
+    Stats(client::StatsArgs),
 }
 
 fn main() {
@@ -33,6 +54,13 @@ fn main() {
     let result = match cli.command {
         Command::Agent(args) => agent::run(args),
         Command::Validate(args) => gateway::validate::run(args),
+        Command::Apply(args) => client::apply(args),
+        Command::Get(args) => client::get(args),
+        Command::Delete(args) => client::delete(args),
+        Command::Weight(args) => client::weight(args),
+        Command::Promote(args) => client::promote(args),
+        Command::Rollback(args) => client::rollback(args),
+        Command::Stats(args) => client::stats(args),
     };
     if let Err(err) = result {
         // One line: the context chain joined with ": ".

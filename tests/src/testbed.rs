@@ -100,6 +100,8 @@ pub struct Testbed {
     pub splitter: Netns,
     pub backends: Netns,
     pub config_dir: TempDir,
+    /// The agent's control socket, state directory and (for restart tests) bpffs live here.
+    pub run_dir: TempDir,
     _attachments: Vec<XdpAttachment>,
     backend_processes: Vec<(String, Process)>,
     agent: Option<Process>,
@@ -132,6 +134,7 @@ impl Testbed {
             splitter,
             backends,
             config_dir: TempDir::new("config")?,
+            run_dir: TempDir::new("run")?,
             _attachments: attachments,
             backend_processes: Vec::new(),
             agent: None,
@@ -179,10 +182,21 @@ impl Testbed {
         Ok(path)
     }
 
-    /// Starts the agent on both splitter interfaces with the config directory.
+    /// The agent's control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir.path().join("splitter.sock")
+    }
+
+    /// Starts the agent on both splitter interfaces with the config directory, its socket
+    /// and state in the run directory. Without `--bpffs` in `extra`, pins go to a bpffs
+    /// private to the agent's `ip netns exec` (gone when it exits).
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
         let config = self.config_dir.path().display().to_string();
-        let mut args = vec!["agent", "--iface", "spl-c", "--iface", "spl-b", "--config", &config];
+        let socket = self.socket().display().to_string();
+        let state = self.run_dir.path().join("state").display().to_string();
+        let mut args = vec![
+            "agent", "--iface", "spl-c", "--iface", "spl-b", "--config", &config, "--socket", &socket, "--state-dir", &state,
+        ];
         args.extend_from_slice(extra);
         let agent = self.splitter.spawn(splitter_bin(), &args)?;
         agent.wait_for_line("ready", Duration::from_secs(30))?;
@@ -203,6 +217,37 @@ impl Testbed {
             bail!("agent exited with {code}:\n{}", lines.join("\n"));
         }
         Ok(lines)
+    }
+
+    /// Runs `splitter ARGS --socket <the agent's socket>` (a CLI command) to completion;
+    /// returns exit code, stdout and stderr.
+    pub fn cli(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let out = std::process::Command::new(splitter_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Like `cli`, failing unless the command succeeds; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let (code, out, err) = self.cli(args)?;
+        if code != 0 {
+            bail!("splitter {args:?} exited {code}: {err}");
+        }
+        Ok(out)
+    }
+
+    /// Waits until the agent logs `applied gateway NAME generation N`.
+    pub fn wait_applied(&self, gateway: &str, generation: u64) -> Result<()> {
+        self.agent()
+            .wait_for_line(&format!("applied gateway {gateway} generation {generation}"), Duration::from_secs(10))
+            .map(drop)
     }
 
     /// Sends SIGHUP and waits until the agent logs `applied gateway NAME generation N`.

@@ -63,8 +63,10 @@ fn agent_counts_real_traffic_on_a_native_veth() {
         }
     });
 
+    let run = splitter_tests::testbed::TempDir::new("run").unwrap();
+    let socket = run.path().join("splitter.sock").display().to_string();
     let agent = splitter
-        .spawn(splitter_bin(), &["agent", "--iface", &veth.a, "--xdp-mode", "native"])
+        .spawn(splitter_bin(), &["agent", "--iface", &veth.a, "--xdp-mode", "native", "--ephemeral", "--socket", &socket])
         .unwrap();
     agent.wait_for_line("ready", Duration::from_secs(20)).unwrap();
 
@@ -104,7 +106,7 @@ fn agent_counts_real_traffic_on_a_native_veth() {
     assert_eq!(code, 0, "agent exit code; output:\n{}", lines.join("\n"));
     let line = lines
         .iter()
-        .find_map(|l| l.strip_prefix("splitter agent stopped: packet counters "))
+        .find_map(|l| l.strip_prefix("splitter agent stopped: XDP detached; packet counters "))
         .unwrap_or_else(|| panic!("no counters line in:\n{}", lines.join("\n")));
     let counted: serde_json::Value = serde_json::from_str(line).unwrap();
 

@@ -102,7 +102,7 @@ fn dcos_split(mode: &str) {
     // entries are known.
     let mut bed = bed;
     let lines = bed.stop_agent().unwrap();
-    let counters = lines.iter().find_map(|l| l.strip_prefix("splitter agent stopped: packet counters ")).unwrap();
+    let counters = lines.iter().find_map(|l| l.split_once("packet counters ").map(|(_, c)| c)).unwrap();
     let counters: serde_json::Value = serde_json::from_str(counters).unwrap();
     println!("{mode}: datapath counters {counters}");
     let redirected = counters["redirect"].as_u64().unwrap();

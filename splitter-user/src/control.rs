@@ -1,0 +1,207 @@
+//! The control socket: HTTP/1.1 over a Unix socket (so `curl --unix-socket` works).
+//!
+//! Paths follow Vamp's API, gateway names may contain slashes:
+//! - `GET /api/v1/gateways`, `POST /api/v1/gateways` (documents in the body)
+//! - `GET|PUT|DELETE /api/v1/gateways/{name}`
+//! - `POST /api/v1/promote/{name}?route=ROUTE`, `POST /api/v1/rollback/{name}[?flush=true]`
+//! - `GET /api/v1/stats[/{name}]` (JSON), `GET /metrics` (Prometheus text)
+//!
+//! Bodies are YAML or JSON. `Accept: application/json` or `?output=json` selects JSON.
+//! Each request becomes one [`Request`] to the service thread; they are applied one at a
+//! time.
+
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::mpsc};
+
+use anyhow::{Context, Result};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use log::{debug, warn};
+use tokio::{net::UnixListener, sync::oneshot};
+
+use crate::service::{Command, Request, Response};
+
+/// Largest request body accepted (a gateway document is a few KB).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+pub type Reply = hyper::Response<Full<Bytes>>;
+
+/// Serves the bound control socket forever.
+pub async fn serve_listener(listener: UnixListener, commands: mpsc::Sender<Command>) -> Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, commands.clone()));
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                debug!("control connection: {e}");
+            }
+        });
+    }
+}
+
+/// Binds the socket, mode 0660, replacing a stale one (but not one a live agent serves).
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => anyhow::bail!("another agent is serving {}", path.display()),
+        Err(_) => {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Sender<Command>) -> Result<Reply, hyper::Error> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    // The CLI names the file a body came from, so errors point at it.
+    let origin = req
+        .headers()
+        .get("x-splitter-origin")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("request body")
+        .to_string();
+    let json = query_value(&query, "output").as_deref() == Some("json")
+        || req
+            .headers()
+            .get(hyper::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/json"));
+    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            let message = if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                format!("request body: larger than the limit of {MAX_BODY_BYTES} bytes")
+            } else {
+                format!("request body: {e}")
+            };
+            return Ok(reply(Response { status: 413, content_type: "text/plain", body: format!("{message}\n") }));
+        }
+    };
+    let request = match route(&method, &path, &query, &body, &origin) {
+        Ok(r) => r,
+        Err(response) => return Ok(reply(response)),
+    };
+    let (tx, rx) = oneshot::channel();
+    if commands.send(Command { request, reply: tx, json }).is_err() {
+        return Ok(reply(error(503, "the agent is shutting down")));
+    }
+    Ok(reply(rx.await.unwrap_or_else(|_| error(500, "the agent dropped the request"))))
+}
+
+/// Maps method and path to a service request.
+fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str) -> Result<Request, Response> {
+    let text = || String::from_utf8(body.to_vec()).map_err(|_| error(400, "request body: not UTF-8"));
+    let name_in = |prefix: &str| path.strip_prefix(prefix).filter(|n| !n.is_empty()).map(str::to_string);
+    match (method, path) {
+        (&Method::GET, "/metrics") => Ok(Request::Metrics),
+        (&Method::GET, "/api/v1/gateways" | "/api/v1/gateways/") => Ok(Request::List),
+        (&Method::POST, "/api/v1/gateways" | "/api/v1/gateways/") => {
+            Ok(Request::Apply { origin: origin.into(), text: text()?, path_name: None })
+        }
+        (&Method::GET, "/api/v1/stats" | "/api/v1/stats/") => Ok(Request::Stats(None)),
+        (&Method::GET, p) if p.starts_with("/api/v1/stats/") => Ok(Request::Stats(name_in("/api/v1/stats/"))),
+        (m, p) if p.starts_with("/api/v1/gateways/") => {
+            let name = name_in("/api/v1/gateways/").ok_or_else(|| error(404, "no gateway name in the path"))?;
+            match *m {
+                Method::GET => Ok(Request::Get(name)),
+                Method::PUT | Method::POST => {
+                    Ok(Request::Apply { origin: origin.into(), text: text()?, path_name: Some(name) })
+                }
+                Method::DELETE => Ok(Request::Delete(name)),
+                _ => Err(error(405, format!("{m} is not allowed on {p}"))),
+            }
+        }
+        (&Method::POST, p) if p.starts_with("/api/v1/promote/") => {
+            let gateway = name_in("/api/v1/promote/").ok_or_else(|| error(404, "no gateway name in the path"))?;
+            let route = query_value(query, "route").ok_or_else(|| error(400, "promote: the route=ROUTE query parameter is missing"))?;
+            Ok(Request::Promote { gateway, route })
+        }
+        (&Method::POST, p) if p.starts_with("/api/v1/rollback/") => {
+            let gateway = name_in("/api/v1/rollback/").ok_or_else(|| error(404, "no gateway name in the path"))?;
+            let flush = matches!(query_value(query, "flush").as_deref(), Some("true" | "1" | "yes"));
+            Ok(Request::Rollback { gateway, flush })
+        }
+        (m, p) => Err(error(404, format!("no such endpoint: {m} {p}"))),
+    }
+}
+
+/// The decoded value of `key` in a query string.
+pub fn query_value(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                match (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+                    (Some(hi), Some(lo)) => {
+                        out.push(hi << 4 | lo);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn error(status: u16, message: impl std::fmt::Display) -> Response {
+    Response { status, content_type: "text/plain", body: format!("{message}\n") }
+}
+
+fn reply(r: Response) -> Reply {
+    if r.status >= 400 {
+        warn!("control request refused ({}): {}", r.status, r.body.trim_end());
+    }
+    hyper::Response::builder()
+        .status(StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(hyper::header::CONTENT_TYPE, r.content_type)
+        .body(Full::new(Bytes::from(r.body)))
+        .expect("a response from valid parts")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(query_value("route=sava%2Fsava%3A1.1.0&flush=1", "route").as_deref(), Some("sava/sava:1.1.0"));
+        assert_eq!(query_value("flush=1", "flush").as_deref(), Some("1"));
+        assert_eq!(query_value("flush", "flush").as_deref(), Some(""));
+        assert_eq!(query_value("a=1", "route"), None);
+        assert_eq!(query_value("route=50%25", "route").as_deref(), Some("50%"));
+    }
+
+    #[test]
+    fn gateway_names_keep_their_slashes() {
+        match route(&Method::GET, "/api/v1/gateways/sava/sava/port", "", b"", "t") {
+            Ok(Request::Get(name)) => assert_eq!(name, "sava/sava/port"),
+            _ => panic!("expected a get"),
+        }
+        match route(&Method::DELETE, "/api/v1/gateways/", "", b"", "t") {
+            Err(r) => assert_eq!(r.status, 404),
+            Ok(_) => panic!("expected an error"),
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! `/metrics`: the Prometheus text exposition format (version 0.0.4).
+
+use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+
+use crate::datapath::GatewayStats;
+
+/// Everything one scrape reports.
+pub struct Snapshot<'a> {
+    pub gateways: &'a [GatewayStats],
+    /// Configured weight (hundredths of a percent) of each route, by gateway.
+    pub route_weights: &'a BTreeMap<String, Vec<(String, u32)>>,
+    /// Packet classes and forwarding outcomes, by name.
+    pub packets: &'a [(&'static str, u64)],
+    pub conntrack_entries: usize,
+    pub conntrack_capacity: u32,
+    pub program_id: u32,
+    pub config_errors: usize,
+    pub uptime: Duration,
+}
+
+/// A metric family being written: HELP and TYPE once, then samples.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl<'a> Family<'a> {
+    fn new(out: &'a mut String, name: &str, kind: &str, help: &str) -> Self {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        Self { out }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}
+
+/// Label values escape backslash, double quote and newline.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+pub fn render(s: &Snapshot<'_>) -> String {
+    let mut out = String::new();
+
+    type TargetField = fn(&crate::datapath::TargetStats) -> u64;
+    let target_counters: [(&str, &str, TargetField); 7] = [
+        ("splitter_target_new_flows_total", "New flows assigned to the target.", |t| t.new_flows),
+        ("splitter_target_packets_to_target_total", "Packets forwarded from clients to the target.", |t| t.packets_to_target),
+        ("splitter_target_bytes_to_target_total", "Bytes (IP length) forwarded from clients to the target.", |t| t.bytes_to_target),
+        ("splitter_target_packets_from_target_total", "Packets forwarded from the target to clients.", |t| t.packets_from_target),
+        ("splitter_target_bytes_from_target_total", "Bytes (IP length) forwarded from the target to clients.", |t| t.bytes_from_target),
+        ("splitter_target_resets_total", "TCP resets sent by the target.", |t| t.resets_from_target),
+        ("splitter_target_connects_total", "TCP connection setups completed by the target (SYN-ACK seen).", |t| t.connects),
+    ];
+    for (name, help, field) in target_counters {
+        let mut f = Family::new(&mut out, name, "counter", help);
+        for g in s.gateways {
+            for t in &g.targets {
+                f.sample(name, &[("gateway", &g.name), ("route", &t.route), ("target", &t.target)], field(t));
+            }
+        }
+    }
+    {
+        let name = "splitter_target_connect_seconds_total";
+        let mut f = Family::new(&mut out, name, "counter", "Sum of SYN to SYN-ACK times of the target's connection setups, in seconds.");
+        for g in s.gateways {
+            for t in &g.targets {
+                f.sample(name, &[("gateway", &g.name), ("route", &t.route), ("target", &t.target)], t.connect_ns_total as f64 / 1e9);
+            }
+        }
+    }
+    {
+        let name = "splitter_target_configured_share_percent";
+        let mut f = Family::new(&mut out, name, "gauge", "Share of the gateway's new flows the target should get, in percent.");
+        for g in s.gateways {
+            for t in &g.targets {
+                f.sample(name, &[("gateway", &g.name), ("route", &t.route), ("target", &t.target)], t.configured_share);
+            }
+        }
+    }
+    {
+        let name = "splitter_target_observed_share_percent";
+        let mut f = Family::new(&mut out, name, "gauge", "Share of the gateway's new flows the target got since the current weights took effect, in percent.");
+        for g in s.gateways {
+            for t in &g.targets {
+                if let Some(share) = t.observed_share {
+                    f.sample(name, &[("gateway", &g.name), ("route", &t.route), ("target", &t.target)], share);
+                }
+            }
+        }
+    }
+    {
+        let name = "splitter_route_weight_percent";
+        let mut f = Family::new(&mut out, name, "gauge", "Configured weight of the route, in percent.");
+        for (gateway, routes) in s.route_weights {
+            for (route, weight) in routes {
+                f.sample(name, &[("gateway", gateway), ("route", route)], f64::from(*weight) / 100.0);
+            }
+        }
+    }
+    type GatewayField = fn(&GatewayStats) -> u64;
+    let gateway_counters: [(&str, &str, GatewayField); 4] = [
+        ("splitter_gateway_new_flows_total", "New flows assigned to a target.", |g| g.new_flows),
+        ("splitter_gateway_no_target_packets_total", "Packets for the gateway that found no target with weight (passed to the kernel).", |g| g.no_target),
+        ("splitter_gateway_conntrack_miss_total", "Mid-stream TCP packets of flows conntrack did not know (re-created).", |g| g.conntrack_miss),
+        ("splitter_gateway_alloc_failed_total", "New flows that got no conntrack entry or source port (passed to the kernel).", |g| g.alloc_failed),
+    ];
+    for (name, help, field) in gateway_counters {
+        let mut f = Family::new(&mut out, name, "counter", help);
+        for g in s.gateways {
+            f.sample(name, &[("gateway", &g.name)], field(g));
+        }
+    }
+    {
+        let name = "splitter_gateway_table_generation";
+        let mut f = Family::new(&mut out, name, "gauge", "Generation of the gateway's live bucket table (increases with every change).");
+        for g in s.gateways {
+            f.sample(name, &[("gateway", &g.name)], g.generation);
+        }
+    }
+    {
+        let name = "splitter_packets_total";
+        let mut f = Family::new(&mut out, name, "counter", "Packets seen by the XDP program, by class, and what happened to translated packets, by outcome.");
+        for (what, value) in s.packets {
+            f.sample(name, &[("kind", what)], value);
+        }
+    }
+    Family::new(&mut out, "splitter_conntrack_entries", "gauge", "Conntrack entries in use (two per flow).")
+        .sample("splitter_conntrack_entries", &[], s.conntrack_entries);
+    Family::new(&mut out, "splitter_conntrack_capacity", "gauge", "Conntrack capacity in entries.")
+        .sample("splitter_conntrack_capacity", &[], s.conntrack_capacity);
+    Family::new(&mut out, "splitter_program_id", "gauge", "Kernel id of the attached XDP program (changes when the program is reloaded).")
+        .sample("splitter_program_id", &[], s.program_id);
+    Family::new(&mut out, "splitter_config_errors", "gauge", "Configuration files that failed to load and were not applied.")
+        .sample("splitter_config_errors", &[], s.config_errors);
+    Family::new(&mut out, "splitter_agent_uptime_seconds", "gauge", "Seconds since this agent started.")
+        .sample("splitter_agent_uptime_seconds", &[], s.uptime.as_secs_f64());
+    out
+}
