@@ -177,7 +177,8 @@ pub struct GatewayCounters {
     pub no_target: u64,
     /// Non-SYN TCP packets with no conntrack entry (flow unknown or evicted), passed.
     pub conntrack_miss: u64,
-    /// New flows that could not get a conntrack entry or a source port, passed.
+    /// New flows that could not get a conntrack entry or a source port, dropped (the
+    /// client retries).
     pub alloc_failed: u64,
     /// New flows assigned to a target.
     pub new_flows: u64,

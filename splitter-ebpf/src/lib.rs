@@ -378,8 +378,10 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         }
     }
     if !claimed {
+        // Dropped, not passed: the kernel would answer the VIP with "unreachable", while
+        // a dropped SYN is retried by the client a second later.
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
-        return Err(Error::Pass);
+        return Ok(xdp_action::XDP_DROP);
     }
     let flow = FlowEntry {
         rewritten: to_target,
@@ -391,7 +393,7 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     if CONNTRACK.insert(key, &flow, u64::from(BPF_ANY)).is_err() {
         let _ = CONNTRACK.remove(&to_target.reversed());
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
-        return Err(Error::Pass);
+        return Ok(xdp_action::XDP_DROP);
     }
     count_gateway(gateway.gateway_id, |c| &mut c.new_flows);
     if let Some(c) = TARGET_COUNTERS.get_ptr_mut(target.counter_index) {

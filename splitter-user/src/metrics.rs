@@ -115,7 +115,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
         ("splitter_gateway_new_flows_total", "New flows assigned to a target.", |g| g.new_flows),
         ("splitter_gateway_no_target_packets_total", "Packets for the gateway that found no target with weight (passed to the kernel).", |g| g.no_target),
         ("splitter_gateway_conntrack_miss_total", "Mid-stream TCP packets of flows conntrack did not know (re-created).", |g| g.conntrack_miss),
-        ("splitter_gateway_alloc_failed_total", "New flows that got no conntrack entry or source port (passed to the kernel).", |g| g.alloc_failed),
+        ("splitter_gateway_alloc_failed_total", "New flows that got no conntrack entry or source port (dropped; clients retry).", |g| g.alloc_failed),
     ];
     for (name, help, field) in gateway_counters {
         let mut f = Family::new(&mut out, name, "counter", help);

@@ -1,0 +1,406 @@
+//! The control plane end to end: CLI and `curl --unix-socket` under continuous client
+//! traffic, bad requests that change nothing, `kill -9` and adoption of the pinned
+//! datapath, configuration files followed, and `/metrics`.
+
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use splitter_tests::{
+    privileged, splitter_bin,
+    testbed::{http_get, LineClient, TempDir, Testbed, VIP},
+};
+
+const GATEWAY: &str = "sava";
+const STABLE: &str = "sava/sava:1.0.0";
+const CANARY: &str = "sava/sava:1.1.0";
+
+fn sava_yaml(stable: &str, canary: &str) -> String {
+    format!(
+        "name: {GATEWAY}
+port: 9050/http
+virtual_address: {VIP}
+routes:
+  {STABLE}:
+    weight: {stable}
+    targets: [10.10.2.11:8080]
+  {CANARY}:
+    weight: {canary}
+    targets: [10.10.2.21:8080]
+"
+    )
+}
+
+fn sava_bed(extra_agent_args: &[&str]) -> Testbed {
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    bed.write_config("sava.yaml", &sava_yaml("90%", "10%")).unwrap();
+    bed.start_agent(extra_agent_args).unwrap();
+    bed
+}
+
+/// Client traffic in the background: new HTTP connections one after another, each
+/// answer recorded; every failure counted with its error.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(bed: &Testbed) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let ns = bed.client.name().to_string();
+        let (s, o, f) = (stop.clone(), ok.clone(), failures.clone());
+        let handle = thread::spawn(move || {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            // SAFETY: a namespace descriptor; setns moves only this thread.
+            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) }, 0);
+            let started = Instant::now();
+            // Bounded: at most 5 minutes or 200k requests, whichever comes first.
+            let deadline = Instant::now() + Duration::from_secs(300);
+            for _ in 0..200_000 {
+                if s.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                match http_get(&format!("{VIP}:9050"), None) {
+                    Ok(_) => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => f.lock().unwrap().push(format!("{:?} after start: {e:#}", started.elapsed())),
+                }
+            }
+        });
+        Self { stop, ok, failures, handle: Some(handle) }
+    }
+
+    /// Stops the traffic; returns (successful requests, failures).
+    fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap();
+        (self.ok.load(Ordering::Relaxed), self.failures.lock().unwrap().clone())
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Versions answering `n` new connections.
+fn sample(bed: &Testbed, n: usize) -> BTreeMap<String, usize> {
+    bed.client
+        .enter(|| {
+            let mut seen = BTreeMap::new();
+            for _ in 0..n {
+                let body = http_get(&format!("{VIP}:9050"), None).unwrap();
+                *seen.entry(body.split(' ').next().unwrap().to_string()).or_insert(0) += 1;
+            }
+            seen
+        })
+        .unwrap()
+}
+
+fn count(seen: &BTreeMap<String, usize>, version: &str) -> usize {
+    seen.get(version).copied().unwrap_or(0)
+}
+
+fn curl(bed: &Testbed, args: &[&str]) -> (String, u16) {
+    let out = Command::new("curl")
+        .args(["-sS", "--unix-socket"])
+        .arg(bed.socket())
+        .args(["-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl (apt package curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (body.to_string(), code.parse().unwrap())
+}
+
+#[test]
+fn cli_and_curl_change_weights_under_traffic_without_failures() {
+    if !privileged("cli_and_curl_change_weights_under_traffic_without_failures") {
+        return;
+    }
+    let bed = sava_bed(&[]);
+    let traffic = Traffic::start(&bed);
+    thread::sleep(Duration::from_millis(300));
+
+    // CLI: weight, then the other routes share what is left.
+    bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=50%")]).unwrap();
+    let seen = sample(&bed, 200);
+    println!("after weight 50%: {seen:?}");
+    assert!((70..=130).contains(&count(&seen, "1.1.0")), "{seen:?}");
+    let got = bed.cli_ok(&["get", GATEWAY]).unwrap();
+    assert!(got.contains("weight: 50%"), "{got}");
+
+    // CLI: promote.
+    bed.cli_ok(&["promote", GATEWAY, CANARY]).unwrap();
+    let seen = sample(&bed, 100);
+    assert_eq!(count(&seen, "1.1.0"), 100, "after promote: {seen:?}");
+
+    // CLI: rollback to the weights before the promote.
+    bed.cli_ok(&["rollback", GATEWAY]).unwrap();
+    let seen = sample(&bed, 200);
+    println!("after rollback: {seen:?}");
+    assert!((70..=130).contains(&count(&seen, "1.1.0")), "back to 50/50: {seen:?}");
+
+    // curl: a weights-only PUT, the Vamp tutorial's document.
+    let doc = format!("name: {GATEWAY}\nport: 9050/http\nroutes:\n  {STABLE}:\n    weight: 100%\n  {CANARY}:\n    weight: 0%\n");
+    let (body, code) = curl(&bed, &["-X", "PUT", "--data-binary", &doc, &format!("http://splitter/api/v1/gateways/{GATEWAY}")]);
+    assert_eq!(code, 200, "{body}");
+    let seen = sample(&bed, 100);
+    assert_eq!(count(&seen, "1.0.0"), 100, "after curl PUT 100/0: {seen:?}");
+    // curl: promote and rollback endpoints.
+    let (body, code) = curl(&bed, &["-X", "POST", &format!("http://splitter/api/v1/promote/{GATEWAY}?route=sava%2Fsava%3A1.1.0")]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(count(&sample(&bed, 50), "1.1.0"), 50);
+    let (body, code) = curl(&bed, &["-X", "POST", &format!("http://splitter/api/v1/rollback/{GATEWAY}")]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(count(&sample(&bed, 50), "1.0.0"), 50);
+    let (json, code) = curl(&bed, &["-H", "Accept: application/json", &format!("http://splitter/api/v1/gateways/{GATEWAY}")]);
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["name"], GATEWAY);
+
+    let (ok, failures) = traffic.finish();
+    println!("background traffic: {ok} requests, {} failures", failures.len());
+    assert!(ok > 100, "the background client made {ok} requests");
+    assert!(failures.is_empty(), "failed requests during the changes: {failures:?}");
+    let stats = bed.cli_ok(&["stats", GATEWAY]).unwrap();
+    println!("{stats}");
+    assert!(stats.contains(STABLE) && stats.contains("OBSERVED"), "{stats}");
+}
+
+#[test]
+fn bad_requests_change_nothing() {
+    if !privileged("bad_requests_change_nothing") {
+        return;
+    }
+    let bed = sava_bed(&[]);
+    let before = bed.cli_ok(&["get"]).unwrap();
+    let url = format!("http://splitter/api/v1/gateways/{GATEWAY}");
+    let over_100 = sava_yaml("90%", "20%");
+    let unknown_route = format!("name: {GATEWAY}\nroutes:\n  sava/nope:\n    weight: 10%\n");
+    let oversized_file = bed.run_dir.path().join("oversized.yaml");
+    std::fs::write(&oversized_file, format!("name: {GATEWAY}\n# {}\n", "x".repeat(2 << 20))).unwrap();
+    let oversized = format!("@{}", oversized_file.display());
+    let cases: Vec<(&str, Vec<String>, u16, &str)> = vec![
+        ("syntax error", vec!["-X".into(), "PUT".into(), "--data-binary".into(), "name: [sava\n".into(), url.clone()], 400, "request body:"),
+        ("weights over 100", vec!["-X".into(), "PUT".into(), "--data-binary".into(), over_100, url.clone()], 400, "100"),
+        ("unknown route", vec!["-X".into(), "PUT".into(), "--data-binary".into(), unknown_route, url.clone()], 400, "unknown route sava/nope"),
+        ("oversized body", vec!["-X".into(), "PUT".into(), "--data-binary".into(), oversized, url.clone()], 413, "larger than the limit"),
+        ("unknown gateway", vec!["-X".into(), "DELETE".into(), "http://splitter/api/v1/gateways/nosuch".into()], 404, "no gateway nosuch"),
+        ("update of an unknown gateway", vec!["-X".into(), "PUT".into(), "--data-binary".into(), "name: nosuch\nroutes:\n  a:\n    weight: 100%\n".into(), "http://splitter/api/v1/gateways/nosuch".into()], 404, "no gateway nosuch"),
+    ];
+    for (what, args, status, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (body, code) = curl(&bed, &args);
+        println!("{what}: {code} {}", body.trim_end());
+        assert_eq!(code, status, "{what}: {body}");
+        assert_eq!(body.trim_end().lines().count(), 1, "{what}: one line, got {body:?}");
+        assert!(body.contains(needle), "{what}: {body}");
+        assert_eq!(bed.cli_ok(&["get"]).unwrap(), before, "{what} changed the configuration");
+    }
+    // The CLI reports the same one-line errors, naming the file.
+    let file = bed.run_dir.path().join("bad.yaml");
+    std::fs::write(&file, sava_yaml("90%", "20%")).unwrap();
+    let (code, _, err) = bed.cli(&["apply", "-f", file.to_str().unwrap()]).unwrap();
+    assert_ne!(code, 0);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("bad.yaml") && err.contains("100"), "{err}");
+    let (code, _, err) = bed.cli(&["weight", GATEWAY, "sava/nope=10%"]).unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown route sava/nope"), "{err}");
+    assert_eq!(bed.cli_ok(&["get"]).unwrap(), before);
+    // No agent behind a socket: one clear line.
+    let out = Command::new(splitter_bin()).args(["get", "--socket", "/nonexistent/splitter.sock"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("cannot reach the agent"), "{err}");
+}
+
+/// A BPF filesystem mounted by the test (outside the agent's `ip netns exec`, so pins
+/// outlive the agent), unmounted on drop.
+struct Bpffs {
+    dir: TempDir,
+}
+
+impl Bpffs {
+    fn mount() -> Self {
+        let dir = TempDir::new("bpffs").unwrap();
+        let status = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).status().unwrap();
+        assert!(status.success(), "mounting a bpffs");
+        Self { dir }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn kill_9_keeps_traffic_flowing_and_a_restarted_agent_adopts_it() {
+    if !privileged("kill_9_keeps_traffic_flowing_and_a_restarted_agent_adopts_it") {
+        return;
+    }
+    let bpffs = Bpffs::mount();
+    let pin_dir = bpffs.dir.path().join("splitter").display().to_string();
+    let mut bed = sava_bed(&["--bpffs", &pin_dir]);
+    let mut long_lived: Vec<(LineClient, String)> = bed
+        .client
+        .enter(|| {
+            (0..20)
+                .map(|_| {
+                    let mut c = LineClient::connect(&format!("{VIP}:9050")).unwrap();
+                    let first = c.ask().unwrap();
+                    (c, first)
+                })
+                .collect()
+        })
+        .unwrap();
+    let traffic = Traffic::start(&bed);
+    let traffic_started = Instant::now();
+    thread::sleep(Duration::from_millis(500));
+    let stats_before: serde_json::Value = serde_json::from_str(&bed.cli_ok(&["stats", "-o", "json"]).unwrap()).unwrap();
+    let get_before = bed.cli_ok(&["get"]).unwrap();
+
+    // kill -9: no cleanup at all.
+    println!("kill at {:?} after traffic start", traffic_started.elapsed());
+    bed.agent().signal(libc::SIGKILL).unwrap();
+    let _ = bed.stop_agent();
+    let ok_at_kill = traffic.ok.load(Ordering::Relaxed);
+    thread::sleep(Duration::from_secs(2));
+    let ok_in_gap = traffic.ok.load(Ordering::Relaxed) - ok_at_kill;
+    let check = |conns: &mut Vec<(LineClient, String)>, phase: &str| {
+        for (i, (c, first)) in conns.iter_mut().enumerate() {
+            let answer = c.ask().unwrap_or_else(|e| panic!("{phase}: long-lived connection {i}: {e:#}"));
+            assert_eq!(&answer, first, "{phase}: connection {i} moved");
+        }
+    };
+    check(&mut long_lived, "agent dead");
+    println!("{ok_in_gap} new connections while the agent was dead");
+    assert!(ok_in_gap > 10, "new connections kept working without the agent");
+
+    println!("restart at {:?} after traffic start", traffic_started.elapsed());
+    bed.start_agent(&["--bpffs", &pin_dir]).unwrap();
+    println!("ready at {:?} after traffic start", traffic_started.elapsed());
+    let ready = bed.agent().wait_for_line("ready", Duration::from_secs(1)).unwrap();
+    assert!(ready.contains("adopted"), "{ready}");
+    thread::sleep(Duration::from_millis(500));
+    check(&mut long_lived, "after restart");
+    let (ok, failures) = traffic.finish();
+    println!("traffic across kill -9 and restart: {ok} requests, {} failed", failures.len());
+    println!("{:?}", bed.cli_ok(&["stats", "-o", "json"]));
+    let (m, _) = curl(&bed, &["http://splitter/metrics"]);
+    println!("{}", m.lines().filter(|l| l.starts_with("splitter_packets_total") || l.starts_with("splitter_gateway")).collect::<Vec<_>>().join("\n"));
+    assert!(failures.is_empty(), "{failures:?}");
+
+    assert_eq!(bed.cli_ok(&["get"]).unwrap(), get_before, "the restarted agent reports the same gateways");
+    let stats_after: serde_json::Value = serde_json::from_str(&bed.cli_ok(&["stats", "-o", "json"]).unwrap()).unwrap();
+    println!("stats after restart: {stats_after}");
+    let flows = |s: &serde_json::Value| s[0]["new_flows"].as_u64().unwrap();
+    assert!(flows(&stats_after) > flows(&stats_before), "counters kept counting: {} -> {}", flows(&stats_before), flows(&stats_after));
+    // And it still takes changes.
+    bed.cli_ok(&["promote", GATEWAY, CANARY]).unwrap();
+    let seen = sample(&bed, 50);
+    assert_eq!(count(&seen, "1.1.0"), 50, "{seen:?}");
+
+    bed.stop_agent().unwrap();
+    let out = Command::new(splitter_bin()).args(["agent", "--cleanup", "--bpffs", &pin_dir]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let link = bed.splitter.ip_output(&["link", "show", "dev", "spl-c"]).unwrap();
+    assert!(!link.contains("xdp"), "cleanup detaches: {link}");
+}
+
+#[test]
+fn config_file_edits_apply_within_a_second_and_broken_files_change_nothing() {
+    if !privileged("config_file_edits_apply_within_a_second_and_broken_files_change_nothing") {
+        return;
+    }
+    let bed = sava_bed(&[]);
+    let started = Instant::now();
+    bed.write_config("sava.yaml", &sava_yaml("20%", "80%")).unwrap();
+    bed.wait_applied(GATEWAY, 2).unwrap();
+    let took = started.elapsed();
+    println!("file edit live after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let seen = sample(&bed, 100);
+    assert!(count(&seen, "1.1.0") >= 60, "{seen:?}");
+
+    let good = bed.cli_ok(&["get"]).unwrap();
+    bed.write_config("sava.yaml", "name: sava\nport: 9050/http\nroutes: [\n").unwrap();
+    bed.agent().wait_for_line("configuration file not applied", Duration::from_secs(3)).unwrap();
+    let get = bed.cli_ok(&["get"]).unwrap();
+    assert!(get.contains("not applied"), "get reports the broken file: {get}");
+    let body = |s: &str| s.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+    assert_eq!(body(&get), body(&good), "the live gateway is unchanged");
+    assert!(count(&sample(&bed, 100), "1.1.0") >= 60, "weights unchanged");
+
+    // Fixed again, then removed: the gateway goes.
+    bed.write_config("sava.yaml", &sava_yaml("50%", "50%")).unwrap();
+    bed.wait_applied(GATEWAY, 3).unwrap();
+    std::fs::remove_file(bed.config_dir.path().join("sava.yaml")).unwrap();
+    bed.agent().wait_for_line("removed gateway sava", Duration::from_secs(3)).unwrap();
+    assert_eq!(bed.cli_ok(&["get"]).unwrap().trim(), "");
+}
+
+#[test]
+fn metrics_are_valid_prometheus_text() {
+    if !privileged("metrics_are_valid_prometheus_text") {
+        return;
+    }
+    let bed = sava_bed(&[]);
+    sample(&bed, 50);
+    let (text, code) = curl(&bed, &["http://splitter/metrics"]);
+    assert_eq!(code, 200);
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let scrape = prometheus_parse::Scrape::parse(lines.into_iter().map(Ok)).expect("parses as Prometheus text");
+    for family in [
+        "splitter_target_new_flows_total",
+        "splitter_route_weight_percent",
+        "splitter_target_observed_share_percent",
+        "splitter_conntrack_entries",
+        "splitter_gateway_table_generation",
+        "splitter_program_id",
+    ] {
+        assert!(scrape.docs.contains_key(family), "no HELP for {family}");
+        assert!(scrape.samples.iter().any(|s| s.metric == family), "no sample of {family}");
+    }
+    // Every family has HELP and TYPE lines, in that order, before its samples.
+    let mut typed = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(rest.split(' ').next().unwrap().to_string());
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(typed.contains(name), "sample before TYPE: {line}");
+        }
+    }
+    let flows: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "splitter_target_new_flows_total")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert_eq!(flows, 50.0, "50 requests, 50 new flows");
+}
