@@ -261,6 +261,7 @@ pub fn stats(args: StatsArgs) -> Result<()> {
 
 /// The stats table: per gateway, a line per target.
 fn render_stats(stats: &serde_json::Value) -> String {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     let mut out = String::new();
     for g in stats.as_array().into_iter().flatten() {
         out.push_str(&format!(
@@ -290,11 +291,11 @@ fn render_stats(stats: &serde_json::Value) -> String {
                 t["target"].as_str().unwrap_or(""),
                 format!("{:.2}%", t["configured_share"].as_f64().unwrap_or(0.0)),
                 observed,
-                t["new_flows"],
-                t["packets_to_target"],
-                t["packets_from_target"],
-                t["bytes_from_target"],
-                t["resets_from_target"],
+                n(&t["new_flows"]),
+                n(&t["packets_to_target"]),
+                n(&t["packets_from_target"]),
+                n(&t["bytes_from_target"]),
+                n(&t["resets_from_target"]),
                 connect,
             ));
         }

@@ -3,8 +3,9 @@
 //! A client namespace, the splitter namespace (the agent attached in native XDP mode to
 //! both of its interfaces) and a backends namespace running sava 1.0.0 and sava 1.1.0 as
 //! real HTTP servers. The client asks 100 times per round, like DC/OS's canary-check.sh,
-//! and prints which version answered while the weights move 90/10 -> 50/50 -> 0/100
-//! (promote) -> 90/10 (rollback). Everything is removed when the demo ends (Ctrl-C too).
+//! and prints which version answered while an operator moves the weights with the CLI:
+//! 90/10 -> `weight` 50% -> `promote` -> `rollback` -> `rollback`. Everything is removed
+//! when the demo ends (Ctrl-C too).
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -26,7 +27,9 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 const GATEWAY: &str = "sava";
 
-fn gateway_yaml(stable: &str, canary: &str) -> String {
+const CANARY: &str = "sava/sava/sava:1.1.0/port";
+
+fn gateway_yaml() -> String {
     format!(
         "# The Vamp tutorial's sava gateway, with this demo's backends as targets.
 name: {GATEWAY}
@@ -34,10 +37,10 @@ port: 9050/http
 virtual_address: {VIP}
 routes:
   sava/sava/sava:1.0.0/port:
-    weight: {stable}
+    weight: 90%
     targets: [10.10.2.11:8080]
-  sava/sava/sava:1.1.0/port:
-    weight: {canary}
+  {CANARY}:
+    weight: 10%
     targets: [10.10.2.21:8080]
 "
     )
@@ -59,25 +62,25 @@ fn main() -> Result<()> {
     bed.start_backend("10.10.2.11", 8080, "1.0.0", &[])?;
     bed.start_backend("10.10.2.21", 8080, "1.1.0", &[])?;
     println!("   backends: sava 1.0.0 at 10.10.2.11:8080, sava 1.1.0 at 10.10.2.21:8080");
-    bed.write_config("sava.yaml", &gateway_yaml("90%", "10%"))?;
+    bed.write_config("sava.yaml", &gateway_yaml())?;
     bed.start_agent(&[])?;
     println!("   agent: {}", bed.agent().wait_for_line("ready", Duration::from_secs(1))?);
     println!("   gateway {GATEWAY}: {VIP}:9050, sava:1.0.0 90% / sava:1.1.0 10%");
 
-    let steps = [
-        ("90%", "10%", "canary at 10%"),
-        ("50%", "50%", "canary at 50%"),
-        ("0%", "100%", "promote: canary takes 100%"),
-        ("90%", "10%", "rollback to 90/10"),
+    let canary_50 = format!("{CANARY}=50%");
+    let steps: [(&str, Vec<&str>); 5] = [
+        ("the canary at 10%, from the gateway file", vec![]),
+        ("an operator moves the canary to 50%", vec!["weight", GATEWAY, &canary_50]),
+        ("the canary looks good: promote it", vec!["promote", GATEWAY, CANARY]),
+        ("second thoughts: roll back", vec!["rollback", GATEWAY]),
+        ("and back to where we started", vec!["rollback", GATEWAY]),
     ];
-    let mut generation = 1;
-    'steps: for (i, (stable, canary, what)) in steps.iter().enumerate() {
-        if i > 0 {
-            generation += 1;
-            bed.write_config("sava.yaml", &gateway_yaml(stable, canary))?;
-            bed.reload_and_wait(GATEWAY, generation)?;
+    'steps: for (what, command) in &steps {
+        println!("== {what}");
+        if !command.is_empty() {
+            println!("   $ splitter {}", command.join(" "));
+            bed.cli_ok(command)?;
         }
-        println!("== {what} (sava:1.0.0 {stable} / sava:1.1.0 {canary})");
         for _ in 0..rounds_per_step {
             if STOP.load(Ordering::Relaxed) {
                 break 'steps;
@@ -99,17 +102,9 @@ fn main() -> Result<()> {
         }
     }
 
-    let stats = bed.stats()?;
-    println!("== the agent's counters");
-    for target in stats[0]["targets"].as_array().into_iter().flatten() {
-        println!(
-            "   {:<28} {:<18} new flows {:>5}  packets in/out {:>6}/{:<6}",
-            target["route"].as_str().unwrap_or(""),
-            target["target"].as_str().unwrap_or(""),
-            target["new_flows"],
-            target["packets_to_target"],
-            target["packets_from_target"]
-        );
+    println!("== $ splitter stats {GATEWAY}");
+    for line in bed.cli_ok(&["stats", GATEWAY])?.lines() {
+        println!("   {line}");
     }
     bed.stop_agent()?;
     println!("== done; namespaces and XDP programs removed");
