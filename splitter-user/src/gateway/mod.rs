@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 mod parse;
+pub mod policy;
 #[cfg(test)]
 mod tests;
 pub mod validate;
@@ -150,6 +151,10 @@ pub struct Gateway {
     pub mode: Mode,
     /// Sorted by name.
     pub routes: Vec<Route>,
+    /// Checks of every target; unhealthy targets leave the table.
+    pub health_check: Option<policy::HealthCheck>,
+    /// An automated rollout to start when the gateway is applied.
+    pub canary: Option<policy::CanarySpec>,
 }
 
 /// A weights-only document: new weights for an existing gateway's routes, targets untouched.
@@ -497,6 +502,35 @@ impl Gateway {
             }
             let targets: Vec<String> = route.targets.iter().map(Target::to_string).collect();
             let _ = writeln!(out, "    targets: [{}]", targets.join(", "));
+        }
+        if let Some(check) = &self.health_check {
+            out.push_str("health_check:\n");
+            match check.protocol {
+                policy::CheckProtocol::Tcp => out.push_str("  protocol: tcp\n"),
+                policy::CheckProtocol::Http => {
+                    let _ = writeln!(out, "  protocol: http\n  path: {}\n  expected_status: {}", quoted(&check.path), check.expected_status);
+                }
+            }
+            if let Some(port) = check.port {
+                let _ = writeln!(out, "  port: {port}");
+            }
+            let _ = writeln!(out, "  interval: {}", policy::format_duration_us(check.interval_ms * 1000));
+            let _ = writeln!(out, "  timeout: {}", policy::format_duration_us(check.timeout_ms * 1000));
+            let _ = writeln!(out, "  unhealthy_threshold: {}", check.unhealthy_threshold);
+            let _ = writeln!(out, "  healthy_threshold: {}", check.healthy_threshold);
+        }
+        if let Some(canary) = &self.canary {
+            let steps: Vec<String> = canary.steps.iter().map(|s| format_weight(*s)).collect();
+            let t = &canary.thresholds;
+            let _ = writeln!(out, "canary:\n  route: {}\n  steps: [{}]", quoted(&canary.route), steps.join(", "));
+            let _ = writeln!(out, "  interval: {}", policy::format_duration_us(canary.interval_ms * 1000));
+            let _ = writeln!(out, "  max_error_rate: {}", format_weight(t.max_error_rate));
+            let _ = writeln!(out, "  max_failed_checks: {}", t.max_failed_checks);
+            if let Some(limit) = t.max_connect_latency {
+                let _ = writeln!(out, "  max_connect_latency: {limit}");
+            }
+            let _ = writeln!(out, "  min_flows: {}", t.min_flows);
+            let _ = writeln!(out, "  flush_on_rollback: {}", t.flush_on_rollback);
         }
         out
     }

@@ -3,6 +3,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::{
+    policy::{self, CanarySpec, CheckProtocol, HealthCheck, Thresholds},
     yaml::{self, Node, NodeValue, Position},
     ConfigError, Document, Gateway, Mode, Protocol, Route, Sticky, Target, WeightUpdate,
     FULL_WEIGHT, MAX_TARGETS_PER_GATEWAY,
@@ -24,6 +25,28 @@ const GATEWAY_FIELDS: &[&str] = &[
     "active",
     "filters",
     "routes",
+    "health_check",
+    "canary",
+];
+const HEALTH_CHECK_FIELDS: &[&str] = &[
+    "protocol",
+    "path",
+    "expected_status",
+    "port",
+    "interval",
+    "timeout",
+    "unhealthy_threshold",
+    "healthy_threshold",
+];
+const CANARY_FIELDS: &[&str] = &[
+    "route",
+    "steps",
+    "interval",
+    "max_error_rate",
+    "max_failed_checks",
+    "max_connect_latency",
+    "min_flows",
+    "flush_on_rollback",
 ];
 /// Fields of Vamp's gateway export that say nothing the splitter acts on: accepted, ignored.
 const GATEWAY_EXPORT_FIELDS: &[&str] = &[
@@ -345,6 +368,8 @@ impl<'a> Reader<'a> {
             )?),
         };
         self.refuse_l7(fields.value("filters"), "filters")?;
+        let health_check = fields.value("health_check").map(|n| self.health_check(n)).transpose()?;
+        let canary = fields.value("canary").map(|n| self.canary(n)).transpose()?;
 
         let routes_node = fields.value("routes").ok_or_else(|| {
             let position = fields.key_position("routes").unwrap_or(root.position);
@@ -369,11 +394,13 @@ impl<'a> Reader<'a> {
                 mode,
                 routes,
                 routes_position,
+                health_check,
+                canary,
             )?
         } else {
             // A weights-only update: it may repeat the port (Vamp's own update does) but must
             // not look like it changes what only a full definition sets.
-            for field in ["virtual_address", "sticky", "mode"] {
+            for field in ["virtual_address", "sticky", "mode", "health_check", "canary"] {
                 if fields.value(field).is_some() {
                     return Err(self.error(
                         fields.key_position(field),
@@ -418,6 +445,8 @@ impl<'a> Reader<'a> {
         mode: Option<Mode>,
         routes: Vec<RouteDocument<'_>>,
         routes_position: Option<Position>,
+        health_check: Option<HealthCheck>,
+        canary: Option<(CanarySpec, Position)>,
     ) -> Result<Document, ConfigError> {
         let (port, protocol) = port.ok_or_else(|| {
             self.error(
@@ -487,7 +516,24 @@ impl<'a> Reader<'a> {
                     .map(|(target, _, _)| target)
                     .collect(),
             })
-            .collect();
+            .collect::<Vec<Route>>();
+        let canary = match canary {
+            Some((spec, position)) => {
+                if !routes.iter().any(|r| r.name == spec.route) {
+                    let known: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+                    return Err(self.error(
+                        Some(position),
+                        "canary.route",
+                        format!("no route {} in this gateway (its routes: {})", spec.route, known.join(", ")),
+                    ));
+                }
+                if routes.len() < 2 {
+                    return Err(self.error(Some(position), "canary.route", "a canary needs another route to fall back to"));
+                }
+                Some(spec)
+            }
+            None => None,
+        };
         Ok(Document::Gateway(Gateway {
             name,
             port,
@@ -496,7 +542,115 @@ impl<'a> Reader<'a> {
             sticky: sticky.unwrap_or(Sticky::Flow),
             mode: mode.unwrap_or(Mode::FullNat),
             routes,
+            health_check,
+            canary,
         }))
+    }
+
+    fn health_check(&self, node: &Node) -> Result<HealthCheck, ConfigError> {
+        let fields = self.fields(node, "health_check", HEALTH_CHECK_FIELDS, &[])?;
+        let mut check = HealthCheck::default();
+        if let Some(n) = fields.value("protocol") {
+            check.protocol = self.choice(n, "health_check.protocol", &[("tcp", CheckProtocol::Tcp), ("http", CheckProtocol::Http)])?;
+        }
+        if let Some(n) = fields.value("path") {
+            let path = self.scalar(n, "health_check.path", "an HTTP path like /health")?;
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(self.error(Some(n.position), "health_check.path", format!("`{path}` is not an HTTP path like /health")));
+            }
+            check.path = path.to_owned();
+        }
+        if let Some(n) = fields.value("expected_status") {
+            check.expected_status = self.number(n, "health_check.expected_status", 100, 599)? as u16;
+        }
+        if let Some(n) = fields.value("port") {
+            let text = self.scalar(n, "health_check.port", "a port number")?;
+            check.port = Some(parse_port_number(text.trim()).map_err(|why| self.error(Some(n.position), "health_check.port", why))?);
+        }
+        if let Some(n) = fields.value("interval") {
+            check.interval_ms = self.duration_us(n, "health_check.interval")?.div_ceil(1000);
+        }
+        if let Some(n) = fields.value("timeout") {
+            check.timeout_ms = self.duration_us(n, "health_check.timeout")?.div_ceil(1000);
+        }
+        if let Some(n) = fields.value("unhealthy_threshold") {
+            check.unhealthy_threshold = self.number(n, "health_check.unhealthy_threshold", 1, 100)? as u32;
+        }
+        if let Some(n) = fields.value("healthy_threshold") {
+            check.healthy_threshold = self.number(n, "health_check.healthy_threshold", 1, 100)? as u32;
+        }
+        if check.timeout_ms > check.interval_ms {
+            let position = fields.key_position("timeout").unwrap_or(node.position);
+            return Err(self.error(Some(position), "health_check.timeout", "the timeout is longer than the interval"));
+        }
+        Ok(check)
+    }
+
+    fn canary(&self, node: &Node) -> Result<(CanarySpec, Position), ConfigError> {
+        let fields = self.fields(node, "canary", CANARY_FIELDS, &[])?;
+        let route_node = fields
+            .value("route")
+            .ok_or_else(|| self.error(Some(node.position), "canary.route", "missing: the route to roll out"))?;
+        let route = self.name(route_node, "canary.route")?;
+        let steps_node = fields
+            .value("steps")
+            .ok_or_else(|| self.error(Some(node.position), "canary.steps", "missing: the canary weights, like [5, 10, 25, 50, 100]"))?;
+        let NodeValue::Sequence(items) = &steps_node.value else {
+            return Err(self.error(Some(steps_node.position), "canary.steps", format!("expected a list of weights like [5, 10, 25, 50, 100], found {}", steps_node.describe())));
+        };
+        let mut steps = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let field = format!("canary.steps[{i}]");
+            let text = self.scalar(item, &field, "a weight like 10%")?;
+            let weight = parse_weight(text).map_err(|why| self.error(Some(item.position), &field, why))?;
+            if weight == 0 || steps.last().is_some_and(|last| weight <= *last) {
+                return Err(self.error(Some(item.position), &field, "steps must increase from above 0%"));
+            }
+            steps.push(weight);
+        }
+        if steps.last() != Some(&FULL_WEIGHT) {
+            return Err(self.error(Some(steps_node.position), "canary.steps", "the last step must be 100% (the canary promoted)"));
+        }
+        let interval_ms = match fields.value("interval") {
+            Some(n) => self.duration_us(n, "canary.interval")?.div_ceil(1000),
+            None => 30_000,
+        };
+        let mut thresholds = Thresholds::default();
+        if let Some(n) = fields.value("max_error_rate") {
+            let text = self.scalar(n, "canary.max_error_rate", "a percentage like 5%")?;
+            thresholds.max_error_rate = parse_weight(text).map_err(|why| self.error(Some(n.position), "canary.max_error_rate", why))?;
+        }
+        if let Some(n) = fields.value("max_failed_checks") {
+            thresholds.max_failed_checks = self.number(n, "canary.max_failed_checks", 0, 1000)? as u32;
+        }
+        if let Some(n) = fields.value("max_connect_latency") {
+            let text = self.scalar(n, "canary.max_connect_latency", "a duration like 50ms or a factor like 2x")?;
+            thresholds.max_connect_latency = Some(
+                policy::parse_latency_limit(text).map_err(|why| self.error(Some(n.position), "canary.max_connect_latency", why))?,
+            );
+        }
+        if let Some(n) = fields.value("min_flows") {
+            thresholds.min_flows = self.number(n, "canary.min_flows", 0, 1_000_000)? as u32;
+        }
+        if let Some(n) = fields.value("flush_on_rollback") {
+            thresholds.flush_on_rollback = self.choice(n, "canary.flush_on_rollback", &[("true", true), ("false", false)])?;
+        }
+        Ok((CanarySpec { route, steps, interval_ms, thresholds }, route_node.position))
+    }
+
+    /// An integer in `min..=max`.
+    fn number(&self, node: &Node, field: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+        let text = self.scalar(node, field, "a number")?;
+        text.trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| self.error(Some(node.position), field, format!("`{text}` is not a whole number from {min} to {max}")))
+    }
+
+    fn duration_us(&self, node: &Node, field: &str) -> Result<u64, ConfigError> {
+        let text = self.scalar(node, field, "a duration like 500ms or 30s")?;
+        policy::parse_duration_us(text).map_err(|why| self.error(Some(node.position), field, why))
     }
 
     fn routes<'n>(&self, node: &'n Node) -> Result<Vec<RouteDocument<'n>>, ConfigError> {

@@ -344,7 +344,7 @@ fn bad_documents_give_one_line_errors_with_their_position() {
             "unknown top-level field",
             sava_with(3, "virtual_adress: 10.0.0.10"),
             "bad.yaml:3:1: virtual_adress: unknown field `virtual_adress`, expected one of: name, port, \
-             virtual_address, sticky, mode, active, filters, routes"
+             virtual_address, sticky, mode, active, filters, routes, health_check, canary"
                 .to_owned(),
         ),
         (
@@ -569,4 +569,67 @@ fn a_directory_with_a_gateway_defined_twice_is_refused() {
         err.message.contains("already defined in") && err.message.contains("a.yaml"),
         "{err}"
     );
+}
+
+const SAVA_WITH_POLICIES: &str = "name: sava
+port: 9050/http
+virtual_address: 10.0.0.10
+routes:
+  sava:1.0.0:
+    weight: 100%
+    targets: [10.1.0.11:8080]
+  sava:1.1.0:
+    weight: 0%
+    targets: [10.1.0.21:8080]
+health_check:
+  protocol: http
+  path: /health
+  expected_status: 204
+  interval: 500ms
+  timeout: 200ms
+  unhealthy_threshold: 3
+canary:
+  route: sava:1.1.0
+  steps: [5, 10, 25, 50, 100]
+  interval: 2s
+  max_error_rate: 2.5%
+  max_connect_latency: 2x
+  min_flows: 10
+";
+
+#[test]
+fn health_check_and_canary_blocks_are_read_and_written_back() {
+    let g = gateway(SAVA_WITH_POLICIES);
+    let check = g.health_check.clone().unwrap();
+    assert_eq!(check.protocol, policy::CheckProtocol::Http);
+    assert_eq!((check.path.as_str(), check.expected_status), ("/health", 204));
+    assert_eq!((check.interval_ms, check.timeout_ms), (500, 200));
+    assert_eq!((check.unhealthy_threshold, check.healthy_threshold), (3, 2));
+    let canary = g.canary.clone().unwrap();
+    assert_eq!(canary.route, "sava:1.1.0");
+    assert_eq!(canary.steps, vec![500, 1000, 2500, 5000, 10000]);
+    assert_eq!(canary.interval_ms, 2000);
+    assert_eq!(canary.thresholds.max_error_rate, 250);
+    assert_eq!(canary.thresholds.max_connect_latency, Some(policy::LatencyLimit::Relative(200)));
+    assert_eq!(canary.thresholds.min_flows, 10);
+    assert_eq!(gateway(&g.to_yaml()), g, "to_yaml round trip:\n{}", g.to_yaml());
+}
+
+#[test]
+fn bad_policies_give_located_errors() {
+    let with = |from: &str, to: &str| SAVA_WITH_POLICIES.replace(from, to);
+    let cases = [
+        (with("route: sava:1.1.0", "route: sava:2.0"), "test.yaml:19:10: canary.route: no route sava:2.0 in this gateway"),
+        (with("[5, 10, 25, 50, 100]", "[5, 50, 25, 100]"), "test.yaml:20:18: canary.steps[2]: steps must increase"),
+        (with("[5, 10, 25, 50, 100]", "[5, 10]"), "test.yaml:20:10: canary.steps: the last step must be 100%"),
+        (with("interval: 2s", "interval: 2"), "test.yaml:21:13: canary.interval: `2` has no unit"),
+        (with("timeout: 200ms", "timeout: 2s"), "test.yaml:16:3: health_check.timeout: the timeout is longer than the interval"),
+        (with("protocol: http", "protocol: icmp"), "test.yaml:12:13: health_check.protocol: unknown value `icmp`: expected tcp or http"),
+        (with("max_connect_latency: 2x", "max_connect_latency: fast"), "test.yaml:23:24: canary.max_connect_latency:"),
+    ];
+    for (text, want) in cases {
+        let err = parse_documents("test.yaml", &text).expect_err(want).to_string();
+        assert!(err.starts_with(want), "got {err}\nwant {want}");
+        assert_eq!(err.lines().count(), 1);
+    }
 }

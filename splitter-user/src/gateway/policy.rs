@@ -1,0 +1,187 @@
+//! A gateway's optional policies: health checks of its targets and an automated canary
+//! rollout (Vamp's canary workflow, built in).
+//!
+//! ```yaml
+//! health_check:
+//!   protocol: http          # tcp (connect) or http (GET, expects a status)
+//!   path: /health
+//!   expected_status: 200
+//!   port: 8080              # default: the target's own port
+//!   interval: 1s
+//!   timeout: 500ms
+//!   unhealthy_threshold: 2  # failures in a row before a target leaves the table
+//!   healthy_threshold: 2    # successes in a row before it comes back
+//! canary:
+//!   route: sava/sava/sava:1.1.0/port
+//!   steps: [5, 10, 25, 50, 100]
+//!   interval: 30s
+//!   max_error_rate: 5%       # TCP resets from canary targets per new canary flow
+//!   max_failed_checks: 1     # failed health checks of canary targets per window
+//!   max_connect_latency: 2x  # SYN to SYN-ACK: absolute (50ms) or relative to stable
+//!   min_flows: 20            # fewer new canary flows in a window: wait, do not judge
+//!   flush_on_rollback: false
+//! ```
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckProtocol {
+    Tcp,
+    Http,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub protocol: CheckProtocol,
+    /// HTTP path (http only).
+    pub path: String,
+    /// Expected HTTP status (http only).
+    pub expected_status: u16,
+    /// Port to check; `None`: the target's own port.
+    pub port: Option<u16>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            protocol: CheckProtocol::Tcp,
+            path: "/".into(),
+            expected_status: 200,
+            port: None,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            unhealthy_threshold: 2,
+            healthy_threshold: 2,
+        }
+    }
+}
+
+/// The connect-latency limit of a canary route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LatencyLimit {
+    /// Microseconds.
+    Absolute(u64),
+    /// Hundredths of the stable routes' latency (`2x` = 200).
+    Relative(u32),
+}
+
+impl fmt::Display for LatencyLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Absolute(us) => write!(f, "{}", format_duration_us(*us)),
+            Self::Relative(h) if h % 100 == 0 => write!(f, "{}x", h / 100),
+            Self::Relative(h) => write!(f, "{}.{:02}x", h / 100, h % 100),
+        }
+    }
+}
+
+/// When an automated rollout rolls back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// Resets sent by canary targets per new canary flow, hundredths of a percent.
+    pub max_error_rate: u32,
+    /// Failed health checks of canary targets tolerated per window.
+    pub max_failed_checks: u32,
+    pub max_connect_latency: Option<LatencyLimit>,
+    /// New canary flows a window needs before it is judged.
+    pub min_flows: u32,
+    /// On rollback, also end the canary's established flows.
+    pub flush_on_rollback: bool,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self { max_error_rate: 500, max_failed_checks: 1, max_connect_latency: None, min_flows: 20, flush_on_rollback: false }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanarySpec {
+    pub route: String,
+    /// Canary weights, hundredths of a percent, increasing, the last one 100%.
+    pub steps: Vec<u32>,
+    pub interval_ms: u64,
+    pub thresholds: Thresholds,
+}
+
+/// Parses `500ms`, `30s`, `1.5s`, `2m`, `100us`; returns microseconds.
+pub fn parse_duration_us(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: f64 = match unit.trim() {
+        "us" | "µs" => 1.0,
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        "" => return Err(format!("`{t}` has no unit: write e.g. 500ms, 30s or 2m")),
+        other => return Err(format!("unknown unit `{other}` in `{t}`: use us, ms, s or m")),
+    };
+    let value: f64 = number.parse().map_err(|_| format!("`{t}` is not a duration like 500ms, 30s or 2m"))?;
+    let us = value * scale;
+    if !(1.0..=86_400e6).contains(&us) {
+        return Err(format!("`{t}` is out of range (1us to 24h)"));
+    }
+    Ok(us.round() as u64)
+}
+
+/// Writes microseconds back the way `parse_duration_us` reads them.
+pub fn format_duration_us(us: u64) -> String {
+    if us % 60_000_000 == 0 {
+        format!("{}m", us / 60_000_000)
+    } else if us % 1_000_000 == 0 {
+        format!("{}s", us / 1_000_000)
+    } else if us % 1000 == 0 {
+        format!("{}ms", us / 1000)
+    } else {
+        format!("{us}us")
+    }
+}
+
+/// Parses `2x`, `1.5x` (relative to stable) or a duration (absolute).
+pub fn parse_latency_limit(text: &str) -> Result<LatencyLimit, String> {
+    let t = text.trim();
+    if let Some(factor) = t.strip_suffix('x') {
+        let f: f64 = factor.trim().parse().map_err(|_| format!("`{t}` is not a factor like 2x or 1.5x"))?;
+        if !(1.0..=100.0).contains(&f) {
+            return Err(format!("`{t}`: a relative limit is between 1x and 100x"));
+        }
+        return Ok(LatencyLimit::Relative((f * 100.0).round() as u32));
+    }
+    parse_duration_us(t).map(LatencyLimit::Absolute)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_us("500ms"), Ok(500_000));
+        assert_eq!(parse_duration_us("1.5s"), Ok(1_500_000));
+        assert_eq!(parse_duration_us("2m"), Ok(120_000_000));
+        assert!(parse_duration_us("30").is_err());
+        assert!(parse_duration_us("fast").is_err());
+        assert!(parse_duration_us("3h").is_err());
+        for us in [1_000, 250_000, 30_000_000, 120_000_000, 1_500_000] {
+            assert_eq!(parse_duration_us(&format_duration_us(us)), Ok(us));
+        }
+    }
+
+    #[test]
+    fn latency_limits() {
+        assert_eq!(parse_latency_limit("2x"), Ok(LatencyLimit::Relative(200)));
+        assert_eq!(parse_latency_limit("1.5x"), Ok(LatencyLimit::Relative(150)));
+        assert_eq!(parse_latency_limit("50ms"), Ok(LatencyLimit::Absolute(50_000)));
+        assert!(parse_latency_limit("0.5x").is_err());
+        assert_eq!(LatencyLimit::Relative(150).to_string(), "1.50x");
+        assert_eq!(LatencyLimit::Absolute(50_000).to_string(), "50ms");
+    }
+}
