@@ -30,6 +30,7 @@ use crate::{
     client::DEFAULT_SOCKET,
     control,
     datapath::{Datapath, Limits, Maps},
+    health,
     pin::Pins,
     service::{self, Command, Request, Service},
     system,
@@ -149,28 +150,19 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         load_and_attach(&args, limits, pins.as_ref())?
     };
 
-    let mut datapath = Datapath::new(maps, limits);
+    let datapath = Datapath::new(maps, limits);
     let state_dir = (!args.ephemeral).then(|| args.state_dir.clone());
     let saved = match &state_dir {
         Some(dir) => service::load_state(dir)?,
         None => None,
     };
     let timeouts = Timeouts { udp_idle_ns: args.udp_timeout.saturating_mul(1_000_000_000), ..Timeouts::DEFAULT };
-    if let Some(saved) = &saved {
-        for gateway in service::saved_gateways(saved)? {
-            let adopted = adopting
-                && saved.placements.get(&gateway.name).is_some_and(|p| datapath.adopt(&gateway, p));
-            if !adopted {
-                if let Err(e) = datapath.apply(&gateway) {
-                    warn!("saved gateway {} not restored: {e:#}", gateway.name);
-                }
-            }
-        }
-    }
     let mut service = Service::new(datapath, state_dir, args.config.clone(), timeouts, program_id);
     if let Some(saved) = &saved {
-        service.restore(saved);
+        service.restore(saved, adopting)?;
     }
+    let (checks_tx, checks_rx) = tokio::sync::mpsc::unbounded_channel();
+    service.set_health_checks(checks_tx);
     service.sync_config();
 
     let (commands, inbox) = mpsc::channel::<Command>();
@@ -179,6 +171,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         .spawn(move || service.run(inbox))?;
     let listener = control::bind(&args.socket)?;
     let server = tokio::spawn(control::serve_listener(listener, commands.clone()));
+    let checker = tokio::spawn(health::run_checks(checks_rx, commands.clone()));
 
     println!(
         "splitter agent ready: XDP {} {} ({} mode), control socket {}",
@@ -211,6 +204,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         }
     }
     server.abort();
+    checker.abort();
     print_stats(&commands).await;
     let counters = ask(&commands, Request::Metrics).await;
     let packets = packet_counters_json(&counters.body);

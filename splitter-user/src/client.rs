@@ -323,3 +323,184 @@ mod tests {
         assert_eq!(encode("a/b", false), "a%2Fb");
     }
 }
+
+#[derive(clap::Subcommand)]
+pub enum CanaryCommand {
+    /// Start a progressive rollout of a route: its weight moves step by step, judged at
+    /// every step from what the splitter sees, rolled back on a breach.
+    Start(CanaryStartArgs),
+    /// Rollouts: state (progressing, paused, promoted, rolled-back), step, reason.
+    Status(CanaryGatewayOpt),
+    /// Hold the rollout at its current step.
+    Pause(CanaryGatewayArg),
+    /// Continue a paused rollout.
+    Resume(CanaryGatewayArg),
+    /// Stop the rollout: the canary goes back to 0%.
+    Abort(CanaryGatewayArg),
+    /// Finish the rollout now: the canary takes 100%.
+    Promote(CanaryGatewayArg),
+}
+
+#[derive(Args)]
+pub struct CanaryStartArgs {
+    gateway: String,
+    /// The canary route.
+    #[arg(long)]
+    route: String,
+    /// Canary weights, ending at 100.
+    #[arg(long, default_value = "5,10,25,50,100", value_delimiter = ',')]
+    steps: Vec<String>,
+    /// Time at each step before it is judged.
+    #[arg(long, default_value = "30s")]
+    interval: String,
+    /// Most TCP resets from canary targets per new canary flow.
+    #[arg(long, default_value = "5%")]
+    max_error_rate: String,
+    /// Most failed health checks of canary targets in a window.
+    #[arg(long, default_value_t = 1)]
+    max_failed_checks: u32,
+    /// Most connect latency (SYN to SYN-ACK): absolute (50ms) or relative to stable (2x).
+    #[arg(long)]
+    max_connect_latency: Option<String>,
+    /// New canary flows a window needs before it is judged (fewer: wait).
+    #[arg(long, default_value_t = 20)]
+    min_flows: u32,
+    /// On rollback, also end the canary's established flows.
+    #[arg(long)]
+    flush: bool,
+    #[command(flatten)]
+    socket: SocketArg,
+}
+
+#[derive(Args)]
+pub struct CanaryGatewayArg {
+    gateway: String,
+    #[command(flatten)]
+    socket: SocketArg,
+}
+
+#[derive(Args)]
+pub struct CanaryGatewayOpt {
+    gateway: Option<String>,
+    #[command(flatten)]
+    socket: SocketArg,
+}
+
+#[derive(Args)]
+pub struct EventsArgs {
+    /// Only this gateway's events.
+    gateway: Option<String>,
+    /// Keep printing new events until interrupted.
+    #[arg(long)]
+    follow: bool,
+    #[command(flatten)]
+    socket: SocketArg,
+}
+
+fn canary_spec(args: &CanaryStartArgs) -> Result<crate::gateway::policy::CanarySpec> {
+    use crate::gateway::{parse_weight, policy};
+    let steps = args
+        .steps
+        .iter()
+        .map(|s| parse_weight(s).map_err(|e| anyhow::anyhow!("--steps: {e}")))
+        .collect::<Result<Vec<u32>>>()?;
+    if steps.windows(2).any(|w| w[0] >= w[1]) || steps.first() == Some(&0) || steps.last() != Some(&crate::gateway::FULL_WEIGHT) {
+        bail!("--steps: the steps must increase from above 0 and end at 100");
+    }
+    let interval_ms = policy::parse_duration_us(&args.interval).map_err(|e| anyhow::anyhow!("--interval: {e}"))?.div_ceil(1000);
+    let max_error_rate = parse_weight(&args.max_error_rate).map_err(|e| anyhow::anyhow!("--max-error-rate: {e}"))?;
+    let max_connect_latency = args
+        .max_connect_latency
+        .as_deref()
+        .map(|l| policy::parse_latency_limit(l).map_err(|e| anyhow::anyhow!("--max-connect-latency: {e}")))
+        .transpose()?;
+    Ok(policy::CanarySpec {
+        route: args.route.clone(),
+        steps,
+        interval_ms,
+        thresholds: policy::Thresholds {
+            max_error_rate,
+            max_failed_checks: args.max_failed_checks,
+            max_connect_latency,
+            min_flows: args.min_flows,
+            flush_on_rollback: args.flush,
+        },
+    })
+}
+
+pub fn canary(command: CanaryCommand) -> Result<()> {
+    let (socket, method, path, body) = match &command {
+        CanaryCommand::Start(args) => {
+            let spec = serde_json::to_string(&canary_spec(args)?)?;
+            (&args.socket, Method::POST, format!("/api/v1/canary/start/{}", encode(&args.gateway, true)), Some(spec))
+        }
+        CanaryCommand::Status(args) => {
+            let path = match &args.gateway {
+                Some(g) => format!("/api/v1/canary/{}", encode(g, true)),
+                None => "/api/v1/canary".into(),
+            };
+            (&args.socket, Method::GET, path, None)
+        }
+        CanaryCommand::Pause(a) => (&a.socket, Method::POST, format!("/api/v1/canary/pause/{}", encode(&a.gateway, true)), None),
+        CanaryCommand::Resume(a) => (&a.socket, Method::POST, format!("/api/v1/canary/resume/{}", encode(&a.gateway, true)), None),
+        CanaryCommand::Abort(a) => (&a.socket, Method::POST, format!("/api/v1/canary/abort/{}", encode(&a.gateway, true)), None),
+        CanaryCommand::Promote(a) => (&a.socket, Method::POST, format!("/api/v1/canary/promote/{}", encode(&a.gateway, true)), None),
+    };
+    let body = runtime()?.block_on(async {
+        success(request(&socket.socket, method, &path, body.map(|b| (b, "splitter canary start"))).await?)
+    })?;
+    let rollouts: serde_json::Value = serde_json::from_str(&body).context("the agent's answer")?;
+    for r in rollouts.as_array().into_iter().flatten() {
+        let steps: Vec<String> = r["spec"]["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| crate::gateway::format_weight(s.as_u64().unwrap_or(0) as u32))
+            .collect();
+        let step = r["step"].as_u64().unwrap_or(0) as usize;
+        println!(
+            "{}: {} at step {}/{} ({} at {}); steps [{}]: {}",
+            r["gateway"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            step + 1,
+            steps.len(),
+            r["spec"]["route"].as_str().unwrap_or(""),
+            steps.get(step).map(String::as_str).unwrap_or("?"),
+            steps.join(", "),
+            r["reason"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+pub fn events(args: EventsArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut since = 0u64;
+        loop {
+            let body = success(request(&args.socket.socket, Method::GET, &format!("/api/v1/events?since={since}"), None).await?)?;
+            let events: serde_json::Value = serde_json::from_str(&body).context("the agent's events")?;
+            for e in events.as_array().into_iter().flatten() {
+                since = since.max(e["id"].as_u64().unwrap_or(0));
+                let gateway = e["gateway"].as_str().unwrap_or("");
+                if args.gateway.as_ref().is_some_and(|g| g != gateway) {
+                    continue;
+                }
+                let time = std::time::UNIX_EPOCH + Duration::from_millis(e["time_ms"].as_u64().unwrap_or(0));
+                println!(
+                    "{} {gateway} {}: {}",
+                    humantime::format_rfc3339_millis(time),
+                    e["kind"].as_str().unwrap_or(""),
+                    e["message"].as_str().unwrap_or("")
+                );
+            }
+            std::io::stdout().flush()?;
+            if !args.follow {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+        }
+    })
+}

@@ -5,6 +5,9 @@
 //! - `GET|PUT|DELETE /api/v1/gateways/{name}`
 //! - `POST /api/v1/promote/{name}?route=ROUTE`, `POST /api/v1/rollback/{name}[?flush=true]`
 //! - `GET /api/v1/stats[/{name}]` (JSON), `GET /metrics` (Prometheus text)
+//! - `GET /api/v1/events[?since=ID]` (JSON)
+//! - `GET /api/v1/canary[/{name}]`, `POST /api/v1/canary/start/{name}` (a JSON
+//!   `CanarySpec`), `POST /api/v1/canary/{pause|resume|abort|promote}/{name}`
 //!
 //! Bodies are YAML or JSON. `Accept: application/json` or `?output=json` selects JSON.
 //! Each request becomes one [`Request`] to the service thread; they are applied one at a
@@ -19,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use log::{debug, warn};
 use tokio::{net::UnixListener, sync::oneshot};
 
-use crate::service::{Command, Request, Response};
+use crate::service::{CanaryRequest, Command, Request, Response};
 
 /// Largest request body accepted (a gateway document is a few KB).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -107,6 +110,29 @@ fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str) ->
         }
         (&Method::GET, "/api/v1/stats" | "/api/v1/stats/") => Ok(Request::Stats(None)),
         (&Method::GET, p) if p.starts_with("/api/v1/stats/") => Ok(Request::Stats(name_in("/api/v1/stats/"))),
+        (&Method::GET, "/api/v1/events") => {
+            let since = query_value(query, "since").and_then(|v| v.parse().ok()).unwrap_or(0);
+            Ok(Request::Events { since })
+        }
+        (&Method::GET, "/api/v1/canary" | "/api/v1/canary/") => Ok(Request::Canary(CanaryRequest::Status(None))),
+        (&Method::POST, p) if p.starts_with("/api/v1/canary/") => {
+            let rest = &p["/api/v1/canary/".len()..];
+            let (action, gateway) = rest.split_once('/').filter(|(_, g)| !g.is_empty()).ok_or_else(|| error(404, format!("no gateway name in {p}")))?;
+            let gateway = gateway.to_string();
+            let request = match action {
+                "start" => {
+                    let spec = serde_json::from_slice(body).map_err(|e| error(400, format!("{origin}: not a canary specification: {e}")))?;
+                    CanaryRequest::Start { gateway, spec }
+                }
+                "pause" => CanaryRequest::Pause(gateway),
+                "resume" => CanaryRequest::Resume(gateway),
+                "abort" => CanaryRequest::Abort(gateway),
+                "promote" => CanaryRequest::Promote(gateway),
+                other => return Err(error(404, format!("no canary action {other}: start, pause, resume, abort or promote"))),
+            };
+            Ok(Request::Canary(request))
+        }
+        (&Method::GET, p) if p.starts_with("/api/v1/canary/") => Ok(Request::Canary(CanaryRequest::Status(name_in("/api/v1/canary/")))),
         (m, p) if p.starts_with("/api/v1/gateways/") => {
             let name = name_in("/api/v1/gateways/").ok_or_else(|| error(404, "no gateway name in the path"))?;
             match *m {

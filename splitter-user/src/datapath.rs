@@ -23,7 +23,7 @@ use splitter_common::{
         BucketTable, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, TargetCounters, TargetEntry,
         GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP, PROTO_UDP,
     },
-    table::build_bucket_table,
+    table::{build_bucket_table, TableTarget},
     ForwardEvent, PacketClass,
 };
 
@@ -50,6 +50,8 @@ struct LiveGateway {
     config: Gateway,
     /// The live table's targets (index = table slot value) and their counter slots.
     targets: Vec<(Target, u32)>,
+    /// Each target's share of new flows in the live table, parts per million.
+    shares: Vec<(Target, u32)>,
 }
 
 /// Counters of one target, summed over CPUs.
@@ -71,6 +73,9 @@ pub struct TargetStats {
     pub new_flows_since_change: u64,
     /// This target's share of the gateway's new flows since then (percent).
     pub observed_share: Option<f64>,
+    /// `healthy` / `unhealthy (why)`, when the gateway has health checks.
+    pub health: Option<String>,
+    pub failed_checks: u64,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -83,6 +88,8 @@ pub struct GatewayStats {
     pub conntrack_miss: u64,
     pub alloc_failed: u64,
     pub targets: Vec<TargetStats>,
+    /// The automated rollout, if any.
+    pub rollout: Option<String>,
 }
 
 /// Where a gateway lives in the maps; saved with the state so a restarted agent can
@@ -181,7 +188,7 @@ impl Datapath {
     /// Takes over a gateway that a previous agent left live in pinned maps, without
     /// writing anything, when the maps still hold exactly what `placement` says; returns
     /// false (and changes nothing) otherwise.
-    pub fn adopt(&mut self, gateway: &Gateway, placement: &Placement) -> bool {
+    pub fn adopt(&mut self, gateway: &Gateway, shares: &[(Target, u32)], placement: &Placement) -> bool {
         let key = gateway_key(gateway);
         let Ok(state) = self.gateways_map.get(&key, 0) else { return false };
         let targets: Vec<(Target, u32)> = placement
@@ -189,7 +196,7 @@ impl Datapath {
             .iter()
             .filter_map(|(t, slot)| t.parse::<Target>().ok().map(|t| (t, *slot)))
             .collect();
-        let expected: Vec<Target> = gateway.weighted_targets().into_iter().map(|(t, _)| t).collect();
+        let expected: Vec<Target> = shares.iter().map(|(t, _)| *t).collect();
         if state.gateway_id != placement.id
             || state.generation != placement.generation
             || targets.iter().map(|(t, _)| *t).collect::<Vec<_>>() != expected
@@ -210,6 +217,7 @@ impl Datapath {
                 last_switch: Some(Instant::now()),
                 config: gateway.clone(),
                 targets,
+                shares: shares.to_vec(),
             },
         );
         info!("adopted gateway {} generation {} from the pinned datapath", gateway.name, placement.generation);
@@ -229,8 +237,8 @@ impl Datapath {
 
     /// Checks that `gateway` can be applied, without changing anything; `batch` are the
     /// gateways being applied together with it.
-    pub fn check(&self, gateway: &Gateway, batch: &[Gateway]) -> Result<()> {
-        let count = gateway.weighted_targets().len();
+    pub fn check(&self, gateway: &Gateway, shares: &[(Target, u32)], batch: &[Gateway]) -> Result<()> {
+        let count = shares.len();
         ensure!(
             count <= MAX_TARGETS_PER_GATEWAY as usize,
             "gateway {}: {count} targets, at most {MAX_TARGETS_PER_GATEWAY} are supported by the datapath",
@@ -262,8 +270,8 @@ impl Datapath {
             self.limits.max_gateways
         );
         if gateway.mode == Mode::FullNat {
-            for (target, _) in gateway.weighted_targets() {
-                source_address_towards(&target)?;
+            for (target, _) in shares {
+                source_address_towards(target)?;
             }
         }
         Ok(())
@@ -273,7 +281,7 @@ impl Datapath {
     /// conntrack entries); returns how many flows.
     pub fn flush_zero_weight_flows(&mut self, name: &str) -> Result<usize> {
         let live = self.gateways.get(name).with_context(|| format!("no gateway {name}"))?;
-        let shares: BTreeMap<Target, u32> = live.config.weighted_targets().into_iter().collect();
+        let shares: BTreeMap<Target, u32> = live.shares.iter().copied().collect();
         let slots: BTreeSet<u32> = live
             .targets
             .iter()
@@ -300,19 +308,10 @@ impl Datapath {
         self.limits.conntrack_entries
     }
 
-    pub fn gateway_names(&self) -> Vec<String> {
-        self.gateways.keys().cloned().collect()
-    }
-
-    pub fn gateway(&self, name: &str) -> Option<&Gateway> {
-        self.gateways.get(name).map(|g| &g.config)
-    }
-
-    /// Makes `gateway` live: builds its complete next table in the buffer no packet
-    /// reads, then switches the gateway to it with one map update. Established flows keep
-    /// their targets (conntrack is not touched).
-    pub fn apply(&mut self, gateway: &Gateway) -> Result<u64> {
-        let weighted = gateway.weighted_targets();
+    /// `shares` are the gateway's targets (all of them, unhealthy ones at 0) with their
+    /// share of new flows in parts per million.
+    pub fn apply(&mut self, gateway: &Gateway, shares: &[(Target, u32)]) -> Result<u64> {
+        let weighted = shares;
         ensure!(
             weighted.len() <= MAX_TARGETS_PER_GATEWAY as usize,
             "gateway {}: {} targets, at most {MAX_TARGETS_PER_GATEWAY} are supported",
@@ -339,7 +338,7 @@ impl Datapath {
         let mut targets = Vec::with_capacity(weighted.len());
         let mut entries = Vec::with_capacity(weighted.len());
         let full_nat = gateway.mode == Mode::FullNat;
-        for (target, _) in &weighted {
+        for (target, _) in weighted {
             let snat_addr = if full_nat { source_address_towards(target)? } else { Ipv4Addr::UNSPECIFIED };
             targets.push((*target, 0u32));
             entries.push(TargetEntry {
@@ -354,7 +353,9 @@ impl Datapath {
             *slot = self.counter_slot(&gateway.name, *target)?;
             entry.counter_index = *slot;
         }
-        let slots = build_bucket_table(&gateway.table_targets());
+        let table_targets: Vec<TableTarget> =
+            weighted.iter().map(|(t, share)| TableTarget { key: t.table_key(), weight: *share }).collect();
+        let slots = build_bucket_table(&table_targets);
 
         let (generation, last_switch) = match self.gateways.get(&gateway.name) {
             Some(live) => (live.generation + 1, live.last_switch),
@@ -398,9 +399,17 @@ impl Datapath {
         self.release_counter_slots(&gateway.name, &targets);
         self.gateways.insert(
             gateway.name.clone(),
-            LiveGateway { id, key, generation, last_switch: Some(Instant::now()), config: gateway.clone(), targets },
+            LiveGateway {
+                id,
+                key,
+                generation,
+                last_switch: Some(Instant::now()),
+                config: gateway.clone(),
+                targets,
+                shares: weighted.to_vec(),
+            },
         );
-        for (target, _) in &weighted {
+        for (target, _) in weighted {
             prime_neighbour(target);
         }
         info!("applied gateway {} generation {generation}: {}", gateway.name, describe_weights(gateway));
@@ -467,7 +476,7 @@ impl Datapath {
                 targets: Vec::new(),
                 ..GatewayStats::default()
             };
-            let shares: BTreeMap<Target, u32> = live.config.weighted_targets().into_iter().collect();
+            let shares: BTreeMap<Target, u32> = live.shares.iter().copied().collect();
             for route in &live.config.routes {
                 for target in &route.targets {
                     let Some((_, slot)) = live.targets.iter().find(|(t, _)| t == target) else { continue };

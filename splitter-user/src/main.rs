@@ -1,10 +1,13 @@
 //! `splitter`: the agent (privileged daemon) and the operator's CLI.
 
 mod agent;
+mod canary;
 mod client;
 mod control;
 mod datapath;
+mod events;
 mod gateway;
+mod health;
 mod metrics;
 mod pin;
 mod service;
@@ -44,6 +47,11 @@ enum Command {
     /// Per route and target: flows, packets, bytes, observed share of new flows against
     /// the configured weight.
     Stats(client::StatsArgs),
+    /// Automated progressive rollouts of a canary route.
+    #[command(subcommand)]
+    Canary(client::CanaryCommand),
+    /// Weight changes, health changes and rollout decisions, with times and reasons.
+    Events(client::EventsArgs),
 }
 
 fn main() {
@@ -61,6 +69,8 @@ fn main() {
         Command::Promote(args) => client::promote(args),
         Command::Rollback(args) => client::rollback(args),
         Command::Stats(args) => client::stats(args),
+        Command::Canary(command) => client::canary(command),
+        Command::Events(args) => client::events(args),
     };
     if let Err(err) = result {
         // One line: the context chain joined with ": ".

@@ -14,6 +14,8 @@ pub struct Snapshot<'a> {
     pub conntrack_entries: usize,
     pub conntrack_capacity: u32,
     pub program_id: u32,
+    /// Automated rollouts: gateway, state, canary weight (hundredths of a percent).
+    pub rollouts: &'a [(String, &'static str, u32)],
     pub config_errors: usize,
     pub uptime: Duration,
 }
@@ -135,6 +137,43 @@ pub fn render(s: &Snapshot<'_>) -> String {
         let mut f = Family::new(&mut out, name, "counter", "Packets seen by the XDP program, by class, and what happened to translated packets, by outcome.");
         for (what, value) in s.packets {
             f.sample(name, &[("kind", what)], value);
+        }
+    }
+    {
+        let name = "splitter_target_healthy";
+        let mut f = Family::new(&mut out, name, "gauge", "1 when the target passes its health checks (or has none), 0 when it left the table.");
+        for g in s.gateways {
+            for t in &g.targets {
+                let healthy = t.health.as_deref().is_none_or(|h| h == "healthy");
+                f.sample(name, &[("gateway", &g.name), ("route", &t.route), ("target", &t.target)], u8::from(healthy));
+            }
+        }
+    }
+    {
+        let name = "splitter_target_failed_checks_total";
+        let mut f = Family::new(&mut out, name, "counter", "Failed health checks of the target.");
+        for g in s.gateways {
+            for t in &g.targets {
+                f.sample(name, &[("gateway", &g.name), ("route", &t.route), ("target", &t.target)], t.failed_checks);
+            }
+        }
+    }
+    {
+        let name = "splitter_target_connect_latency_seconds";
+        let mut f = Family::new(&mut out, name, "gauge", "Mean SYN to SYN-ACK time of the target's connection setups, in seconds.");
+        for g in s.gateways {
+            for t in &g.targets {
+                if t.connects > 0 {
+                    f.sample(name, &[("gateway", &g.name), ("route", &t.route), ("target", &t.target)], t.connect_ns_total as f64 / t.connects as f64 / 1e9);
+                }
+            }
+        }
+    }
+    {
+        let name = "splitter_rollout_canary_weight_percent";
+        let mut f = Family::new(&mut out, name, "gauge", "Canary weight of the gateway's automated rollout, in percent, labelled with its state.");
+        for (gateway, state, weight) in s.rollouts {
+            f.sample(name, &[("gateway", gateway), ("state", state)], f64::from(*weight) / 100.0);
         }
     }
     Family::new(&mut out, "splitter_conntrack_entries", "gauge", "Conntrack entries in use (two per flow).")

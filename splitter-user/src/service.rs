@@ -14,17 +14,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 use splitter_common::conntrack::Timeouts;
 use tokio::sync::oneshot;
 
 use crate::{
-    datapath::{Datapath, GatewayStats, Placement},
-    gateway::{self, ConfigError, Document, Gateway, WeightUpdate},
+    canary::{self, Rollout, RolloutState, Sample, Verdict},
+    datapath::{describe_weights, Datapath, GatewayStats, Placement},
+    events::EventLog,
+    gateway::{self, policy::CanarySpec, ConfigError, Document, Gateway, Target, WeightUpdate},
+    health::{CheckSpec, HealthBook, Transition},
     metrics,
 };
+
+/// How often the service thread wakes for timed work (canary analysis).
+const TICK: Duration = Duration::from_millis(250);
+/// Conntrack expiry runs every this many ticks (2 s).
+const SWEEP_EVERY_TICKS: u32 = 8;
 
 /// Weight sets remembered per gateway for `rollback`.
 const HISTORY_DEPTH: usize = 32;
@@ -43,8 +51,20 @@ pub enum Request {
     Metrics,
     /// Re-read the configuration path (SIGHUP, or a change seen by the watcher).
     SyncConfig,
-    /// Periodic work: conntrack expiry.
-    Sweep,
+    /// One health check's result.
+    HealthResult { gateway: String, target: Target, result: Result<(), String> },
+    /// Events after this id.
+    Events { since: u64 },
+    Canary(CanaryRequest),
+}
+
+pub enum CanaryRequest {
+    Start { gateway: String, spec: CanarySpec },
+    Status(Option<String>),
+    Pause(String),
+    Resume(String),
+    Abort(String),
+    Promote(String),
 }
 
 /// What a request produced.
@@ -86,6 +106,13 @@ pub struct SavedState {
 
 pub struct Service {
     datapath: Datapath,
+    /// The gateways as configured (what `get` shows); the datapath holds them with the
+    /// shares health allows.
+    configured: BTreeMap<String, Gateway>,
+    health: HealthBook,
+    health_checks: Option<tokio::sync::mpsc::UnboundedSender<Vec<CheckSpec>>>,
+    rollouts: BTreeMap<String, Rollout>,
+    events: EventLog,
     state_dir: Option<PathBuf>,
     config: Option<PathBuf>,
     timeouts: Timeouts,
@@ -105,6 +132,11 @@ impl Service {
     pub fn new(datapath: Datapath, state_dir: Option<PathBuf>, config: Option<PathBuf>, timeouts: Timeouts, program_id: u32) -> Self {
         Self {
             datapath,
+            configured: BTreeMap::new(),
+            health: HealthBook::default(),
+            health_checks: None,
+            rollouts: BTreeMap::new(),
+            events: EventLog::default(),
             state_dir,
             config,
             timeouts,
@@ -117,27 +149,53 @@ impl Service {
         }
     }
 
-    /// Restores history and config ownership from a saved state (the gateways themselves
-    /// are restored by the caller, through the datapath).
-    pub fn restore(&mut self, saved: &SavedState) {
-        self.history = saved.history.clone();
-        self.from_config = saved.from_config.clone();
+    /// Where health-check updates go (the checker task in the agent's runtime).
+    pub fn set_health_checks(&mut self, sender: tokio::sync::mpsc::UnboundedSender<Vec<CheckSpec>>) {
+        self.health_checks = Some(sender);
+        self.update_health_checks();
     }
 
-    /// Serves requests until every sender is gone; sweeps conntrack every 2 s.
+    /// Restores the saved gateways: adopted as they are when the pinned datapath still
+    /// holds them (`adopting`), applied otherwise; plus history and config ownership.
+    pub fn restore(&mut self, saved: &SavedState, adopting: bool) -> Result<()> {
+        for gateway in saved_gateways(saved)? {
+            let shares = gateway.weighted_targets();
+            let adopted = adopting
+                && saved.placements.get(&gateway.name).is_some_and(|p| self.datapath.adopt(&gateway, &shares, p));
+            if !adopted {
+                if let Err(e) = self.datapath.apply(&gateway, &shares) {
+                    warn!("saved gateway {} not restored: {e:#}", gateway.name);
+                    continue;
+                }
+            }
+            self.configured.insert(gateway.name.clone(), gateway);
+        }
+        self.history = saved.history.clone();
+        self.from_config = saved.from_config.clone();
+        self.update_health_checks();
+        Ok(())
+    }
+
+    /// Serves requests until every sender is gone; timed work on every tick.
     pub fn run(mut self, commands: mpsc::Receiver<Command>) {
-        let sweep_every = Duration::from_secs(2);
-        let mut next_sweep = Instant::now() + sweep_every;
+        let mut next_tick = Instant::now() + TICK;
+        let mut ticks = 0u32;
         loop {
-            let wait = next_sweep.saturating_duration_since(Instant::now());
+            let wait = next_tick.saturating_duration_since(Instant::now());
             match commands.recv_timeout(wait) {
                 Ok(cmd) => {
                     let response = self.handle(cmd.request, cmd.json);
                     let _ = cmd.reply.send(response);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.handle(Request::Sweep, false);
-                    next_sweep = Instant::now() + sweep_every;
+                    next_tick = Instant::now() + TICK;
+                    ticks = ticks.wrapping_add(1);
+                    self.advance_rollouts();
+                    if ticks % SWEEP_EVERY_TICKS == 0 {
+                        if let Err(e) = self.datapath.sweep_conntrack(&self.timeouts) {
+                            warn!("conntrack sweep: {e:#}");
+                        }
+                    }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
@@ -147,8 +205,8 @@ impl Service {
     pub fn handle(&mut self, request: Request, json: bool) -> Response {
         match request {
             Request::List => self.list(json),
-            Request::Get(name) => match self.datapath.gateway(&name) {
-                Some(g) => render_gateways(&[g.clone()], json, false),
+            Request::Get(name) => match self.configured.get(&name) {
+                Some(g) => self.render(&[g.clone()], json, false),
                 None => Response::error(404, format!("no gateway {name}")),
             },
             Request::Apply { origin, text, path_name } => self.apply_text(&origin, &text, path_name.as_deref(), None),
@@ -161,19 +219,20 @@ impl Service {
                 self.sync_config();
                 Response::ok("text/plain", "configuration synchronised\n".into())
             }
-            Request::Sweep => {
-                if let Err(e) = self.datapath.sweep_conntrack(&self.timeouts) {
-                    warn!("conntrack sweep: {e:#}");
-                }
+            Request::HealthResult { gateway, target, result } => {
+                self.health_result(&gateway, target, result);
                 Response::ok("text/plain", String::new())
             }
+            Request::Events { since } => {
+                Response::ok("application/json", serde_json::to_string(&self.events.since(since)).unwrap_or_default())
+            }
+            Request::Canary(request) => self.canary(request),
         }
     }
 
     fn list(&self, json: bool) -> Response {
-        let gateways: Vec<Gateway> =
-            self.datapath.gateway_names().iter().filter_map(|n| self.datapath.gateway(n).cloned()).collect();
-        let mut response = render_gateways(&gateways, json, true);
+        let gateways: Vec<Gateway> = self.configured.values().cloned().collect();
+        let mut response = self.render(&gateways, json, true);
         if !json && !self.config_errors.is_empty() {
             let mut notes = String::new();
             for (file, err) in &self.config_errors {
@@ -206,7 +265,7 @@ impl Service {
             let next = match document {
                 Document::Gateway(g) => g,
                 Document::Weights(update) => {
-                    let Some(current) = staged.get(&name).or_else(|| self.datapath.gateway(&name)) else {
+                    let Some(current) = staged.get(&name).or_else(|| self.configured.get(&name)) else {
                         return Response::error(404, format!("{origin}: name: no gateway {name} to update (weights-only document)"));
                     };
                     match current.apply_weights(&update, origin) {
@@ -218,9 +277,12 @@ impl Service {
             staged.insert(name, next);
         }
         let changed: Vec<Gateway> =
-            staged.into_values().filter(|g| self.datapath.gateway(&g.name) != Some(g)).collect();
-        if let Err(e) = self.commit(&changed, true) {
+            staged.into_values().filter(|g| self.configured.get(&g.name) != Some(g)).collect();
+        if let Err(e) = self.commit(&changed, true, &format!("applied from {origin}")) {
             return Response::error(409, format!("{origin}: {e:#}"));
+        }
+        for g in &changed {
+            self.pause_rollout_on_manual_change(&g.name);
         }
         if let Some(file) = owner {
             for g in &changed {
@@ -229,35 +291,49 @@ impl Service {
         }
         self.save();
         let applied: Vec<String> = changed.iter().map(|g| g.name.clone()).collect();
-        let gateways: Vec<Gateway> = applied.iter().filter_map(|n| self.datapath.gateway(n).cloned()).collect();
-        let mut response = render_gateways(&gateways, false, true);
+        let gateways: Vec<Gateway> = applied.iter().filter_map(|n| self.configured.get(n).cloned()).collect();
+        let mut response = self.render(&gateways, false, true);
         if applied.is_empty() {
             response.body = "# unchanged\n".into();
         }
         response
     }
 
-    /// Makes `gateways` live, all or none: every one is checked against the datapath
-    /// first; if a map write still fails, the ones already switched are put back.
-    fn commit(&mut self, gateways: &[Gateway], record_history: bool) -> Result<()> {
+    /// The shares of `gateway`'s targets, with unhealthy targets at 0.
+    fn shares(&self, gateway: &Gateway) -> Vec<(Target, u32)> {
+        gateway.shares_with_health(|t| self.health.is_healthy(&gateway.name, t))
+    }
+
+    /// Makes `gateways` the configuration, all or none: every one is checked against the
+    /// datapath first; if a map write still fails, the ones already switched are put back.
+    fn commit(&mut self, gateways: &[Gateway], record_history: bool, reason: &str) -> Result<()> {
         for g in gateways {
-            self.datapath.check(g, gateways)?;
+            self.datapath.check(g, &self.shares(g), gateways)?;
         }
         let mut done: Vec<(String, Option<Gateway>)> = Vec::new();
         for g in gateways {
-            let before = self.datapath.gateway(&g.name).cloned();
-            if let Err(e) = self.datapath.apply(g) {
+            let before = self.configured.get(&g.name).cloned();
+            if let Err(e) = self.datapath.apply(g, &self.shares(g)) {
                 for (name, previous) in done.into_iter().rev() {
-                    let restored = match previous {
-                        Some(p) => self.datapath.apply(&p).map(drop),
+                    let restored = match &previous {
+                        Some(p) => self.datapath.apply(p, &self.shares(p)).map(drop),
                         None => self.datapath.remove(&name),
                     };
+                    match previous {
+                        Some(p) => {
+                            self.configured.insert(name.clone(), p);
+                        }
+                        None => {
+                            self.configured.remove(&name);
+                        }
+                    }
                     if let Err(r) = restored {
                         error!("could not restore gateway {name} after a failed change: {r:#}");
                     }
                 }
                 return Err(e);
             }
+            self.configured.insert(g.name.clone(), g.clone());
             if weights_of(before.as_ref()) != weights_of(Some(g)) {
                 if let (true, Some(previous)) = (record_history, before.as_ref()) {
                     let history = self.history.entry(g.name.clone()).or_default();
@@ -267,29 +343,93 @@ impl Service {
                     }
                 }
                 self.reset_baseline(&g.name);
+                self.events.push(&g.name, "weights", format!("{} ({reason})", describe_weights(g)));
+            }
+            if g.canary.is_some() && before.as_ref().map(|b| &b.canary) != Some(&g.canary) {
+                if let Some(spec) = g.canary.clone() {
+                    let name = g.name.clone();
+                    if let Err(e) = self.start_rollout(&name, spec) {
+                        self.events.push(&name, "rollout", format!("not started: {e:#}"));
+                    }
+                }
             }
             done.push((g.name.clone(), before));
         }
+        self.update_health_checks();
         Ok(())
     }
 
+    /// Re-applies a gateway with the shares its targets' health allows now.
+    fn refresh(&mut self, name: &str) {
+        let Some(g) = self.configured.get(name).cloned() else { return };
+        if let Err(e) = self.datapath.apply(&g, &self.shares(&g)) {
+            error!("gateway {name}: applying the health-adjusted shares failed: {e:#}");
+        }
+    }
+
+    /// Tells the checker which targets to check.
+    fn update_health_checks(&mut self) {
+        let specs: Vec<CheckSpec> = self
+            .configured
+            .values()
+            .filter_map(|g| g.health_check.as_ref().map(|c| (g, c)))
+            .flat_map(|(g, c)| {
+                g.routes.iter().flat_map(|r| r.targets.iter()).map(|t| CheckSpec {
+                    gateway: g.name.clone(),
+                    target: *t,
+                    check: c.clone(),
+                })
+            })
+            .collect();
+        self.health.retain(&specs);
+        if let Some(tx) = &self.health_checks {
+            let _ = tx.send(specs);
+        }
+    }
+
+    fn health_result(&mut self, gateway: &str, target: Target, result: Result<(), String>) {
+        let Some(check) = self.configured.get(gateway).and_then(|g| g.health_check.clone()) else { return };
+        let error = result.as_ref().err().cloned();
+        match self.health.record(gateway, target, result, (check.unhealthy_threshold, check.healthy_threshold)) {
+            Transition::None => {}
+            Transition::BecameUnhealthy => {
+                self.events.push(
+                    gateway,
+                    "health",
+                    format!("target {target} unhealthy after {} failed checks: {}", check.unhealthy_threshold, error.unwrap_or_default()),
+                );
+                self.refresh(gateway);
+                self.reset_baseline(gateway);
+            }
+            Transition::BecameHealthy => {
+                self.events.push(gateway, "health", format!("target {target} healthy again after {} passed checks", check.healthy_threshold));
+                self.refresh(gateway);
+                self.reset_baseline(gateway);
+            }
+        }
+    }
+
     fn delete(&mut self, name: &str) -> Response {
-        if self.datapath.gateway(name).is_none() {
+        if !self.configured.contains_key(name) {
             return Response::error(404, format!("no gateway {name}"));
         }
         if let Err(e) = self.datapath.remove(name) {
             return Response::error(500, format!("{e:#}"));
         }
+        self.configured.remove(name);
         self.history.remove(name);
         self.from_config.remove(name);
         self.baselines.remove(name);
+        self.rollouts.remove(name);
+        self.events.push(name, "config", "gateway deleted");
+        self.update_health_checks();
         self.save();
         Response::ok("text/plain", format!("deleted gateway {name}\n"))
     }
 
     /// The canary route takes 100%, every other route 0% (AWS's "promote canary").
     fn promote(&mut self, name: &str, route: &str) -> Response {
-        let Some(current) = self.datapath.gateway(name) else {
+        let Some(current) = self.configured.get(name) else {
             return Response::error(404, format!("no gateway {name}"));
         };
         if !current.routes.iter().any(|r| r.name == route) {
@@ -304,13 +444,14 @@ impl Service {
                 .map(|r| (r.name.clone(), Some(if r.name == route { gateway::FULL_WEIGHT } else { 0 })))
                 .collect(),
         };
+        self.pause_rollout_on_manual_change(name);
         self.apply_update(&update, "promote", true)
     }
 
     /// Back to the weights before the last change; `flush` also ends the established
     /// flows of routes that lose all their weight.
     fn rollback(&mut self, name: &str, flush: bool) -> Response {
-        if self.datapath.gateway(name).is_none() {
+        if !self.configured.contains_key(name) {
             return Response::error(404, format!("no gateway {name}"));
         }
         let Some(previous) = self.history.get_mut(name).and_then(Vec::pop) else {
@@ -320,6 +461,7 @@ impl Service {
             name: name.to_string(),
             weights: previous.into_iter().map(|(route, w)| (route, Some(w))).collect(),
         };
+        self.pause_rollout_on_manual_change(name);
         let response = self.apply_update(&update, "rollback", false);
         if response.status != 200 || !flush {
             return response;
@@ -334,18 +476,18 @@ impl Service {
     }
 
     fn apply_update(&mut self, update: &WeightUpdate, origin: &str, record_history: bool) -> Response {
-        let Some(current) = self.datapath.gateway(&update.name) else {
+        let Some(current) = self.configured.get(&update.name) else {
             return Response::error(404, format!("no gateway {}", update.name));
         };
         let next = match current.apply_weights(update, origin) {
             Ok(g) => g,
             Err(e) => return Response::error(400, e),
         };
-        if let Err(e) = self.commit(std::slice::from_ref(&next), record_history) {
+        if let Err(e) = self.commit(std::slice::from_ref(&next), record_history, origin) {
             return Response::error(409, format!("{e:#}"));
         }
         self.save();
-        render_gateways(&[next], false, false)
+        self.render(&[next], false, false)
     }
 
     fn stats_with_shares(&self) -> Result<Vec<GatewayStats>> {
@@ -362,7 +504,11 @@ impl Service {
             for (t, n) in g.targets.iter_mut().zip(since) {
                 t.new_flows_since_change = n;
                 t.observed_share = if total > 0 { Some(100.0 * n as f64 / total as f64) } else { None };
+                let target: Option<Target> = t.target.parse().ok();
+                t.health = target.and_then(|tg| self.health.get(&g.name, &tg)).map(|h| h.describe());
+                t.failed_checks = target.and_then(|tg| self.health.get(&g.name, &tg)).map_or(0, |h| h.failed_checks);
             }
+            g.rollout = self.rollouts.get(&g.name).map(|r| describe_rollout(r));
         }
         Ok(stats)
     }
@@ -386,14 +532,12 @@ impl Service {
         let result = (|| -> Result<String> {
             let stats = self.stats_with_shares()?;
             let weights: BTreeMap<String, Vec<(String, u32)>> = self
-                .datapath
-                .gateway_names()
-                .into_iter()
-                .filter_map(|n| {
-                    let g = self.datapath.gateway(&n)?;
-                    Some((n, g.routes.iter().map(|r| (r.name.clone(), r.weight)).collect()))
-                })
+                .configured
+                .iter()
+                .map(|(n, g)| (n.clone(), g.routes.iter().map(|r| (r.name.clone(), r.weight)).collect()))
                 .collect();
+            let rollouts: Vec<(String, &'static str, u32)> =
+                self.rollouts.values().map(|r| (r.gateway.clone(), r.state.name(), r.canary_weight())).collect();
             Ok(metrics::render(&metrics::Snapshot {
                 gateways: &stats,
                 route_weights: &weights,
@@ -401,6 +545,7 @@ impl Service {
                 conntrack_entries: self.datapath.conntrack_entries(),
                 conntrack_capacity: self.datapath.conntrack_capacity(),
                 program_id: self.program_id,
+                rollouts: &rollouts,
                 config_errors: self.config_errors.len(),
                 uptime: self.started.elapsed(),
             }))
@@ -409,6 +554,65 @@ impl Service {
             Ok(text) => Response::ok("text/plain; version=0.0.4", text),
             Err(e) => Response::error(500, format!("{e:#}")),
         }
+    }
+
+    /// Gateways as YAML documents (with their live status as comments, so the output can
+    /// be applied again) or JSON.
+    fn render(&self, gateways: &[Gateway], json: bool, list: bool) -> Response {
+        if json {
+            let with_status: Vec<serde_json::Value> = gateways
+                .iter()
+                .map(|g| {
+                    let mut v = serde_json::to_value(g).unwrap_or_default();
+                    v["status"] = self.status(g);
+                    v
+                })
+                .collect();
+            let value = if list { serde_json::to_string(&with_status) } else { serde_json::to_string(&with_status[0]) };
+            return Response::ok("application/json", value.unwrap_or_default());
+        }
+        let docs: Vec<String> = gateways
+            .iter()
+            .map(|g| {
+                let mut doc = g.to_yaml();
+                for line in self.status_lines(g) {
+                    doc.push_str(&format!("# {line}\n"));
+                }
+                doc
+            })
+            .collect();
+        Response::ok("application/yaml", docs.join("---\n"))
+    }
+
+    fn status(&self, g: &Gateway) -> serde_json::Value {
+        let health: BTreeMap<String, String> = g
+            .routes
+            .iter()
+            .flat_map(|r| r.targets.iter())
+            .filter_map(|t| self.health.get(&g.name, t).map(|h| (t.to_string(), h.describe())))
+            .collect();
+        serde_json::json!({
+            "health": health,
+            "rollout": self.rollouts.get(&g.name),
+            "generation": self.datapath.placements().get(&g.name).map(|p| p.generation),
+        })
+    }
+
+    fn status_lines(&self, g: &Gateway) -> Vec<String> {
+        let mut lines = Vec::new();
+        let health: Vec<String> = g
+            .routes
+            .iter()
+            .flat_map(|r| r.targets.iter())
+            .filter_map(|t| self.health.get(&g.name, t).map(|h| format!("{t} {}", h.describe())))
+            .collect();
+        if !health.is_empty() {
+            lines.push(format!("health: {}", health.join("; ")));
+        }
+        if let Some(r) = self.rollouts.get(&g.name) {
+            lines.push(format!("rollout: {}", describe_rollout(r)));
+        }
+        lines
     }
 
     /// Snapshot of each target's new flows: the observed share counts from here.
@@ -490,12 +694,7 @@ impl Service {
     fn save(&self) {
         let Some(dir) = &self.state_dir else { return };
         let state = SavedState {
-            gateways: self
-                .datapath
-                .gateway_names()
-                .iter()
-                .filter_map(|n| self.datapath.gateway(n).map(Gateway::to_yaml))
-                .collect(),
+            gateways: self.configured.values().map(Gateway::to_yaml).collect(),
             placements: self.datapath.placements(),
             history: self.history.clone(),
             from_config: self.from_config.clone(),
@@ -581,11 +780,264 @@ fn weights_of(g: Option<&Gateway>) -> BTreeMap<String, u32> {
     g.map(|g| g.routes.iter().map(|r| (r.name.clone(), r.weight)).collect()).unwrap_or_default()
 }
 
-fn render_gateways(gateways: &[Gateway], json: bool, list: bool) -> Response {
-    if json {
-        let value = if list { serde_json::to_string(gateways) } else { serde_json::to_string(&gateways[0]) };
-        return Response::ok("application/json", value.unwrap_or_default());
+
+/// One line about a rollout: state, step, weight, last reason.
+pub fn describe_rollout(r: &Rollout) -> String {
+    format!(
+        "{} at step {}/{} (canary {} at {}): {}",
+        r.state.name(),
+        r.step + 1,
+        r.spec.steps.len(),
+        r.spec.route,
+        gateway::format_weight(r.canary_weight()),
+        r.reason
+    )
+}
+
+/// Automated rollouts, driven from the service thread.
+impl Service {
+    fn canary(&mut self, request: CanaryRequest) -> Response {
+        let result = match request {
+            CanaryRequest::Start { gateway, spec } => self.start_rollout(&gateway, spec),
+            CanaryRequest::Status(name) => {
+                let rollouts: Vec<&Rollout> =
+                    self.rollouts.values().filter(|r| name.as_ref().is_none_or(|n| &r.gateway == n)).collect();
+                if let (Some(n), true) = (&name, rollouts.is_empty()) {
+                    return Response::error(404, format!("no rollout for gateway {n}"));
+                }
+                return Response::ok("application/json", serde_json::to_string(&rollouts).unwrap_or_default());
+            }
+            CanaryRequest::Pause(g) => self.with_rollout(&g, |s, r| {
+                if r.state != RolloutState::Progressing {
+                    bail!("the rollout of {g} is {}, not progressing", r.state.name());
+                }
+                r.state = RolloutState::Paused;
+                r.reason = "paused by the operator".into();
+                s.events.push(&g, "rollout", "paused by the operator");
+                Ok(())
+            }),
+            CanaryRequest::Resume(g) => {
+                let base = self.rollouts.get(&g).map(|r| self.sample(&g, &r.spec.route));
+                self.with_rollout(&g, |s, r| {
+                    if r.state != RolloutState::Paused {
+                        bail!("the rollout of {g} is {}, not paused", r.state.name());
+                    }
+                    r.state = RolloutState::Progressing;
+                    r.reason = "resumed by the operator".into();
+                    r.window_started = Instant::now();
+                    r.window_base = base.unwrap_or_default();
+                    s.events.push(&g, "rollout", "resumed by the operator");
+                    Ok(())
+                })
+            }
+            CanaryRequest::Abort(g) => {
+                if !self.rollouts.contains_key(&g) {
+                    return Response::error(404, format!("no rollout for gateway {g}"));
+                }
+                self.roll_back(&g, "aborted by the operator".into());
+                Ok(())
+            }
+            CanaryRequest::Promote(g) => {
+                let Some(r) = self.rollouts.get(&g) else {
+                    return Response::error(404, format!("no rollout for gateway {g}"));
+                };
+                let last = r.spec.steps.len() - 1;
+                self.set_step(&g, last, "promoted by the operator".into());
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.save();
+                Response::ok("application/json", serde_json::to_string(&self.rollouts.values().collect::<Vec<_>>()).unwrap_or_default())
+            }
+            Err(e) => Response::error(409, format!("{e:#}")),
+        }
     }
-    let docs: Vec<String> = gateways.iter().map(Gateway::to_yaml).collect();
-    Response::ok("application/yaml", docs.join("---\n"))
+
+    fn with_rollout(&mut self, gateway: &str, f: impl FnOnce(&mut Self, &mut Rollout) -> Result<()>) -> Result<()> {
+        let mut r = self.rollouts.remove(gateway).with_context(|| format!("no rollout for gateway {gateway}"))?;
+        let result = f(self, &mut r);
+        self.rollouts.insert(gateway.to_string(), r);
+        result
+    }
+
+    /// Starts (or restarts) a rollout: the canary takes the first step at once.
+    fn start_rollout(&mut self, gateway: &str, spec: CanarySpec) -> Result<()> {
+        let g = self.configured.get(gateway).with_context(|| format!("no gateway {gateway}"))?;
+        if !g.routes.iter().any(|r| r.name == spec.route) {
+            let known: Vec<&str> = g.routes.iter().map(|r| r.name.as_str()).collect();
+            bail!("gateway {gateway} has no route {} (its routes: {})", spec.route, known.join(", "));
+        }
+        if g.routes.len() < 2 {
+            bail!("gateway {gateway} has no other route to fall back to");
+        }
+        if spec.steps.is_empty() || spec.steps.last() != Some(&gateway::FULL_WEIGHT) {
+            bail!("the steps must end at 100%");
+        }
+        if let Some(r) = self.rollouts.get(gateway) {
+            if matches!(r.state, RolloutState::Progressing | RolloutState::Paused) {
+                bail!("a rollout of {gateway} is already {} (abort it first)", r.state.name());
+            }
+        }
+        let stable = weights_of(Some(g));
+        let steps: Vec<String> = spec.steps.iter().map(|s| gateway::format_weight(*s)).collect();
+        self.events.push(
+            gateway,
+            "rollout",
+            format!(
+                "started: route {} through [{}] every {}",
+                spec.route,
+                steps.join(", "),
+                gateway::policy::format_duration_us(spec.interval_ms * 1000)
+            ),
+        );
+        let rollout = Rollout {
+            gateway: gateway.to_string(),
+            spec,
+            state: RolloutState::Progressing,
+            step: 0,
+            reason: "started".into(),
+            stable_weights: stable,
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            window_started: Instant::now(),
+            window_base: Sample::default(),
+        };
+        self.rollouts.insert(gateway.to_string(), rollout);
+        // The weights before the rollout are what a manual `rollback` returns to.
+        let before = self.configured.get(gateway).map(|g| weights_of(Some(g)));
+        if let Some(before) = before {
+            self.history.entry(gateway.to_string()).or_default().push(before);
+        }
+        self.set_step(gateway, 0, "first step".into());
+        Ok(())
+    }
+
+    /// Moves the canary to `step` (the last step promotes).
+    fn set_step(&mut self, gateway: &str, step: usize, reason: String) {
+        let Some(r) = self.rollouts.get(gateway) else { return };
+        let weight = r.spec.steps.get(step).copied().unwrap_or(gateway::FULL_WEIGHT);
+        let last = step + 1 >= r.spec.steps.len();
+        let canary = r.spec.route.clone();
+        let stable = r.stable_weights.clone();
+        let count = r.spec.steps.len();
+        if let Err(e) = self.set_weights(gateway, &canary, weight, &stable, &format!("canary step {}/{count}", step + 1)) {
+            self.roll_back(gateway, format!("the weights of step {} could not be applied: {e:#}", step + 1));
+            return;
+        }
+        let base = self.sample(gateway, &canary);
+        if let Some(r) = self.rollouts.get_mut(gateway) {
+            r.step = step;
+            r.window_started = Instant::now();
+            r.window_base = base;
+            r.reason = reason.clone();
+            if last {
+                r.state = RolloutState::Promoted;
+            }
+        }
+        let message = if last {
+            format!("promoted: {canary} at 100% ({reason})")
+        } else {
+            format!("step {}/{count}: {canary} at {} ({reason})", step + 1, gateway::format_weight(weight))
+        };
+        self.events.push(gateway, "rollout", message);
+    }
+
+    fn set_weights(&mut self, gateway: &str, canary: &str, weight: u32, stable: &BTreeMap<String, u32>, reason: &str) -> Result<()> {
+        let g = self.configured.get(gateway).with_context(|| format!("no gateway {gateway}"))?;
+        let routes: Vec<String> = g.routes.iter().map(|r| r.name.clone()).collect();
+        let weights = canary::step_weights(&routes, canary, weight, stable);
+        let update = WeightUpdate { name: gateway.to_string(), weights: weights.into_iter().map(|(r, w)| (r, Some(w))).collect() };
+        let next = g.apply_weights(&update, reason).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.commit(std::slice::from_ref(&next), false, reason)?;
+        self.save();
+        Ok(())
+    }
+
+    /// Back to the stable routes at once: the canary at 0%, its flows flushed if asked.
+    fn roll_back(&mut self, gateway: &str, reason: String) {
+        let Some(r) = self.rollouts.get(gateway) else { return };
+        let (canary, stable, flush) = (r.spec.route.clone(), r.stable_weights.clone(), r.spec.thresholds.flush_on_rollback);
+        let applied = self.set_weights(gateway, &canary, 0, &stable, "canary rolled back");
+        let mut message = format!("rolled back: {reason}");
+        if let Err(e) = applied {
+            message.push_str(&format!(" (the stable weights could not be applied: {e:#})"));
+        } else if flush {
+            match self.datapath.flush_zero_weight_flows(gateway) {
+                Ok(n) => message.push_str(&format!("; {n} canary flow(s) flushed")),
+                Err(e) => message.push_str(&format!("; flushing failed: {e:#}")),
+            }
+        }
+        if let Some(r) = self.rollouts.get_mut(gateway) {
+            r.state = RolloutState::RolledBack;
+            r.reason = reason;
+        }
+        self.events.push(gateway, "rollout", message);
+        self.save();
+    }
+
+    /// A manual weight change takes over from a running rollout.
+    fn pause_rollout_on_manual_change(&mut self, gateway: &str) {
+        if let Some(r) = self.rollouts.get_mut(gateway) {
+            if r.state == RolloutState::Progressing {
+                r.state = RolloutState::Paused;
+                r.reason = "paused: the weights were changed by hand".into();
+                self.events.push(gateway, "rollout", "paused: the weights were changed by hand");
+            }
+        }
+    }
+
+    /// The counters the analysis compares, now.
+    fn sample(&self, gateway: &str, canary_route: &str) -> Sample {
+        let mut s = Sample::default();
+        let Ok(stats) = self.datapath.stats() else { return s };
+        let Some(g) = stats.iter().find(|g| g.name == gateway) else { return s };
+        for t in &g.targets {
+            if t.route == canary_route {
+                s.canary_flows += t.new_flows;
+                s.canary_resets += t.resets_from_target;
+                s.canary_connects += t.connects;
+                s.canary_connect_ns += t.connect_ns_total;
+            } else {
+                s.stable_connects += t.connects;
+                s.stable_connect_ns += t.connect_ns_total;
+            }
+        }
+        if let Some(config) = self.configured.get(gateway) {
+            let targets: Vec<Target> =
+                config.routes.iter().filter(|r| r.name == canary_route).flat_map(|r| r.targets.clone()).collect();
+            s.canary_failed_checks = self.health.failed_checks(gateway, &targets);
+        }
+        s
+    }
+
+    /// Judges every progressing rollout: a breach rolls back at once; at the end of a
+    /// window, enough healthy traffic advances a step, too little waits.
+    fn advance_rollouts(&mut self) {
+        let progressing: Vec<String> =
+            self.rollouts.values().filter(|r| r.state == RolloutState::Progressing).map(|r| r.gateway.clone()).collect();
+        for gateway in progressing {
+            let Some(r) = self.rollouts.get(&gateway) else { continue };
+            let window = self.sample(&gateway, &r.spec.route).since(&r.window_base);
+            let elapsed = r.window_started.elapsed();
+            let interval = Duration::from_millis(r.spec.interval_ms);
+            let step = r.step;
+            match canary::judge(&window, &r.spec.thresholds) {
+                Verdict::Breach(reason) => self.roll_back(&gateway, reason),
+                _ if elapsed < interval => {}
+                Verdict::TooFewFlows(why) => {
+                    self.events.push(&gateway, "rollout", format!("waiting at step {}: {why}", step + 1));
+                    if let Some(r) = self.rollouts.get_mut(&gateway) {
+                        // Keep counting from the same base; judge again after another interval.
+                        r.window_started = Instant::now();
+                        r.reason = format!("waiting: {why}");
+                    }
+                }
+                Verdict::Healthy(summary) => self.set_step(&gateway, step + 1, format!("step {} passed: {summary}", step + 1)),
+            }
+        }
+    }
 }

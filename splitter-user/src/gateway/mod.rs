@@ -436,6 +436,61 @@ impl Gateway {
         Ok(gateway)
     }
 
+    /// Like [`Gateway::weighted_targets`], with the targets `healthy` refuses at 0: a
+    /// route's weight is spread over its healthy targets; a route with none gives its weight
+    /// to the routes that have some, in proportion to their weights (equally if those are
+    /// all at 0). If no route has a healthy target, the configured shares stand (better
+    /// some traffic to targets the checks doubt than none at all). Every target is listed,
+    /// in the same order as `weighted_targets`; the shares add up to [`FULL_SHARE_PPM`]
+    /// whenever the weights add up to 100%.
+    pub fn shares_with_health(&self, healthy: impl Fn(&Target) -> bool) -> Vec<(Target, u32)> {
+        let alive: Vec<bool> = self.routes.iter().map(|r| r.targets.iter().any(&healthy)).collect();
+        if !alive.contains(&true) {
+            return self.weighted_targets();
+        }
+        let weights: Vec<u64> = self.routes.iter().map(|r| u64::from(r.weight.min(FULL_WEIGHT))).collect();
+        let alive_total: u64 = weights.iter().zip(&alive).filter(|(_, a)| **a).map(|(w, _)| *w).sum();
+        let alive_count = alive.iter().filter(|a| **a).count() as u64;
+        let total_ppm = u64::from(FULL_SHARE_PPM) * weights.iter().sum::<u64>() / u64::from(FULL_WEIGHT);
+        // Each alive route's ppm, by largest remainder so they add up exactly.
+        let exact: Vec<(u64, u64)> = weights
+            .iter()
+            .zip(&alive)
+            .map(|(w, a)| match (*a, alive_total) {
+                (false, _) => (0, 0),
+                (true, 0) => (total_ppm / alive_count, total_ppm % alive_count * 1_000_000 / alive_count),
+                (true, t) => (total_ppm * w / t, total_ppm * w % t * 1_000_000 / t),
+            })
+            .collect();
+        let mut route_ppm: Vec<u64> = exact.iter().map(|(q, _)| *q).collect();
+        let mut leftover = total_ppm - route_ppm.iter().sum::<u64>();
+        let mut order: Vec<usize> = (0..route_ppm.len()).filter(|i| alive[*i]).collect();
+        order.sort_by(|a, b| exact[*b].1.cmp(&exact[*a].1).then(a.cmp(b)));
+        for i in order {
+            if leftover == 0 {
+                break;
+            }
+            route_ppm[i] += 1;
+            leftover -= 1;
+        }
+        let mut shares = Vec::new();
+        for (route, ppm) in self.routes.iter().zip(route_ppm) {
+            let healthy_targets = route.targets.iter().filter(|t| healthy(t)).count() as u64;
+            let (base, extra) = if healthy_targets == 0 { (0, 0) } else { (ppm / healthy_targets, ppm % healthy_targets) };
+            let mut given = 0;
+            for target in &route.targets {
+                let share = if healthy(target) {
+                    given += 1;
+                    base + u64::from(given <= extra)
+                } else {
+                    0
+                };
+                shares.push((*target, share as u32));
+            }
+        }
+        shares
+    }
+
     /// Every target with its share of the gateway's new flows, in parts per million: each
     /// route's weight spread evenly over its targets (3 instances at 80% get 266 667, 266 667
     /// and 266 666). The shares of a gateway add up to [`FULL_SHARE_PPM`]. Routes by name,

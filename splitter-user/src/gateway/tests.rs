@@ -633,3 +633,35 @@ fn bad_policies_give_located_errors() {
         assert_eq!(err.lines().count(), 1);
     }
 }
+
+#[test]
+fn unhealthy_targets_and_routes_give_their_share_away() {
+    let g = load_gateway("simpleservice.yaml");
+    let all = g.weighted_targets();
+    assert_eq!(g.shares_with_health(|_| true), all, "all healthy: the configured shares");
+    let share = |shares: &[(Target, u32)], t: &Target| shares.iter().find(|(x, _)| x == t).unwrap().1;
+    let (v09, v10) = (&g.routes[0], &g.routes[1]);
+    // One of the three 0.9 instances down: the other two carry 80% between them.
+    let down = v09.targets[0];
+    let shares = g.shares_with_health(|t| *t != down);
+    assert_eq!(share(&shares, &down), 0);
+    assert_eq!(share(&shares, &v09.targets[1]) + share(&shares, &v09.targets[2]), 800_000);
+    assert_eq!(share(&shares, &v10.targets[0]), 200_000, "the other route keeps its share");
+    // The 1.0 route's only instance down: its 20% goes to 0.9.
+    let shares = g.shares_with_health(|t| *t != v10.targets[0]);
+    assert_eq!(shares.iter().map(|(_, s)| s).sum::<u32>(), 1_000_000);
+    assert_eq!(share(&shares, &v10.targets[0]), 0);
+    // Nothing healthy: the configured shares stand.
+    assert_eq!(g.shares_with_health(|_| false), all);
+}
+
+#[test]
+fn a_dead_route_splits_its_weight_in_proportion() {
+    let g = gateway(
+        "name: three\nport: 80\nvirtual_address: 10.0.0.1\nroutes:\n  a:\n    weight: 60%\n    targets: [10.0.0.2:80]\n  b:\n    weight: 30%\n    targets: [10.0.0.3:80]\n  c:\n    weight: 10%\n    targets: [10.0.0.4:80]\n",
+    );
+    let dead: Target = "10.0.0.3:80".parse().unwrap();
+    let shares = g.shares_with_health(|t| *t != dead);
+    let values: Vec<u32> = shares.iter().map(|(_, s)| *s).collect();
+    assert_eq!(values, vec![857_143, 0, 142_857], "60:10 of 100%");
+}

@@ -1,0 +1,259 @@
+//! Automated canary rollouts: move a route's weight step by step, judge every window from
+//! what the splitter itself sees, roll back on a breach, promote at the end.
+//!
+//! The pure parts live here (weights of a step, the judgement of a window); the service
+//! thread drives the rollout with them on its tick.
+
+use std::{collections::BTreeMap, time::Instant};
+
+use serde::Serialize;
+
+use crate::gateway::{
+    policy::{CanarySpec, LatencyLimit, Thresholds},
+    FULL_WEIGHT,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RolloutState {
+    Progressing,
+    Paused,
+    Promoted,
+    RolledBack,
+}
+
+impl RolloutState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Progressing => "progressing",
+            Self::Paused => "paused",
+            Self::Promoted => "promoted",
+            Self::RolledBack => "rolled-back",
+        }
+    }
+}
+
+/// Counters that the analysis compares between two moments (all cumulative).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Sample {
+    pub canary_flows: u64,
+    pub canary_resets: u64,
+    pub canary_connects: u64,
+    pub canary_connect_ns: u64,
+    pub stable_connects: u64,
+    pub stable_connect_ns: u64,
+    pub canary_failed_checks: u64,
+}
+
+impl Sample {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &Sample) -> Sample {
+        Sample {
+            canary_flows: self.canary_flows.saturating_sub(earlier.canary_flows),
+            canary_resets: self.canary_resets.saturating_sub(earlier.canary_resets),
+            canary_connects: self.canary_connects.saturating_sub(earlier.canary_connects),
+            canary_connect_ns: self.canary_connect_ns.saturating_sub(earlier.canary_connect_ns),
+            stable_connects: self.stable_connects.saturating_sub(earlier.stable_connects),
+            stable_connect_ns: self.stable_connect_ns.saturating_sub(earlier.stable_connect_ns),
+            canary_failed_checks: self.canary_failed_checks.saturating_sub(earlier.canary_failed_checks),
+        }
+    }
+
+    pub fn canary_connect_us(&self) -> Option<u64> {
+        (self.canary_connects > 0).then(|| self.canary_connect_ns / self.canary_connects / 1000)
+    }
+
+    pub fn stable_connect_us(&self) -> Option<u64> {
+        (self.stable_connects > 0).then(|| self.stable_connect_ns / self.stable_connects / 1000)
+    }
+}
+
+/// The judgement of a window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Enough flows, nothing wrong.
+    Healthy(String),
+    /// Too few new canary flows to judge: wait.
+    TooFewFlows(String),
+    /// A threshold is crossed: roll back, for this reason.
+    Breach(String),
+}
+
+/// Judges a window. Failed health checks count whatever the traffic; rates and latency
+/// need `min_flows` new canary flows.
+pub fn judge(w: &Sample, t: &Thresholds) -> Verdict {
+    if w.canary_failed_checks > u64::from(t.max_failed_checks) {
+        return Verdict::Breach(format!(
+            "{} failed health checks of canary targets (at most {} allowed)",
+            w.canary_failed_checks, t.max_failed_checks
+        ));
+    }
+    if w.canary_flows < u64::from(t.min_flows) {
+        return Verdict::TooFewFlows(format!(
+            "only {} new canary flows in the window, {} needed to judge",
+            w.canary_flows, t.min_flows
+        ));
+    }
+    // Hundredths of a percent, like the threshold.
+    let error_rate = w.canary_resets * u64::from(FULL_WEIGHT) / w.canary_flows.max(1);
+    if error_rate > u64::from(t.max_error_rate) {
+        return Verdict::Breach(format!(
+            "error rate {}% ({} resets from canary targets for {} new flows) above {}%",
+            error_rate as f64 / 100.0,
+            w.canary_resets,
+            w.canary_flows,
+            f64::from(t.max_error_rate) / 100.0
+        ));
+    }
+    let canary_us = w.canary_connect_us();
+    if let (Some(limit), Some(canary_us)) = (t.max_connect_latency, canary_us) {
+        match limit {
+            LatencyLimit::Absolute(max_us) if canary_us > max_us => {
+                return Verdict::Breach(format!(
+                    "canary connect latency {:.2}ms above {:.2}ms",
+                    canary_us as f64 / 1000.0,
+                    max_us as f64 / 1000.0
+                ));
+            }
+            LatencyLimit::Relative(hundredths) => {
+                if let Some(stable_us) = w.stable_connect_us() {
+                    // A floor of 100 us keeps microsecond noise on a fast path from
+                    // reading as a large factor.
+                    let bound = stable_us.max(100) * u64::from(hundredths) / 100;
+                    if canary_us > bound {
+                        return Verdict::Breach(format!(
+                            "canary connect latency {:.2}ms above {limit} the stable routes' {:.2}ms",
+                            canary_us as f64 / 1000.0,
+                            stable_us as f64 / 1000.0
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Verdict::Healthy(format!(
+        "{} new canary flows, error rate {}%, connect {}",
+        w.canary_flows,
+        error_rate as f64 / 100.0,
+        match (canary_us, w.stable_connect_us()) {
+            (Some(c), Some(s)) => format!("{:.2}ms (stable {:.2}ms)", c as f64 / 1000.0, s as f64 / 1000.0),
+            (Some(c), None) => format!("{:.2}ms", c as f64 / 1000.0),
+            _ => "n/a".into(),
+        }
+    ))
+}
+
+/// The weights of every route with the canary at `canary_weight`: the other routes share
+/// the rest in proportion to their weights before the rollout (equally if those were all
+/// 0), by largest remainder so the total is exactly 100%.
+pub fn step_weights(routes: &[String], canary: &str, canary_weight: u32, stable: &BTreeMap<String, u32>) -> BTreeMap<String, u32> {
+    let rest = u64::from(FULL_WEIGHT - canary_weight.min(FULL_WEIGHT));
+    let others: Vec<&String> = routes.iter().filter(|r| r.as_str() != canary).collect();
+    let base: Vec<u64> = others.iter().map(|r| u64::from(stable.get(*r).copied().unwrap_or(0))).collect();
+    let total: u64 = base.iter().sum();
+    let base: Vec<u64> = if total == 0 { vec![1; others.len()] } else { base };
+    let total: u64 = base.iter().sum::<u64>().max(1);
+    let mut weights: Vec<u64> = base.iter().map(|b| rest * b / total).collect();
+    let mut leftover = rest - weights.iter().sum::<u64>();
+    let mut order: Vec<usize> = (0..others.len()).collect();
+    order.sort_by(|a, b| (rest * base[*b] % total).cmp(&(rest * base[*a] % total)).then(a.cmp(b)));
+    for i in order {
+        if leftover == 0 {
+            break;
+        }
+        weights[i] += 1;
+        leftover -= 1;
+    }
+    let mut out: BTreeMap<String, u32> = others.into_iter().cloned().zip(weights.into_iter().map(|w| w as u32)).collect();
+    out.insert(canary.to_string(), canary_weight.min(FULL_WEIGHT));
+    out
+}
+
+/// A rollout of one gateway's canary route.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rollout {
+    pub gateway: String,
+    pub spec: CanarySpec,
+    pub state: RolloutState,
+    /// Index in `spec.steps` of the weight in effect.
+    pub step: usize,
+    /// Why the rollout is where it is (last decision).
+    pub reason: String,
+    /// Weights of the routes before the rollout started (hundredths of a percent).
+    pub stable_weights: BTreeMap<String, u32>,
+    /// Seconds since the Unix epoch when the rollout started.
+    pub started_unix: u64,
+    #[serde(skip)]
+    pub window_started: Instant,
+    #[serde(skip)]
+    pub window_base: Sample,
+}
+
+impl Rollout {
+    pub fn canary_weight(&self) -> u32 {
+        self.spec.steps.get(self.step).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thresholds() -> Thresholds {
+        Thresholds { max_connect_latency: Some(LatencyLimit::Relative(200)), min_flows: 10, ..Thresholds::default() }
+    }
+
+    #[test]
+    fn failed_checks_breach_even_without_traffic() {
+        let w = Sample { canary_failed_checks: 2, ..Default::default() };
+        assert!(matches!(judge(&w, &thresholds()), Verdict::Breach(r) if r.contains("failed health checks")));
+    }
+
+    #[test]
+    fn too_few_flows_wait() {
+        let w = Sample { canary_flows: 9, canary_resets: 9, ..Default::default() };
+        assert!(matches!(judge(&w, &thresholds()), Verdict::TooFewFlows(_)));
+    }
+
+    #[test]
+    fn resets_above_the_rate_breach() {
+        let ok = Sample { canary_flows: 100, canary_resets: 5, ..Default::default() };
+        assert!(matches!(judge(&ok, &thresholds()), Verdict::Healthy(_)), "5% is the limit itself");
+        let bad = Sample { canary_flows: 100, canary_resets: 6, ..Default::default() };
+        assert!(matches!(judge(&bad, &thresholds()), Verdict::Breach(r) if r.contains("error rate 6%")));
+    }
+
+    #[test]
+    fn connect_latency_relative_and_absolute() {
+        let w = |canary_ms: u64, stable_ms: u64| Sample {
+            canary_flows: 50,
+            canary_connects: 50,
+            canary_connect_ns: 50 * canary_ms * 1_000_000,
+            stable_connects: 100,
+            stable_connect_ns: 100 * stable_ms * 1_000_000,
+            ..Default::default()
+        };
+        assert!(matches!(judge(&w(3, 2), &thresholds()), Verdict::Healthy(_)));
+        assert!(matches!(judge(&w(5, 2), &thresholds()), Verdict::Breach(r) if r.contains("2x")));
+        let absolute = Thresholds { max_connect_latency: Some(LatencyLimit::Absolute(20_000)), ..thresholds() };
+        assert!(matches!(judge(&w(30, 29), &absolute), Verdict::Breach(_)));
+        assert!(matches!(judge(&w(10, 1), &absolute), Verdict::Healthy(_)));
+    }
+
+    #[test]
+    fn step_weights_keep_the_stable_proportions() {
+        let routes: Vec<String> = ["a", "b", "canary"].map(String::from).to_vec();
+        let stable: BTreeMap<String, u32> = [("a".into(), 6000), ("b".into(), 3000), ("canary".into(), 1000)].into();
+        let w = step_weights(&routes, "canary", 2500, &stable);
+        assert_eq!(w["canary"], 2500);
+        assert_eq!(w["a"] + w["b"], 7500);
+        assert_eq!((w["a"], w["b"]), (5000, 2500), "6:3 of 75%");
+        let zero: BTreeMap<String, u32> = [("a".into(), 0), ("b".into(), 0), ("canary".into(), 10000)].into();
+        let w = step_weights(&routes, "canary", 0, &zero);
+        assert_eq!((w["a"], w["b"], w["canary"]), (5000, 5000, 0), "equal when the others had nothing");
+        let odd: BTreeMap<String, u32> = [("a".into(), 1), ("b".into(), 1), ("canary".into(), 0)].into();
+        let w = step_weights(&routes, "canary", 1, &odd);
+        assert_eq!(w.values().sum::<u32>(), 10000);
+    }
+}
