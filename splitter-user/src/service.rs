@@ -392,19 +392,20 @@ impl Service {
         let error = result.as_ref().err().cloned();
         match self.health.record(gateway, target, result, (check.unhealthy_threshold, check.healthy_threshold)) {
             Transition::None => {}
+            // The table changes first, so the event tells what is already live.
             Transition::BecameUnhealthy => {
+                self.refresh(gateway);
+                self.reset_baseline(gateway);
                 self.events.push(
                     gateway,
                     "health",
                     format!("target {target} unhealthy after {} failed checks: {}", check.unhealthy_threshold, error.unwrap_or_default()),
                 );
-                self.refresh(gateway);
-                self.reset_baseline(gateway);
             }
             Transition::BecameHealthy => {
-                self.events.push(gateway, "health", format!("target {target} healthy again after {} passed checks", check.healthy_threshold));
                 self.refresh(gateway);
                 self.reset_baseline(gateway);
+                self.events.push(gateway, "health", format!("target {target} healthy again after {} passed checks", check.healthy_threshold));
             }
         }
     }

@@ -1,0 +1,360 @@
+//! Automated canary end to end: health checks and progressive rollouts against real
+//! backends (sava 1.0.0 stable, sava 1.1.0 canary) under client traffic.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use splitter_tests::{
+    privileged,
+    testbed::{http_get, Testbed, VIP},
+};
+
+const GATEWAY: &str = "sava";
+const STABLE: &str = "sava/sava:1.0.0";
+const CANARY: &str = "sava/sava:1.1.0";
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn gateway(health_check: &str) -> String {
+    format!(
+        "name: {GATEWAY}
+port: 9050/http
+virtual_address: {VIP}
+routes:
+  {STABLE}:
+    weight: 100%
+    targets: [10.10.2.11:8080]
+  {CANARY}:
+    weight: 0%
+    targets: [10.10.2.21:8080]
+{health_check}"
+    )
+}
+
+const TCP_CHECK: &str = "health_check:
+  protocol: tcp
+  interval: 200ms
+  timeout: 150ms
+  unhealthy_threshold: 2
+  healthy_threshold: 2
+";
+
+/// One client request: when it ended, and the version that answered (or the error).
+#[derive(Clone, Debug)]
+struct Outcome {
+    at_ms: u64,
+    answer: Result<String, String>,
+}
+
+/// Client traffic in the background: one request after another (at most 10 minutes or
+/// 300k requests), every outcome kept.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(bed: &Testbed, pause: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let ns = bed.client.name().to_string();
+        let (s, o) = (stop.clone(), outcomes.clone());
+        let handle = thread::spawn(move || {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            // SAFETY: a namespace descriptor; setns moves only this thread.
+            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) }, 0);
+            let deadline = Instant::now() + Duration::from_secs(600);
+            for _ in 0..300_000 {
+                if s.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let answer = http_get(&format!("{VIP}:9050"), None)
+                    .map(|body| body.split(' ').next().unwrap_or("").to_string())
+                    .map_err(|e| format!("{e:#}"));
+                o.lock().unwrap().push(Outcome { at_ms: now_ms(), answer });
+                thread::sleep(pause);
+            }
+        });
+        Self { stop, outcomes, handle: Some(handle) }
+    }
+
+    fn outcomes(&self) -> Vec<Outcome> {
+        self.outcomes.lock().unwrap().clone()
+    }
+
+    fn finish(mut self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap();
+        self.outcomes()
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn events(bed: &Testbed) -> Vec<serde_json::Value> {
+    let (body, _) = curl(bed, "/api/v1/events");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap().as_array().unwrap().clone()
+}
+
+fn curl(bed: &Testbed, path: &str) -> (String, u16) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--unix-socket"])
+        .arg(bed.socket())
+        .args(["-w", "\n%{http_code}", &format!("http://splitter{path}")])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (body.to_string(), code.parse().unwrap())
+}
+
+/// The rollout's state, as `splitter canary status` reports it.
+fn rollout(bed: &Testbed) -> serde_json::Value {
+    let (body, code) = curl(bed, &format!("/api/v1/canary/{GATEWAY}"));
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()[0].clone()
+}
+
+/// Waits until the rollout is in `state` (at most `timeout`); returns when it got there.
+fn wait_state(bed: &Testbed, state: &str, timeout: Duration) -> Instant {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = rollout(bed);
+        if r["state"] == state {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "rollout not {state} after {timeout:?}: {r}\nevents: {:#?}", events(bed));
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn canary_weight(bed: &Testbed) -> String {
+    let got = bed.cli_ok(&["get", GATEWAY]).unwrap();
+    let mut lines = got.lines().skip_while(|l| !l.contains(CANARY));
+    lines.nth(1).unwrap_or_default().trim().to_string()
+}
+
+#[test]
+fn a_healthy_rollout_follows_every_step_and_ends_promoted() {
+    if !privileged("a_healthy_rollout_follows_every_step_and_ends_promoted") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    bed.write_config("sava.yaml", &gateway(TCP_CHECK)).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let traffic = Traffic::start(&bed, Duration::ZERO);
+    thread::sleep(Duration::from_millis(300));
+    let out = bed
+        .cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "5,10,25,50,100", "--interval", "1500ms", "--min-flows", "10"])
+        .unwrap();
+    println!("{out}");
+    wait_state(&bed, "promoted", Duration::from_secs(30));
+    thread::sleep(Duration::from_millis(500));
+    let outcomes = traffic.finish();
+
+    // The steps, from the event log: when each weight took effect.
+    let steps: Vec<(u64, f64)> = events(&bed)
+        .iter()
+        .filter(|e| e["kind"] == "rollout")
+        .filter_map(|e| {
+            let m = e["message"].as_str().unwrap();
+            let weight = if m.starts_with("promoted") {
+                100.0
+            } else {
+                let at = m.split(" at ").nth(1)?.split('%').next()?;
+                at.parse().ok()?
+            };
+            (m.starts_with("step") || m.starts_with("promoted")).then_some((e["time_ms"].as_u64().unwrap(), weight))
+        })
+        .collect();
+    println!("steps: {steps:?}");
+    assert_eq!(steps.iter().map(|s| s.1).collect::<Vec<_>>(), vec![5.0, 10.0, 25.0, 50.0, 100.0]);
+    let failures: Vec<&Outcome> = outcomes.iter().filter(|o| o.answer.is_err()).collect();
+    assert!(failures.is_empty(), "{failures:?}");
+    for (i, (start, weight)) in steps.iter().enumerate() {
+        let end = steps.get(i + 1).map_or(u64::MAX, |s| s.0);
+        // Requests that ended well inside the step.
+        let window: Vec<&Outcome> = outcomes.iter().filter(|o| o.at_ms > start + 100 && o.at_ms < end).collect();
+        let canary = window.iter().filter(|o| o.answer.as_deref() == Ok("1.1.0")).count();
+        let share = 100.0 * canary as f64 / window.len().max(1) as f64;
+        // Binomial spread of the observed share, plus slack for flows straddling a switch.
+        let sigma = (weight * (100.0 - weight) / window.len().max(1) as f64).sqrt();
+        println!("step {weight}%: {canary}/{} requests on the canary = {share:.1}% (sigma {sigma:.1})", window.len());
+        assert!(window.len() >= 50, "too few requests in step {weight}%");
+        assert!((share - weight).abs() <= 4.0 * sigma + 2.0, "step {weight}%: observed {share:.1}%");
+    }
+    assert_eq!(canary_weight(&bed), "weight: 100%");
+}
+
+#[test]
+fn a_killed_canary_is_rolled_back_within_two_intervals() {
+    if !privileged("a_killed_canary_is_rolled_back_within_two_intervals") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    bed.write_config("sava.yaml", &gateway(TCP_CHECK)).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let traffic = Traffic::start(&bed, Duration::from_millis(2));
+    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,25,50,100", "--interval", "3s", "--min-flows", "5"])
+        .unwrap();
+    // Into the second step, then kill the canary, as the Vamp tutorial does.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while rollout(&bed)["step"] != 1 {
+        assert!(Instant::now() < deadline, "no second step");
+        thread::sleep(Duration::from_millis(50));
+    }
+    bed.stop_backend("10.10.2.21:8080").unwrap();
+    let killed = Instant::now();
+    let killed_ms = now_ms();
+    let rolled_back = wait_state(&bed, "rolled-back", Duration::from_secs(10));
+    let took = rolled_back - killed;
+    println!("rolled back {took:?} after the kill: {}", rollout(&bed)["reason"]);
+    assert!(took <= Duration::from_secs(5), "two intervals are 6 s, so within 5 s: took {took:?}");
+    assert_eq!(canary_weight(&bed), "weight: 0%");
+    let reasons: Vec<String> = events(&bed).iter().map(|e| e["message"].as_str().unwrap().to_string()).collect();
+    assert!(reasons.iter().any(|m| m.starts_with("rolled back:")), "{reasons:#?}");
+    let settled_ms = now_ms();
+    thread::sleep(Duration::from_secs(2));
+    let outcomes = traffic.finish();
+    let during = outcomes.iter().filter(|o| o.at_ms > killed_ms && o.at_ms < settled_ms && o.answer.is_err()).count();
+    let after: Vec<&Outcome> = outcomes.iter().filter(|o| o.at_ms > settled_ms).collect();
+    println!("{during} requests failed between the kill and the rollback; {} after it", after.len());
+    assert!(after.len() > 50);
+    assert!(after.iter().all(|o| o.answer.as_deref() == Ok("1.0.0")), "after the rollback every request succeeds on stable");
+}
+
+#[test]
+fn a_canary_answering_with_resets_is_rolled_back() {
+    if !privileged("a_canary_answering_with_resets_is_rolled_back") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &["--reset"]).unwrap();
+    // No health check: the canary accepts connections, only the datapath sees the resets.
+    bed.write_config("sava.yaml", &gateway("")).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let traffic = Traffic::start(&bed, Duration::from_millis(2));
+    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "20,50,100", "--interval", "2s", "--min-flows", "10", "--max-error-rate", "5%"])
+        .unwrap();
+    wait_state(&bed, "rolled-back", Duration::from_secs(10));
+    let r = rollout(&bed);
+    println!("{}", r["reason"]);
+    assert!(r["reason"].as_str().unwrap().contains("error rate"), "{r}");
+    assert_eq!(canary_weight(&bed), "weight: 0%");
+    let stats: serde_json::Value = serde_json::from_str(&bed.cli_ok(&["stats", "-o", "json"]).unwrap()).unwrap();
+    let canary = stats[0]["targets"].as_array().unwrap().iter().find(|t| t["route"] == CANARY).unwrap().clone();
+    assert!(canary["resets_from_target"].as_u64().unwrap() >= 10, "{canary}");
+    drop(traffic);
+}
+
+#[test]
+fn an_unhealthy_target_leaves_the_table_and_rejoins_while_its_route_keeps_its_share() {
+    if !privileged("an_unhealthy_target_leaves_the_table_and_rejoins_while_its_route_keeps_its_share") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    for addr in ["10.10.2.11", "10.10.2.12"] {
+        bed.start_backend(addr, 8080, "1.0.0", &[]).unwrap();
+    }
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    let yaml = gateway(TCP_CHECK)
+        .replace("weight: 100%\n    targets: [10.10.2.11:8080]", "weight: 50%\n    targets: [10.10.2.11:8080, 10.10.2.12:8080]")
+        .replace("weight: 0%", "weight: 50%");
+    bed.write_config("sava.yaml", &yaml).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let sample = |bed: &Testbed, n: usize| -> Vec<String> {
+        bed.client
+            .enter(|| (0..n).map(|_| http_get(&format!("{VIP}:9050"), None).unwrap()).collect())
+            .unwrap()
+    };
+    let count = |answers: &[String], needle: &str| answers.iter().filter(|a| a.contains(needle)).count();
+
+    bed.stop_backend("10.10.2.12:8080").unwrap();
+    bed.agent().wait_for_line("target 10.10.2.12:8080 unhealthy", Duration::from_secs(5)).unwrap();
+    let answers = sample(&bed, 300);
+    println!("one stable instance down: {} on .11, {} on .21", count(&answers, "10.10.2.11"), count(&answers, "10.10.2.21"));
+    assert_eq!(count(&answers, "10.10.2.12"), 0);
+    let stable = count(&answers, "1.0.0");
+    assert!((105..=195).contains(&stable), "the stable route keeps its 50%: {stable}/300");
+    let got = bed.cli_ok(&["get", GATEWAY]).unwrap();
+    assert!(got.contains("10.10.2.12:8080 unhealthy"), "get shows health: {got}");
+    let stats = bed.cli_ok(&["stats", "-o", "json"]).unwrap();
+    assert!(stats.contains("unhealthy"), "{stats}");
+
+    bed.start_backend("10.10.2.12", 8080, "1.0.0", &[]).unwrap();
+    bed.agent().wait_for_line("target 10.10.2.12:8080 healthy again", Duration::from_secs(5)).unwrap();
+    let answers = sample(&bed, 300);
+    let back = count(&answers, "10.10.2.12");
+    println!("instance back: {back}/300 on .12");
+    assert!((40..=110).contains(&back), "the instance takes its quarter again: {back}/300");
+}
+
+#[test]
+fn a_canary_with_slow_connection_setup_shows_it_and_is_rolled_back() {
+    if !privileged("a_canary_with_slow_connection_setup_shows_it_and_is_rolled_back") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    // Latency on the canary's side: its kernel loses half the SYNs it is sent (nftables in
+    // the backends' namespace), so clients retry a second later. (This kernel has no
+    // netem to delay packets instead.)
+    bed.backends
+        .run(
+            "nft",
+            &[
+                "add table ip slowcanary; \
+                 add chain ip slowcanary input { type filter hook input priority 0; }; \
+                 add rule ip slowcanary input ip daddr 10.10.2.21 tcp dport 8080 \
+                 tcp flags & (syn | ack) == syn numgen random mod 2 == 0 drop",
+            ],
+        )
+        .unwrap();
+    bed.write_config("sava.yaml", &gateway("")).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let traffic: Vec<Traffic> = (0..4).map(|_| Traffic::start(&bed, Duration::ZERO)).collect();
+    bed.cli_ok(&[
+        "canary", "start", GATEWAY, "--route", CANARY, "--steps", "50,100", "--interval", "5s", "--min-flows", "10",
+        "--max-connect-latency", "2x",
+    ])
+    .unwrap();
+    wait_state(&bed, "rolled-back", Duration::from_secs(20));
+    let r = rollout(&bed);
+    println!("{}", r["reason"]);
+    assert!(r["reason"].as_str().unwrap().contains("connect latency"), "{r}");
+    let (metrics, _) = curl(&bed, "/metrics");
+    let latency = |route: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("splitter_target_connect_latency_seconds") && l.contains(&format!("route=\"{route}\"")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no connect latency for {route} in metrics"))
+    };
+    let (canary, stable) = (latency(CANARY), latency(STABLE));
+    println!("connect latency: canary {:.2} ms, stable {:.3} ms", canary * 1e3, stable * 1e3);
+    assert!(canary > 2.0 * stable.max(0.0001), "canary {canary} vs stable {stable}");
+    let stats = bed.cli_ok(&["stats", GATEWAY]).unwrap();
+    println!("{stats}");
+    assert!(stats.contains("CONNECT"));
+    drop(traffic);
+}
