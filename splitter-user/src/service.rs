@@ -121,6 +121,8 @@ pub struct Service {
     from_config: BTreeMap<String, PathBuf>,
     /// Configuration files that failed to load, with their one-line error.
     config_errors: BTreeMap<PathBuf, String>,
+    /// The text of each configuration file when it was last applied.
+    applied_texts: BTreeMap<PathBuf, String>,
     /// Per-target new-flow counts when each gateway's current weights took effect, for
     /// the observed share since then.
     baselines: BTreeMap<String, BTreeMap<String, u64>>,
@@ -143,6 +145,7 @@ impl Service {
             history: BTreeMap::new(),
             from_config: BTreeMap::new(),
             config_errors: BTreeMap::new(),
+            applied_texts: BTreeMap::new(),
             baselines: BTreeMap::new(),
             program_id,
             started: Instant::now(),
@@ -278,10 +281,18 @@ impl Service {
         }
         let changed: Vec<Gateway> =
             staged.into_values().filter(|g| self.configured.get(&g.name) != Some(g)).collect();
+        // Rollouts running before this change are taken over by it (a rollout this very
+        // document starts is not).
+        let running_before: Vec<String> = self
+            .rollouts
+            .values()
+            .filter(|r| r.state == RolloutState::Progressing)
+            .map(|r| r.gateway.clone())
+            .collect();
         if let Err(e) = self.commit(&changed, true, &format!("applied from {origin}")) {
             return Response::error(409, format!("{origin}: {e:#}"));
         }
-        for g in &changed {
+        for g in changed.iter().filter(|g| running_before.contains(&g.name)) {
             self.pause_rollout_on_manual_change(&g.name);
         }
         if let Some(file) = owner {
@@ -645,7 +656,19 @@ impl Service {
             match gateway::parse_documents(&origin, &text) {
                 Ok(documents) => {
                     let names: Vec<String> = documents.iter().map(|d| d.gateway_name().to_string()).collect();
+                    // A file applied before and unchanged since stays as it is live: a
+                    // rollout may have moved its weights, and an edit of another file must
+                    // not undo that.
+                    if self.applied_texts.get(file) == Some(&text) && names.iter().all(|n| self.configured.contains_key(n)) {
+                        for n in names {
+                            defined.insert(n, file.clone());
+                        }
+                        continue;
+                    }
                     let response = self.apply_text(&origin, &text, None, Some(file));
+                    if response.status == 200 {
+                        self.applied_texts.insert(file.clone(), text.clone());
+                    }
                     if response.status != 200 {
                         broken.insert(file.clone(), response.body.trim_end().to_string());
                         // Its gateways stay as they are: not removed below either.

@@ -121,9 +121,12 @@ fn curl(bed: &Testbed, path: &str) -> (String, u16) {
     (body.to_string(), code.parse().unwrap())
 }
 
-/// The rollout's state, as `splitter canary status` reports it.
+/// The rollout's state, as `splitter canary status` reports it (null before it starts).
 fn rollout(bed: &Testbed) -> serde_json::Value {
     let (body, code) = curl(bed, &format!("/api/v1/canary/{GATEWAY}"));
+    if code == 404 {
+        return serde_json::Value::Null;
+    }
     assert_eq!(code, 200, "{body}");
     serde_json::from_str::<serde_json::Value>(&body).unwrap()[0].clone()
 }
@@ -357,4 +360,57 @@ fn a_canary_with_slow_connection_setup_shows_it_and_is_rolled_back() {
     println!("{stats}");
     assert!(stats.contains("CONNECT"));
     drop(traffic);
+}
+
+#[test]
+fn without_traffic_the_rollout_waits_and_says_so() {
+    if !privileged("without_traffic_the_rollout_waits_and_says_so") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    bed.write_config("sava.yaml", &gateway("")).unwrap();
+    bed.start_agent(&[]).unwrap();
+    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,100", "--interval", "500ms", "--min-flows", "20"])
+        .unwrap();
+    thread::sleep(Duration::from_millis(1800));
+    let r = rollout(&bed);
+    assert_eq!((r["state"].as_str(), r["step"].as_u64()), (Some("progressing"), Some(0)), "{r}");
+    assert_eq!(canary_weight(&bed), "weight: 10%");
+    let out = bed.cli_ok(&["events", GATEWAY]).unwrap();
+    println!("{out}");
+    assert!(out.contains("waiting at step 1: only 0 new canary flows in the window, 20 needed to judge"), "{out}");
+    // Traffic arrives: the rollout moves on.
+    let traffic = Traffic::start(&bed, Duration::ZERO);
+    wait_state(&bed, "promoted", Duration::from_secs(20));
+    drop(traffic);
+}
+
+#[test]
+fn a_canary_block_in_the_gateway_file_starts_the_rollout() {
+    if !privileged("a_canary_block_in_the_gateway_file_starts_the_rollout") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    bed.write_config("sava.yaml", &gateway(TCP_CHECK)).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let traffic = Traffic::start(&bed, Duration::ZERO);
+    let with_canary = format!(
+        "{}canary:\n  route: {CANARY}\n  steps: [20, 60, 100]\n  interval: 1s\n  min_flows: 10\n",
+        gateway(TCP_CHECK)
+    );
+    bed.write_config("sava.yaml", &with_canary).unwrap();
+    wait_state(&bed, "promoted", Duration::from_secs(20));
+    let out = bed.cli_ok(&["events", GATEWAY]).unwrap();
+    println!("{out}");
+    for needle in ["rollout: started: route sava/sava:1.1.0 through [20%, 60%, 100%] every 1s", "step 1/3", "step 2/3", "promoted"] {
+        assert!(out.contains(needle), "no {needle:?} in:\n{out}");
+    }
+    let status = bed.cli_ok(&["canary", "status", GATEWAY]).unwrap();
+    assert!(status.contains("promoted at step 3/3"), "{status}");
+    let outcomes = traffic.finish();
+    assert!(outcomes.iter().all(|o| o.answer.is_ok()), "no request failed during the rollout");
 }
