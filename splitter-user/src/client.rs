@@ -77,7 +77,8 @@ pub struct PromoteArgs {
 #[derive(Args)]
 pub struct RollbackArgs {
     gateway: String,
-    /// Also end the established flows of routes that lose all their weight.
+    /// Also move established flows off the targets whose share goes down: their next
+    /// packets are placed by the restored table (a flow placed elsewhere is reset).
     #[arg(long)]
     flush: bool,
     #[command(flatten)]

@@ -277,17 +277,17 @@ impl Datapath {
         Ok(())
     }
 
-    /// Ends the established flows of `name`'s targets that now have no weight (both
-    /// conntrack entries); returns how many flows.
-    pub fn flush_zero_weight_flows(&mut self, name: &str) -> Result<usize> {
+    /// The shares of a live gateway's targets (parts per million).
+    pub fn shares(&self, name: &str) -> Vec<(Target, u32)> {
+        self.gateways.get(name).map(|g| g.shares.clone()).unwrap_or_default()
+    }
+
+    /// Forgets the established flows of `name`'s `targets` (both conntrack entries): their
+    /// next packets are placed again by the live table. Returns how many flows.
+    pub fn flush_flows(&mut self, name: &str, targets: &[Target]) -> Result<usize> {
         let live = self.gateways.get(name).with_context(|| format!("no gateway {name}"))?;
-        let shares: BTreeMap<Target, u32> = live.shares.iter().copied().collect();
-        let slots: BTreeSet<u32> = live
-            .targets
-            .iter()
-            .filter(|(t, _)| shares.get(t).copied().unwrap_or(0) == 0)
-            .map(|(_, slot)| *slot)
-            .collect();
+        let slots: BTreeSet<u32> =
+            live.targets.iter().filter(|(t, _)| targets.contains(t)).map(|(_, slot)| *slot).collect();
         if slots.is_empty() {
             return Ok(0);
         }

@@ -42,7 +42,7 @@ enum Command {
     /// Promote a canary: the route takes 100%, every other route 0%.
     Promote(client::PromoteArgs),
     /// Back to the weights before the last change (`--flush` also moves established flows
-    /// off routes that lose all their weight).
+    /// off the targets that lose weight).
     Rollback(client::RollbackArgs),
     /// Per route and target: flows, packets, bytes, observed share of new flows against
     /// the configured weight.

@@ -474,13 +474,21 @@ impl Service {
             weights: previous.into_iter().map(|(route, w)| (route, Some(w))).collect(),
         };
         self.pause_rollout_on_manual_change(name);
+        let before = self.datapath.shares(name);
         let response = self.apply_update(&update, "rollback", false);
         if response.status != 200 || !flush {
             return response;
         }
-        match self.datapath.flush_zero_weight_flows(name) {
+        // The targets whose share went down lose their established flows too.
+        let after = self.datapath.shares(name);
+        let lost: Vec<Target> = before
+            .iter()
+            .filter(|(t, share)| after.iter().find(|(a, _)| a == t).is_none_or(|(_, s)| s < share))
+            .map(|(t, _)| *t)
+            .collect();
+        match self.datapath.flush_flows(name, &lost) {
             Ok(flows) => {
-                info!("rollback of {name}: flushed {flows} established flow(s) from routes at 0%");
+                info!("rollback of {name}: flushed {flows} established flow(s) from targets that lost weight");
                 Response { body: format!("{}# flushed {flows} established flow(s)\n", response.body), ..response }
             }
             Err(e) => Response::error(500, format!("rolled back, but flushing failed: {e:#}")),
@@ -990,7 +998,12 @@ impl Service {
         if let Err(e) = applied {
             message.push_str(&format!(" (the stable weights could not be applied: {e:#})"));
         } else if flush {
-            match self.datapath.flush_zero_weight_flows(gateway) {
+            let canary_targets: Vec<Target> = self
+                .configured
+                .get(gateway)
+                .map(|g| g.routes.iter().filter(|r| r.name == canary).flat_map(|r| r.targets.clone()).collect())
+                .unwrap_or_default();
+            match self.datapath.flush_flows(gateway, &canary_targets) {
                 Ok(n) => message.push_str(&format!("; {n} canary flow(s) flushed")),
                 Err(e) => message.push_str(&format!("; flushing failed: {e:#}")),
             }

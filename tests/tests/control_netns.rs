@@ -404,3 +404,38 @@ fn metrics_are_valid_prometheus_text() {
         .sum();
     assert_eq!(flows, 50.0, "50 requests, 50 new flows");
 }
+
+#[test]
+fn rollback_with_flush_moves_established_flows_off_the_route_that_lost_its_weight() {
+    if !privileged("rollback_with_flush_moves_established_flows_off_the_route_that_lost_its_weight") {
+        return;
+    }
+    let bed = sava_bed(&[]);
+    bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=0%")]).unwrap();
+    bed.cli_ok(&["promote", GATEWAY, CANARY]).unwrap();
+    let mut on_canary: Vec<LineClient> = bed
+        .client
+        .enter(|| {
+            (0..5)
+                .map(|_| {
+                    let mut c = LineClient::connect(&format!("{VIP}:9050")).unwrap();
+                    assert!(c.ask().unwrap().starts_with("1.1.0"));
+                    c
+                })
+                .collect()
+        })
+        .unwrap();
+    // A plain rollback leaves them be...
+    bed.cli_ok(&["rollback", GATEWAY]).unwrap();
+    for c in &mut on_canary {
+        assert!(c.ask().unwrap().starts_with("1.1.0"), "established flows stay without --flush");
+    }
+    // ...while --flush moves them off the canary, which lost its weight (100% -> 0%).
+    bed.cli_ok(&["promote", GATEWAY, CANARY]).unwrap();
+    let out = bed.cli_ok(&["rollback", GATEWAY, "--flush"]).unwrap();
+    println!("{out}");
+    assert!(out.contains("flushed 5 established flow(s)"), "{out}");
+    let moved = on_canary.iter_mut().map(|c| c.ask()).filter(|a| !matches!(a, Ok(a) if a.starts_with("1.1.0"))).count();
+    assert_eq!(moved, 5, "no flushed connection reaches the canary any more");
+    assert_eq!(count(&sample(&bed, 50), "1.0.0"), 50, "new connections go to stable");
+}
