@@ -163,6 +163,8 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     }
     let (checks_tx, checks_rx) = tokio::sync::mpsc::unbounded_channel();
     service.set_health_checks(checks_tx);
+    // Taken before the first read: a change made from now on is noticed.
+    let mut fingerprint = args.config.as_deref().map(service::config_fingerprint);
     service.sync_config();
 
     let (commands, inbox) = mpsc::channel::<Command>();
@@ -187,7 +189,6 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut sigusr1 = signal(SignalKind::user_defined1())?;
     let mut poll = tokio::time::interval(Duration::from_millis(250));
-    let mut fingerprint = args.config.as_deref().map(service::config_fingerprint);
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }

@@ -238,7 +238,18 @@ impl Datapath {
     /// Checks that `gateway` can be applied, without changing anything; `batch` are the
     /// gateways being applied together with it.
     pub fn check(&self, gateway: &Gateway, shares: &[(Target, u32)], batch: &[Gateway]) -> Result<()> {
-        let count = shares.len();
+        self.check_fits(gateway, shares.len(), batch)?;
+        if gateway.mode == Mode::FullNat {
+            for (target, _) in shares {
+                source_address_towards(target)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The target count, the VIP:port key and the gateway capacity, against the live
+    /// gateways as `batch` will leave them.
+    fn check_fits(&self, gateway: &Gateway, count: usize, batch: &[Gateway]) -> Result<()> {
         ensure!(
             count <= MAX_TARGETS_PER_GATEWAY as usize,
             "gateway {}: {count} targets, at most {MAX_TARGETS_PER_GATEWAY} are supported by the datapath",
@@ -251,7 +262,7 @@ impl Datapath {
                 gateway.name,
                 gateway.virtual_address,
                 gateway.port,
-                protocol_name(gateway.protocol)
+                gateway.protocol.name()
             )
         };
         for other in batch.iter().filter(|g| g.name != gateway.name) {
@@ -269,11 +280,6 @@ impl Datapath {
             gateway.name,
             self.limits.max_gateways
         );
-        if gateway.mode == Mode::FullNat {
-            for (target, _) in shares {
-                source_address_towards(target)?;
-            }
-        }
         Ok(())
     }
 
@@ -312,22 +318,9 @@ impl Datapath {
     /// share of new flows in parts per million.
     pub fn apply(&mut self, gateway: &Gateway, shares: &[(Target, u32)]) -> Result<u64> {
         let weighted = shares;
-        ensure!(
-            weighted.len() <= MAX_TARGETS_PER_GATEWAY as usize,
-            "gateway {}: {} targets, at most {MAX_TARGETS_PER_GATEWAY} are supported",
-            gateway.name,
-            weighted.len()
-        );
+        // Against the live gateways only: a map write must never take another's key.
+        self.check_fits(gateway, shares.len(), &[])?;
         let key = gateway_key(gateway);
-        if let Some((other, _)) = self.gateways.iter().find(|(n, g)| g.key == key && **n != gateway.name) {
-            bail!(
-                "gateway {}: {}:{}/{} is already served by gateway {other}",
-                gateway.name,
-                gateway.virtual_address,
-                gateway.port,
-                protocol_name(gateway.protocol)
-            );
-        }
         let id = match self.gateways.get(&gateway.name) {
             Some(live) => live.id,
             None => self.free_gateway_id()?,
@@ -564,13 +557,6 @@ fn gateway_key(gateway: &Gateway) -> GatewayKey {
             Protocol::Udp => PROTO_UDP,
         },
         _pad: 0,
-    }
-}
-
-fn protocol_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
     }
 }
 
