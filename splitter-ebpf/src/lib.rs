@@ -12,7 +12,7 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_jiffies64, bpf_ktime_get_ns, bpf_redirect},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -79,6 +79,47 @@ static TARGET_COUNTERS: PerCpuArray<TargetCounters> = PerCpuArray::with_max_entr
 #[map]
 static GATEWAY_COUNTERS: PerCpuArray<GatewayCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_GATEWAYS, 0);
 
+/// A FIB result kept for reuse: where packets from `src` to `dst` arriving on `ingress`
+/// leave, with which MACs, and the egress MTU.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NextHop {
+    src: u32,
+    dst: u32,
+    ingress: u32,
+    egress: u32,
+    /// `bpf_jiffies64` after which the entry is looked up again.
+    expires: u64,
+    mtu: u16,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    _pad: [u8; 2],
+}
+
+/// Slots of the per-CPU next-hop cache (a power of two; direct-mapped by address hash).
+const NEXT_HOP_SLOTS: u32 = 256;
+/// How long a cached FIB result is used (jiffies: 25 = 100 ms at HZ=250, 25 ms at
+/// HZ=1000): route and neighbour changes are seen within that time.
+const NEXT_HOP_TTL_JIFFIES: u64 = 25;
+
+/// Per-CPU next-hop cache in front of `bpf_fib_lookup`, which costs more than the rest of
+/// an established packet's path. Written and read by: this program only.
+#[map]
+static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(NEXT_HOP_SLOTS, 0);
+
+/// A coarse per-CPU clock: `bpf_ktime_get_ns` read once per jiffy, for UDP flows'
+/// last-seen times (the agent expires idle UDP flows after seconds). Written and read by:
+/// this program only.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CoarseClock {
+    jiffies: u64,
+    ns: u64,
+}
+
+#[map]
+static COARSE_CLOCK: PerCpuArray<CoarseClock> = PerCpuArray::with_max_entries(1, 0);
+
 const AF_INET: u8 = 2;
 /// IPv4 "more fragments" flag and fragment offset, as stored (network order).
 const IP_FRAGMENT_MASK: u16 = 0x3fffu16.to_be();
@@ -110,6 +151,40 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdp_drop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
+}
+
+/// A bare forwarder for benchmarks (the ceiling of any XDP forwarder on a testbed): FIB
+/// lookup, MAC rewrite and redirect of IPv4 packets, unchanged otherwise (no NAT, no maps);
+/// anything else, or a next hop the kernel has not resolved, is passed.
+#[xdp]
+pub fn xdp_forward(ctx: XdpContext) -> u32 {
+    let Ok(eth) = ptr_at::<EthHdr>(&ctx, 0) else { return xdp_action::XDP_PASS };
+    // SAFETY: `ptr_at` checked that a whole EthHdr lies inside the packet.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return xdp_action::XDP_PASS;
+    }
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(&ctx, EthHdr::LEN) else { return xdp_action::XDP_PASS };
+    // SAFETY: an all-zero bpf_fib_lookup is valid; the IP header is in bounds.
+    let mut fib: FibParams = unsafe { mem::zeroed() };
+    unsafe {
+        fib.family = AF_INET;
+        fib.l4_protocol = (*ip).proto;
+        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
+    }
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: `fib` is a valid bpf_fib_lookup on our stack, its size passed alongside.
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<FibParams>() as i32, 0) };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        return xdp_action::XDP_PASS;
+    }
+    write_macs(eth, &fib.dmac, &fib.smac);
+    if fib.ifindex == ctx.ingress_ifindex() as u32 {
+        return xdp_action::XDP_TX;
+    }
+    // SAFETY: bpf_redirect only records the target interface for this packet.
+    unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
 }
 
 #[inline(always)]
@@ -229,16 +304,47 @@ fn parse(ctx: &XdpContext) -> Result<Packet, PacketClass> {
     // SAFETY: the TCP/UDP header is in bounds and both start with the two ports; the IP
     // header is in bounds.
     let key = unsafe {
-        FlowKey {
-            src_addr: u32::from_ne_bytes((*ip).src_addr),
-            dst_addr: u32::from_ne_bytes((*ip).dst_addr),
-            src_port: ports_at.cast::<u16>().read_unaligned(),
-            dst_port: ports_at.add(2).cast::<u16>().read_unaligned(),
+        flow_key(
+            u32::from_ne_bytes((*ip).src_addr),
+            u32::from_ne_bytes((*ip).dst_addr),
+            ports_at.cast::<u16>().read_unaligned(),
+            ports_at.add(2).cast::<u16>().read_unaligned(),
             proto,
-            _pad: [0; 3],
-        }
+        )
     };
     Ok(Packet { eth, ip, l4_offset, key, tcp_flags, ip_len: u16::from_be_bytes(tot_len) })
+}
+
+/// A `FlowKey` built as four words (a struct literal's `_pad: [0; 3]` compiles to a call
+/// of a byte-wise memset on every packet).
+#[inline(always)]
+fn flow_key(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
+    let (sp, dp) = (src_port.to_ne_bytes(), dst_port.to_ne_bytes());
+    let words: [u32; 4] = [
+        src_addr,
+        dst_addr,
+        u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]),
+        u32::from_ne_bytes([proto, 0, 0, 0]),
+    ];
+    // SAFETY: FlowKey is `repr(C)`, 16 bytes without padding (src, dst, then the two ports
+    // and the protocol with three zero bytes, in native order) and valid for any bits.
+    let key: FlowKey = unsafe { mem::transmute(words) };
+    key
+}
+
+/// Writes both MAC addresses of the Ethernet header as 16-bit words (copying the arrays
+/// compiles to two calls of a byte-wise memmove).
+#[inline(always)]
+fn write_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6]) {
+    let at = eth.cast::<u16>();
+    // SAFETY: the caller checked that a whole EthHdr lies inside the packet; its first
+    // twelve bytes are the two addresses.
+    unsafe {
+        for i in 0..3 {
+            at.add(i).write_unaligned(u16::from_ne_bytes([dst[2 * i], dst[2 * i + 1]]));
+            at.add(3 + i).write_unaligned(u16::from_ne_bytes([src[2 * i], src[2 * i + 1]]));
+        }
+    }
 }
 
 /// A packet of a known flow. Returns `None` when the packet starts a new flow on the
@@ -278,9 +384,14 @@ fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Resu
             }
         }
     } else {
-        // UDP has no close: the agent forgets flows idle for longer than its timeout.
-        // SAFETY: see above.
-        unsafe { (*entry).last_seen_ns = bpf_ktime_get_ns() };
+        // UDP has no close: the agent forgets flows idle for longer than its timeout
+        // (seconds), so a clock read once per jiffy will do; the entry is written only when
+        // the time moved.
+        let now = coarse_now_ns();
+        if flow.last_seen_ns != now {
+            // SAFETY: see above.
+            unsafe { (*entry).last_seen_ns = now };
+        }
     }
     if let Some(c) = counters {
         let bytes = u64::from(packet.ip_len);
@@ -410,6 +521,22 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     Ok(forward(ctx, packet, &to_target))
 }
 
+/// `bpf_ktime_get_ns` as of this CPU's last jiffy (at most one jiffy old).
+#[inline(always)]
+fn coarse_now_ns() -> u64 {
+    // SAFETY: bpf_jiffies64 has no preconditions.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(clock) = COARSE_CLOCK.get_ptr_mut(0) else { return now_ns() };
+    // SAFETY: this CPU's slot; nothing else writes it while we run here.
+    unsafe {
+        if (*clock).jiffies != jiffies {
+            (*clock).jiffies = jiffies;
+            (*clock).ns = now_ns();
+        }
+        (*clock).ns
+    }
+}
+
 #[inline(always)]
 fn now_ns() -> u64 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -454,6 +581,24 @@ fn rewrite(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> Result<(), Error>
 /// MAC; without a resolved neighbour (or for a local destination) the kernel forwards it.
 #[inline(always)]
 fn forward(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> u32 {
+    let ingress = ctx.ingress_ifindex() as u32;
+    // SAFETY: bpf_jiffies64 has no preconditions.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let slot = (to.src_addr ^ to.dst_addr.rotate_left(16) ^ ingress).wrapping_mul(0x9e37_79b1) >> 24;
+    let cached = NEXT_HOPS.get_ptr_mut(slot & (NEXT_HOP_SLOTS - 1));
+    if let Some(hop) = cached {
+        // SAFETY: this CPU's slot; nothing else writes it while we run here.
+        let hop = unsafe { &*hop };
+        if hop.dst == to.dst_addr
+            && hop.src == to.src_addr
+            && hop.ingress == ingress
+            && jiffies < hop.expires
+            && packet.ip_len <= hop.mtu
+        {
+            write_macs(packet.eth, &hop.dmac, &hop.smac);
+            return send(hop.egress, ingress);
+        }
+    }
     // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain integers and unions of
     // integers).
     let mut fib: FibParams = unsafe { mem::zeroed() };
@@ -468,18 +613,24 @@ fn forward(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> u32 {
     // SAFETY: `fib` is a valid bpf_fib_lookup on our stack, its size passed alongside.
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<FibParams>() as i32, 0) };
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        // SAFETY: the Ethernet header is in bounds (checked by `parse`).
-        unsafe {
-            (*packet.eth).dst_addr = fib.dmac;
-            (*packet.eth).src_addr = fib.smac;
+        write_macs(packet.eth, &fib.dmac, &fib.smac);
+        if let Some(hop) = cached {
+            // SAFETY: this CPU's slot; on success the FIB wrote the egress MTU over tot_len.
+            unsafe {
+                *hop = NextHop {
+                    src: to.src_addr,
+                    dst: to.dst_addr,
+                    ingress,
+                    egress: fib.ifindex,
+                    expires: jiffies + NEXT_HOP_TTL_JIFFIES,
+                    mtu: fib.__bindgen_anon_1.mtu_result,
+                    smac: fib.smac,
+                    dmac: fib.dmac,
+                    _pad: [0; 2],
+                };
+            }
         }
-        if fib.ifindex == ctx.ingress_ifindex() as u32 {
-            count_event(ForwardEvent::TX);
-            return xdp_action::XDP_TX;
-        }
-        count_event(ForwardEvent::REDIRECT);
-        // SAFETY: bpf_redirect only records the target interface for this packet.
-        return unsafe { bpf_redirect(fib.ifindex, 0) } as u32;
+        return send(fib.ifindex, ingress);
     }
     count_event(if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         ForwardEvent::PASS_NO_NEIGH
@@ -487,6 +638,19 @@ fn forward(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> u32 {
         ForwardEvent::PASS_FIB
     });
     xdp_action::XDP_PASS
+}
+
+/// Sends a forwarded packet out of `egress`: back out of the interface it came in on, or
+/// redirected to another.
+#[inline(always)]
+fn send(egress: u32, ingress: u32) -> u32 {
+    if egress == ingress {
+        count_event(ForwardEvent::TX);
+        return xdp_action::XDP_TX;
+    }
+    count_event(ForwardEvent::REDIRECT);
+    // SAFETY: bpf_redirect only records the target interface for this packet.
+    unsafe { bpf_redirect(egress, 0) as u32 }
 }
 
 #[cfg(not(test))]

@@ -1,12 +1,24 @@
-//! `splitter-bench [SECTION ...] [--no-write]`: runs benchmarks, prints their figures and
-//! refreshes their sections of docs/BENCHMARKS.md (each section is replaced whole; the rest
-//! of the file is kept).
+//! `splitter-bench [SECTION ...] [--quick] [--no-write]`: runs benchmarks, prints their
+//! figures and refreshes their sections of docs/BENCHMARKS.md (each section is replaced
+//! whole; the rest of the file is kept), plus the summary and the throughput plot
+//! (docs/benchmarks-throughput.svg) when a throughput section ran.
 //!
 //! Sections (default: all):
+//! - `forward`: 64-byte UDP forwarding through the splitter (full NAT, DNAT), nftables DNAT,
+//!   kernel routing and a bare XDP forwarder: CPU per packet above an XDP_DROP floor, pps.
+//! - `connect`: TCP connection rate and latency through the splitter, nftables, HAProxy.
+//! - `testrun`: per-packet cost under BPF_PROG_TEST_RUN.
+//! - `weights`: weight-change latency and packets lost during 1000 changes under load.
+//! - `memory`: map memory at 1, 100 and 1000 gateways.
 //! - `table`: bucket table build time for 1, 8 and 64 targets, and slots moved by changes.
 //!
-//! Run through `cargo xtask bench` (builds everything first), or directly:
-//! `cargo run --release -p splitter-tests --bin splitter-bench -- table`.
+//! Everything but `table` needs root (namespaces, XDP); missing tools (trafgen from
+//! netsniff-ng, nft, haproxy, ethtool) are installed with apt-get. Run through
+//! `cargo xtask bench [-- ARGS]` (builds everything first), or directly:
+//! `cargo run --release -p splitter-tests --bin splitter-bench -- forward --quick`.
+
+#[path = "../bench/mod.rs"]
+mod bench;
 
 use std::{
     env, fs,
@@ -16,12 +28,15 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use bench::{Figures, Options};
 use splitter_common::table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE};
 
 /// A benchmark: its name on the command line and the function that runs it.
 struct Benchmark {
     name: &'static str,
-    run: fn() -> Section,
+    /// Needs root (namespaces, BPF).
+    privileged: bool,
+    run: fn(Options, &mut Figures) -> anyhow::Result<Section>,
 }
 
 /// One section of docs/BENCHMARKS.md: a `## title` heading and its Markdown body.
@@ -30,25 +45,39 @@ struct Section {
     body: String,
 }
 
-const BENCHMARKS: &[Benchmark] = &[Benchmark {
-    name: "table",
-    run: table_build,
-}];
+const BENCHMARKS: &[Benchmark] = &[
+    Benchmark { name: "forward", privileged: true, run: forward },
+    Benchmark { name: "connect", privileged: true, run: connect },
+    Benchmark { name: "testrun", privileged: true, run: testrun },
+    Benchmark { name: "weights", privileged: true, run: weights },
+    Benchmark { name: "memory", privileged: true, run: memory },
+    Benchmark { name: "table", privileged: false, run: |_, _| Ok(table_build()) },
+];
 
-const USAGE: &str = "usage: splitter-bench [SECTION ...] [--no-write]
+const USAGE: &str = "usage: splitter-bench [SECTION ...|all] [--quick] [--no-write]
 
 Runs the benchmarks (default: all), prints their figures and refreshes their sections of
-docs/BENCHMARKS.md (--no-write: print only).
+docs/BENCHMARKS.md, the summary and docs/benchmarks-throughput.svg (--no-write: print only).
+--quick: shorter runs and fewer repetitions (a smoke run).
 
 sections:
-  table   bucket table build time for 1, 8 and 64 targets; slots moved by changes";
+  forward  64-byte UDP forwarding: splitter (full NAT, DNAT), nftables DNAT, kernel routing,
+           bare XDP forwarder; CPU per packet above an XDP_DROP floor, packets/s (root)
+  connect  TCP connection rate and latency: splitter, nftables DNAT, HAProxy (root)
+  testrun  per-packet cost under BPF_PROG_TEST_RUN (root)
+  weights  weight-change latency, packets lost during 1000 changes under load (root)
+  memory   map memory at 1, 100 and 1000 gateways (root)
+  table    bucket table build time for 1, 8 and 64 targets; slots moved by changes";
 
 fn main() -> ExitCode {
     let mut write = true;
+    let mut quick = false;
     let mut chosen: Vec<&Benchmark> = Vec::new();
     for arg in env::args().skip(1) {
         match arg.as_str() {
             "--no-write" => write = false,
+            "--quick" => quick = true,
+            "all" => chosen.extend(BENCHMARKS.iter()),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -65,23 +94,164 @@ fn main() -> ExitCode {
     if chosen.is_empty() {
         chosen = BENCHMARKS.iter().collect();
     }
+    chosen.dedup_by_key(|b| b.name);
+    let opts = Options { quick };
+    let started = Instant::now();
+    let load_before = bench::loadavg();
+    let mut figures = Figures::default();
+    let mut failed = Vec::new();
+    let mut sections = Vec::new();
     for benchmark in chosen {
-        let section = (benchmark.run)();
-        println!("## {}\n\n{}", section.title, section.body);
-        if write {
-            if let Err(err) = write_section(&section) {
-                eprintln!(
-                    "splitter-bench: cannot update {}: {err}",
-                    benchmarks_file().display()
-                );
-                return ExitCode::FAILURE;
+        if benchmark.privileged && !bench::is_root() {
+            eprintln!("SKIPPED {}: needs root (network namespaces, XDP, BPF_PROG_TEST_RUN)", benchmark.name);
+            continue;
+        }
+        let load = bench::loadavg();
+        let section_start = Instant::now();
+        bench::say(format!("section {} (load average {load})", benchmark.name));
+        match (benchmark.run)(opts, &mut figures) {
+            Ok(mut section) => {
+                if benchmark.privileged {
+                    section.body.push_str(&format!(
+                        "\n{}Load average (1, 5, 15 min) before / after this section: {load} / {}; it took {:.0} s.{}\n",
+                        provenance(benchmark.name),
+                        bench::loadavg(),
+                        section_start.elapsed().as_secs_f64(),
+                        if quick { " **Quick run (--quick): shorter runs, fewer repetitions.**" } else { "" }
+                    ));
+                }
+                println!("## {}\n\n{}", section.title, section.body);
+                sections.push(section);
+            }
+            Err(err) => {
+                eprintln!("splitter-bench: section {} failed: {err:#}", benchmark.name);
+                failed.push(benchmark.name);
             }
         }
     }
-    if write {
-        println!("(written to {})", benchmarks_file().display());
+    let checks = figures.checks();
+    if !checks.is_empty() {
+        let summary = summary(&figures, &checks, &load_before, started.elapsed(), quick);
+        println!("## {}\n\n{}", summary.title, summary.body);
+        sections.insert(0, summary);
     }
-    ExitCode::SUCCESS
+    if write {
+        for section in &sections {
+            if let Err(err) = write_section(section) {
+                eprintln!("splitter-bench: cannot update {}: {err}", benchmarks_file().display());
+                return ExitCode::FAILURE;
+            }
+        }
+        if let Some(svg) = bench::plot::svg(&figures, &format!("{}, {} CPUs, {}", cpu_model(), cpus(), today())) {
+            let path = benchmarks_file().with_file_name("benchmarks-throughput.svg");
+            if let Err(err) = fs::write(&path, svg) {
+                eprintln!("splitter-bench: cannot write {}: {err}", path.display());
+                return ExitCode::FAILURE;
+            }
+            println!("(plot written to {})", path.display());
+        }
+        if !sections.is_empty() {
+            println!("(written to {})", benchmarks_file().display());
+        }
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("splitter-bench: failed sections: {failed:?}");
+        ExitCode::FAILURE
+    }
+}
+
+fn forward(opts: Options, figures: &mut Figures) -> anyhow::Result<Section> {
+    let r = bench::forward::run(opts)?;
+    let body = bench::forward::section(&r);
+    figures.forward = Some(r);
+    Ok(Section { title: "Forwarding: 64-byte UDP, CPU per packet and packets/s", body })
+}
+
+fn connect(opts: Options, figures: &mut Figures) -> anyhow::Result<Section> {
+    let r = bench::connect::run(opts)?;
+    let body = bench::connect::section(&r);
+    figures.connect = Some(r);
+    Ok(Section { title: "TCP connections: rate and latency", body })
+}
+
+fn testrun(opts: Options, figures: &mut Figures) -> anyhow::Result<Section> {
+    let r = bench::testrun::run(opts)?;
+    let body = bench::testrun::section(&r);
+    figures.testrun = Some(r);
+    Ok(Section { title: "Per-packet cost under BPF_PROG_TEST_RUN", body })
+}
+
+fn weights(opts: Options, figures: &mut Figures) -> anyhow::Result<Section> {
+    let r = bench::weights::run(opts)?;
+    let body = bench::weights::section(&r);
+    figures.weights = Some(r);
+    Ok(Section { title: "Weight changes under load", body })
+}
+
+fn memory(opts: Options, figures: &mut Figures) -> anyhow::Result<Section> {
+    let r = bench::memory::run(opts)?;
+    let body = bench::memory::section(&r);
+    figures.memory = Some(r);
+    Ok(Section { title: "Map memory", body })
+}
+
+/// The targets of the issue against what this run measured.
+fn summary(figures: &Figures, checks: &[bench::TargetCheck], load_before: &str, took: Duration, quick: bool) -> Section {
+    let mut rows = String::new();
+    for c in checks {
+        rows.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            c.what,
+            c.measured,
+            c.target,
+            if c.met { "met".to_string() } else if c.note.is_empty() { "**missed**".to_string() } else { format!("**missed** ({})", c.note) }
+        ));
+    }
+    let plot = if figures.forward.is_some() || figures.connect.is_some() {
+        "![throughput against the alternatives](benchmarks-throughput.svg)\n\n"
+    } else {
+        ""
+    };
+    let body = format!(
+        "Targets of the benchmark issue against the figures of this run (details in the sections below; \
+         every figure is from the same run on the same testbeds).\n\n\
+         | figure | measured | target | verdict |\n|---|---|---|---|\n{rows}\n{plot}\
+         Command: `cargo xtask bench{}` (builds everything, then runs `splitter-bench{}`).  \n\
+         Machine: {} CPUs (nproc), {}, {} GiB RAM, kernel {}; measured {}; the run took {:.0} s.  \n\
+         Load average (1, 5, 15 min) before / after: {load_before} / {}. Other engineers' builds may have \
+         been running on the other CPU: see each section's load figures.\n",
+        if quick { " -- --quick" } else { "" },
+        if quick { " --quick" } else { "" },
+        cpus(),
+        cpu_model(),
+        mem_gib(),
+        kernel(),
+        today(),
+        took.as_secs_f64(),
+        bench::loadavg(),
+    );
+    Section { title: "Summary: side by side, against the targets", body }
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+fn mem_gib() -> String {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next().and_then(|k| k.parse::<f64>().ok()))
+        })
+        .map_or("?".into(), |kb| format!("{:.0}", kb / 1024.0 / 1024.0))
+}
+
+fn kernel() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease").map_or("?".into(), |s| s.trim().to_string())
 }
 
 /// Table build time: targets with varied weights, each size repeated for about a second.
@@ -197,9 +367,9 @@ fn micros(duration: Duration) -> String {
 fn provenance(section: &str) -> String {
     format!(
         "Command: `cargo xtask bench` (builds everything, then runs all sections), or this section \
-         alone: `cargo run --release -p splitter-tests --bin splitter-bench -- {section}`.  \n\
+         alone: `cargo xtask bench -- {section}`.  \n\
          Machine: {} CPUs (nproc), {}; measured {}.\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpus(),
         cpu_model(),
         today(),
     )
