@@ -139,6 +139,14 @@ fn cli_and_curl_change_weights_under_traffic_without_failures() {
     let traffic = Traffic::start(&bed);
     thread::sleep(Duration::from_millis(300));
 
+    // CLI: apply a file (a weights-only update, as in the Vamp tutorial).
+    let update = bed.run_dir.path().join("sava-80-20.yaml");
+    std::fs::write(&update, format!("name: {GATEWAY}\nport: 9050/http\nroutes:\n  {STABLE}:\n    weight: 80%\n  {CANARY}:\n    weight: 20%\n")).unwrap();
+    bed.cli_ok(&["apply", "-f", update.to_str().unwrap()]).unwrap();
+    let seen = sample(&bed, 200);
+    println!("after apply 80/20: {seen:?}");
+    assert!((20..=65).contains(&count(&seen, "1.1.0")), "{seen:?}");
+
     // CLI: weight, then the other routes share what is left.
     bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=50%")]).unwrap();
     let seen = sample(&bed, 200);

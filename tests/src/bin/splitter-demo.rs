@@ -4,8 +4,9 @@
 //! both of its interfaces) and a backends namespace running sava 1.0.0 and sava 1.1.0 as
 //! real HTTP servers. The client asks 100 times per round, like DC/OS's canary-check.sh,
 //! and prints which version answered while an operator moves the weights with the CLI:
-//! 90/10 -> `weight` 50% -> `promote` -> `rollback` -> `rollback`. Everything is removed
-//! when the demo ends (Ctrl-C too).
+//! 90/10 -> `weight` 50% -> `promote` -> `rollback` -> `rollback`; then the agent rolls
+//! the canary out by itself (`splitter canary start`). Everything is removed when the demo
+//! ends (Ctrl-C too).
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -44,6 +45,34 @@ routes:
     targets: [10.10.2.21:8080]
 "
     )
+}
+
+/// The canary again, this time rolled out by the agent itself, step by step, while the
+/// client keeps asking.
+fn automated_rollout(bed: &Testbed) -> Result<()> {
+    let start = ["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,25,50,100", "--interval", "2s", "--min-flows", "10"];
+    println!("== an automated rollout: the agent moves the canary itself, judging every step");
+    println!("   $ splitter {}", start.join(" "));
+    bed.cli_ok(&start)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline && !STOP.load(Ordering::Relaxed) {
+        let (v1, v2) = bed.client.enter(|| {
+            let answers: Vec<String> = (0..100).filter_map(|_| http_get(&format!("{VIP}:9050"), None).ok()).collect();
+            (answers.iter().filter(|a| a.starts_with("1.0.0")).count(), answers.iter().filter(|a| a.starts_with("1.1.0")).count())
+        })?;
+        let status = bed.cli_ok(&["canary", "status", GATEWAY])?;
+        let state = status.lines().next().unwrap_or("").split(": ").nth(1).unwrap_or("").to_string();
+        println!("   Out of 100 clients {v1} saw 1.0.0 and {v2} saw 1.1.0   [{}]", state.split(';').next().unwrap_or(""));
+        if status.contains("promoted") || status.contains("rolled-back") {
+            break;
+        }
+        thread::sleep(Duration::from_millis(300));
+    }
+    println!("== $ splitter events {GATEWAY}");
+    for line in bed.cli_ok(&["events", GATEWAY])?.lines().filter(|l| l.contains("rollout:")) {
+        println!("   {line}");
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -100,6 +129,10 @@ fn main() -> Result<()> {
             println!("   Out of 100 clients {v1} saw 1.0.0 and {v2} saw 1.1.0{failures}");
             thread::sleep(Duration::from_millis(300));
         }
+    }
+
+    if !STOP.load(Ordering::Relaxed) {
+        automated_rollout(&bed)?;
     }
 
     println!("== $ splitter stats {GATEWAY}");
