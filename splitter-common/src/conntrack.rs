@@ -50,6 +50,26 @@ pub const fn tcp_verdict(entry_flags: u32, tcp_flags: u8) -> TcpVerdict {
     }
 }
 
+/// How long after its FINs a closed TCP flow's full-NAT source port may be taken by a new
+/// flow (time for the last ACK and a few retransmissions), instead of waiting for the
+/// agent's sweep: at high connection rates the ports would otherwise run out.
+pub const PORT_REUSE_AFTER_NS: u64 = 1_000_000_000;
+
+/// True when a new flow may take over the source port held by a TCP flow whose reply
+/// entry is `reply` and forward entry `forward` (`None`: already gone): both directions
+/// have sent their FIN, the target's at least `PORT_REUSE_AFTER_NS` ago.
+pub const fn port_reusable(reply: &FlowEntry, forward: Option<&FlowEntry>, now_ns: u64) -> bool {
+    if reply.rewritten.proto != PROTO_TCP || reply.flags & FLOW_FIN_SEEN == 0 {
+        return false;
+    }
+    if let Some(f) = forward {
+        if f.flags & FLOW_FIN_SEEN == 0 {
+            return false;
+        }
+    }
+    now_ns.saturating_sub(reply.last_seen_ns) >= PORT_REUSE_AFTER_NS
+}
+
 /// Idle and close timeouts the agent's conntrack sweep applies (nanoseconds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
@@ -133,6 +153,22 @@ mod tests {
             last_seen_ns: last,
             ..bytemuck::Zeroable::zeroed()
         }
+    }
+
+    #[test]
+    fn ports_of_flows_closed_both_ways_are_reused_after_a_second() {
+        let s = 1_000_000_000u64;
+        let reply = entry(PROTO_TCP, FLOW_FROM_TARGET | FLOW_FIN_SEEN, 10 * s);
+        let closed = entry(PROTO_TCP, FLOW_TO_TARGET | FLOW_FIN_SEEN, 10 * s);
+        let open = entry(PROTO_TCP, FLOW_TO_TARGET, 10 * s);
+        assert!(port_reusable(&reply, Some(&closed), 11 * s));
+        assert!(port_reusable(&reply, None, 11 * s), "forward entry already gone");
+        assert!(!port_reusable(&reply, Some(&closed), 10 * s + s / 2), "too recent");
+        assert!(!port_reusable(&reply, Some(&open), 20 * s), "the client may still send");
+        let live = entry(PROTO_TCP, FLOW_FROM_TARGET, 0);
+        assert!(!port_reusable(&live, None, 20 * s));
+        let udp = entry(PROTO_UDP, FLOW_FROM_TARGET | FLOW_FIN_SEEN, 0);
+        assert!(!port_reusable(&udp, None, 20 * s));
     }
 
     #[test]

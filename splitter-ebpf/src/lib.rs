@@ -27,7 +27,7 @@ use network_types::{
     udp::UdpHdr,
 };
 use splitter_common::{
-    conntrack::{tcp_verdict, TcpVerdict, TCP_ACK, TCP_SYN},
+    conntrack::{port_reusable, tcp_verdict, TcpVerdict, TCP_ACK, TCP_SYN},
     csum::CsumDelta,
     flow::{bucket_slot, client_hash, flow_hash, snat_port, SNAT_PORT_TRIES},
     maps::{
@@ -481,8 +481,21 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         // Taken: by this very flow (its forward entry was evicted, or another CPU got
         // its first packet too), or by another flow, then try the next port.
         // SAFETY: the value is copied out at once.
-        if let Some(existing) = unsafe { CONNTRACK.get(&reply_key) } {
-            if existing.rewritten == from_target.rewritten {
+        let Some(existing) = (unsafe { CONNTRACK.get(&reply_key) }).copied() else { continue };
+        if existing.rewritten == from_target.rewritten {
+            claimed = true;
+            break;
+        }
+        // A flow closed both ways a while ago: take its port now rather than wait for
+        // the agent's sweep (it is removed with its forward entry, then claimed again
+        // atomically: another CPU may win it).
+        let old_forward = existing.rewritten.reversed();
+        // SAFETY: the value is copied out at once.
+        let forward = unsafe { CONNTRACK.get(&old_forward) }.copied();
+        if port_reusable(&existing, forward.as_ref(), now) {
+            let _ = CONNTRACK.remove(&old_forward);
+            let _ = CONNTRACK.remove(&reply_key);
+            if CONNTRACK.insert(&reply_key, &from_target, u64::from(BPF_NOEXIST)).is_ok() {
                 claimed = true;
                 break;
             }
