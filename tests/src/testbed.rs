@@ -234,6 +234,21 @@ impl Testbed {
         ))
     }
 
+    /// `curl --unix-socket <the agent's socket> ARGS` (the control API as operators call
+    /// it); returns the body and the HTTP status.
+    pub fn curl(&self, args: &[&str]) -> (String, u16) {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--unix-socket"])
+            .arg(self.socket())
+            .args(["-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .expect("curl (apt package curl)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').expect("curl printed the status");
+        (body.to_string(), code.parse().expect("an HTTP status"))
+    }
+
     /// Like `cli`, failing unless the command succeeds; returns stdout.
     pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
         let (code, out, err) = self.cli(args)?;

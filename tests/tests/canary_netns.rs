@@ -110,15 +110,7 @@ fn events(bed: &Testbed) -> Vec<serde_json::Value> {
 }
 
 fn curl(bed: &Testbed, path: &str) -> (String, u16) {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--unix-socket"])
-        .arg(bed.socket())
-        .args(["-w", "\n%{http_code}", &format!("http://splitter{path}")])
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (body.to_string(), code.parse().unwrap())
+    bed.curl(&[&format!("http://splitter{path}")])
 }
 
 /// The rollout's state, as `splitter canary status` reports it (null before it starts).

@@ -117,19 +117,6 @@ fn count(seen: &BTreeMap<String, usize>, version: &str) -> usize {
     seen.get(version).copied().unwrap_or(0)
 }
 
-fn curl(bed: &Testbed, args: &[&str]) -> (String, u16) {
-    let out = Command::new("curl")
-        .args(["-sS", "--unix-socket"])
-        .arg(bed.socket())
-        .args(["-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl (apt package curl)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (body.to_string(), code.parse().unwrap())
-}
-
 #[test]
 fn cli_and_curl_change_weights_under_traffic_without_failures() {
     if !privileged("cli_and_curl_change_weights_under_traffic_without_failures") {
@@ -168,18 +155,18 @@ fn cli_and_curl_change_weights_under_traffic_without_failures() {
 
     // curl: a weights-only PUT, the Vamp tutorial's document.
     let doc = format!("name: {GATEWAY}\nport: 9050/http\nroutes:\n  {STABLE}:\n    weight: 100%\n  {CANARY}:\n    weight: 0%\n");
-    let (body, code) = curl(&bed, &["-X", "PUT", "--data-binary", &doc, &format!("http://splitter/api/v1/gateways/{GATEWAY}")]);
+    let (body, code) = bed.curl(&["-X", "PUT", "--data-binary", &doc, &format!("http://splitter/api/v1/gateways/{GATEWAY}")]);
     assert_eq!(code, 200, "{body}");
     let seen = sample(&bed, 100);
     assert_eq!(count(&seen, "1.0.0"), 100, "after curl PUT 100/0: {seen:?}");
     // curl: promote and rollback endpoints.
-    let (body, code) = curl(&bed, &["-X", "POST", &format!("http://splitter/api/v1/promote/{GATEWAY}?route=sava%2Fsava%3A1.1.0")]);
+    let (body, code) = bed.curl(&["-X", "POST", &format!("http://splitter/api/v1/promote/{GATEWAY}?route=sava%2Fsava%3A1.1.0")]);
     assert_eq!(code, 200, "{body}");
     assert_eq!(count(&sample(&bed, 50), "1.1.0"), 50);
-    let (body, code) = curl(&bed, &["-X", "POST", &format!("http://splitter/api/v1/rollback/{GATEWAY}")]);
+    let (body, code) = bed.curl(&["-X", "POST", &format!("http://splitter/api/v1/rollback/{GATEWAY}")]);
     assert_eq!(code, 200, "{body}");
     assert_eq!(count(&sample(&bed, 50), "1.0.0"), 50);
-    let (json, code) = curl(&bed, &["-H", "Accept: application/json", &format!("http://splitter/api/v1/gateways/{GATEWAY}")]);
+    let (json, code) = bed.curl(&["-H", "Accept: application/json", &format!("http://splitter/api/v1/gateways/{GATEWAY}")]);
     assert_eq!(code, 200);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["name"], GATEWAY);
@@ -216,7 +203,7 @@ fn bad_requests_change_nothing() {
     ];
     for (what, args, status, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (body, code) = curl(&bed, &args);
+        let (body, code) = bed.curl(&args);
         println!("{what}: {code} {}", body.trim_end());
         assert_eq!(code, status, "{what}: {body}");
         assert_eq!(body.trim_end().lines().count(), 1, "{what}: one line, got {body:?}");
@@ -316,7 +303,7 @@ fn kill_9_keeps_traffic_flowing_and_a_restarted_agent_adopts_it() {
     let (ok, failures) = traffic.finish();
     println!("traffic across kill -9 and restart: {ok} requests, {} failed", failures.len());
     println!("{:?}", bed.cli_ok(&["stats", "-o", "json"]));
-    let (m, _) = curl(&bed, &["http://splitter/metrics"]);
+    let (m, _) = bed.curl(&["http://splitter/metrics"]);
     println!("{}", m.lines().filter(|l| l.starts_with("splitter_packets_total") || l.starts_with("splitter_gateway")).collect::<Vec<_>>().join("\n"));
     assert!(failures.is_empty(), "{failures:?}");
 
@@ -376,7 +363,7 @@ fn metrics_are_valid_prometheus_text() {
     }
     let bed = sava_bed(&[]);
     sample(&bed, 50);
-    let (text, code) = curl(&bed, &["http://splitter/metrics"]);
+    let (text, code) = bed.curl(&["http://splitter/metrics"]);
     assert_eq!(code, 200);
     let lines: Vec<String> = text.lines().map(str::to_string).collect();
     let scrape = prometheus_parse::Scrape::parse(lines.into_iter().map(Ok)).expect("parses as Prometheus text");
