@@ -1,19 +1,8 @@
 //! `splitter`: the agent (privileged daemon) and the operator's CLI.
 
-mod agent;
-mod canary;
-mod client;
-mod control;
-mod datapath;
-mod events;
-mod gateway;
-mod health;
-mod metrics;
-mod pin;
-mod service;
-mod system;
 
 use clap::{Parser, Subcommand};
+use splitter_user::{agent, client, gateway};
 
 /// XDP canary traffic splitter: weighted, connection-preserving splits of new flows
 /// across versioned backends.

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask build | test | demo | bench`.
+//! Developer tasks: `cargo xtask build | test | demo | bench | soak | fuzz`.
 //!
 //! `build` works from a fresh clone: it installs bpf-linker (against the compiling
 //! toolchain's own libLLVM, cached under `~/.cache/splitter`), the rust components it needs,
@@ -23,6 +23,11 @@ tasks:
   test  [--route ...] [-- TEST-ARGS]   build, then run every test (privileged tests need root)
   demo  [--route ...]                  build, then run the live-split demo in network namespaces (root)
   bench [--route ...]                  build, then run the benchmarks and print their figures
+  soak  [--minutes N]                  build, then run real connections through the splitter for N
+                                       minutes while weights change, targets flap and the agent is
+                                       killed and restarted (root; not part of `test`)
+  fuzz  [--seconds N] [TARGET...]      build, then run each fuzz target for N seconds (cargo-fuzz,
+                                       installed if missing; the packet fuzzer needs root)
 
 routes (how the eBPF object is built):
   standard  nightly + rust-src + -Z build-std=core for bpfel-unknown-none (the ecosystem's route)
@@ -69,6 +74,11 @@ fn run() -> Result<()> {
             let art = build::build_all(&opts)?;
             ensure_system_tools(&["ip"])?;
             run_tool(&art, "splitter-bench", &rest)?;
+        }
+        "soak" => {
+            let art = build::build_all(&opts)?;
+            ensure_system_tools(&["ip"])?;
+            run_tool(&art, "splitter-soak", &rest)?;
         }
         other => bail!("unknown task {other:?}\n{USAGE}"),
     }
