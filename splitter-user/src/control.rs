@@ -33,13 +33,19 @@ pub type Reply = hyper::Response<Full<Bytes>>;
 pub async fn serve_listener(listener: UnixListener, commands: mpsc::Sender<Command>) -> Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
-        let commands = commands.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| handle(req, commands.clone()));
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                debug!("control connection: {e}");
-            }
-        });
+        tokio::spawn(serve_connection(stream, commands.clone()));
+    }
+}
+
+/// Serves one control connection (a socket client, or a fuzzer's in-memory stream) until
+/// it closes.
+pub async fn serve_connection<I>(io: I, commands: mpsc::Sender<Command>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| handle(req, commands.clone()));
+    if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(io), service).await {
+        debug!("control connection: {e}");
     }
 }
 
