@@ -11,13 +11,13 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::{
     programs::{links::FdLink, ProgramInfo, Xdp, XdpMode},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use clap::{Args, ValueEnum};
 use log::{info, warn};
 use splitter_common::{
     conntrack::Timeouts,
-    maps::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_GATEWAYS, MAX_TARGETS_PER_GATEWAY},
+    maps::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_GATEWAYS},
     PROGRAM_NAME,
 };
 use tokio::{
@@ -236,15 +236,7 @@ fn load_and_attach(args: &AgentArgs, limits: Limits, pins: Option<&Pins>) -> Res
     // Kernel log statements at or below the agent's own level are kept; the rest are
     // skipped in the kernel at the cost of one load.
     let kernel_log_level = log::max_level() as u8;
-    let mut ebpf = EbpfLoader::new()
-        .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
-        .map_max_entries("GATEWAYS", limits.max_gateways)
-        .map_max_entries("GATEWAY_COUNTERS", limits.max_gateways)
-        .map_max_entries("BUCKET_TABLES", 2 * limits.max_gateways)
-        .map_max_entries("TARGETS", 2 * limits.max_gateways * MAX_TARGETS_PER_GATEWAY)
-        .map_max_entries("CONNTRACK", limits.conntrack_entries)
-        .load(EBPF_OBJECT)
-        .context("loading the eBPF object")?;
+    let mut ebpf = crate::datapath::load_object(EBPF_OBJECT, limits, kernel_log_level)?;
     spawn_kernel_logger(aya_log::EbpfLogger::init(&mut ebpf));
     if let Some(pins) = pins {
         pins.pin_maps(&ebpf)?;

@@ -163,6 +163,20 @@ pub struct Datapath {
     counter_slots: BTreeMap<(String, Target), u32>,
 }
 
+/// Loads the eBPF object (maps created, programs not yet loaded) with maps sized for
+/// `limits`; `kernel_log_level` is the highest aya-log level the kernel side emits.
+pub fn load_object(object: &[u8], limits: Limits, kernel_log_level: u8) -> Result<Ebpf> {
+    aya::EbpfLoader::new()
+        .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
+        .map_max_entries("GATEWAYS", limits.max_gateways)
+        .map_max_entries("GATEWAY_COUNTERS", limits.max_gateways)
+        .map_max_entries("BUCKET_TABLES", 2 * limits.max_gateways)
+        .map_max_entries("TARGETS", 2 * limits.max_gateways * MAX_TARGETS_PER_GATEWAY)
+        .map_max_entries("CONNTRACK", limits.conntrack_entries)
+        .load(object)
+        .context("loading the eBPF object")
+}
+
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
     let map = ebpf.take_map(name).with_context(|| format!("the eBPF object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
