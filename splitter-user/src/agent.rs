@@ -54,6 +54,10 @@ pub struct AgentArgs {
     /// The control socket (created mode 0660).
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Group owning the control socket (a name or a numeric gid): its members may use the
+    /// CLI without root. Default: the agent's own group.
+    #[arg(long, value_name = "NAME|GID")]
+    socket_group: Option<String>,
     /// Where the applied gateways are saved.
     #[arg(long, default_value = "/var/lib/splitter")]
     state_dir: PathBuf,
@@ -104,7 +108,9 @@ pub fn run(args: AgentArgs) -> Result<()> {
     for iface in &args.ifaces {
         system::ifindex(iface)?;
     }
-    system::require_bpf_privileges()?;
+    let socket_group = args.socket_group.as_deref().map(system::resolve_group).transpose()?;
+    let mount_on = if args.ephemeral { None } else { crate::pin::mount_needed(&args.bpffs) };
+    system::require_bpf_privileges(mount_on.as_deref())?;
     if args.cleanup {
         return cleanup(&args.bpffs);
     }
@@ -112,7 +118,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         bail!("this binary was built without the eBPF object: build it with `cargo xtask build`");
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(run_agent(args))
+    runtime.block_on(run_agent(args, socket_group))
 }
 
 fn cleanup(bpffs: &Path) -> Result<()> {
@@ -134,7 +140,7 @@ enum Attachment {
     Adopted,
 }
 
-async fn run_agent(args: AgentArgs) -> Result<()> {
+async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
     let limits = Limits { max_gateways: args.max_gateways.max(1), conntrack_entries: args.conntrack_size.max(2) };
     let pins = if args.ephemeral { None } else { Some(Pins::open(&args.bpffs)?) };
     let adopting = pins.as_ref().is_some_and(|p| p.has_datapath(&args.ifaces));
@@ -171,10 +177,15 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let service_thread = std::thread::Builder::new()
         .name("datapath".into())
         .spawn(move || service.run(inbox))?;
-    let listener = control::bind(&args.socket)?;
+    let listener = control::bind(&args.socket, socket_group)?;
     let server = tokio::spawn(control::serve_listener(listener, commands.clone()));
     let checker = tokio::spawn(health::run_checks(checks_rx, commands.clone()));
 
+    // Handled from before `ready`: a SIGTERM right after it stops the agent cleanly.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigusr1 = signal(SignalKind::user_defined1())?;
     println!(
         "splitter agent ready: XDP {} {} ({} mode), control socket {}",
         if adopting { "adopted on" } else { "attached to" },
@@ -184,10 +195,6 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     );
     std::io::stdout().flush()?;
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut sigusr1 = signal(SignalKind::user_defined1())?;
     let mut poll = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
@@ -210,7 +217,18 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let counters = ask(&commands, Request::Metrics).await;
     let packets = packet_counters_json(&counters.body);
     drop(commands);
-    let _ = service_thread.join();
+    // The service thread ends once every sender is gone. The aborted tasks drop theirs
+    // only when the runtime runs them again, so wait without blocking it (a blocking join
+    // here could wait for ever), and not for ever: a client still connected holds one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !service_thread.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if service_thread.is_finished() {
+        let _ = service_thread.join();
+    } else {
+        warn!("a control connection is still open; stopping without waiting for it");
+    }
     let _ = std::fs::remove_file(&args.socket);
     match attachment {
         Attachment::Loaded { _ebpf } if args.ephemeral => {
@@ -267,9 +285,9 @@ fn load_and_attach(args: &AgentArgs, limits: Limits, pins: Option<&Pins>) -> Res
 async fn ask(commands: &mpsc::Sender<Command>, request: Request) -> service::Response {
     let (tx, rx) = oneshot::channel();
     if commands.send(Command { request, reply: tx, json: true }).is_err() {
-        return service::Response { status: 503, content_type: "text/plain", body: "stopped".into() };
+        return service::Response { status: 503, content_type: "text/plain", body: "stopped".into(), warning: None };
     }
-    rx.await.unwrap_or(service::Response { status: 503, content_type: "text/plain", body: "stopped".into() })
+    rx.await.unwrap_or(service::Response { status: 503, content_type: "text/plain", body: "stopped".into(), warning: None })
 }
 
 async fn print_stats(commands: &mpsc::Sender<Command>) {

@@ -97,18 +97,21 @@ pub struct StatsArgs {
     socket: SocketArg,
 }
 
-/// A response: status and body.
+/// A response: status, body and the agent's warning, if any.
 pub struct Answer {
     pub status: u16,
     pub body: String,
+    pub warning: Option<String>,
 }
 
 /// One request to the agent.
 pub async fn request(socket: &Path, method: Method, path: &str, body: Option<(String, &str)>) -> Result<Answer> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return anyhow::anyhow!("{}", permission_denied(socket));
+        }
         let hint = match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => " (is `splitter agent` running?)",
-            std::io::ErrorKind::PermissionDenied => " (the socket is mode 0660: run as root or a member of its group)",
             _ => "",
         };
         anyhow::anyhow!("cannot reach the agent at {}: {e}{hint}", socket.display())
@@ -125,14 +128,45 @@ pub async fn request(socket: &Path, method: Method, path: &str, body: Option<(St
     };
     let response = sender.send_request(builder.body(Full::new(Bytes::from(payload)))?).await?;
     let status = response.status().as_u16();
+    let warning = response
+        .headers()
+        .get(crate::control::WARNING_HEADER)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let bytes = response.into_body().collect().await?.to_bytes();
-    Ok(Answer { status, body: String::from_utf8_lossy(&bytes).into_owned() })
+    Ok(Answer { status, body: String::from_utf8_lossy(&bytes).into_owned(), warning })
 }
 
-/// Fails with the agent's one-line error unless the answer is a success.
+/// Why connecting to the socket was refused, for an operator: its mode and group, and
+/// what to do.
+fn permission_denied(socket: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    match std::fs::metadata(socket) {
+        Ok(meta) => {
+            let gid = meta.gid();
+            let group = crate::system::group_name(gid).map(|n| format!("'{n}' ")).unwrap_or_default();
+            format!(
+                "permission denied on {}: the control socket is mode {:04o}, group {group}(gid {gid}); run as root or as a member of that group (this is uid {uid})",
+                socket.display(),
+                meta.mode() & 0o7777
+            )
+        }
+        Err(e) => format!(
+            "permission denied on {}: {e}: a directory on the way is not searchable by uid {uid}; run as root or as a member of the socket's group",
+            socket.display()
+        ),
+    }
+}
+
+/// Fails with the agent's one-line error unless the answer is a success; a warning of
+/// the agent goes to stderr.
 fn success(answer: Answer) -> Result<String> {
     if answer.status >= 400 {
         bail!("{}", answer.body.trim_end());
+    }
+    if let Some(warning) = &answer.warning {
+        eprintln!("splitter: warning: {warning}");
     }
     Ok(answer.body)
 }

@@ -13,27 +13,72 @@
 //! Each request becomes one [`Request`] to the service thread; they are applied one at a
 //! time.
 
-use std::{os::unix::fs::PermissionsExt, path::Path, sync::mpsc};
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::{mpsc, Arc},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Method, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
-use tokio::{net::UnixListener, sync::oneshot};
+use tokio::{
+    net::UnixListener,
+    sync::{oneshot, Semaphore},
+};
 
 use crate::service::{CanaryRequest, Command, Request, Response};
 
 /// Largest request body accepted (a gateway document is a few KB).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Largest request head (request line and header fields) accepted; a larger one is
+/// answered 431 and the connection closed.
+pub const MAX_HEAD_BYTES: usize = 64 << 10;
+/// Most header fields in one request (431 beyond).
+pub const MAX_HEADERS: usize = 64;
+/// A client has this long to send a whole request head (the first one, or the next one
+/// on a kept-alive connection), or is disconnected: a stalled or idle client cannot hold
+/// a connection for ever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A body must have arrived this long after its head, or the request is answered 408.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control connections served at once; one more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
 
 pub type Reply = hyper::Response<Full<Bytes>>;
 
-/// Serves the bound control socket forever.
+/// Serves the bound control socket forever, at most [`MAX_CONNECTIONS`] connections at a
+/// time.
 pub async fn serve_listener(listener: UnixListener, commands: mpsc::Sender<Command>) -> Result<()> {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = listener.accept().await?;
-        tokio::spawn(serve_connection(stream, commands.clone()));
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let commands = commands.clone();
+                tokio::spawn(async move {
+                    serve_connection(stream, commands).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                warn!("control socket: {MAX_CONNECTIONS} connections already open; refusing one more");
+                tokio::spawn(async move {
+                    let body = format!("the agent serves at most {MAX_CONNECTIONS} control connections at once; try again\n");
+                    let response = format!(
+                        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    // A few hundred bytes fit the socket buffer of a fresh connection.
+                    if tokio::time::timeout(Duration::from_secs(1), stream.writable()).await.is_ok_and(|w| w.is_ok()) {
+                        let _ = stream.try_write(response.as_bytes());
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -44,13 +89,26 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| handle(req, commands.clone()));
-    if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(io), service).await {
-        debug!("control connection: {e}");
+    let served = http1::Builder::new()
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+    if let Err(e) = served {
+        if e.is_timeout() {
+            debug!("control connection closed: no complete request head within {HEADER_READ_TIMEOUT:?}");
+        } else {
+            debug!("control connection: {e}");
+        }
     }
 }
 
-/// Binds the socket, mode 0660, replacing a stale one (but not one a live agent serves).
-pub fn bind(path: &Path) -> Result<UnixListener> {
+/// Binds the socket, mode 0660 and owned by `group` if given, replacing a stale one (but
+/// not one a live agent serves).
+pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -61,7 +119,12 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         }
     }
     let listener = UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("giving the control socket {} to group {gid}", path.display()))?;
+    }
     Ok(listener)
 }
 
@@ -82,7 +145,11 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Send
             .get(hyper::header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("application/json"));
-    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+    let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(req.into_body(), MAX_BODY_BYTES).collect()).await;
+    let Ok(collected) = collected else {
+        return Ok(reply(error(408, format!("request body: not complete within {BODY_READ_TIMEOUT:?}"))));
+    };
+    let body = match collected {
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
             let message = if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
@@ -90,7 +157,7 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Send
             } else {
                 format!("request body: {e}")
             };
-            return Ok(reply(Response { status: 413, content_type: "text/plain", body: format!("{message}\n") }));
+            return Ok(reply(Response::error(413, message)));
         }
     };
     let request = match route(&method, &path, &query, &body, &origin) {
@@ -198,18 +265,33 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn error(status: u16, message: impl std::fmt::Display) -> Response {
-    Response { status, content_type: "text/plain", body: format!("{message}\n") }
+    Response::error(status, message)
 }
 
 fn reply(r: Response) -> Reply {
     if r.status >= 400 {
         warn!("control request refused ({}): {}", r.status, r.body.trim_end());
     }
-    hyper::Response::builder()
+    let mut builder = hyper::Response::builder()
         .status(StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-        .header(hyper::header::CONTENT_TYPE, r.content_type)
-        .body(Full::new(Bytes::from(r.body)))
-        .expect("a response from valid parts")
+        .header(hyper::header::CONTENT_TYPE, r.content_type);
+    if let Some(warning) = &r.warning {
+        warn!("control request answered with a warning: {warning}");
+        builder = builder.header(WARNING_HEADER, header_text(warning));
+    }
+    builder.body(Full::new(Bytes::from(r.body))).expect("a response from valid parts")
+}
+
+/// The header that carries a response's warning (one line).
+pub const WARNING_HEADER: &str = "x-splitter-warning";
+
+/// `text` as a header value: visible ASCII and spaces, anything else escaped.
+fn header_text(text: &str) -> hyper::header::HeaderValue {
+    let escaped: String = text
+        .chars()
+        .flat_map(|c| if c == ' ' || c.is_ascii_graphic() { vec![c] } else { c.escape_default().collect() })
+        .collect();
+    hyper::header::HeaderValue::from_str(&escaped).unwrap_or_else(|_| hyper::header::HeaderValue::from_static("(unprintable)"))
 }
 
 #[cfg(test)]

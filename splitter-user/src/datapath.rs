@@ -345,8 +345,15 @@ impl Datapath {
         let mut targets = Vec::with_capacity(weighted.len());
         let mut entries = Vec::with_capacity(weighted.len());
         let full_nat = gateway.mode == Mode::FullNat;
-        for (target, _) in weighted {
-            let snat_addr = if full_nat { source_address_towards(target)? } else { Ipv4Addr::UNSPECIFIED };
+        for (target, share) in weighted {
+            // A target without share gets no new flow, so it needs no source address: one
+            // that became unreachable (and unhealthy) must not keep the others' table from
+            // being applied.
+            let snat_addr = match (full_nat, *share) {
+                (false, _) => Ipv4Addr::UNSPECIFIED,
+                (true, 0) => source_address_towards(target).unwrap_or(Ipv4Addr::UNSPECIFIED),
+                (true, _) => source_address_towards(target)?,
+            };
             targets.push((*target, 0u32));
             entries.push(TargetEntry {
                 addr: u32::from_ne_bytes(target.addr.octets()),

@@ -17,6 +17,10 @@ pub struct Snapshot<'a> {
     /// Automated rollouts: gateway, state, canary weight (hundredths of a percent).
     pub rollouts: &'a [(String, &'static str, u32)],
     pub config_errors: usize,
+    /// Failed saves of the state since the agent started.
+    pub state_save_errors: u64,
+    /// The running state is not saved (the last save failed).
+    pub state_unsaved: bool,
     pub uptime: Duration,
 }
 
@@ -184,6 +188,10 @@ pub fn render(s: &Snapshot<'_>) -> String {
         .sample("splitter_program_id", &[], s.program_id);
     Family::new(&mut out, "splitter_config_errors", "gauge", "Configuration files that failed to load and were not applied.")
         .sample("splitter_config_errors", &[], s.config_errors);
+    Family::new(&mut out, "splitter_state_save_errors_total", "counter", "Failed saves of the agent's state (full or read-only disk) since it started.")
+        .sample("splitter_state_save_errors_total", &[], s.state_save_errors);
+    Family::new(&mut out, "splitter_state_saved", "gauge", "1 when the running state is saved, 0 when the last save failed (a restarted agent would come back with older state).")
+        .sample("splitter_state_saved", &[], u8::from(!s.state_unsaved));
     Family::new(&mut out, "splitter_agent_uptime_seconds", "gauge", "Seconds since this agent started.")
         .sample("splitter_agent_uptime_seconds", &[], s.uptime.as_secs_f64());
     out

@@ -119,6 +119,20 @@ impl Pins {
     }
 }
 
+/// Where [`Pins::open`] would have to mount a BPF filesystem for `dir` (which needs
+/// CAP_SYS_ADMIN), or `None` when `dir`, or the nearest existing directory above it, is
+/// on one already.
+pub fn mount_needed(dir: &Path) -> Option<PathBuf> {
+    const SYSFS_MAGIC: i64 = 0x6265_6572;
+    let existing = dir.ancestors().find(|a| a.is_dir())?;
+    if is_bpffs(existing).unwrap_or(false) {
+        return None;
+    }
+    // Under sysfs the directory cannot be created: the mount goes on the ancestor.
+    let in_sysfs = statfs_magic(existing).is_ok_and(|m| m == SYSFS_MAGIC);
+    Some(if in_sysfs { existing.to_path_buf() } else { dir.to_path_buf() })
+}
+
 fn mount_bpffs(dir: &Path) -> Result<()> {
     let target = CString::new(dir.as_os_str().as_encoded_bytes())?;
     // SAFETY: all strings are valid and NUL-terminated; no mount data is passed.
@@ -130,6 +144,11 @@ fn mount_bpffs(dir: &Path) -> Result<()> {
 }
 
 fn is_bpffs(dir: &Path) -> Result<bool> {
+    Ok(statfs_magic(dir)? == BPF_FS_MAGIC)
+}
+
+/// The file system type (magic number) `dir` is on.
+fn statfs_magic(dir: &Path) -> Result<i64> {
     let path = CString::new(dir.as_os_str().as_encoded_bytes())?;
     // SAFETY: an all-zero statfs is a valid value of this plain C struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -137,5 +156,5 @@ fn is_bpffs(dir: &Path) -> Result<bool> {
     if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
         bail!("statfs {}: {}", dir.display(), std::io::Error::last_os_error());
     }
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    Ok(st.f_type as i64)
 }

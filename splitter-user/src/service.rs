@@ -72,15 +72,19 @@ pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
     pub body: String,
+    /// Something the operator must know although the request succeeded (one line), e.g.
+    /// that a change is live but could not be saved; sent as the `x-splitter-warning`
+    /// header, printed by the CLI on stderr.
+    pub warning: Option<String>,
 }
 
 impl Response {
-    fn ok(content_type: &'static str, body: String) -> Self {
-        Self { status: 200, content_type, body }
+    pub fn ok(content_type: &'static str, body: String) -> Self {
+        Self { status: 200, content_type, body, warning: None }
     }
-    fn error(status: u16, message: impl std::fmt::Display) -> Self {
+    pub fn error(status: u16, message: impl std::fmt::Display) -> Self {
         // One line, as on the command line.
-        Self { status, content_type: "text/plain", body: format!("{message}\n") }
+        Self { status, content_type: "text/plain", body: format!("{message}\n"), warning: None }
     }
 }
 
@@ -126,6 +130,13 @@ pub struct Service {
     /// Per-target new-flow counts when each gateway's current weights took effect, for
     /// the observed share since then.
     baselines: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Why the last save of the state failed, while the running state is not saved (the
+    /// save is retried on every change and every few seconds).
+    state_error: Option<String>,
+    /// Failed saves of the state since the agent started.
+    state_save_errors: u64,
+    /// A warning for the response to the request being handled.
+    pending_warning: Option<String>,
     program_id: u32,
     started: Instant,
 }
@@ -147,6 +158,9 @@ impl Service {
             config_errors: BTreeMap::new(),
             applied_texts: BTreeMap::new(),
             baselines: BTreeMap::new(),
+            state_error: None,
+            state_save_errors: 0,
+            pending_warning: None,
             program_id,
             started: Instant::now(),
         }
@@ -161,7 +175,16 @@ impl Service {
     /// Restores the saved gateways: adopted as they are when the pinned datapath still
     /// holds them (`adopting`), applied otherwise; plus history and config ownership.
     pub fn restore(&mut self, saved: &SavedState, adopting: bool) -> Result<()> {
-        for gateway in saved_gateways(saved)? {
+        // Each saved gateway on its own: one that no longer parses (say, a name an older
+        // agent accepted) is reported and left out, the others are restored.
+        let mut gateways = Vec::new();
+        for text in &saved.gateways {
+            match saved_gateways(&SavedState { gateways: vec![text.clone()], ..SavedState::default() }) {
+                Ok(g) => gateways.extend(g),
+                Err(e) => warn!("saved gateway not restored: {e:#}"),
+            }
+        }
+        for gateway in gateways {
             let shares = gateway.weighted_targets();
             let adopted = adopting
                 && saved.placements.get(&gateway.name).is_some_and(|p| self.datapath.adopt(&gateway, &shares, p));
@@ -187,7 +210,11 @@ impl Service {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match commands.recv_timeout(wait) {
                 Ok(cmd) => {
-                    let response = self.handle(cmd.request, cmd.json);
+                    self.pending_warning = None;
+                    let mut response = self.handle(cmd.request, cmd.json);
+                    if let Some(warning) = self.pending_warning.take() {
+                        response.warning = Some(warning);
+                    }
                     let _ = cmd.reply.send(response);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -197,6 +224,9 @@ impl Service {
                     if ticks % SWEEP_EVERY_TICKS == 0 {
                         if let Err(e) = self.datapath.sweep_conntrack(&self.timeouts) {
                             warn!("conntrack sweep: {e:#}");
+                        }
+                        if self.state_error.is_some() {
+                            self.save();
                         }
                     }
                 }
@@ -236,10 +266,16 @@ impl Service {
     fn list(&self, json: bool) -> Response {
         let gateways: Vec<Gateway> = self.configured.values().cloned().collect();
         let mut response = self.render(&gateways, json, true);
-        if !json && !self.config_errors.is_empty() {
+        if !json && (!self.config_errors.is_empty() || self.state_error.is_some()) {
             let mut notes = String::new();
             for (file, err) in &self.config_errors {
                 notes.push_str(&format!("# configuration file {} not applied: {err}\n", file.display()));
+            }
+            if let (Some(err), Some(dir)) = (&self.state_error, &self.state_dir) {
+                notes.push_str(&format!(
+                    "# state not saved in {}: {err}; an agent restarted now would come back with the last saved state\n",
+                    dir.display()
+                ));
             }
             response.body = notes + &response.body;
         }
@@ -567,6 +603,8 @@ impl Service {
                 program_id: self.program_id,
                 rollouts: &rollouts,
                 config_errors: self.config_errors.len(),
+                state_save_errors: self.state_save_errors,
+                state_unsaved: self.state_error.is_some(),
                 uptime: self.started.elapsed(),
             }))
         })();
@@ -723,16 +761,39 @@ impl Service {
     }
 
     /// Saves the state atomically: temporary file, fsync, rename, fsync of the directory.
-    fn save(&self) {
-        let Some(dir) = &self.state_dir else { return };
+    /// A failure (full or read-only disk) keeps the running state as it is: the change is
+    /// live, the response to the request carries a warning, the error is logged once and
+    /// counted, `get` shows it, and the save is retried on every later change and every
+    /// few seconds.
+    fn save(&mut self) {
+        let Some(dir) = self.state_dir.clone() else { return };
         let state = SavedState {
             gateways: self.configured.values().map(Gateway::to_yaml).collect(),
             placements: self.datapath.placements(),
             history: self.history.clone(),
             from_config: self.from_config.clone(),
         };
-        if let Err(e) = write_atomically(&dir.join(STATE_FILE), serde_json::to_string_pretty(&state).unwrap_or_default().as_bytes()) {
-            error!("cannot save state in {}: {e:#}", dir.display());
+        match write_atomically(&dir.join(STATE_FILE), serde_json::to_string_pretty(&state).unwrap_or_default().as_bytes()) {
+            Ok(()) => {
+                if let Some(earlier) = self.state_error.take() {
+                    info!("state saved in {} again (after {earlier})", dir.display());
+                }
+            }
+            Err(e) => {
+                let err = format!("{e:#}");
+                self.state_save_errors += 1;
+                if self.state_error.as_ref() != Some(&err) {
+                    error!(
+                        "cannot save state in {}: {err}; the running state is kept, an agent restarted now would come back with the last saved state; retrying on every change",
+                        dir.display()
+                    );
+                }
+                self.pending_warning = Some(format!(
+                    "the change is live, but the state could not be saved in {}: {err}; an agent restarted now would come back with the last saved state",
+                    dir.display()
+                ));
+                self.state_error = Some(err);
+            }
         }
     }
 }
@@ -764,13 +825,19 @@ pub fn saved_gateways(saved: &SavedState) -> Result<Vec<Gateway>> {
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().context("state file has no directory")?;
-    fs::create_dir_all(dir)?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(".{}.tmp", path.file_name().unwrap_or_default().to_string_lossy()));
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)?;
-    fs::File::open(dir)?.sync_all()?;
+    let written = (|| -> std::io::Result<()> {
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", tmp.display()));
+    }
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
     Ok(())
 }
 

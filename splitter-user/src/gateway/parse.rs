@@ -111,6 +111,44 @@ pub(super) fn parse_stream(origin: &str, text: &str) -> Result<Vec<ParsedDocumen
     Ok(documents)
 }
 
+/// Longest gateway or route name, in bytes.
+pub const MAX_NAME_BYTES: usize = 253;
+
+/// Checks a gateway or route name; the message says what is wrong with it.
+pub fn check_name(text: &str) -> Result<(), String> {
+    let shown = || text.escape_default().to_string();
+    if text.is_empty() {
+        return Err("the name is empty".to_owned());
+    }
+    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("name `{}` contains white space or control characters", shown()));
+    }
+    if text.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "name `{}...` is {} bytes long, longer than the limit of {MAX_NAME_BYTES}",
+            text.chars().take(32).collect::<String>(),
+            text.len()
+        ));
+    }
+    const SHAPE: &str = "names are segments separated by single slashes, like sava/sava/port";
+    if text.starts_with('/') {
+        return Err(format!("name `{}` starts with `/`: {SHAPE}", shown()));
+    }
+    if text.ends_with('/') {
+        return Err(format!("name `{}` ends with `/`: {SHAPE}", shown()));
+    }
+    for segment in text.split('/') {
+        match segment {
+            "" => return Err(format!("name `{}` has an empty segment (`//`): {SHAPE}", shown())),
+            "." | ".." => {
+                return Err(format!("name `{}` has a `{segment}` segment: {SHAPE}, none of them `.` or `..`", shown()))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Parses a weight: `90%`, `90`, `10.5%`, `0.01%`; returns hundredths of a percent.
 pub fn parse_weight(text: &str) -> Result<u32, String> {
     let trimmed = text.trim();
@@ -873,22 +911,11 @@ impl<'a> Reader<'a> {
     }
 
     /// A gateway or route name: a non-empty scalar without white space or control characters
-    /// (names appear in API paths and CLI arguments).
+    /// (names appear in API paths and CLI arguments), path-like segments separated by `/`
+    /// (`sava/sava/port`), none of them empty, `.` or `..`, at most [`MAX_NAME_BYTES`].
     fn name(&self, node: &Node, field: &str) -> Result<String, ConfigError> {
         let text = self.scalar(node, field, "a name like sava/sava/port")?;
-        if text.is_empty() {
-            return Err(self.error(Some(node.position), field, "the name is empty"));
-        }
-        if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(self.error(
-                Some(node.position),
-                field,
-                format!(
-                    "name `{}` contains white space or control characters",
-                    text.escape_default()
-                ),
-            ));
-        }
+        check_name(text).map_err(|message| self.error(Some(node.position), field, message))?;
         Ok(text.to_owned())
     }
 

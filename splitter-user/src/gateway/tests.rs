@@ -334,6 +334,7 @@ fn sava_with(line: usize, replacement: &str) -> String {
 fn bad_documents_give_one_line_errors_with_their_position() {
     const R0: &str = "routes.sava/sava/sava:1.0.0/port";
     const R1: &str = "routes.sava/sava/sava:1.1.0/port";
+    const NAME_SHAPE: &str = "names are segments separated by single slashes, like sava/sava/port";
     let cases: Vec<(&str, String, String)> = vec![
         (
             "unknown field",
@@ -510,6 +511,56 @@ fn bad_documents_give_one_line_errors_with_their_position() {
             "bad.yaml:1:7: name: name `sava port` contains white space or control characters".to_owned(),
         ),
         (
+            "name with a `..` segment",
+            sava_with(1, "name: sava/../port"),
+            format!("bad.yaml:1:7: name: name `sava/../port` has a `..` segment: {NAME_SHAPE}, none of them `.` or `..`"),
+        ),
+        (
+            "name with a `.` segment",
+            sava_with(1, "name: ./sava"),
+            format!("bad.yaml:1:7: name: name `./sava` has a `.` segment: {NAME_SHAPE}, none of them `.` or `..`"),
+        ),
+        (
+            "name starting with a slash",
+            sava_with(1, "name: /etc/passwd"),
+            format!("bad.yaml:1:7: name: name `/etc/passwd` starts with `/`: {NAME_SHAPE}"),
+        ),
+        (
+            "name ending with a slash",
+            sava_with(1, "name: sava/"),
+            format!("bad.yaml:1:7: name: name `sava/` ends with `/`: {NAME_SHAPE}"),
+        ),
+        (
+            "name with an empty segment",
+            sava_with(1, "name: sava//port"),
+            format!("bad.yaml:1:7: name: name `sava//port` has an empty segment (`//`): {NAME_SHAPE}"),
+        ),
+        (
+            "name with a NUL",
+            sava_with(1, "name: \"sava\\0port\""),
+            "bad.yaml:1:7: name: name `sava\\u{0}port` contains white space or control characters".to_owned(),
+        ),
+        (
+            "name with an escape character",
+            sava_with(1, "name: \"sava\\e[2Jport\""),
+            "bad.yaml:1:7: name: name `sava\\u{1b}[2Jport` contains white space or control characters".to_owned(),
+        ),
+        (
+            "overlong name",
+            sava_with(1, &format!("name: {}", "s".repeat(300))),
+            format!("bad.yaml:1:7: name: name `{}...` is 300 bytes long, longer than the limit of 253", "s".repeat(32)),
+        ),
+        (
+            "route name with a `..` segment",
+            sava_with(8, "  sava/../../port:"),
+            format!("bad.yaml:8:3: routes: name `sava/../../port` has a `..` segment: {NAME_SHAPE}, none of them `.` or `..`"),
+        ),
+        (
+            "route name starting with a slash in a weights-only update",
+            "name: sava/sava/port\nroutes:\n  /sava:\n    weight: 10%\n".to_owned(),
+            format!("bad.yaml:3:3: routes: name `/sava` starts with `/`: {NAME_SHAPE}"),
+        ),
+        (
             "YAML syntax error",
             sava_with(9, "    weight: 10%: oops"),
             "bad.yaml:9:16: YAML syntax error: mapping values are not allowed in this context".to_owned(),
@@ -664,4 +715,24 @@ fn a_dead_route_splits_its_weight_in_proportion() {
     let shares = g.shares_with_health(|t| *t != dead);
     let values: Vec<u32> = shares.iter().map(|(_, s)| *s).collect();
     assert_eq!(values, vec![857_143, 0, 142_857], "60:10 of 100%");
+}
+
+#[test]
+fn names_are_path_like_and_bounded() {
+    use super::parse::{check_name, MAX_NAME_BYTES};
+    for good in [
+        "sava/sava/port",
+        "sava/sava/sava:1.1.0/port",
+        "sava:1.1.0",
+        "simpleservice:0.9",
+        "prod/canary/eh1sby",
+        "qotm",
+        "a.b/..c/d..",
+        &"n".repeat(MAX_NAME_BYTES),
+    ] {
+        assert_eq!(check_name(good), Ok(()), "{good}");
+    }
+    for bad in ["", "..", ".", "a/./b", "a/../b", "/a", "a/", "a//b", "a\0b", "a\nb", "a b", &"n".repeat(MAX_NAME_BYTES + 1)] {
+        assert!(check_name(bad).is_err(), "{bad:?} accepted");
+    }
 }
