@@ -843,6 +843,7 @@ struct Run {
     /// Kernel TCP counters (`TCP_COUNTERS`) of the client and backends namespaces, before
     /// and after the load.
     tcp_client: (Vec<u64>, Vec<u64>),
+    tcp_splitter: (Vec<u64>, Vec<u64>),
     tcp_backends: (Vec<u64>, Vec<u64>),
     /// The last `/metrics` scrape.
     final_metrics: Vec<(String, f64)>,
@@ -950,7 +951,7 @@ fn soak(opts: &Options) -> Result<Run> {
         bail!("traffic does not go through before the soak starts: {o:?} {detail}");
     }
 
-    let tcp_before = (tcp_counters(&bed.client), tcp_counters(&bed.backends));
+    let tcp_before = (tcp_counters(&bed.client), tcp_counters(&bed.splitter), tcp_counters(&bed.backends));
     let duration = opts.duration();
     let deadline = Instant::now() + duration;
     println!(
@@ -1077,7 +1078,7 @@ fn soak(opts: &Options) -> Result<Run> {
     print_sample(&s, samples.last());
     samples.push(s);
     result?;
-    let tcp_after = (tcp_counters(&bed.client), tcp_counters(&bed.backends));
+    let tcp_after = (tcp_counters(&bed.client), tcp_counters(&bed.splitter), tcp_counters(&bed.backends));
     let final_metrics = scrape_metrics(&bed.socket()).map(|(_, all)| all).unwrap_or_default();
 
     // An orderly end: SIGTERM (the agent must exit within 15 s), then remove the pinned
@@ -1110,7 +1111,8 @@ fn soak(opts: &Options) -> Result<Run> {
         elapsed,
         long_lived_opened: opts.long_lived > 0,
         tcp_client: (tcp_before.0, tcp_after.0),
-        tcp_backends: (tcp_before.1, tcp_after.1),
+        tcp_splitter: (tcp_before.1, tcp_after.1),
+        tcp_backends: (tcp_before.2, tcp_after.2),
         final_metrics,
         stop_problem,
         agent_warnings: warnings,
@@ -1378,13 +1380,18 @@ fn report(run: &Run) -> (String, bool) {
     let (memory_ok, notes) = memory_verdict(&rows);
 
     let _ = writeln!(r, "\n## Kernel TCP counters during the load\n");
-    let _ = writeln!(r, "Differences of `/proc/net/snmp` (Tcp) and `/proc/net/netstat` (TcpExt) in the client and backends namespaces; zero rows left out.\n");
-    let _ = writeln!(r, "| counter | client | backends |\n|:---|---:|---:|");
+    let _ = writeln!(
+        r,
+        "Differences of `/proc/net/snmp` (Tcp) and `/proc/net/netstat` (TcpExt) in the client, splitter and backends \
+         namespaces; zero rows left out. The splitter node's kernel sees only what the datapath passes up (the agent's \
+         health checks, and reply packets of flows conntrack no longer knows).\n"
+    );
+    let _ = writeln!(r, "| counter | client | splitter node | backends |\n|:---|---:|---:|---:|");
     for (i, (group, field)) in TCP_COUNTERS.iter().enumerate() {
         let d = |p: &(Vec<u64>, Vec<u64>)| p.1.get(i).copied().unwrap_or(0).saturating_sub(p.0.get(i).copied().unwrap_or(0));
-        let (c, b) = (d(&run.tcp_client), d(&run.tcp_backends));
-        if c != 0 || b != 0 {
-            let _ = writeln!(r, "| {group} {field} | {c} | {b} |");
+        let (c, s, b) = (d(&run.tcp_client), d(&run.tcp_splitter), d(&run.tcp_backends));
+        if c != 0 || s != 0 || b != 0 {
+            let _ = writeln!(r, "| {group} {field} | {c} | {s} | {b} |");
         }
     }
     let ids: Vec<u64> = run.incarnations.iter().filter_map(|i| i.program_id).collect();
