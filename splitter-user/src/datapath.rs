@@ -538,25 +538,40 @@ impl Datapath {
     /// Forgets flows whose close completed or that sat idle past their timeout.
     pub fn sweep_conntrack(&mut self, timeouts: &Timeouts) -> Result<usize> {
         let now = monotonic_ns();
-        let mut expired = Vec::new();
+        // Each expired key with the value it was judged on (None: the peer was missing).
+        let mut expired: Vec<(FlowKey, Option<FlowEntry>)> = Vec::new();
         for item in self.conntrack.iter() {
             let Ok((key, entry)) = item else { continue };
             let peer_key = entry.rewritten.reversed();
-            let peer = self.conntrack.get(&peer_key, 0).unwrap_or(entry);
+            let found = self.conntrack.get(&peer_key, 0).ok();
+            let peer = found.unwrap_or(entry);
             if flow_expired(&entry, &peer, now, timeouts) {
-                expired.push(key);
-                expired.push(peer_key);
+                expired.push((key, Some(entry)));
+                expired.push((peer_key, found));
             }
         }
-        expired.sort_unstable_by_key(|k| bytemuck::bytes_of(k).to_vec());
-        expired.dedup();
-        for key in &expired {
-            let _ = self.conntrack.remove(key);
+        expired.sort_unstable_by_key(|(k, _)| bytemuck::bytes_of(k).to_vec());
+        expired.dedup_by_key(|(k, _)| *k);
+        // The datapath keeps working while we iterate: it may have given an expired key to
+        // a new flow since (a closed flow's source port taken over, a client reopening the
+        // same 5-tuple). Removing that key would cut the new flow off (its replies would
+        // reach no client), so a key is removed only if it still holds the judged value.
+        let (mut removed, mut reused) = (0usize, 0usize);
+        for (key, judged) in &expired {
+            match self.conntrack.get(key, 0) {
+                Ok(current) if Some(current) == *judged => {
+                    if self.conntrack.remove(key).is_ok() {
+                        removed += 1;
+                    }
+                }
+                Ok(_) => reused += 1,
+                Err(_) => {}
+            }
         }
-        if !expired.is_empty() {
-            debug!("conntrack sweep removed {} entries", expired.len());
+        if removed > 0 || reused > 0 {
+            debug!("conntrack sweep removed {removed} entries, kept {reused} reused by new flows meanwhile");
         }
-        Ok(expired.len())
+        Ok(removed)
     }
 }
 
