@@ -161,7 +161,7 @@ fn build_ebpf_host(root: &Path) -> Result<PathBuf> {
 }
 
 /// The outer `cargo xtask` sets these for its own toolchain; the eBPF build picks its own.
-fn clear_toolchain_env(cmd: &mut Command) {
+pub(crate) fn clear_toolchain_env(cmd: &mut Command) {
     for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTC_WRAPPER", "RUSTFLAGS", "CARGO"] {
         cmd.env_remove(var);
     }
@@ -206,7 +206,7 @@ fn sysroot(toolchain: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
-fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     if let Some(dir) = env::var_os("SPLITTER_CACHE_DIR") {
         return PathBuf::from(dir);
     }

@@ -5,6 +5,7 @@
 //! builds the eBPF object and then the agent with the object embedded.
 
 mod build;
+mod fuzz;
 mod shim;
 
 use std::{
@@ -74,6 +75,12 @@ fn run() -> Result<()> {
             let art = build::build_all(&opts)?;
             ensure_system_tools(&["ip"])?;
             run_tool(&art, "splitter-bench", &rest)?;
+        }
+        "fuzz" => {
+            let fuzz_args = fuzz::Args::parse(&rest)?;
+            let art = build::build_all(&opts)?;
+            ensure_system_tools(&["ip"])?;
+            fuzz::run(&art, &fuzz_args)?;
         }
         "soak" => {
             let art = build::build_all(&opts)?;
