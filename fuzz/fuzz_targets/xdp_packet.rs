@@ -12,7 +12,7 @@
 //! - a rewritten frame changes only addresses, ports and checksums; if the frame came in
 //!   with valid checksums it leaves with valid ones; it goes to a configured target or a
 //!   client known from a translated frame; a translated reply belongs to a flow this
-//!   fuzzer made, and goes back to that flow's client from the VIP.
+//!   fuzzer made on that tuple, and goes back from its VIP to its client.
 #![no_main]
 
 use std::{
@@ -96,8 +96,10 @@ struct Seen {
     /// Clients whose frames were translated to a target.
     clients: BTreeSet<Endpoint>,
     /// Each translated flow as the target sees it (target, splitter side) -> as the
-    /// client sees it (client, VIP).
-    flows: HashMap<(Endpoint, Endpoint), (Endpoint, Endpoint)>,
+    /// client sees it (client, VIP), newest last. One reply tuple can have served several
+    /// flows: a full-NAT port is reused after its flow closed, and a flow whose reply
+    /// entry the LRU evicted may still send on a port given to a new flow since.
+    flows: HashMap<(Endpoint, Endpoint), Vec<(Endpoint, Endpoint)>>,
     /// Recent translated flows, for replies.
     recent: Vec<(Endpoint, Endpoint, u8)>,
     /// Frames run, frames translated towards a target, replies translated back.
@@ -432,7 +434,13 @@ fn check(f: &Fuzzer, packet: &Packet, frame: &[u8], action: u32, out: &[u8]) {
         seen.forwarded += 1;
         assert!(f.targets.contains(&o.dst), "a frame to a VIP goes to a target, not {:?}", o.dst);
         seen.clients.insert(c.src);
-        seen.flows.insert((o.dst, o.src), (c.src, c.dst));
+        let holders = seen.flows.entry((o.dst, o.src)).or_default();
+        if !holders.contains(&(c.src, c.dst)) {
+            if holders.len() >= 16 {
+                holders.remove(0);
+            }
+            holders.push((c.src, c.dst));
+        }
         if seen.recent.len() >= 256 {
             seen.recent.remove(0);
         }
@@ -443,10 +451,14 @@ fn check(f: &Fuzzer, packet: &Packet, frame: &[u8], action: u32, out: &[u8]) {
     } else {
         seen.replied += 1;
         assert!(seen.clients.contains(&o.dst), "a reply goes to a known client, not {:?}: {packet:?}", o.dst);
-        let flow = seen.flows.get(&(c.src, c.dst));
-        assert!(flow.is_some(), "a reply of a flow never made was translated: {packet:?}");
-        let &(client, vip) = flow.unwrap();
-        assert_eq!((o.src, o.dst), (vip, client), "a reply comes from the VIP to its flow's client");
+        let holders = seen.flows.get(&(c.src, c.dst));
+        assert!(holders.is_some(), "a reply of a flow never made was translated: {packet:?}");
+        assert!(
+            holders.unwrap().contains(&(o.dst, o.src)),
+            "a reply goes from the VIP to a client of a flow with this tuple, not {:?} -> {:?} (flows: {holders:?})",
+            o.src,
+            o.dst
+        );
     }
 }
 

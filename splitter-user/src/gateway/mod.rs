@@ -262,7 +262,7 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.origin)?;
+        write_escaped(f, &self.origin)?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
             if let Some(column) = self.column {
@@ -271,7 +271,9 @@ impl fmt::Display for ConfigError {
         }
         f.write_str(": ")?;
         if let Some(field) = &self.field {
-            write!(f, "{field}: ")?;
+            // A field path repeats the document's keys, which may hold line breaks.
+            write_escaped(f, field)?;
+            f.write_str(": ")?;
         }
         // One line whatever the message holds (e.g. a parser's multi-line explanation).
         let mut words = self.message.split_whitespace();
@@ -283,6 +285,18 @@ impl fmt::Display for ConfigError {
         }
         Ok(())
     }
+}
+
+/// Writes `text` with control characters escaped (`\n`, `\u{1b}`), so it stays on one line.
+fn write_escaped(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
+    for c in text.chars() {
+        if c.is_control() {
+            write!(f, "{}", c.escape_default())?;
+        } else {
+            write!(f, "{c}")?;
+        }
+    }
+    Ok(())
 }
 
 impl std::error::Error for ConfigError {}

@@ -736,3 +736,13 @@ fn names_are_path_like_and_bounded() {
         assert!(check_name(bad).is_err(), "{bad:?} accepted");
     }
 }
+
+/// Found by the gateway_yaml fuzzer: a key with line breaks (a multi-line plain scalar)
+/// made the refusal span several lines.
+#[test]
+fn a_refusal_with_line_breaks_in_a_key_stays_one_line() {
+    let err = super::parse_documents("f.yaml", "\n?\n\n\n\n\n\n targets4 \n\n\n\n\n 80:0]*").unwrap_err().to_string();
+    assert!(!err.contains('\n'), "{err:?}");
+    assert!(err.starts_with("f.yaml:"), "{err:?}");
+    assert!(err.contains("\\n"), "the line breaks are shown escaped: {err:?}");
+}
