@@ -55,9 +55,24 @@ pub const fn tcp_verdict(entry_flags: u32, tcp_flags: u8) -> TcpVerdict {
 /// agent's sweep: at high connection rates the ports would otherwise run out.
 pub const PORT_REUSE_AFTER_NS: u64 = 1_000_000_000;
 
+/// From this age on a closed flow belongs to the agent's sweep, and the datapath leaves
+/// its port alone. The sweep reads an entry, checks it, then deletes it: two system calls
+/// that a reuse in between would turn into the deletion of a live flow's entry (the soak
+/// found that race). Keeping the ages apart (reuse below 8 s, sweep from
+/// [`Timeouts::DEFAULT`]'s 10 s) means both never touch the same entry.
+pub const PORT_REUSE_BEFORE_NS: u64 = 8_000_000_000;
+
+/// ...unless the flow is this old: the sweep would have removed it long ago, so no agent is
+/// sweeping (stopped or restarting), and its ports must not run out meanwhile.
+pub const PORT_REUSE_ABANDONED_NS: u64 = 60_000_000_000;
+
+const _: () = assert!(PORT_REUSE_BEFORE_NS < Timeouts::DEFAULT.tcp_closed_ns);
+const _: () = assert!(PORT_REUSE_ABANDONED_NS > 2 * Timeouts::DEFAULT.tcp_closed_ns);
+
 /// True when a new flow may take over the source port held by a TCP flow whose reply
 /// entry is `reply` and forward entry `forward` (`None`: already gone): both directions
-/// have sent their FIN, the target's at least `PORT_REUSE_AFTER_NS` ago.
+/// have sent their FIN, the target's between `PORT_REUSE_AFTER_NS` and
+/// `PORT_REUSE_BEFORE_NS` ago (or `PORT_REUSE_ABANDONED_NS` and more).
 pub const fn port_reusable(reply: &FlowEntry, forward: Option<&FlowEntry>, now_ns: u64) -> bool {
     if reply.rewritten.proto != PROTO_TCP || reply.flags & FLOW_FIN_SEEN == 0 {
         return false;
@@ -67,10 +82,10 @@ pub const fn port_reusable(reply: &FlowEntry, forward: Option<&FlowEntry>, now_n
             return false;
         }
     }
-    now_ns.saturating_sub(reply.last_seen_ns) >= PORT_REUSE_AFTER_NS
+    let age = now_ns.saturating_sub(reply.last_seen_ns);
+    (age >= PORT_REUSE_AFTER_NS && age < PORT_REUSE_BEFORE_NS) || age >= PORT_REUSE_ABANDONED_NS
 }
 
-/// Idle and close timeouts the agent's conntrack sweep applies (nanoseconds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// A UDP flow with no packet in either direction for this long is forgotten.
@@ -164,7 +179,11 @@ mod tests {
         assert!(port_reusable(&reply, Some(&closed), 11 * s));
         assert!(port_reusable(&reply, None, 11 * s), "forward entry already gone");
         assert!(!port_reusable(&reply, Some(&closed), 10 * s + s / 2), "too recent");
-        assert!(!port_reusable(&reply, Some(&open), 20 * s), "the client may still send");
+        assert!(port_reusable(&reply, Some(&closed), 17 * s + s / 2), "still the datapath's");
+        assert!(!port_reusable(&reply, Some(&closed), 18 * s), "the sweep's from 8 s on");
+        assert!(!port_reusable(&reply, Some(&closed), 69 * s), "the sweep's");
+        assert!(port_reusable(&reply, Some(&closed), 70 * s), "abandoned: no sweep is running");
+        assert!(!port_reusable(&reply, Some(&open), 15 * s), "the client may still send");
         let live = entry(PROTO_TCP, FLOW_FROM_TARGET, 0);
         assert!(!port_reusable(&live, None, 20 * s));
         let udp = entry(PROTO_UDP, FLOW_FROM_TARGET | FLOW_FIN_SEEN, 0);
