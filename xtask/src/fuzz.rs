@@ -78,19 +78,19 @@ pub fn run(art: &build::Artifacts, args: &Args) -> Result<()> {
             .arg("-print_final_stats=1")
             .arg("-max_len=4096")
             .arg("-rss_limit_mb=4096")
-            .envs(art.env())
-            .stderr(Stdio::piped());
+            .envs(art.env());
         build::clear_toolchain_env(&mut cmd);
         cmd.env("RUSTUP_TOOLCHAIN", NIGHTLY);
-        eprintln!("xtask: fuzzing {target} for {} s", args.seconds);
-        let output = cmd.spawn().context("starting cargo fuzz")?.wait_with_output()?;
-        let log = String::from_utf8_lossy(&output.stderr);
+        // libFuzzer reports on stderr; into a file the operator can follow with tail -f.
         let log_path = root.join("target").join(format!("fuzz-{target}.log"));
-        fs::write(&log_path, log.as_bytes())?;
-        if !output.status.success() {
+        cmd.stderr(Stdio::from(fs::File::create(&log_path)?));
+        eprintln!("xtask: fuzzing {target} for {} s (progress: tail -f {})", args.seconds, log_path.display());
+        let status = cmd.status().context("starting cargo fuzz")?;
+        let log = String::from_utf8_lossy(&fs::read(&log_path).unwrap_or_default()).into_owned();
+        if !status.success() {
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
             eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-            bail!("fuzz target {target} failed ({}); full log in {}", output.status, log_path.display());
+            bail!("fuzz target {target} failed ({status}); full log in {}", log_path.display());
         }
         summaries.push(summarize(target, &log)?);
     }
