@@ -31,6 +31,29 @@ pub const CLIENT_ADDR: &str = "10.10.1.2";
 pub const SPLITTER_CLIENT_SIDE: &str = "10.10.1.1";
 pub const SPLITTER_BACKEND_SIDE: &str = "10.10.2.1";
 
+/// Routes of the sava gateway (Vamp's canary tutorial) the namespace tests use.
+pub const SAVA_STABLE: &str = "sava/sava:1.0.0";
+pub const SAVA_CANARY: &str = "sava/sava:1.1.0";
+
+/// A sava gateway document: `name` on the VIP's `port`, the stable route on
+/// 10.10.2.11:8080 at weight `stable`, the canary route on `canary_target` at `canary`,
+/// then the `extra` lines (health check, canary block, ...).
+pub fn sava_gateway(name: &str, port: u16, stable: &str, canary: &str, canary_target: &str, extra: &str) -> String {
+    format!(
+        "name: {name}
+port: {port}/http
+virtual_address: {VIP}
+routes:
+  {SAVA_STABLE}:
+    weight: {stable}
+    targets: [10.10.2.11:8080]
+  {SAVA_CANARY}:
+    weight: {canary}
+    targets: [{canary_target}]
+{extra}"
+    )
+}
+
 /// An XDP program from the splitter's object (`xdp_pass`, `xdp_drop`) attached to a
 /// device in a namespace; detached on drop.
 pub struct XdpAttachment {
@@ -139,6 +162,18 @@ impl Testbed {
             backend_processes: Vec::new(),
             agent: None,
         })
+    }
+
+    /// A testbed running the sava backends (1.0.0 on 10.10.2.11:8080, 1.1.0 on
+    /// 10.10.2.21:8080), gateway `sava` on port 9050 at `stable`/`canary` in `sava.yaml`,
+    /// and the agent started with `extra_agent_args`.
+    pub fn sava(extra_agent_args: &[&str], stable: &str, canary: &str) -> Result<Self> {
+        let mut bed = Self::new()?;
+        bed.start_backend("10.10.2.11", 8080, "1.0.0", &[])?;
+        bed.start_backend("10.10.2.21", 8080, "1.1.0", &[])?;
+        bed.write_config("sava.yaml", &sava_gateway("sava", 9050, stable, canary, "10.10.2.21:8080", ""))?;
+        bed.start_agent(extra_agent_args)?;
+        Ok(bed)
     }
 
     /// Adds extra client source addresses (`10.10.1.x/24`).

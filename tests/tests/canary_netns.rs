@@ -12,31 +12,17 @@ use std::{
 
 use splitter_tests::{
     privileged,
-    testbed::{http_get, Testbed, VIP},
+    testbed::{http_get, sava_gateway, Testbed, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
 };
 
 const GATEWAY: &str = "sava";
-const STABLE: &str = "sava/sava:1.0.0";
-const CANARY: &str = "sava/sava:1.1.0";
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 fn gateway(health_check: &str) -> String {
-    format!(
-        "name: {GATEWAY}
-port: 9050/http
-virtual_address: {VIP}
-routes:
-  {STABLE}:
-    weight: 100%
-    targets: [10.10.2.11:8080]
-  {CANARY}:
-    weight: 0%
-    targets: [10.10.2.21:8080]
-{health_check}"
-    )
+    sava_gateway(GATEWAY, 9050, "100%", "0%", "10.10.2.21:8080", health_check)
 }
 
 const TCP_CHECK: &str = "health_check:

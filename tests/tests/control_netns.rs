@@ -15,36 +15,17 @@ use std::{
 
 use splitter_tests::{
     privileged, splitter_bin,
-    testbed::{http_get, LineClient, TempDir, Testbed, VIP},
+    testbed::{http_get, sava_gateway, LineClient, TempDir, Testbed, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
 };
 
 const GATEWAY: &str = "sava";
-const STABLE: &str = "sava/sava:1.0.0";
-const CANARY: &str = "sava/sava:1.1.0";
 
 fn sava_yaml(stable: &str, canary: &str) -> String {
-    format!(
-        "name: {GATEWAY}
-port: 9050/http
-virtual_address: {VIP}
-routes:
-  {STABLE}:
-    weight: {stable}
-    targets: [10.10.2.11:8080]
-  {CANARY}:
-    weight: {canary}
-    targets: [10.10.2.21:8080]
-"
-    )
+    sava_gateway(GATEWAY, 9050, stable, canary, "10.10.2.21:8080", "")
 }
 
 fn sava_bed(extra_agent_args: &[&str]) -> Testbed {
-    let mut bed = Testbed::new().unwrap();
-    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
-    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
-    bed.write_config("sava.yaml", &sava_yaml("90%", "10%")).unwrap();
-    bed.start_agent(extra_agent_args).unwrap();
-    bed
+    Testbed::sava(extra_agent_args, "90%", "10%").unwrap()
 }
 
 /// Client traffic in the background: new HTTP connections one after another, each

@@ -10,7 +10,7 @@ use std::{
 
 use splitter_tests::{
     privileged,
-    testbed::{http_get, LineClient, Testbed, VIP},
+    testbed::{http_get, sava_gateway, LineClient, Testbed, VIP},
 };
 
 const DCOS_09: [&str; 3] = ["10.10.2.11", "10.10.2.12", "10.10.2.13"];
@@ -126,20 +126,8 @@ fn dcos_80_20_split_dnat() {
     dcos_split("dnat");
 }
 
-fn sava_gateway(v1: &str, v2: &str) -> String {
-    format!(
-        "name: sava
-port: 9050/http
-virtual_address: {VIP}
-routes:
-  sava/sava:1.0.0:
-    weight: {v1}
-    targets: [10.10.2.11:8080]
-  sava/sava:1.1.0:
-    weight: {v2}
-    targets: [10.10.2.21:8080]
-"
-    )
+fn sava(stable: &str, canary: &str) -> String {
+    sava_gateway("sava", 9050, stable, canary, "10.10.2.21:8080", "")
 }
 
 #[test]
@@ -150,7 +138,7 @@ fn weight_changes_never_move_or_reset_established_connections() {
     let mut bed = Testbed::new().unwrap();
     bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
     bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
-    bed.write_config("sava.yaml", &sava_gateway("90%", "10%")).unwrap();
+    bed.write_config("sava.yaml", &sava("90%", "10%")).unwrap();
     bed.start_agent(&[]).unwrap();
 
     bed.client
@@ -174,7 +162,7 @@ fn weight_changes_never_move_or_reset_established_connections() {
             };
             check_all(&mut long_lived, "before");
 
-            bed.write_config("sava.yaml", &sava_gateway("0%", "100%")).unwrap();
+            bed.write_config("sava.yaml", &sava("0%", "100%")).unwrap();
             bed.reload_and_wait("sava", 2).unwrap();
             check_all(&mut long_lived, "after 0/100");
             for _ in 0..50 {
@@ -182,7 +170,7 @@ fn weight_changes_never_move_or_reset_established_connections() {
                 assert!(body.starts_with("1.1.0 "), "new connection at 0/100 went to {body}");
             }
 
-            bed.write_config("sava.yaml", &sava_gateway("90%", "10%")).unwrap();
+            bed.write_config("sava.yaml", &sava("90%", "10%")).unwrap();
             bed.reload_and_wait("sava", 3).unwrap();
             check_all(&mut long_lived, "after 90/10 again");
             let back: Vec<String> = (0..200).map(|_| http_get(&format!("{VIP}:9050"), None).unwrap()).collect();
@@ -262,7 +250,7 @@ fn sticky_client_sees_one_target_per_client() {
     for c in &clients {
         bed.add_client_addr(c).unwrap();
     }
-    let mut yaml = sava_gateway("50%", "50%");
+    let mut yaml = sava("50%", "50%");
     yaml = yaml.replace("routes:\n", "sticky: client\nroutes:\n");
     bed.write_config("sava.yaml", &yaml).unwrap();
     bed.start_agent(&[]).unwrap();

@@ -15,36 +15,8 @@ use std::{
 
 use splitter_tests::{
     privileged,
-    testbed::{http_get, Testbed, VIP},
+    testbed::{http_get, sava_gateway, Testbed, SAVA_CANARY as CANARY, VIP},
 };
-
-const STABLE: &str = "sava/sava:1.0.0";
-const CANARY: &str = "sava/sava:1.1.0";
-
-fn gateway_yaml(name: &str, port: u16, stable: &str, canary: &str, canary_target: &str, extra: &str) -> String {
-    format!(
-        "name: {name}
-port: {port}/http
-virtual_address: {VIP}
-routes:
-  {STABLE}:
-    weight: {stable}
-    targets: [10.10.2.11:8080]
-  {CANARY}:
-    weight: {canary}
-    targets: [{canary_target}]
-{extra}"
-    )
-}
-
-fn sava_bed(extra_agent_args: &[&str], stable: &str, canary: &str) -> Testbed {
-    let mut bed = Testbed::new().unwrap();
-    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
-    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
-    bed.write_config("sava.yaml", &gateway_yaml("sava", 9050, stable, canary, "10.10.2.21:8080", "")).unwrap();
-    bed.start_agent(extra_agent_args).unwrap();
-    bed
-}
 
 /// Versions answering `n` new connections to the VIP on `port` (every one must succeed).
 fn sample(bed: &Testbed, port: u16, n: usize) -> BTreeMap<String, usize> {
@@ -99,8 +71,8 @@ fn a_broken_file_in_the_config_directory_is_reported_while_the_others_apply() {
     let mut bed = Testbed::new().unwrap();
     bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
     bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
-    bed.write_config("a.yaml", &gateway_yaml("a", 9050, "100%", "0%", "10.10.2.21:8080", "")).unwrap();
-    let b_path = bed.write_config("b.yaml", &gateway_yaml("b", 9060, "100%", "0%", "10.10.2.21:8080", "")).unwrap();
+    bed.write_config("a.yaml", &sava_gateway("a", 9050, "100%", "0%", "10.10.2.21:8080", "")).unwrap();
+    let b_path = bed.write_config("b.yaml", &sava_gateway("b", 9060, "100%", "0%", "10.10.2.21:8080", "")).unwrap();
     bed.start_agent(&[]).unwrap();
     assert_eq!(sample(&bed, 9050, 20).get("1.0.0"), Some(&20));
     assert_eq!(sample(&bed, 9060, 20).get("1.0.0"), Some(&20));
@@ -108,9 +80,9 @@ fn a_broken_file_in_the_config_directory_is_reported_while_the_others_apply() {
 
     // b.yaml: new weights, but an unknown `sticky` value on line 11; a.yaml: new weights;
     // c.yaml: a new file that never was valid (a YAML syntax error).
-    bed.write_config("b.yaml", &gateway_yaml("b", 9060, "0%", "100%", "10.10.2.21:8080", "sticky: cookie\n")).unwrap();
+    bed.write_config("b.yaml", &sava_gateway("b", 9060, "0%", "100%", "10.10.2.21:8080", "sticky: cookie\n")).unwrap();
     let c_path = bed.write_config("c.yaml", "name: c\nport: 9070\nroutes: [\n").unwrap();
-    bed.write_config("a.yaml", &gateway_yaml("a", 9050, "0%", "100%", "10.10.2.21:8080", "")).unwrap();
+    bed.write_config("a.yaml", &sava_gateway("a", 9050, "0%", "100%", "10.10.2.21:8080", "")).unwrap();
     bed.wait_applied("a", 2).unwrap();
     let b_error = format!("{}:11:9: sticky: unknown value `cookie`: expected none, client, service or instance", b_path.display());
     let logged = bed.agent().wait_for_line(&format!("configuration file not applied, nothing changed: {b_error}"), Duration::from_secs(5)).unwrap();
@@ -132,7 +104,7 @@ fn a_broken_file_in_the_config_directory_is_reported_while_the_others_apply() {
     assert!(bed.cli(&["get", "c"]).unwrap().0 != 0, "no gateway c");
 
     // Fixed: b applies, the errors go.
-    bed.write_config("b.yaml", &gateway_yaml("b", 9060, "0%", "100%", "10.10.2.21:8080", "")).unwrap();
+    bed.write_config("b.yaml", &sava_gateway("b", 9060, "0%", "100%", "10.10.2.21:8080", "")).unwrap();
     std::fs::remove_file(&c_path).unwrap();
     bed.wait_applied("b", 2).unwrap();
     assert_eq!(sample(&bed, 9060, 30).get("1.1.0"), Some(&30), "b.yaml applied once fixed");
@@ -184,7 +156,7 @@ fn an_unwritable_state_directory_keeps_the_change_live_warns_and_recovers() {
     if !privileged("an_unwritable_state_directory_keeps_the_change_live_warns_and_recovers") {
         return;
     }
-    let bed = sava_bed(&[], "100%", "0%");
+    let bed = Testbed::sava(&[], "100%", "0%").unwrap();
     let state_dir = bed.run_dir.path().join("state");
     let state_file = state_dir.join("state.json");
     let saved_before = std::fs::read_to_string(&state_file).expect("the agent saved its state");
@@ -244,7 +216,7 @@ fn interfaces_going_down_and_up_and_a_neighbour_changing_its_mac_keep_traffic_fl
     if !privileged("interfaces_going_down_and_up_and_a_neighbour_changing_its_mac_keep_traffic_flowing") {
         return;
     }
-    let bed = sava_bed(&[], "50%", "50%");
+    let bed = Testbed::sava(&[], "50%", "50%").unwrap();
     let seen = sample(&bed, 9050, 40);
     assert!(seen.len() == 2, "{seen:?}");
     let redirects = |bed: &Testbed| metric(bed, "splitter_packets_total{kind=\"redirect\"}");
@@ -293,8 +265,8 @@ fn an_unreachable_target_fails_only_its_own_flows_and_a_health_check_takes_it_ou
     bed.start_backend("10.99.0.5", 8080, "1.1.0", &[]).unwrap();
     bed.splitter.ip(&["route", "add", "10.99.0.0/24", "via", "10.10.2.2"]).unwrap();
     let check = "health_check:\n  protocol: tcp\n  interval: 200ms\n  timeout: 150ms\n  unhealthy_threshold: 2\n  healthy_threshold: 2\n";
-    bed.write_config("plain.yaml", &gateway_yaml("plain", 9050, "50%", "50%", "10.99.0.5:8080", "")).unwrap();
-    bed.write_config("checked.yaml", &gateway_yaml("checked", 9060, "50%", "50%", "10.99.0.5:8080", check)).unwrap();
+    bed.write_config("plain.yaml", &sava_gateway("plain", 9050, "50%", "50%", "10.99.0.5:8080", "")).unwrap();
+    bed.write_config("checked.yaml", &sava_gateway("checked", 9060, "50%", "50%", "10.99.0.5:8080", check)).unwrap();
     bed.start_agent(&[]).unwrap();
     assert_eq!(sample(&bed, 9050, 40).len(), 2, "both targets serve while reachable");
     assert_eq!(sample(&bed, 9060, 40).len(), 2, "both targets serve while reachable");
@@ -302,7 +274,7 @@ fn an_unreachable_target_fails_only_its_own_flows_and_a_health_check_takes_it_ou
     // A full-NAT target without any route is refused when applied, with one line.
     let before = bed.cli_ok(&["get"]).unwrap();
     let far = bed.run_dir.path().join("far.yaml");
-    std::fs::write(&far, gateway_yaml("far", 9080, "50%", "50%", "10.98.0.7:8080", "")).unwrap();
+    std::fs::write(&far, sava_gateway("far", 9080, "50%", "50%", "10.98.0.7:8080", "")).unwrap();
     let (code, _, err) = bed.cli(&["apply", "-f", far.to_str().unwrap()]).unwrap();
     assert_eq!(code, 1);
     assert_eq!(err.lines().count(), 1, "{err}");
