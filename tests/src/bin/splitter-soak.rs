@@ -400,16 +400,21 @@ fn load_thread(ns: String, per_second: f64, deadline: Instant, counters: Arc<Cou
                 counters.problem(&clock, format!("wrong answer after {took:?}: {detail}"));
             }
         }
-        // Paced; after a stall, carry on at the rate rather than burst to catch up.
-        next += interval;
-        let now = Instant::now();
-        if next > now {
-            thread::sleep(next - now);
-        } else {
-            next = now;
-        }
+        pace(&mut next, interval);
     }
     Ok(())
+}
+
+/// Sleeps until `interval` after `next` and moves `next` there; after a stall, carries on
+/// at the rate from now rather than burst to catch up.
+fn pace(next: &mut Instant, interval: Duration) {
+    *next += interval;
+    let now = Instant::now();
+    if *next > now {
+        thread::sleep(*next - now);
+    } else {
+        *next = now;
+    }
 }
 
 /// A long-lived connection speaking the backends' line protocol.
@@ -476,13 +481,7 @@ fn long_lived_thread(ns: String, n: usize, deadline: Instant, counters: Arc<Coun
                 }
             }
         }
-        tick += Duration::from_millis(100);
-        let now = Instant::now();
-        if tick > now {
-            thread::sleep(tick - now);
-        } else {
-            tick = now;
-        }
+        pace(&mut tick, Duration::from_millis(100));
     }
     Ok(())
 }
@@ -600,13 +599,7 @@ fn control_thread(setup: ControlSetup, opts: Options, deadline: Instant, counter
             flap += 1;
         }
 
-        next_weight += opts.weight_every;
-        let now = Instant::now();
-        if next_weight > now {
-            thread::sleep(next_weight - now);
-        } else {
-            next_weight = now;
-        }
+        pace(&mut next_weight, opts.weight_every);
     }
     Ok(())
 }
