@@ -133,18 +133,37 @@ pub fn fix_checksums(f: &mut [u8]) {
     f[check_at..check_at + 2].copy_from_slice(&sum.to_be_bytes());
 }
 
-/// True when the frame's IPv4 header checksum and L4 checksum are both valid.
+/// True when the frame is a well-formed Ethernet/IPv4 TCP or UDP frame (see
+/// [`checksums_checked`]) whose IPv4 header checksum and L4 checksum are both valid.
 pub fn checksums_valid(f: &[u8]) -> bool {
+    checksums_checked(f) == Some(true)
+}
+
+/// Whether both checksums of a well-formed Ethernet/IPv4 TCP or UDP frame (untagged,
+/// whole, unfragmented, lengths consistent) verify; `None` for any other frame, whatever
+/// its bytes (it never panics: the packet fuzzer feeds it anything). A UDP checksum of
+/// zero is "none".
+pub fn checksums_checked(f: &[u8]) -> Option<bool> {
+    if f.len() < ETH_LEN + 20 || f[12..14] != ETHERTYPE_IPV4.to_be_bytes() || f[ETH_LEN] >> 4 != 4 {
+        return None;
+    }
     let ihl = usize::from(f[ETH_LEN] & 0x0f) * 4;
-    if ones_complement_sum(&f[ETH_LEN..ETH_LEN + ihl], 0) != 0xffff {
-        return false;
+    let total = usize::from(u16::from_be_bytes([f[ETH_LEN + 2], f[ETH_LEN + 3]]));
+    let fragment = u16::from_be_bytes([f[ETH_LEN + 6], f[ETH_LEN + 7]]) & 0x3fff;
+    if ihl < 20 || fragment != 0 || total < ihl || ETH_LEN + total > f.len() {
+        return None;
     }
-    let proto = f[ETH_LEN + 9];
-    let l4 = ETH_LEN + ihl;
-    if proto == PROTO_UDP && f[l4 + 6..l4 + 8] == [0, 0] {
-        return true; // no UDP checksum
+    let l4 = &f[ETH_LEN + ihl..ETH_LEN + total];
+    let check_at = match f[ETH_LEN + 9] {
+        PROTO_TCP if l4.len() >= 20 && usize::from(l4[12] >> 4) * 4 >= 20 => 16,
+        PROTO_UDP if l4.len() >= 8 && usize::from(u16::from_be_bytes([l4[4], l4[5]])) == l4.len() => 6,
+        _ => return None,
+    };
+    let ip_ok = ones_complement_sum(&f[ETH_LEN..ETH_LEN + ihl], 0) == 0xffff;
+    if f[ETH_LEN + 9] == PROTO_UDP && l4[check_at..check_at + 2] == [0, 0] {
+        return Some(ip_ok);
     }
-    l4_sum(f) == 0xffff
+    Some(ip_ok && l4_sum(f) == 0xffff)
 }
 
 /// Sum over the pseudo-header and the L4 segment (checksum field included as it is).
