@@ -11,6 +11,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod bench_tcp;
 pub mod conntrack;
 pub mod counters;
 pub mod csum;

@@ -8,6 +8,8 @@
 //! is passed to the kernel untouched.
 #![no_std]
 
+mod bench;
+
 use core::mem;
 
 use aya_ebpf::{

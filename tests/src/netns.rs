@@ -175,7 +175,29 @@ impl Veth {
     /// Creates `a_name` in `a` and `b_name` in `b`, addresses them (CIDR strings) and
     /// brings them up.
     pub fn create(a: &Netns, a_name: &str, a_addr: &str, b: &Netns, b_name: &str, b_addr: &str) -> Result<Self> {
-        a.ip(&["link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", b.name()])?;
+        Self::create_with_queues(a, a_name, a_addr, b, b_name, b_addr, 1)
+    }
+
+    /// Like [`Veth::create`], with `queues` receive and transmit queues at each end (veth
+    /// takes frames sent by XDP into the queue of the sending CPU, so one queue per CPU
+    /// keeps CPUs from overflowing each other's ring).
+    pub fn create_with_queues(
+        a: &Netns,
+        a_name: &str,
+        a_addr: &str,
+        b: &Netns,
+        b_name: &str,
+        b_addr: &str,
+        queues: usize,
+    ) -> Result<Self> {
+        let q = queues.max(1).to_string();
+        let per_end = ["numtxqueues", &q, "numrxqueues", &q];
+        let mut args = vec!["link", "add", a_name];
+        args.extend(per_end);
+        args.extend(["type", "veth", "peer", "name", b_name]);
+        args.extend(per_end);
+        args.extend(["netns", b.name()]);
+        a.ip(&args)?;
         for (ns, dev, addr) in [(a, a_name, a_addr), (b, b_name, b_addr)] {
             ns.ip(&["addr", "add", addr, "dev", dev])?;
             ns.ip(&["link", "set", dev, "up"])?;

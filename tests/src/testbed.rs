@@ -125,18 +125,26 @@ pub struct Testbed {
     pub config_dir: TempDir,
     /// The agent's control socket, state directory and (for restart tests) bpffs live here.
     pub run_dir: TempDir,
-    _attachments: Vec<XdpAttachment>,
+    peer_programs: Vec<XdpAttachment>,
     backend_processes: Vec<(String, Process)>,
     agent: Option<Process>,
 }
 
 impl Testbed {
     pub fn new() -> Result<Self> {
+        Self::with_queues(1)
+    }
+
+    /// A testbed whose veths have `queues` queues at each end (see
+    /// [`Veth::create_with_queues`]).
+    pub fn with_queues(queues: usize) -> Result<Self> {
         let client = Netns::new("client")?;
         let splitter = Netns::new("splitter")?;
         let backends = Netns::new("backends")?;
-        Veth::create(&client, "cli0", &format!("{CLIENT_ADDR}/24"), &splitter, "spl-c", &format!("{SPLITTER_CLIENT_SIDE}/24"))?;
-        Veth::create(&backends, "bk0", "10.10.2.2/24", &splitter, "spl-b", &format!("{SPLITTER_BACKEND_SIDE}/24"))?;
+        let (client_cidr, splitter_client_cidr) = (format!("{CLIENT_ADDR}/24"), format!("{SPLITTER_CLIENT_SIDE}/24"));
+        Veth::create_with_queues(&client, "cli0", &client_cidr, &splitter, "spl-c", &splitter_client_cidr, queues)?;
+        let splitter_backend_cidr = format!("{SPLITTER_BACKEND_SIDE}/24");
+        Veth::create_with_queues(&backends, "bk0", "10.10.2.2/24", &splitter, "spl-b", &splitter_backend_cidr, queues)?;
         client.ip(&["route", "add", "default", "via", SPLITTER_CLIENT_SIDE])?;
         backends.ip(&["route", "add", "default", "via", SPLITTER_BACKEND_SIDE])?;
         // Packets the datapath passes up (next hop not resolved yet) are forwarded by the
@@ -158,7 +166,7 @@ impl Testbed {
             backends,
             config_dir: TempDir::new("config")?,
             run_dir: TempDir::new("run")?,
-            _attachments: attachments,
+            peer_programs: attachments,
             backend_processes: Vec::new(),
             agent: None,
         })
@@ -174,6 +182,12 @@ impl Testbed {
         bed.write_config("sava.yaml", &sava_gateway("sava", 9050, stable, canary, "10.10.2.21:8080", ""))?;
         bed.start_agent(extra_agent_args)?;
         Ok(bed)
+    }
+
+    /// Removes the `xdp_pass` programs from the client's and backends' interfaces (for
+    /// benchmarks that attach their own endpoints there).
+    pub fn detach_peer_programs(&mut self) {
+        self.peer_programs.clear();
     }
 
     /// Adds extra client source addresses (`10.10.1.x/24`).

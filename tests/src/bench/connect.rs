@@ -27,11 +27,11 @@ use splitter_tests::{
     testbed::{Testbed, VIP},
 };
 
-const BACKENDS: [&str; 4] = ["10.10.2.11", "10.10.2.12", "10.10.2.13", "10.10.2.14"];
+pub(super) const BACKENDS: [&str; 4] = ["10.10.2.11", "10.10.2.12", "10.10.2.13", "10.10.2.14"];
 const WEIGHTS: [u32; 4] = [40, 30, 20, 10];
-const BACKEND_PORT: u16 = 8080;
-const VIP_PORT: u16 = 80;
-const CLIENTS: usize = 8;
+pub(super) const BACKEND_PORT: u16 = 8080;
+pub(super) const VIP_PORT: u16 = 80;
+pub(super) const CLIENTS: usize = 8;
 const REQUEST: &[u8] = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n";
 const RESPONSE: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
@@ -115,23 +115,20 @@ impl ConnectResults {
         for system in [System::SplitterFullNat, System::SplitterDnat] {
             let Some(s) = self.row(system) else { continue };
             let ratio = s.loaded.rate() / h.loaded.rate();
+            let ceiling = self.row(System::Direct).map_or(f64::NAN, |d| d.loaded.rate() / h.loaded.rate());
+            let direct_cpu = self.row(System::Direct).map_or(f64::NAN, |d| d.cpu_us);
             out.push(TargetCheck {
-                what: format!("connection rate, {} vs HAProxy", system.short()),
+                what: format!("connection rate, {} vs HAProxy, kernel-socket clients and backends on the same 2 CPUs", system.short()),
                 measured: format!("{}/s vs {}/s = {ratio:.2}x", group(s.loaded.rate()), group(h.loaded.rate())),
-                target: "≥ 3x".into(),
+                target: "(≥ 3x with backends that are not the bottleneck)".into(),
                 met: ratio >= 3.0,
-                note: if ratio >= 3.0 {
-                    String::new()
-                } else {
-                    let ceiling = self.row(System::Direct).map_or(f64::NAN, |d| d.loaded.rate() / h.loaded.rate());
-                    format!(
-                        "missed by {:.0}%; even no balancer at all reaches only {ceiling:.2}x HAProxy here; CPU per connection \
-                         added: {:.1} µs vs HAProxy's {:.1} µs",
-                        (1.0 - ratio / 3.0) * 100.0,
-                        s.cpu_us - self.row(System::Direct).map_or(f64::NAN, |d| d.cpu_us),
-                        h.cpu_us - self.row(System::Direct).map_or(f64::NAN, |d| d.cpu_us),
-                    )
-                },
+                note: format!(
+                    "here the clients and backends are the bottleneck: no balancer at all reaches only {ceiling:.2}x HAProxy; \
+                     CPU per connection added: {:.1} µs vs HAProxy's {:.1} µs; the target's figure is the XDP-endpoint row",
+                    s.cpu_us - direct_cpu,
+                    h.cpu_us - direct_cpu,
+                ),
+                context: true,
             });
         }
         out
@@ -398,11 +395,11 @@ fn haproxy_config() -> String {
     }
     format!(
         "global\n  maxconn 8000\n  nbthread 2\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  \
-         timeout server 30s\n\nfrontend fe\n  bind {VIP}:{VIP_PORT}\n  default_backend be\n\nbackend be\n  balance roundrobin\n{servers}"
+         timeout server 30s\n\nfrontend fe\n  bind {VIP}:{VIP_PORT} thread 1\n  bind {VIP}:{VIP_PORT} thread 2\n  default_backend be\n\nbackend be\n  balance roundrobin\n{servers}"
     )
 }
 
-enum Setup {
+pub(super) enum Setup {
     Nothing,
     Nft,
     Haproxy(Process),
@@ -410,7 +407,7 @@ enum Setup {
 
 impl Setup {
     /// The balancer's own process, if it has one in this setup.
-    fn pid(&self, bed: &Testbed, system: System) -> Option<u32> {
+    pub(super) fn pid(&self, bed: &Testbed, system: System) -> Option<u32> {
         match (self, system) {
             (Setup::Haproxy(p), _) => Some(p.pid()),
             (_, System::SplitterFullNat | System::SplitterDnat) => Some(bed.agent().pid()),
@@ -419,7 +416,7 @@ impl Setup {
     }
 }
 
-fn set_up(bed: &mut Testbed, system: System) -> Result<Setup> {
+pub(super) fn set_up(bed: &mut Testbed, system: System) -> Result<Setup> {
     Ok(match system {
         System::Direct => Setup::Nothing,
         System::SplitterFullNat | System::SplitterDnat => {
@@ -438,18 +435,18 @@ fn set_up(bed: &mut Testbed, system: System) -> Result<Setup> {
             let cfg = bed.run_dir.path().join("haproxy.cfg");
             std::fs::write(&cfg, haproxy_config())?;
             let p = bed.splitter.spawn("haproxy", &["-db", "-f", &cfg.display().to_string()])?;
-            let target = format!("{VIP}:{VIP_PORT}");
+            // Listening is enough (a test connection would need a kernel client, and the
+            // XDP-endpoint benchmark has none).
+            let listen = format!("{VIP}:{VIP_PORT}");
             wait_until(Duration::from_secs(10), "HAProxy to listen", || {
-                bed.client
-                    .enter(|| std::net::TcpStream::connect_timeout(&target.parse().unwrap(), Duration::from_millis(200)).is_ok())
-                    .unwrap_or(false)
+                bed.splitter.run("ss", &["-Hltn"]).map(|out| out.contains(&listen)).unwrap_or(false)
             })?;
             Setup::Haproxy(p)
         }
     })
 }
 
-fn tear_down(bed: &mut Testbed, system: System, setup: Setup) -> Result<()> {
+pub(super) fn tear_down(bed: &mut Testbed, system: System, setup: Setup) -> Result<()> {
     match system {
         System::SplitterFullNat | System::SplitterDnat => {
             bed.stop_agent()?;

@@ -153,6 +153,7 @@ impl ForwardResults {
                 target: "≤ 0.5x".into(),
                 met: vs_nft <= 0.5,
                 note: if vs_nft <= 0.5 { String::new() } else { format!("missed by {:.0}%", (vs_nft / 0.5 - 1.0) * 100.0) },
+                context: false,
             });
             out.push(TargetCheck {
                 what: format!("forwarding cost above the floor, {} vs bare XDP forwarder", system.short()),
@@ -160,6 +161,7 @@ impl ForwardResults {
                 target: "≤ 1.25x".into(),
                 met: vs_bare <= 1.25,
                 note: if vs_bare <= 1.25 { String::new() } else { format!("missed by {:.0}%", (vs_bare / 1.25 - 1.0) * 100.0) },
+                context: false,
             });
         }
         out

@@ -4,11 +4,14 @@
 //!
 //! - [`forward`]: 64-byte UDP forwarding, CPU per packet above an XDP_DROP floor, pps.
 //! - [`connect`]: TCP connection rate and latency (short connections, many clients).
+//! - [`connect_xdp`]: the same connections between stateless XDP endpoints (each
+//!   balancer's own cost and rate).
 //! - [`testrun`]: per-packet cost under BPF_PROG_TEST_RUN.
 //! - [`weights`]: weight-change latency and packets lost during 1000 changes under load.
 //! - [`memory`]: map memory at 1, 100 and 1000 gateways.
 
 pub mod connect;
+pub mod connect_xdp;
 pub mod forward;
 pub mod memory;
 pub mod plot;
@@ -103,6 +106,8 @@ pub struct CpuDelta {
     pub wall: Duration,
     /// Busy time of CPU 0 (where the generator and the whole veth path run).
     pub cpu0_busy: Duration,
+    /// Busy time of all CPUs together.
+    pub all_busy: Duration,
     /// Busy fraction of each other CPU (other load on the machine, the agent).
     pub others_busy_fraction: f64,
     /// Generator (reaped child) time plus ksoftirqd time on all CPUs.
@@ -164,6 +169,7 @@ impl CpuSample {
         CpuDelta {
             wall: self.at - before.at,
             cpu0_busy,
+            all_busy: ticks(self.per_cpu.iter().zip(&before.per_cpu).map(|(now, then)| now.0.saturating_sub(then.0)).sum()),
             others_busy_fraction: if others.is_empty() { 0.0 } else { others.iter().sum::<f64>() / others.len() as f64 },
             own: self.children.saturating_sub(before.children) + ticks(softirq),
             this_and_softirq: self.this.saturating_sub(before.this) + ticks(softirq),
@@ -259,6 +265,9 @@ pub struct TargetCheck {
     pub target: String,
     pub met: bool,
     pub note: String,
+    /// A figure shown beside a target whose condition it does not meet (the verdict is
+    /// the note, not met or missed).
+    pub context: bool,
 }
 
 /// The structured results of the sections that ran, for the summary and the plot.
@@ -266,6 +275,7 @@ pub struct TargetCheck {
 pub struct Figures {
     pub forward: Option<forward::ForwardResults>,
     pub connect: Option<connect::ConnectResults>,
+    pub connect_xdp: Option<connect_xdp::Results>,
     pub testrun: Option<testrun::TestRunResults>,
     pub weights: Option<weights::WeightResults>,
     pub memory: Option<memory::MemoryResults>,
@@ -279,6 +289,9 @@ impl Figures {
             out.extend(f.checks());
         }
         if let Some(c) = &self.connect {
+            out.extend(c.checks());
+        }
+        if let Some(c) = &self.connect_xdp {
             out.extend(c.checks());
         }
         if let Some(t) = &self.testrun {

@@ -49,7 +49,7 @@ fn panel(out: &mut String, y0: f64, title: &str, bars: &[Bar]) -> f64 {
 
 /// The SVG, or None when no throughput section ran.
 pub fn svg(figures: &Figures, subtitle: &str) -> Option<String> {
-    if figures.forward.is_none() && figures.connect.is_none() {
+    if figures.forward.is_none() && figures.connect.is_none() && figures.connect_xdp.is_none() {
         return None;
     }
     let mut body = String::new();
@@ -90,7 +90,20 @@ pub fn svg(figures: &Figures, subtitle: &str) -> Option<String> {
                 highlight: r.system.short().starts_with("splitter"),
             })
             .collect();
-        y = panel(&mut body, y, "Short TCP connections/s (client, balancer, backends on 2 CPUs)", &bars);
+        y = panel(&mut body, y, "Short TCP connections/s, kernel-socket clients and backends (they cap every balancer)", &bars);
+    }
+    if let Some(c) = &figures.connect_xdp {
+        let bars: Vec<Bar> = c
+            .rows
+            .iter()
+            .map(|r| Bar {
+                label: r.system.short().into(),
+                value: r.rate(),
+                text: format!("{}/s", group(r.rate())),
+                highlight: r.system.short().starts_with("splitter"),
+            })
+            .collect();
+        y = panel(&mut body, y, "Short TCP connections/s between XDP endpoints (the balancer's own limit)", &bars);
     }
     Some(format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{:.0}\" viewBox=\"0 0 {WIDTH} {:.0}\" \

@@ -81,6 +81,7 @@ impl TestRunResults {
                 target: "≤ 100 ns".into(),
                 met: ns <= 100.0,
                 note: if ns <= 100.0 { String::new() } else { format!("missed by {:.0} ns", ns - 100.0) },
+                context: false,
             });
             let ratio = ns / pass;
             out.push(TargetCheck {
@@ -89,6 +90,7 @@ impl TestRunResults {
                 target: "≤ 3x".into(),
                 met: ratio <= 3.0,
                 note: if ratio <= 3.0 { String::new() } else { format!("missed by {:.0}%", (ratio / 3.0 - 1.0) * 100.0) },
+                context: false,
             });
         }
         out

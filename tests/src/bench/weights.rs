@@ -90,6 +90,7 @@ impl WeightResults {
                 target: "< 5 ms".into(),
                 met: live < 5.0 && v.verified == v.changes,
                 note: if live < 5.0 { String::new() } else { format!("missed by {:.2} ms", live - 5.0) },
+                context: false,
             });
             out.push(TargetCheck {
                 what: format!("packets lost during {} weight changes under load ({})", v.changes, v.name),
@@ -97,6 +98,7 @@ impl WeightResults {
                 target: "0".into(),
                 met: v.lost() <= 0,
                 note: String::new(),
+                context: false,
             });
         }
         out

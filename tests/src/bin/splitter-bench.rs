@@ -7,6 +7,8 @@
 //! - `forward`: 64-byte UDP forwarding through the splitter (full NAT, DNAT), nftables DNAT,
 //!   kernel routing and a bare XDP forwarder: CPU per packet above an XDP_DROP floor, pps.
 //! - `connect`: TCP connection rate and latency through the splitter, nftables, HAProxy.
+//! - `connect-xdp`: the same connections between stateless XDP endpoints (each balancer's
+//!   own cost per connection, and the rate it reaches).
 //! - `testrun`: per-packet cost under BPF_PROG_TEST_RUN.
 //! - `weights`: weight-change latency and packets lost during 1000 changes under load.
 //! - `memory`: map memory at 1, 100 and 1000 gateways.
@@ -48,6 +50,7 @@ struct Section {
 const BENCHMARKS: &[Benchmark] = &[
     Benchmark { name: "forward", privileged: true, run: forward },
     Benchmark { name: "connect", privileged: true, run: connect },
+    Benchmark { name: "connect-xdp", privileged: true, run: connect_xdp },
     Benchmark { name: "testrun", privileged: true, run: testrun },
     Benchmark { name: "weights", privileged: true, run: weights },
     Benchmark { name: "memory", privileged: true, run: memory },
@@ -64,6 +67,9 @@ sections:
   forward  64-byte UDP forwarding: splitter (full NAT, DNAT), nftables DNAT, kernel routing,
            bare XDP forwarder; CPU per packet above an XDP_DROP floor, packets/s (root)
   connect  TCP connection rate and latency: splitter, nftables DNAT, HAProxy (root)
+  connect-xdp
+           the same connections between stateless XDP clients and backends: each
+           balancer's own CPU per connection and the rate it reaches (root)
   testrun  per-packet cost under BPF_PROG_TEST_RUN (root)
   weights  weight-change latency, packets lost during 1000 changes under load (root)
   memory   map memory at 1, 100 and 1000 gateways (root)
@@ -176,6 +182,13 @@ fn connect(opts: Options, figures: &mut Figures) -> anyhow::Result<Section> {
     Ok(Section { title: "TCP connections: rate and latency", body })
 }
 
+fn connect_xdp(opts: Options, figures: &mut Figures) -> anyhow::Result<Section> {
+    let r = bench::connect_xdp::run(opts)?;
+    let body = bench::connect_xdp::section(&r);
+    figures.connect_xdp = Some(r);
+    Ok(Section { title: "TCP connections between XDP endpoints: each balancer's own cost", body })
+}
+
 fn testrun(opts: Options, figures: &mut Figures) -> anyhow::Result<Section> {
     let r = bench::testrun::run(opts)?;
     let body = bench::testrun::section(&r);
@@ -206,10 +219,14 @@ fn summary(figures: &Figures, checks: &[bench::TargetCheck], load_before: &str, 
             c.what,
             c.measured,
             c.target,
-            if c.met { "met".to_string() } else if c.note.is_empty() { "**missed**".to_string() } else { format!("**missed** ({})", c.note) }
+            if c.context {
+                format!("context: {}", c.note)
+            } else if c.met {
+                "met".to_string()
+            } else if c.note.is_empty() { "**missed**".to_string() } else { format!("**missed** ({})", c.note) }
         ));
     }
-    let plot = if figures.forward.is_some() || figures.connect.is_some() {
+    let plot = if figures.forward.is_some() || figures.connect.is_some() || figures.connect_xdp.is_some() {
         "![throughput against the alternatives](benchmarks-throughput.svg)\n\n"
     } else {
         ""
