@@ -65,7 +65,7 @@ mod tests {
     use std::vec::Vec;
 
     fn key(src: u32, sport: u16) -> FlowKey {
-        FlowKey { src_addr: src, dst_addr: 0x0a00_000a, src_port: sport, dst_port: 9050, proto: 6, _pad: [0; 3] }
+        FlowKey { src_addr: src, dst_addr: 0x0a00_000a, src_port: sport, dst_port: 9050, proto: 6, _pad: 0, _pad_word: 0 }
     }
 
     /// Consecutive source ports (the common case: one client,

@@ -100,7 +100,11 @@ pub struct FlowKey {
     pub dst_port: u16,
     /// IP protocol.
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Zero. Two fields rather than `[u8; 3]` so that each is naturally aligned: the
+    /// kernel program is built allowing misaligned loads (for packet data), and the
+    /// verifier rejects a misaligned access to the stack, where keys are built.
+    pub _pad: u8,
+    pub _pad_word: u16,
 }
 assert_size!(FlowKey, 16);
 
@@ -114,7 +118,8 @@ impl FlowKey {
             src_port: self.dst_port,
             dst_port: self.src_port,
             proto: self.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad_word: 0,
         }
     }
 }

@@ -232,11 +232,22 @@ struct Packet {
     ip: *mut Ipv4Hdr,
     /// Offset of the TCP or UDP header (its full fixed size is in bounds).
     l4_offset: usize,
-    key: FlowKey,
+    /// The flow key as the four words of a `FlowKey` (see [`Packet::key`]).
+    key_words: [u32; 4],
     /// TCP flags byte (0 for UDP).
     tcp_flags: u8,
     /// IP total length (host order), for byte counters and the FIB's MTU check.
     ip_len: u16,
+}
+
+impl Packet {
+    /// The packet's 5-tuple, the conntrack key.
+    #[inline(always)]
+    fn key(&self) -> &FlowKey {
+        // SAFETY: FlowKey is `repr(C)`, 16 bytes without padding, 4-byte aligned like
+        // `[u32; 4]`, and valid for any bits.
+        unsafe { &*self.key_words.as_ptr().cast::<FlowKey>() }
+    }
 }
 
 #[inline(always)]
@@ -248,18 +259,18 @@ fn try_splitter(ctx: &XdpContext) -> Result<u32, Error> {
             return Err(Error::Pass);
         }
     };
-    count(if packet.key.proto == PROTO_TCP { PacketClass::TCP } else { PacketClass::UDP });
+    count(if packet.key().proto == PROTO_TCP { PacketClass::TCP } else { PacketClass::UDP });
 
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&packet.key) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(packet.key()) {
         if let Some(action) = established(ctx, &packet, entry)? {
             return Ok(action);
         }
         // A new SYN reusing a closed flow's 5-tuple: start a new flow below.
     }
     let gateway_key = GatewayKey {
-        vip: packet.key.dst_addr,
-        port: packet.key.dst_port,
-        proto: packet.key.proto,
+        vip: packet.key().dst_addr,
+        port: packet.key().dst_port,
+        proto: packet.key().proto,
         _pad: 0,
     };
     // SAFETY: the value is copied out at once; the agent replaces values whole.
@@ -305,7 +316,7 @@ fn parse(ctx: &XdpContext) -> Result<Packet, PacketClass> {
     }
     // SAFETY: the TCP/UDP header is in bounds and both start with the two ports; the IP
     // header is in bounds.
-    let key = unsafe {
+    let key_words = unsafe {
         flow_key(
             u32::from_ne_bytes((*ip).src_addr),
             u32::from_ne_bytes((*ip).dst_addr),
@@ -314,24 +325,16 @@ fn parse(ctx: &XdpContext) -> Result<Packet, PacketClass> {
             proto,
         )
     };
-    Ok(Packet { eth, ip, l4_offset, key, tcp_flags, ip_len: u16::from_be_bytes(tot_len) })
+    Ok(Packet { eth, ip, l4_offset, key_words, tcp_flags, ip_len: u16::from_be_bytes(tot_len) })
 }
 
-/// A `FlowKey` built as four words (a struct literal's `_pad: [0; 3]` compiles to a call
-/// of a byte-wise memset on every packet).
+/// A `FlowKey`'s four words (a struct literal's zero padding compiles to a call of a
+/// byte-wise memset on every packet, and a `FlowKey` value on the stack gets its padding
+/// stored as a misaligned word, which the verifier refuses).
 #[inline(always)]
-fn flow_key(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
+fn flow_key(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> [u32; 4] {
     let (sp, dp) = (src_port.to_ne_bytes(), dst_port.to_ne_bytes());
-    let words: [u32; 4] = [
-        src_addr,
-        dst_addr,
-        u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]),
-        u32::from_ne_bytes([proto, 0, 0, 0]),
-    ];
-    // SAFETY: FlowKey is `repr(C)`, 16 bytes without padding (src, dst, then the two ports
-    // and the protocol with three zero bytes, in native order) and valid for any bits.
-    let key: FlowKey = unsafe { mem::transmute(words) };
-    key
+    [src_addr, dst_addr, u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]), u32::from_ne_bytes([proto, 0, 0, 0])]
 }
 
 /// Writes both MAC addresses of the Ethernet header as 16-bit words (copying the arrays
@@ -359,13 +362,13 @@ fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Resu
     let counters = TARGET_COUNTERS.get_ptr_mut(flow.counter_index);
     let to_target = flow.flags & FLOW_TO_TARGET != 0;
     let mut close = false;
-    if packet.key.proto == PROTO_TCP {
+    if packet.key().proto == PROTO_TCP {
         match tcp_verdict(flow.flags, packet.tcp_flags) {
             TcpVerdict::Keep => {}
             TcpVerdict::Close => close = true,
             TcpVerdict::Reopen => {
                 let _ = CONNTRACK.remove(&flow.rewritten.reversed());
-                let _ = CONNTRACK.remove(&packet.key);
+                let _ = CONNTRACK.remove(packet.key());
                 return Ok(None);
             }
             TcpVerdict::Update { flags, fin_now, connected_now } => {
@@ -413,7 +416,7 @@ fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Resu
     }
     if close {
         let _ = CONNTRACK.remove(&flow.rewritten.reversed());
-        let _ = CONNTRACK.remove(&packet.key);
+        let _ = CONNTRACK.remove(packet.key());
     }
     rewrite(ctx, packet, &flow.rewritten)?;
     Ok(Some(forward(ctx, packet, &flow.rewritten)))
@@ -423,7 +426,7 @@ fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Resu
 /// ways, then forward like any packet of the flow.
 #[inline(always)]
 fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result<u32, Error> {
-    let key = &packet.key;
+    let key = packet.key();
     if gateway.target_count == 0 {
         count_gateway(gateway.gateway_id, |c| &mut c.no_target);
         return Err(Error::Pass);
@@ -461,7 +464,7 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         src_port: key.src_port,
         dst_port: target.port,
         proto: key.proto,
-        _pad: [0; 3],
+        _pad: 0, _pad_word: 0,
     };
     let full_nat = gateway.flags & GATEWAY_DNAT == 0;
     if full_nat {
@@ -562,7 +565,7 @@ fn now_ns() -> u64 {
 /// incrementally (the L4 checksum covers the addresses through the pseudo-header).
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> Result<(), Error> {
-    let from = &packet.key;
+    let from = packet.key();
     let addresses = CsumDelta::new()
         .replace32(from.src_addr, to.src_addr)
         .replace32(from.dst_addr, to.dst_addr);

@@ -152,7 +152,7 @@ fn expected_target(slots: &[u16], hash: u32) -> (Ipv4Addr, u16) {
 }
 
 fn flow_key(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16, proto: u8) -> FlowKey {
-    FlowKey { src_addr: ne(src), dst_addr: ne(dst), src_port: sp.to_be(), dst_port: dp.to_be(), proto, _pad: [0; 3] }
+    FlowKey { src_addr: ne(src), dst_addr: ne(dst), src_port: sp.to_be(), dst_port: dp.to_be(), proto, _pad: 0, _pad_word: 0 }
 }
 
 #[test]

@@ -127,7 +127,14 @@ fn build_ebpf_standard(root: &Path) -> Result<PathBuf> {
         .args(["--features", "log", "--target-dir"])
         .arg(&target_dir)
         .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker)
-        .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"));
+        // Misaligned loads and stores: LLVM otherwise splits every access to packet data
+        // (aligned to 2 at best) into single bytes. The kernel accepts them on
+        // architectures with efficient unaligned access (x86-64, arm64); it rejects them
+        // on the stack, hence shared types with naturally aligned fields.
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-feature=+allows-misaligned-mem-access"].join("\x1f"),
+        );
     clear_toolchain_env(&mut cmd);
     status(&mut cmd, "cargo build (eBPF, standard route)")?;
     Ok(target_dir.join("bpfel-unknown-none/release/libsplitter_ebpf.so"))

@@ -165,7 +165,7 @@ impl Bed {
 }
 
 fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
-    FlowKey { src_addr: ne(src), dst_addr: ne(dst), src_port: sport.to_be(), dst_port: dport.to_be(), proto, _pad: [0; 3] }
+    FlowKey { src_addr: ne(src), dst_addr: ne(dst), src_port: sport.to_be(), dst_port: dport.to_be(), proto, _pad: 0, _pad_word: 0 }
 }
 
 fn udp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {

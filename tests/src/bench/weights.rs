@@ -129,7 +129,7 @@ fn probe_key(sport: u16) -> FlowKey {
         src_port: sport.to_be(),
         dst_port: UDP_PORT.to_be(),
         proto: PROTO_UDP,
-        _pad: [0; 3],
+        _pad: 0, _pad_word: 0,
     }
 }
 
