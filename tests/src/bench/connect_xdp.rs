@@ -110,7 +110,6 @@ struct Endpoints {
     ebpf: Ebpf,
     /// `BENCH_LOST`, taken out of `ebpf` so it can be written while the generator runs.
     lost_map: Array<MapData, u64>,
-    client_link: Option<aya::programs::xdp::XdpLinkId>,
     _server: XdpAttachment,
     cli_ifindex: u32,
     src_mac: [u8; 6],
@@ -158,7 +157,6 @@ impl Endpoints {
         let mut endpoints = Self {
             ebpf,
             lost_map,
-            client_link: None,
             _server: server,
             cli_ifindex,
             src_mac: parse_mac(&mac_of(&bed.client, "cli0")?)?,
@@ -168,17 +166,17 @@ impl Endpoints {
         Ok(endpoints)
     }
 
+    /// Attaches the client endpoint to the client's interface (detached when the object
+    /// is dropped).
     fn attach_client(&mut self, bed: &Testbed) -> Result<()> {
         let prog: &mut Xdp = self
             .ebpf
             .program_mut("bench_tcp_client")
             .context("no client program")?
             .try_into()?;
-        let link = bed
-            .client
+        bed.client
             .enter(|| prog.attach("cli0", XdpMode::Driver))?
             .context("attaching bench_tcp_client to cli0")?;
-        self.client_link = Some(link);
         Ok(())
     }
 
