@@ -23,11 +23,14 @@ use std::{
 
 use arbitrary::Arbitrary;
 use aya::{
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::Xdp,
     Ebpf,
 };
 use libfuzzer_sys::fuzz_target;
-use splitter_tests::frames::{checksums_checked, fix_checksums};
+use splitter_tests::{
+    frames::{checksums_checked, fix_checksums},
+    run_xdp,
+};
 use splitter_user::{
     datapath::Datapath,
     gateway::{parse_documents, Document},
@@ -358,12 +361,7 @@ fn run(f: &Fuzzer, frame: &[u8]) -> (u32, Vec<u8>) {
         .expect("the splitter program")
         .try_into()
         .expect("an XDP program");
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = program
-        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() })
-        .expect("BPF_PROG_TEST_RUN accepts a frame of 14 bytes or more");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    run_xdp(program, frame).expect("BPF_PROG_TEST_RUN accepts a frame of 14 bytes or more")
 }
 
 fn check(f: &Fuzzer, packet: &Packet, frame: &[u8], action: u32, out: &[u8]) {

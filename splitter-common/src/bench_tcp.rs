@@ -241,119 +241,30 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// What the other side receives from a reply: its flags, sequence numbers, payload.
+    fn delivered(reply: Reply) -> (Segment, Payload) {
+        let Reply::Send { flags, seq, ack, payload } = reply else { panic!("nothing sent") };
+        (Segment { flags, seq, ack, payload_len: payload.size() as u32 }, payload)
+    }
+
     /// One connection played between the two endpoints, nothing in between.
     #[test]
     fn a_connection_runs_to_the_client_reset() {
-        let syn = Segment {
-            flags: TCP_SYN,
-            seq: 1000,
-            ack: 0,
-            payload_len: 0,
-        };
-        let Reply::Send {
-            flags,
-            seq,
-            ack,
-            payload,
-        } = server_reply(syn)
-        else {
-            panic!()
-        };
-        assert_eq!(
-            (flags, ack, payload),
-            (TCP_SYN | TCP_ACK, 1001, Payload::Empty)
-        );
-        let syn_ack = Segment {
-            flags,
-            seq,
-            ack,
-            payload_len: 0,
-        };
-        let Reply::Send {
-            flags,
-            seq,
-            ack,
-            payload,
-        } = client_reply(syn_ack)
-        else {
-            panic!()
-        };
-        assert_eq!(
-            (flags, seq, ack, payload),
-            (
-                TCP_ACK | TCP_PSH,
-                1001,
-                server_isn(1000).wrapping_add(1),
-                Payload::Request
-            )
-        );
-        let request = Segment {
-            flags,
-            seq,
-            ack,
-            payload_len: payload.size() as u32,
-        };
-        let Reply::Send {
-            flags,
-            seq,
-            ack,
-            payload,
-        } = server_reply(request)
-        else {
-            panic!()
-        };
-        assert_eq!(flags, TCP_ACK | TCP_PSH | TCP_FIN);
-        assert_eq!(
-            (seq, ack, payload),
-            (
-                server_isn(1000).wrapping_add(1),
-                1001 + 32,
-                Payload::Response
-            )
-        );
-        let response = Segment {
-            flags,
-            seq,
-            ack,
-            payload_len: payload.size() as u32,
-        };
-        assert_eq!(
-            client_reply(response),
-            Reply::Send {
-                flags: TCP_RST,
-                seq: 1033,
-                ack: 0,
-                payload: Payload::Empty
-            }
-        );
+        let isn = server_isn(1000);
+        let syn = Segment { flags: TCP_SYN, seq: 1000, ack: 0, payload_len: 0 };
+        let (syn_ack, payload) = delivered(server_reply(syn));
+        assert_eq!((syn_ack.flags, syn_ack.seq, syn_ack.ack, payload), (TCP_SYN | TCP_ACK, isn, 1001, Payload::Empty));
+        let (request, payload) = delivered(client_reply(syn_ack));
+        assert_eq!((request.flags, request.seq, request.ack, payload), (TCP_ACK | TCP_PSH, 1001, isn + 1, Payload::Request));
+        let (response, payload) = delivered(server_reply(request));
+        let fin = TCP_ACK | TCP_PSH | TCP_FIN;
+        assert_eq!((response.flags, response.seq, response.ack, payload), (fin, isn + 1, 1001 + 32, Payload::Response));
+        let (reset, payload) = delivered(client_reply(response));
+        assert_eq!((reset.flags, reset.seq, reset.ack, payload), (TCP_RST, 1001 + 32, 0, Payload::Empty));
         // The RST and pure ACKs end it: nobody answers.
-        assert_eq!(
-            server_reply(Segment {
-                flags: TCP_RST,
-                seq: 1033,
-                ack: 0,
-                payload_len: 0
-            }),
-            Reply::Drop
-        );
-        assert_eq!(
-            server_reply(Segment {
-                flags: TCP_ACK,
-                seq: 1033,
-                ack: 5,
-                payload_len: 0
-            }),
-            Reply::Drop
-        );
-        assert_eq!(
-            client_reply(Segment {
-                flags: TCP_ACK,
-                seq: 1,
-                ack: 5,
-                payload_len: 0
-            }),
-            Reply::Drop
-        );
+        assert_eq!(server_reply(reset), Reply::Drop);
+        assert_eq!(server_reply(Segment { flags: TCP_ACK, seq: 1033, ack: 5, payload_len: 0 }), Reply::Drop);
+        assert_eq!(client_reply(Segment { flags: TCP_ACK, seq: 1, ack: 5, payload_len: 0 }), Reply::Drop);
     }
 
     /// A proxy's kernel socket closes after the response: its FIN (alone, or after its

@@ -54,3 +54,14 @@ pub fn privileged(test: &str) -> bool {
     eprintln!("SKIPPED {test}: needs root (BPF, network namespaces)");
     false
 }
+
+/// Runs an XDP program once on `frame` with `BPF_PROG_TEST_RUN`: its action and the frame
+/// as it left it (the output buffer leaves the program 256 bytes to grow the frame).
+pub fn run_xdp(prog: &aya::programs::Xdp, frame: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+    use aya::programs::{TestRun, TestRunOptions};
+    let mut out = vec![0u8; frame.len() + 256];
+    let result =
+        prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}

@@ -62,15 +62,7 @@ pub struct XdpAttachment {
 
 impl XdpAttachment {
     pub fn attach(ns: &Netns, dev: &str, program: &str) -> Result<Self> {
-        // The helper programs use no maps: keep the object's maps minimal.
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("CONNTRACK", 2)
-            .map_max_entries("GATEWAYS", 1)
-            .map_max_entries("GATEWAY_COUNTERS", 1)
-            .map_max_entries("BUCKET_TABLES", 1)
-            .map_max_entries("TARGETS", 1)
-            .load_file(ebpf_object())
-            .context("loading the eBPF object")?;
+        let mut ebpf = helper_object()?;
         let prog: &mut Xdp = ebpf.program_mut(program).with_context(|| format!("no program {program}"))?.try_into()?;
         prog.load()?;
         // Attaching resolves the device in the calling thread's namespace.
@@ -78,6 +70,20 @@ impl XdpAttachment {
             .with_context(|| format!("attaching {program} to {dev} in {}", ns.name()))?;
         Ok(Self { _ebpf: ebpf })
     }
+}
+
+/// The splitter's object loaded for its helper and benchmark programs (`xdp_pass`,
+/// `bench_tcp_client`...), which use none of the datapath's large maps: those are created
+/// at their smallest.
+pub fn helper_object() -> Result<Ebpf> {
+    EbpfLoader::new()
+        .map_max_entries("CONNTRACK", 2)
+        .map_max_entries("GATEWAYS", 1)
+        .map_max_entries("GATEWAY_COUNTERS", 1)
+        .map_max_entries("BUCKET_TABLES", 1)
+        .map_max_entries("TARGETS", 1)
+        .load_file(ebpf_object())
+        .context("loading the eBPF object")
 }
 
 /// A directory removed on drop.

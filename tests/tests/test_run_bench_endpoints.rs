@@ -6,16 +6,12 @@
 
 use std::net::Ipv4Addr;
 
-use aya::{
-    maps::PerCpuArray,
-    programs::{TestRun, TestRunOptions, Xdp},
-    Ebpf, EbpfLoader,
-};
+use aya::{maps::PerCpuArray, programs::Xdp, Ebpf};
 use splitter_common::bench_tcp::{server_isn, ConnectionCounts, REQUEST, RESPONSE, TCP_PSH};
 use splitter_tests::{
-    ebpf_object,
     frames::{self, Ipv4Packet, ETH_LEN, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    privileged,
+    privileged, run_xdp,
+    testbed::helper_object,
 };
 
 const XDP_PASS: u32 = 2;
@@ -23,10 +19,7 @@ const XDP_TX: u32 = 3;
 const XDP_DROP: u32 = 1;
 
 fn load() -> Ebpf {
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries("CONNTRACK", 2)
-        .load_file(ebpf_object())
-        .expect("loading the eBPF object");
+    let mut ebpf = helper_object().expect("loading the eBPF object");
     for name in ["bench_tcp_server", "bench_tcp_client"] {
         let prog: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
         prog.load().unwrap_or_else(|e| panic!("the verifier accepts {name}: {e}"));
@@ -37,12 +30,7 @@ fn load() -> Ebpf {
 /// Runs `program` on `frame`: the action and the frame as the program left it.
 fn run(ebpf: &Ebpf, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
     let prog: &Xdp = ebpf.program(program).unwrap().try_into().unwrap();
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = prog
-        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    run_xdp(prog, frame).expect("BPF_PROG_TEST_RUN")
 }
 
 /// The TCP fields of a frame without IP options: (src, dst, sport, dport, seq, ack,

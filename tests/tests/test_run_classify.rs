@@ -12,7 +12,7 @@ use splitter_common::{PacketClass, PROGRAM_NAME};
 use splitter_tests::{
     ebpf_object,
     frames::{self, Ipv4Packet, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_SYN},
-    privileged,
+    privileged, run_xdp,
 };
 
 const XDP_PASS: u32 = 2;
@@ -35,17 +35,7 @@ fn counters(ebpf: &Ebpf) -> Vec<u64> {
 /// Runs one frame; returns the action and the frame as the program left it.
 fn run(ebpf: &Ebpf, frame: &[u8]) -> (u32, Vec<u8>) {
     let prog: &Xdp = ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    run_xdp(prog, frame).expect("BPF_PROG_TEST_RUN")
 }
 
 fn a() -> Ipv4Addr {

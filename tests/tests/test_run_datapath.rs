@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 
 use aya::{
     maps::{Array, HashMap, MapData},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::Xdp,
     Ebpf, EbpfLoader,
 };
 use splitter_common::{
@@ -25,7 +25,7 @@ use splitter_common::{
 use splitter_tests::{
     ebpf_object,
     frames::{self, Ipv4Packet, ETH_LEN, TCP_ACK, TCP_RST, TCP_SYN},
-    privileged, Netns, Veth,
+    privileged, run_xdp, Netns, Veth,
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -116,16 +116,7 @@ impl Bench {
     /// Runs the program on `frame` inside the namespace.
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog: &Xdp = self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
-        self.ns
-            .enter(|| {
-                let mut out = vec![0u8; frame.len() + 256];
-                let result = prog
-                    .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() })
-                    .expect("BPF_PROG_TEST_RUN");
-                out.truncate(result.data_size_out as usize);
-                (result.return_value, out)
-            })
-            .unwrap()
+        self.ns.enter(|| run_xdp(prog, frame).expect("BPF_PROG_TEST_RUN")).unwrap()
     }
 }
 

@@ -23,7 +23,7 @@ use aya::{
     maps::{Array, MapData, PerCpuArray, PerCpuValues},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
     util::nr_cpus,
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 
 use super::{
@@ -34,8 +34,7 @@ use super::{
 };
 use splitter_common::bench_tcp::{ConnectionCounts, GeneratorState};
 use splitter_tests::{
-    ebpf_object,
-    testbed::{Testbed, XdpAttachment, VIP},
+    testbed::{helper_object, Testbed, XdpAttachment, VIP},
 };
 
 /// Connections in flight, all generators together.
@@ -130,14 +129,7 @@ fn parse_mac(text: &str) -> Result<[u8; 6]> {
 
 impl Endpoints {
     fn new(bed: &Testbed) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("CONNTRACK", 2)
-            .map_max_entries("GATEWAYS", 1)
-            .map_max_entries("GATEWAY_COUNTERS", 1)
-            .map_max_entries("BUCKET_TABLES", 1)
-            .map_max_entries("TARGETS", 1)
-            .load_file(ebpf_object())
-            .context("loading the eBPF object")?;
+        let mut ebpf = helper_object()?;
         for name in ["bench_tcp_client", "bench_syn_gen"] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
