@@ -6,14 +6,14 @@
 
 use std::{collections::BTreeMap, time::Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::gateway::{
     policy::{CanarySpec, LatencyLimit, Thresholds},
     FULL_WEIGHT,
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RolloutState {
     Progressing,
@@ -170,8 +170,9 @@ pub fn step_weights(routes: &[String], canary: &str, canary_weight: u32, stable:
     out
 }
 
-/// A rollout of one gateway's canary route.
-#[derive(Clone, Debug, Serialize)]
+/// A rollout of one gateway's canary route (saved with the agent's state: a restarted
+/// agent takes it up at the step it had reached).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Rollout {
     pub gateway: String,
     pub spec: CanarySpec,
@@ -184,7 +185,8 @@ pub struct Rollout {
     pub stable_weights: BTreeMap<String, u32>,
     /// Seconds since the Unix epoch when the rollout started.
     pub started_unix: u64,
-    #[serde(skip)]
+    /// The current analysis window (not saved: a restored rollout starts a new window).
+    #[serde(skip, default = "Instant::now")]
     pub window_started: Instant,
     #[serde(skip)]
     pub window_base: Sample,

@@ -136,12 +136,26 @@ impl HealthBook {
     }
 }
 
+/// The tasks of the running checks, aborted when dropped: the agent stops by aborting
+/// `run_checks`, and a dropped `JoinHandle` alone would leave its task running (holding a
+/// command sender, so the service thread would never see every sender gone).
+#[derive(Default)]
+struct RunningChecks(Vec<(CheckSpec, JoinHandle<()>)>);
+
+impl Drop for RunningChecks {
+    fn drop(&mut self) {
+        for (_, task) in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Runs the checks the service asks for: each update is the complete set of checks;
 /// tasks of checks no longer wanted stop, new ones start.
 pub async fn run_checks(mut updates: tokio::sync::mpsc::UnboundedReceiver<Vec<CheckSpec>>, commands: mpsc::Sender<Command>) {
-    let mut running: Vec<(CheckSpec, JoinHandle<()>)> = Vec::new();
+    let mut running = RunningChecks::default();
     while let Some(specs) = updates.recv().await {
-        running.retain(|(spec, task)| {
+        running.0.retain(|(spec, task)| {
             let keep = specs.contains(spec);
             if !keep {
                 task.abort();
@@ -149,14 +163,11 @@ pub async fn run_checks(mut updates: tokio::sync::mpsc::UnboundedReceiver<Vec<Ch
             keep
         });
         for spec in specs {
-            if !running.iter().any(|(s, _)| *s == spec) {
+            if !running.0.iter().any(|(s, _)| *s == spec) {
                 let task = tokio::spawn(check_loop(spec.clone(), commands.clone()));
-                running.push((spec, task));
+                running.0.push((spec, task));
             }
         }
-    }
-    for (_, task) in running {
-        task.abort();
     }
 }
 

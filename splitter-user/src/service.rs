@@ -106,6 +106,13 @@ pub struct SavedState {
     pub history: BTreeMap<String, Vec<BTreeMap<String, u32>>>,
     /// Gateways defined by configuration files, and the file.
     pub from_config: BTreeMap<String, PathBuf>,
+    /// Canary rollouts, running or ended (absent in states saved before rollouts were).
+    #[serde(default)]
+    pub rollouts: Vec<Rollout>,
+    /// The text of each configuration file when it was last applied: a restarted agent
+    /// re-applies only files edited since, so it keeps what a rollout did to the others.
+    #[serde(default)]
+    pub applied_files: BTreeMap<PathBuf, String>,
 }
 
 pub struct Service {
@@ -198,8 +205,38 @@ impl Service {
         }
         self.history = saved.history.clone();
         self.from_config = saved.from_config.clone();
+        self.applied_texts = saved.applied_files.clone();
         self.update_health_checks();
+        self.restore_rollouts(&saved.rollouts);
         Ok(())
+    }
+
+    /// Takes up the saved rollouts of restored gateways where they were: a progressing one
+    /// judges a fresh window at its step (the counters before the restart are not
+    /// compared), a paused one waits for the operator.
+    fn restore_rollouts(&mut self, saved: &[Rollout]) {
+        for rollout in saved {
+            let Some(g) = self.configured.get(&rollout.gateway) else {
+                warn!("saved rollout of {} not restored: the gateway was not restored", rollout.gateway);
+                continue;
+            };
+            if !g.routes.iter().any(|r| r.name == rollout.spec.route) {
+                warn!("saved rollout of {} not restored: no route {}", rollout.gateway, rollout.spec.route);
+                continue;
+            }
+            let mut r = rollout.clone();
+            r.window_started = Instant::now();
+            r.window_base = self.sample(&r.gateway, &r.spec.route);
+            if matches!(r.state, RolloutState::Progressing | RolloutState::Paused) {
+                let count = r.spec.steps.len();
+                self.events.push(
+                    &r.gateway,
+                    "rollout",
+                    format!("taken up after an agent restart: {} at step {}/{count}", r.state.name(), r.step + 1),
+                );
+            }
+            self.rollouts.insert(r.gateway.clone(), r);
+        }
     }
 
     /// Serves requests until every sender is gone; timed work on every tick.
@@ -690,6 +727,7 @@ impl Service {
         let files = config_files(&config);
         let mut defined: BTreeMap<String, PathBuf> = BTreeMap::new();
         let mut broken: BTreeMap<PathBuf, String> = BTreeMap::new();
+        let mut applied = false;
         for file in &files {
             let origin = file.display().to_string();
             let text = match fs::read_to_string(file) {
@@ -714,6 +752,7 @@ impl Service {
                     let response = self.apply_text(&origin, &text, None, Some(file));
                     if response.status == 200 {
                         self.applied_texts.insert(file.clone(), text.clone());
+                        applied = true;
                     }
                     if response.status != 200 {
                         broken.insert(file.clone(), response.body.trim_end().to_string());
@@ -756,6 +795,11 @@ impl Service {
             info!("gateway {name}: its configuration file no longer defines it; removing");
             let _ = self.delete(&name);
         }
+        if applied {
+            // The applied texts are part of the state (saved with the change itself, they
+            // were recorded only after it).
+            self.save();
+        }
         self.from_config = defined;
         self.save();
     }
@@ -772,6 +816,8 @@ impl Service {
             placements: self.datapath.placements(),
             history: self.history.clone(),
             from_config: self.from_config.clone(),
+            rollouts: self.rollouts.values().cloned().collect(),
+            applied_files: self.applied_texts.clone(),
         };
         match write_atomically(&dir.join(STATE_FILE), serde_json::to_string_pretty(&state).unwrap_or_default().as_bytes()) {
             Ok(()) => {
@@ -1043,6 +1089,8 @@ impl Service {
             format!("step {}/{count}: {canary} at {} ({reason})", step + 1, gateway::format_weight(weight))
         };
         self.events.push(gateway, "rollout", message);
+        // The weights were saved before the rollout recorded its new step: save both.
+        self.save();
     }
 
     fn set_weights(&mut self, gateway: &str, canary: &str, weight: u32, stable: &BTreeMap<String, u32>, reason: &str) -> Result<()> {
@@ -1143,5 +1191,39 @@ impl Service {
                 Verdict::Healthy(summary) => self.set_step(&gateway, step + 1, format!("step {} passed: {summary}", step + 1)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state saved by an agent from before rollouts and applied files were saved still
+    /// loads (with none of either), and a saved rollout comes back as it was.
+    #[test]
+    fn saved_states_old_and_new_load() {
+        let old: SavedState = serde_json::from_str(r#"{"gateways":[],"placements":{},"history":{},"from_config":{}}"#).unwrap();
+        assert!(old.rollouts.is_empty() && old.applied_files.is_empty());
+
+        let spec: CanarySpec = serde_json::from_str(
+            r#"{"route":"r/b","steps":[2500,10000],"interval_ms":1000,"thresholds":{"max_error_rate":500,"max_failed_checks":1,"min_flows":20,"max_connect_latency":null,"flush_on_rollback":false}}"#,
+        )
+        .unwrap();
+        let rollout = Rollout {
+            gateway: "g".into(),
+            spec,
+            state: RolloutState::Paused,
+            step: 1,
+            reason: "paused by the operator".into(),
+            stable_weights: [("r/a".to_string(), 10_000), ("r/b".to_string(), 0)].into(),
+            started_unix: 1_795_000_000,
+            window_started: Instant::now(),
+            window_base: Sample { canary_flows: 7, ..Sample::default() },
+        };
+        let state = SavedState { rollouts: vec![rollout.clone()], ..SavedState::default() };
+        let back: SavedState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        let r = &back.rollouts[0];
+        assert_eq!((&r.gateway, &r.spec, r.state, r.step, &r.stable_weights), (&rollout.gateway, &rollout.spec, rollout.state, 1, &rollout.stable_weights));
+        assert_eq!(r.window_base, Sample::default(), "the analysis window is not saved");
     }
 }

@@ -221,6 +221,56 @@ fn a_killed_canary_is_rolled_back_within_two_intervals() {
     assert!(after.iter().all(|o| o.answer.as_deref() == Ok("1.0.0")), "after the rollback every request succeeds on stable");
 }
 
+/// A rollout lives in the agent's saved state: an agent restarted mid-way (its gateway
+/// defined by a configuration file that still says 100/0) takes the rollout up at the step
+/// it had reached, with that step's weights, and carries it to the end.
+#[test]
+fn an_agent_restarted_mid_rollout_takes_it_up_at_its_step() {
+    if !privileged("an_agent_restarted_mid_rollout_takes_it_up_at_its_step") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    bed.write_config("sava.yaml", &gateway(TCP_CHECK)).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let traffic = Traffic::start(&bed, Duration::from_millis(2));
+    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,25,50,100", "--interval", "4s", "--min-flows", "5"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rollout(&bed)["step"] != 1 {
+        assert!(Instant::now() < deadline, "no second step: {}", rollout(&bed));
+        thread::sleep(Duration::from_millis(50));
+    }
+    let before = rollout(&bed);
+    let restart = Instant::now();
+    let lines = bed.stop_agent().unwrap();
+    let stopped = restart.elapsed();
+    // The health-check tasks end with the agent (they once held it for its 5 s grace
+    // period, reported as an open control connection).
+    assert!(!lines.iter().any(|l| l.contains("still open")), "{}", lines.join("\n"));
+    bed.start_agent(&[]).unwrap();
+    println!("agent stopped in {stopped:?}, ready again {:?} after the stop began", restart.elapsed());
+    let restarted_ms = now_ms();
+
+    let after = rollout(&bed);
+    println!("before the restart: {before}\nafter it: {after}");
+    assert_eq!((&after["state"], &after["step"]), (&serde_json::json!("progressing"), &serde_json::json!(1)), "{after}");
+    assert_eq!(after["started_unix"], before["started_unix"], "the same rollout, not a new one");
+    assert_eq!(canary_weight(&bed), "weight: 25%", "the step's weights, not the file's 0%");
+    let messages: Vec<String> = events(&bed).iter().map(|e| e["message"].as_str().unwrap().to_string()).collect();
+    assert!(messages.iter().any(|m| m == "taken up after an agent restart: progressing at step 2/4"), "{messages:#?}");
+
+    wait_state(&bed, "promoted", Duration::from_secs(30));
+    assert_eq!(canary_weight(&bed), "weight: 100%");
+    let messages: Vec<String> = events(&bed).iter().map(|e| e["message"].as_str().unwrap().to_string()).collect();
+    let steps: Vec<&String> = messages.iter().filter(|m| m.starts_with("step ") || m.starts_with("promoted")).collect();
+    assert!(steps.len() == 2 && steps[0].starts_with("step 3/4") && steps[1].starts_with("promoted"), "{messages:#?}");
+    let outcomes = traffic.finish();
+    let served_after: Vec<&Outcome> = outcomes.iter().filter(|o| o.at_ms > restarted_ms + 500).collect();
+    assert!(served_after.len() > 50 && served_after.iter().all(|o| o.answer.is_ok()), "requests fail after the restart");
+}
+
 #[test]
 fn a_canary_answering_with_resets_is_rolled_back() {
     if !privileged("a_canary_answering_with_resets_is_rolled_back") {
