@@ -55,7 +55,7 @@ pub const fn snat_port(hash: u32, attempt: u32) -> u16 {
     let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
     let start = (hash >> 8) % range;
     // 4099 is prime and does not divide the range, so the stride is coprime with it.
-    const _: () = assert!((SNAT_PORT_MAX - SNAT_PORT_MIN + 1) as u32 % 4099 != 0);
+    const _: () = assert!(!((SNAT_PORT_MAX - SNAT_PORT_MIN + 1) as u32).is_multiple_of(4099));
     SNAT_PORT_MIN + ((start + attempt * 4099) % range) as u16
 }
 

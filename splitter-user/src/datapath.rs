@@ -390,7 +390,7 @@ impl Datapath {
         if target_count > 0 {
             let mut table = BucketTable { slots: [0; splitter_common::table::BUCKET_TABLE_SIZE], _pad: 0 };
             table.slots.copy_from_slice(&slots);
-            self.tables.set(table_index, &table, 0).context("writing BUCKET_TABLES")?;
+            self.tables.set(table_index, table, 0).context("writing BUCKET_TABLES")?;
         }
         let mut flags = 0;
         if gateway.mode == Mode::Dnat {

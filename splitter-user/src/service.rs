@@ -258,7 +258,7 @@ impl Service {
                     next_tick = Instant::now() + TICK;
                     ticks = ticks.wrapping_add(1);
                     self.advance_rollouts();
-                    if ticks % SWEEP_EVERY_TICKS == 0 {
+                    if ticks.is_multiple_of(SWEEP_EVERY_TICKS) {
                         if let Err(e) = self.datapath.sweep_conntrack(&self.timeouts) {
                             warn!("conntrack sweep: {e:#}");
                         }
@@ -276,7 +276,7 @@ impl Service {
         match request {
             Request::List => self.list(json),
             Request::Get(name) => match self.configured.get(&name) {
-                Some(g) => self.render(&[g.clone()], json, false),
+                Some(g) => self.render(std::slice::from_ref(g), json, false),
                 None => Response::error(404, format!("no gateway {name}")),
             },
             Request::Apply { origin, text, path_name } => self.apply_text(&origin, &text, path_name.as_deref(), None),
@@ -601,7 +601,7 @@ impl Service {
                 t.health = target.and_then(|tg| self.health.get(&g.name, &tg)).map(|h| h.describe());
                 t.failed_checks = target.and_then(|tg| self.health.get(&g.name, &tg)).map_or(0, |h| h.failed_checks);
             }
-            g.rollout = self.rollouts.get(&g.name).map(|r| describe_rollout(r));
+            g.rollout = self.rollouts.get(&g.name).map(describe_rollout);
         }
         Ok(stats)
     }

@@ -44,7 +44,7 @@ impl Ipv4Packet {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        assert!(self.options.len() % 4 == 0 && self.options.len() <= 40);
+        assert!(self.options.len().is_multiple_of(4) && self.options.len() <= 40);
         let ihl = 20 + self.options.len();
         let total = ihl + self.l4.len();
         let mut f = Vec::with_capacity(ETH_LEN + total);

@@ -490,7 +490,7 @@ impl Gateway {
         let mut shares = Vec::new();
         for (route, ppm) in self.routes.iter().zip(route_ppm) {
             let healthy_targets = route.targets.iter().filter(|t| healthy(t)).count() as u64;
-            let (base, extra) = if healthy_targets == 0 { (0, 0) } else { (ppm / healthy_targets, ppm % healthy_targets) };
+            let (base, extra) = ppm.checked_div(healthy_targets).map_or((0, 0), |base| (base, ppm % healthy_targets));
             let mut given = 0;
             for target in &route.targets {
                 let share = if healthy(target) {

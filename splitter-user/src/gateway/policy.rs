@@ -134,11 +134,11 @@ pub fn parse_duration_us(text: &str) -> Result<u64, String> {
 
 /// Writes microseconds back the way `parse_duration_us` reads them.
 pub fn format_duration_us(us: u64) -> String {
-    if us % 60_000_000 == 0 {
+    if us.is_multiple_of(60_000_000) {
         format!("{}m", us / 60_000_000)
-    } else if us % 1_000_000 == 0 {
+    } else if us.is_multiple_of(1_000_000) {
         format!("{}s", us / 1_000_000)
-    } else if us % 1000 == 0 {
+    } else if us.is_multiple_of(1000) {
         format!("{}ms", us / 1000)
     } else {
         format!("{us}us")

@@ -83,7 +83,7 @@ impl Load {
         self.completed as f64 / self.elapsed.as_secs_f64()
     }
     pub fn p(&self, percent: f64) -> f64 {
-        percentile(&self.latencies_us, percent).map_or(f64::NAN, |v| f64::from(v))
+        percentile(&self.latencies_us, percent).map_or(f64::NAN, f64::from)
     }
 }
 

@@ -10,6 +10,7 @@
 //! - a probe packet of a new flow that the old and new tables send to different targets
 //!   is then run through the live program (BPF_PROG_TEST_RUN on the agent's program, by id)
 //!   and must come out to the new table's target.
+//!
 //! Packets lost = sent by the generators - received by the sink, counted with the
 //! generators stopped, over the changes and over a control window without changes.
 

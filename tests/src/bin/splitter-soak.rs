@@ -573,7 +573,7 @@ fn control_thread(setup: ControlSetup, opts: Options, deadline: Instant, counter
             let doc = gateway_yaml(weights, removed);
             counters.flaps.fetch_add(1, Ordering::Relaxed);
             // Removals and re-adds each alternate between the file and the CLI.
-            if (flap + flap / 2) % 2 == 0 {
+            if (flap + flap / 2).is_multiple_of(2) {
                 // The watched file: the agent applies it within a second (or at its start).
                 let tmp = setup.config_file.with_extension("tmp");
                 fs::write(&tmp, &doc)?;
