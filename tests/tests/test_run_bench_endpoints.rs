@@ -6,8 +6,15 @@
 
 use std::net::Ipv4Addr;
 
-use aya::{maps::PerCpuArray, programs::Xdp, Ebpf};
-use splitter_common::bench_tcp::{server_isn, ConnectionCounts, REQUEST, RESPONSE, TCP_PSH};
+use aya::{
+    maps::{Array, PerCpuArray, PerCpuValues},
+    programs::Xdp,
+    util::nr_cpus,
+    Ebpf,
+};
+use splitter_common::bench_tcp::{
+    generated_tuple, server_isn, ConnectionCounts, GeneratorState, CLIENT_PORT_MIN, REQUEST, RESPONSE, TCP_PSH,
+};
 use splitter_tests::{
     frames::{self, Ipv4Packet, ETH_LEN, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     privileged, run_xdp,
@@ -20,7 +27,7 @@ const XDP_DROP: u32 = 1;
 
 fn load() -> Ebpf {
     let mut ebpf = helper_object().expect("loading the eBPF object");
-    for name in ["bench_tcp_server", "bench_tcp_client"] {
+    for name in ["bench_tcp_server", "bench_tcp_client", "bench_syn_gen"] {
         let prog: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
         prog.load().unwrap_or_else(|e| panic!("the verifier accepts {name}: {e}"));
     }
@@ -151,4 +158,64 @@ fn frames_that_are_not_tcp_go_to_the_kernel_untouched() {
             assert_eq!((action, &out), (XDP_PASS, frame), "{program}");
         }
     }
+}
+
+/// The generator writes each run's SYN whole (live frames come back modified): the next
+/// connection's tuple, valid checksums; with its window full it sends nothing.
+#[test]
+fn the_generator_writes_each_connection_s_syn_and_keeps_its_window() {
+    if !privileged("the_generator_writes_each_connection_s_syn_and_keeps_its_window") {
+        return;
+    }
+    // The state is per CPU: keep every run on one.
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
+    }
+    let mut ebpf = load();
+    let cpus = nr_cpus().unwrap();
+    let state = GeneratorState {
+        started: 0,
+        stride: 1,
+        offset: 0,
+        client_base: u32::from_ne_bytes(client().octets()),
+        clients: 3,
+        target_addr: u32::from_ne_bytes(server().octets()),
+        target_port: 8080u16.to_be(),
+        src_mac: [2, 0, 0, 0, 0, 1],
+        dst_mac: [2, 0, 0, 0, 0, 2],
+        _pad: [0; 2],
+        window: 2,
+    };
+    {
+        let mut map: PerCpuArray<_, GeneratorState> = PerCpuArray::try_from(ebpf.map_mut("BENCH_GENERATOR").unwrap()).unwrap();
+        map.set(0, PerCpuValues::try_from(vec![state; cpus]).unwrap(), 0).unwrap();
+    }
+    // Garbage in, a longer frame: the program rewrites and resizes it all.
+    let garbage = vec![0xa5u8; 80];
+    for n in 0..2u64 {
+        let prog: &Xdp = ebpf.program("bench_syn_gen").unwrap().try_into().unwrap();
+        let (action, syn) = run_xdp(prog, &garbage).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(action, XDP_TX);
+        assert!(frames::checksums_valid(&syn), "SYN {n} checksums");
+        assert_eq!((&syn[0..6], &syn[6..12]), (&[2u8, 0, 0, 0, 0, 2][..], &[2u8, 0, 0, 0, 0, 1][..]));
+        let (src, dst, sport, dport, _, ack, flags, payload) = tcp_of(&syn);
+        let (client_index, port) = generated_tuple(n, 3);
+        let expected_src = Ipv4Addr::from(u32::from(client()) + client_index);
+        assert_eq!((src, dst, sport, dport, ack, flags, payload.len()), (expected_src, server(), port, 8080, 0, TCP_SYN, 0));
+        assert!(port >= CLIENT_PORT_MIN);
+    }
+    // Two started, none ended: the window of 2 is full.
+    let prog: &Xdp = ebpf.program("bench_syn_gen").unwrap().try_into().unwrap();
+    assert_eq!(run_xdp(prog, &garbage).unwrap().0, XDP_DROP, "a full window sends nothing");
+    // Given up on by the benchmark: out of the window, so the next SYN goes.
+    {
+        let mut lost: Array<_, u64> = Array::try_from(ebpf.map_mut("BENCH_LOST").unwrap()).unwrap();
+        lost.set(0, 2, 0).unwrap();
+    }
+    let prog: &Xdp = ebpf.program("bench_syn_gen").unwrap().try_into().unwrap();
+    assert_eq!(run_xdp(prog, &garbage).unwrap().0, XDP_TX);
+    assert_eq!(completed(&ebpf).started, 3);
 }
