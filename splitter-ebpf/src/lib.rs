@@ -474,6 +474,10 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     // port is one attempt, so two CPUs never hand out the same port to two flows.
     let attempts = if full_nat { SNAT_PORT_TRIES } else { 1 };
     let mut claimed = false;
+    // The first candidate held by a flow closed long enough ago to give its port up: used
+    // only if no candidate is free, since the target may still hold that connection in
+    // TIME_WAIT and refuse a new one on the same port.
+    let mut reusable: Option<u32> = None;
     for attempt in 0..attempts {
         if full_nat {
             to_target.src_port = snat_port(hash, attempt).to_be();
@@ -491,20 +495,16 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
             claimed = true;
             break;
         }
-        // A flow closed both ways a while ago: take its port now rather than wait for
-        // the agent's sweep (it is removed with its forward entry, then claimed again
-        // atomically: another CPU may win it).
-        let old_forward = existing.rewritten.reversed();
-        // SAFETY: the value is copied out at once.
-        let forward = unsafe { CONNTRACK.get(&old_forward) }.copied();
-        if port_reusable(&existing, forward.as_ref(), now) {
-            let _ = CONNTRACK.remove(&old_forward);
-            let _ = CONNTRACK.remove(&reply_key);
-            if CONNTRACK.insert(&reply_key, &from_target, u64::from(BPF_NOEXIST)).is_ok() {
-                claimed = true;
-                break;
+        if reusable.is_none() {
+            let holder_forward = conntrack_copy(&existing.rewritten.reversed());
+            if port_reusable(&existing, holder_forward.as_ref(), now) {
+                reusable = Some(attempt);
             }
         }
+    }
+    if let (false, Some(attempt)) = (claimed, reusable) {
+        to_target.src_port = snat_port(hash, attempt).to_be();
+        claimed = take_over_port(&to_target.reversed(), &from_target, now);
     }
     if !claimed {
         // Dropped, not passed: the kernel would answer the VIP with "unreachable", while
@@ -537,6 +537,31 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     debug!(ctx, "new flow to target index {} (table {})", index, gateway.table_index);
     rewrite(ctx, packet, &to_target)?;
     Ok(forward(ctx, packet, &to_target))
+}
+
+/// A copy of the conntrack entry of `key`, if any.
+#[inline(always)]
+fn conntrack_copy(key: &FlowKey) -> Option<FlowEntry> {
+    // SAFETY: the value is copied out at once.
+    unsafe { CONNTRACK.get(key) }.copied()
+}
+
+/// Takes the source port of `reply_key` over from the flow closed a while ago that holds
+/// it, rather than wait for the agent's sweep: that flow's two entries are removed, then
+/// the port is claimed again atomically (another CPU may win it). False if the holder is
+/// no longer such a flow, or the claim was lost.
+#[inline(always)]
+fn take_over_port(reply_key: &FlowKey, from_target: &FlowEntry, now: u64) -> bool {
+    let Some(existing) = conntrack_copy(reply_key) else {
+        return CONNTRACK.insert(reply_key, from_target, u64::from(BPF_NOEXIST)).is_ok();
+    };
+    let old_forward = existing.rewritten.reversed();
+    if !port_reusable(&existing, conntrack_copy(&old_forward).as_ref(), now) {
+        return false;
+    }
+    let _ = CONNTRACK.remove(&old_forward);
+    let _ = CONNTRACK.remove(reply_key);
+    CONNTRACK.insert(reply_key, from_target, u64::from(BPF_NOEXIST)).is_ok()
 }
 
 /// `bpf_ktime_get_ns` as of this CPU's last jiffy (at most one jiffy old).

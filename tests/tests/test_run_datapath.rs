@@ -14,10 +14,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use splitter_common::{
-    flow::{bucket_slot, client_hash, flow_hash, SNAT_PORT_MAX, SNAT_PORT_MIN},
+    flow::{bucket_slot, client_hash, flow_hash, snat_port, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
-        BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, GATEWAY_DNAT, GATEWAY_STICKY_CLIENT,
-        MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
+        BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, FLOW_ESTABLISHED, FLOW_FIN_SEEN,
+        FLOW_FROM_TARGET, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
     },
     table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE},
     PROGRAM_NAME,
@@ -106,6 +106,33 @@ impl Bench {
     fn table_slots(&self, table_index: u32) -> Vec<u16> {
         let tables: Array<&MapData, BucketTable> = Array::try_from(self.ebpf.map("BUCKET_TABLES").unwrap()).unwrap();
         tables.get(&table_index, 0).unwrap().slots.to_vec()
+    }
+
+    fn conntrack_insert(&mut self, key: FlowKey, entry: FlowEntry) {
+        let mut ct: HashMap<&mut MapData, FlowKey, FlowEntry> = HashMap::try_from(self.ebpf.map_mut("CONNTRACK").unwrap()).unwrap();
+        ct.insert(key, entry, 0).unwrap();
+    }
+
+    fn conntrack_has(&self, key: &FlowKey) -> bool {
+        let ct: HashMap<&MapData, FlowKey, FlowEntry> = HashMap::try_from(self.ebpf.map("CONNTRACK").unwrap()).unwrap();
+        ct.get(key, 0).is_ok()
+    }
+
+    /// A full-NAT flow from `client` to TARGETS[0] on source port `port`, closed both ways
+    /// `closed_ago_ns` before `now` (the clock of `bpf_ktime_get_ns`).
+    fn closed_flow(&mut self, client: FlowKey, port: u16, now: u64, closed_ago_ns: u64) -> (FlowKey, FlowKey) {
+        let (taddr, tport) = TARGETS[0];
+        let reply_key = flow_key(taddr, tport, SNAT, port, PROTO_TCP);
+        let closed = |rewritten, flags| FlowEntry {
+            rewritten,
+            counter_index: 0,
+            flags: flags | FLOW_FIN_SEEN | FLOW_ESTABLISHED,
+            last_seen_ns: now - closed_ago_ns,
+            created_ns: now - closed_ago_ns - 1_000_000_000,
+        };
+        self.conntrack_insert(reply_key, closed(client.reversed(), FLOW_FROM_TARGET));
+        self.conntrack_insert(client, closed(reply_key.reversed(), FLOW_TO_TARGET));
+        (reply_key, client)
     }
 
     fn conntrack_len(&self) -> usize {
@@ -325,4 +352,58 @@ fn malformed_frames_to_the_vip_never_abort() {
         let (action, out) = bench.run(&fragment);
         assert_eq!((action, out), (XDP_PASS, fragment));
     }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) }, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A new full-NAT flow takes a free source port before one held by a flow closed a
+/// couple of seconds ago (its target may still keep that connection in TIME_WAIT and
+/// refuse the new one), and takes that closed flow's port over when no candidate is free.
+#[test]
+fn full_nat_prefers_a_free_port_to_a_recently_closed_flows() {
+    if !privileged("full_nat_prefers_a_free_port_to_a_recently_closed_flows") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, 0, 0, [1_000_000, 0]);
+    let now = monotonic_ns();
+    let (taddr, tport) = TARGETS[0];
+
+    // The first candidate port of the new flow is held by a flow closed 2 s ago.
+    let first = flow_key(CLIENT, 40100, VIP, 9050, PROTO_TCP);
+    let hash = flow_hash(&first);
+    let (held, holder) = bench.closed_flow(flow_key(CLIENT, 50000, VIP, 9050, PROTO_TCP), snat_port(hash, 0), now, 2_000_000_000);
+    let (action, out) = bench.run(&tcp_frame(CLIENT, 40100, VIP, 9050, TCP_SYN, b""));
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!((ip_dst(&out), dport(&out)), (taddr, tport));
+    assert_eq!(sport(&out), snat_port(hash, 1), "the next candidate, free");
+    assert!(bench.conntrack_has(&held) && bench.conntrack_has(&holder), "the closed flow keeps its port");
+
+    // Every candidate of another flow is held: its first by a flow closed 2 s ago, the
+    // rest by live flows. The closed flow's port is taken over.
+    let second = flow_key(CLIENT, 40200, VIP, 9050, PROTO_TCP);
+    let hash = flow_hash(&second);
+    let (held, holder) = bench.closed_flow(flow_key(CLIENT, 50001, VIP, 9050, PROTO_TCP), snat_port(hash, 0), now, 2_000_000_000);
+    for attempt in 1..SNAT_PORT_TRIES {
+        let live_client = flow_key(CLIENT, 51000 + attempt as u16, VIP, 9050, PROTO_TCP);
+        let entry = FlowEntry {
+            rewritten: live_client.reversed(),
+            counter_index: 0,
+            flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED,
+            last_seen_ns: now,
+            created_ns: now,
+        };
+        bench.conntrack_insert(flow_key(taddr, tport, SNAT, snat_port(hash, attempt), PROTO_TCP), entry);
+    }
+    let (action, out) = bench.run(&tcp_frame(CLIENT, 40200, VIP, 9050, TCP_SYN, b""));
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(sport(&out), snat_port(hash, 0), "no candidate free: the closed flow's port");
+    assert!(!bench.conntrack_has(&holder), "the closed flow's forward entry is gone");
+    assert!(bench.conntrack_has(&held), "its reply key now belongs to the new flow");
+    assert!(bench.conntrack_has(&second));
 }
