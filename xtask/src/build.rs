@@ -119,6 +119,7 @@ pub fn build_all(opts: &Options) -> Result<Artifacts> {
 fn build_ebpf_standard(root: &Path) -> Result<PathBuf> {
     let linker = ensure_bpf_linker(NIGHTLY)?;
     eprintln!("xtask: building the eBPF object: standard route ({NIGHTLY} + rust-src + build-std, bpfel-unknown-none)");
+    eprintln!("xtask: (rustc warns that `allows-misaligned-mem-access` is unstable: expected, see xtask/src/build.rs)");
     let target_dir = root.join("target/ebpf");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root.join("splitter-ebpf"))
