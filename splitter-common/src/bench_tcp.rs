@@ -165,15 +165,14 @@ pub const fn generated_tuple(n: u64, clients: u32) -> (u32, u16) {
 }
 
 /// A generator's state, one per CPU: the connection numbers it hands out are
-/// `offset`, `offset + stride`, ..., so generators on several CPUs never collide. The
+/// `offset`, `offset + stride`, ... (the k-th is `offset + k * stride`, k this CPU's
+/// `ConnectionCounts::started`), so generators on several CPUs never collide. The
 /// frame is rewritten whole from it on every run (live frames come back modified by the
 /// programs they went through).
 /// Written by: the benchmark (before a run). Read and advanced by: `bench_syn_gen`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct GeneratorState {
-    /// Connections started by this CPU's generator.
-    pub started: u64,
     pub stride: u32,
     pub offset: u32,
     /// First client address (network order).
@@ -192,7 +191,7 @@ pub struct GeneratorState {
     /// beyond it drops its frame instead of sending a SYN.
     pub window: u32,
 }
-crate::assert_size!(GeneratorState, 48);
+crate::assert_size!(GeneratorState, 40);
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, no padding (size asserted above), valid for any bits.

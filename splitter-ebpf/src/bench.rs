@@ -83,20 +83,23 @@ pub fn bench_syn_gen(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn generate(ctx: &XdpContext) -> Result<u32, Error> {
-    let state = BENCH_GENERATOR.get_ptr_mut(0).ok_or(Error::Inconsistent)?;
+    let state = BENCH_GENERATOR.get_ptr(0).ok_or(Error::Inconsistent)?;
     let counts = BENCH_CONNECTIONS
         .get_ptr_mut(0)
         .ok_or(Error::Inconsistent)?;
-    // SAFETY: this CPU's slot; nothing else writes it during a run.
-    let s = unsafe { &mut *state };
+    // SAFETY: this CPU's slot, written only by the benchmark between runs.
+    let s = unsafe { &*state };
     let lost = BENCH_LOST.get(0).copied().unwrap_or(0);
     if all_cpus().in_flight(lost) >= u64::from(s.window) {
         return Ok(xdp_action::XDP_DROP);
     }
     // SAFETY: this CPU's slot; nothing else writes it while we run here.
-    unsafe { (*counts).started += 1 };
-    let n = u64::from(s.offset) + s.started * u64::from(s.stride);
-    s.started += 1;
+    let started = unsafe {
+        let started = (*counts).started;
+        (*counts).started += 1;
+        started
+    };
+    let n = u64::from(s.offset) + started * u64::from(s.stride);
     let (client, port) = generated_tuple(n, s.clients);
     let src = u32::from_be(s.client_base).wrapping_add(client);
     let out = Outgoing {

@@ -489,8 +489,7 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         }
         // Taken: by this very flow (its forward entry was evicted, or another CPU got
         // its first packet too), or by another flow, then try the next port.
-        // SAFETY: the value is copied out at once.
-        let Some(existing) = (unsafe { CONNTRACK.get(&reply_key) }).copied() else { continue };
+        let Some(existing) = conntrack_copy(&reply_key) else { continue };
         if existing.rewritten == from_target.rewritten {
             claimed = true;
             break;

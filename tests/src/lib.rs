@@ -65,3 +65,17 @@ pub fn run_xdp(prog: &aya::programs::Xdp, frame: &[u8]) -> Result<(u32, Vec<u8>)
     out.truncate(result.data_size_out as usize);
     Ok((result.return_value, out))
 }
+
+/// Keeps the calling thread on `cpu` (per-CPU BPF state, a generator per CPU).
+pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; the set outlives the call.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

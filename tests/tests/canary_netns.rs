@@ -128,6 +128,25 @@ fn canary_weight(bed: &Testbed) -> String {
     lines.nth(1).unwrap_or_default().trim().to_string()
 }
 
+/// The sava gateway (TCP health checks) under client traffic, with a rollout through
+/// 10/25/50/100% every `interval` that has reached its second step (within `timeout`).
+fn rollout_in_its_second_step(interval: &str, timeout: Duration) -> (Testbed, Traffic) {
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    bed.write_config("sava.yaml", &gateway(TCP_CHECK)).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let traffic = Traffic::start(&bed, Duration::from_millis(2));
+    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,25,50,100", "--interval", interval, "--min-flows", "5"])
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    while rollout(&bed)["step"] != 1 {
+        assert!(Instant::now() < deadline, "no second step: {}", rollout(&bed));
+        thread::sleep(Duration::from_millis(50));
+    }
+    (bed, traffic)
+}
+
 #[test]
 fn a_healthy_rollout_follows_every_step_and_ends_promoted() {
     if !privileged("a_healthy_rollout_follows_every_step_and_ends_promoted") {
@@ -187,20 +206,8 @@ fn a_killed_canary_is_rolled_back_within_two_intervals() {
     if !privileged("a_killed_canary_is_rolled_back_within_two_intervals") {
         return;
     }
-    let mut bed = Testbed::new().unwrap();
-    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
-    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
-    bed.write_config("sava.yaml", &gateway(TCP_CHECK)).unwrap();
-    bed.start_agent(&[]).unwrap();
-    let traffic = Traffic::start(&bed, Duration::from_millis(2));
-    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,25,50,100", "--interval", "3s", "--min-flows", "5"])
-        .unwrap();
     // Into the second step, then kill the canary, as the Vamp tutorial does.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while rollout(&bed)["step"] != 1 {
-        assert!(Instant::now() < deadline, "no second step");
-        thread::sleep(Duration::from_millis(50));
-    }
+    let (mut bed, traffic) = rollout_in_its_second_step("3s", Duration::from_secs(15));
     bed.stop_backend("10.10.2.21:8080").unwrap();
     let killed = Instant::now();
     let killed_ms = now_ms();
@@ -229,19 +236,7 @@ fn an_agent_restarted_mid_rollout_takes_it_up_at_its_step() {
     if !privileged("an_agent_restarted_mid_rollout_takes_it_up_at_its_step") {
         return;
     }
-    let mut bed = Testbed::new().unwrap();
-    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
-    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
-    bed.write_config("sava.yaml", &gateway(TCP_CHECK)).unwrap();
-    bed.start_agent(&[]).unwrap();
-    let traffic = Traffic::start(&bed, Duration::from_millis(2));
-    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,25,50,100", "--interval", "4s", "--min-flows", "5"])
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while rollout(&bed)["step"] != 1 {
-        assert!(Instant::now() < deadline, "no second step: {}", rollout(&bed));
-        thread::sleep(Duration::from_millis(50));
-    }
+    let (mut bed, traffic) = rollout_in_its_second_step("4s", Duration::from_secs(20));
     let before = rollout(&bed);
     let restart = Instant::now();
     let lines = bed.stop_agent().unwrap();

@@ -17,7 +17,7 @@ use splitter_common::bench_tcp::{
 };
 use splitter_tests::{
     frames::{self, Ipv4Packet, ETH_LEN, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    privileged, run_xdp,
+    pin_to_cpu, privileged, run_xdp,
     testbed::helper_object,
 };
 
@@ -168,16 +168,10 @@ fn the_generator_writes_each_connection_s_syn_and_keeps_its_window() {
         return;
     }
     // The state is per CPU: keep every run on one.
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
-    }
+    pin_to_cpu(0).unwrap();
     let mut ebpf = load();
     let cpus = nr_cpus().unwrap();
     let state = GeneratorState {
-        started: 0,
         stride: 1,
         offset: 0,
         client_base: u32::from_ne_bytes(client().octets()),

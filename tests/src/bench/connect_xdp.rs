@@ -34,6 +34,7 @@ use super::{
 };
 use splitter_common::bench_tcp::{ConnectionCounts, GeneratorState};
 use splitter_tests::{
+    pin_to_cpu,
     testbed::{helper_object, Testbed, XdpAttachment, VIP},
 };
 
@@ -55,7 +56,8 @@ pub struct Row {
     pub completed: u64,
     /// Connections the middle reset (RST seen by the client).
     pub reset: u64,
-    /// Connections that never completed (counted at stalls and at the end).
+    /// Connections that never completed (given up on after `GIVE_UP_AFTER`, or still open
+    /// when the run ended).
     pub lost: u64,
     pub elapsed: Duration,
     /// Busy CPU time of the whole machine (all CPUs) per completed connection, µs.
@@ -173,7 +175,8 @@ impl Endpoints {
     }
 
     /// Points every CPU's generator at `target` (connection numbers go on from where
-    /// they were, so no system sees a 5-tuple another one just used).
+    /// they were, counted in `BENCH_CONNECTIONS`, so no system sees a 5-tuple another one
+    /// just used).
     fn aim(&mut self, target: (Ipv4Addr, u16)) -> Result<()> {
         let cpus = nr_cpus().map_err(|(_, e)| e)?;
         let mut map: PerCpuArray<_, GeneratorState> = PerCpuArray::try_from(
@@ -181,10 +184,8 @@ impl Endpoints {
                 .map_mut("BENCH_GENERATOR")
                 .context("BENCH_GENERATOR")?,
         )?;
-        let current = map.get(&0, 0)?;
         let values: Vec<GeneratorState> = (0..cpus)
             .map(|cpu| GeneratorState {
-                started: current[cpu].started,
                 stride: cpus as u32,
                 offset: cpu as u32,
                 client_base: u32::from_ne_bytes(Ipv4Addr::new(10, 10, 1, 2).octets()),
@@ -221,12 +222,8 @@ fn generate(
     window_full: &AtomicBool,
     stop: &AtomicBool,
 ) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
+    // Best effort: an unpinned generator still generates.
+    let _ = pin_to_cpu(cpu);
     let frame = [0u8; FRAME_LEN];
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     let ctx: [u32; 6] = [0, FRAME_LEN as u32, 0, ifindex, 0, 0];
@@ -264,12 +261,10 @@ fn load(
     let Endpoints { ebpf, lost_map, .. } = endpoints;
     let ebpf = &*ebpf;
     // Whatever earlier runs left in flight is written off: out of the window.
-    let given_up = |c: &ConnectionCounts| c.started - c.completed - c.reset;
-    let mut lost = given_up(&counts(ebpf)?);
+    let mut lost = counts(ebpf)?.in_flight(0);
     lost_map.set(0, lost, 0)?;
     let window_full = AtomicBool::new(false);
     let stop = AtomicBool::new(false);
-    let ns_file = std::fs::File::open(format!("/run/netns/{}", bed.client.name()))?;
     let prog: &Xdp = ebpf
         .program("bench_syn_gen")
         .context("no generator")?
@@ -277,15 +272,8 @@ fn load(
     let mut row = std::thread::scope(|scope| -> Result<Row> {
         let mut threads = Vec::new();
         for cpu in 0..cpus {
-            let (window_full, stop, ns_file) = (&window_full, &stop, &ns_file);
-            threads.push(scope.spawn(move || -> Result<()> {
-                use std::os::fd::AsRawFd;
-                // SAFETY: an open namespace descriptor; setns affects this thread only.
-                if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("setns: {}", std::io::Error::last_os_error());
-                }
-                generate(prog, ifindex, cpu, window_full, stop)
-            }));
+            let (window_full, stop, client) = (&window_full, &stop, &bed.client);
+            threads.push(scope.spawn(move || client.enter(|| generate(prog, ifindex, cpu, window_full, stop))?));
         }
         let start = Instant::now();
         // (time, connections started by then), to find those older than GIVE_UP_AFTER.

@@ -80,29 +80,11 @@ pub fn svg(figures: &Figures, subtitle: &str) -> Option<String> {
         y = panel(&mut body, y, "CPU per forwarded packet above the XDP_DROP floor, µs (lower is better)", &bars);
     }
     if let Some(c) = &figures.connect {
-        let bars: Vec<Bar> = c
-            .rows
-            .iter()
-            .map(|r| Bar {
-                label: r.system.short().into(),
-                value: r.loaded.rate(),
-                text: format!("{}/s", group(r.loaded.rate())),
-                highlight: r.system.short().starts_with("splitter"),
-            })
-            .collect();
+        let bars = connection_bars(c.rows.iter().map(|r| (r.system, r.loaded.rate())));
         y = panel(&mut body, y, "Short TCP connections/s, kernel-socket clients and backends (they cap every balancer)", &bars);
     }
     if let Some(c) = &figures.connect_xdp {
-        let bars: Vec<Bar> = c
-            .rows
-            .iter()
-            .map(|r| Bar {
-                label: r.system.short().into(),
-                value: r.rate(),
-                text: format!("{}/s", group(r.rate())),
-                highlight: r.system.short().starts_with("splitter"),
-            })
-            .collect();
+        let bars = connection_bars(c.rows.iter().map(|r| (r.system, r.rate())));
         y = panel(&mut body, y, "Short TCP connections/s between XDP endpoints (the balancer's own limit)", &bars);
     }
     Some(format!(
@@ -115,4 +97,15 @@ pub fn svg(figures: &Figures, subtitle: &str) -> Option<String> {
         WIDTH - 10.0,
         escape(subtitle)
     ))
+}
+
+/// One bar per system of a connection section: its connections per second.
+fn connection_bars(rows: impl Iterator<Item = (super::connect::System, f64)>) -> Vec<Bar> {
+    rows.map(|(system, rate)| Bar {
+        label: system.short().into(),
+        value: rate,
+        text: format!("{}/s", group(rate)),
+        highlight: system.short().starts_with("splitter"),
+    })
+    .collect()
 }

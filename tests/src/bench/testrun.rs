@@ -31,7 +31,7 @@ use super::{median, say, Options, TargetCheck};
 use splitter_tests::{
     ebpf_object,
     frames::{tcp, udp, Ipv4Packet, TCP_ACK},
-    Netns, Veth,
+    pin_to_cpu, Netns, Veth,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
@@ -282,12 +282,8 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
 /// A flat CPU profile (perf, software clock) of this thread running `prog` on `frame`
 /// under test_run.
 fn profile(prog: &Xdp, frame: &[u8]) -> Result<String> {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
+    // Best effort, as a profile of an unpinned thread is still a profile.
+    let _ = pin_to_cpu(0);
     let jit_kallsyms = std::fs::read_to_string("/proc/sys/net/core/bpf_jit_kallsyms").unwrap_or_default();
     let _ = std::fs::write("/proc/sys/net/core/bpf_jit_kallsyms", "1");
     let data = std::env::temp_dir().join(format!("splitter-bench-{}-testrun.perf", std::process::id()));
