@@ -106,7 +106,16 @@ fn test(art: &build::Artifacts, extra: &[String]) -> Result<()> {
 }
 
 /// Builds and runs one of the test crate's tools (demo, bench) with the built artifacts.
+/// Every binary of the test crate is built first: the tools start the others (backends,
+/// endpoints) as processes, and `cargo run` builds only the one it runs.
 fn run_tool(art: &build::Artifacts, bin: &str, args: &[String]) -> Result<()> {
+    status(
+        cargo()
+            .current_dir(workspace_root())
+            .args(["build", "--quiet", "--release", "-p", "splitter-tests", "--bins"])
+            .envs(art.env()),
+        "cargo build of the test tools",
+    )?;
     let mut cmd = cargo();
     cmd.current_dir(workspace_root())
         .args(["run", "--quiet", "--release", "-p", "splitter-tests", "--bin", bin, "--"])
