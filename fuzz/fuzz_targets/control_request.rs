@@ -1,9 +1,9 @@
-//! Raw bytes on the control socket: the agent's own HTTP server, router and service
-//! thread, with the service writing real BPF maps (the object loaded, nothing attached,
+//! Raw bytes on the control socket: the agent's own HTTP server, router and controller
+//! thread, with the controller writing real BPF maps (the object loaded, nothing attached,
 //! in a network namespace of the fuzzer's own).
 //!
 //! Invariants: every request that arrives whole gets one well-formed HTTP response; the
-//! service never drops a request (a 500 from a panic, a 503 from a dead service thread);
+//! controller never drops a request (a 500 from a panic, a 503 from a dead controller thread);
 //! a refusal is a single line; the exchange ends (no hang).
 #![no_main]
 
@@ -15,9 +15,10 @@ use std::{
 use libfuzzer_sys::fuzz_target;
 use splitter_common::conntrack::Timeouts;
 use splitter_user::{
+    api::Answer,
     control::serve_connection,
+    controller::{Controller, Inbox, Op, Settings},
     datapath::Datapath,
-    service::{Command, Request, Service},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -25,7 +26,7 @@ struct Agent {
     /// The loaded programs, kept for the fuzzer's life.
     _ebpf: std::sync::Mutex<aya::Ebpf>,
     runtime: tokio::runtime::Runtime,
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<Inbox>,
 }
 
 fn agent() -> &'static Agent {
@@ -40,20 +41,21 @@ fn agent() -> &'static Agent {
         splitter_fuzz::ip(&["link", "set", "fz1", "up"]);
         splitter_fuzz::ip(&["route", "add", "default", "dev", "fz0"]);
         let (ebpf, maps) = splitter_fuzz::load();
-        let service = Service::new(Datapath::new(maps, splitter_fuzz::LIMITS), None, None, Timeouts::DEFAULT, 0);
+        let settings = Settings { state_dir: None, config: None, timeouts: Timeouts::DEFAULT, program_id: 0 };
+        let controller = Controller::new(Datapath::new(maps, splitter_fuzz::LIMITS), settings);
         let (commands, inbox) = mpsc::channel();
         // Started after `isolate_network`: the thread is in the fuzzer's namespace.
-        std::thread::spawn(move || service.run(inbox));
+        std::thread::spawn(move || controller.run(inbox));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
         Agent { _ebpf: std::sync::Mutex::new(ebpf), runtime, commands }
     })
 }
 
-/// Asks the service directly (as the agent's signal handlers do).
-fn ask(agent: &Agent, request: Request) -> String {
+/// Asks the controller directly (as the agent's signal handlers do).
+fn ask(agent: &Agent, op: Op) -> Option<Answer> {
     let (reply, answer) = tokio::sync::oneshot::channel();
-    agent.commands.send(Command { request, reply, json: true }).expect("the service thread is alive");
-    answer.blocking_recv().expect("the service answers").body
+    agent.commands.send(Inbox::Operator { op, reply }).expect("the controller thread is alive");
+    answer.blocking_recv().expect("the controller answers").ok().map(|r| r.answer)
 }
 
 /// Splits an HTTP/1.x response stream into (status, content type, body).
@@ -108,22 +110,18 @@ fuzz_target!(|data: &[u8]| {
     });
     let raw = raw.expect("the exchange ends within 20 s").unwrap_or_default();
     for (status, content_type, body) in responses(&raw) {
-        assert!(status != 500 && status != 503, "the service dropped a request: {status} {}", String::from_utf8_lossy(&body));
+        assert!(status != 500 && status != 503, "the controller dropped a request: {status} {}", String::from_utf8_lossy(&body));
         if status >= 400 && content_type.starts_with("text/plain") {
             let text = String::from_utf8_lossy(&body);
             assert!(text.ends_with('\n') && text.trim_end().lines().count() <= 1, "a refusal is one line: {text:?}");
         }
     }
     // Back to no gateways, so each input starts from the same datapath.
-    let list = ask(agent, Request::List);
-    let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&list)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|g| g.get("name").and_then(|n| n.as_str()).map(str::to_string))
-        .collect();
+    let names: Vec<String> = match ask(agent, Op::List) {
+        Some(Answer::Gateways(list)) => list.views.iter().map(|v| v.gateway.name.clone()).collect(),
+        _ => Vec::new(),
+    };
     for name in names {
-        ask(agent, Request::Delete(name));
+        ask(agent, Op::Delete(name));
     }
 });

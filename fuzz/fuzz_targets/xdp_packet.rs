@@ -32,7 +32,7 @@ use splitter_tests::{
     run_xdp,
 };
 use splitter_user::{
-    datapath::Datapath,
+    datapath::{Dataplane, Datapath},
     gateway::{parse_documents, Document},
 };
 

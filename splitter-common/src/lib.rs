@@ -11,6 +11,8 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+#[cfg(feature = "alloc")]
+pub mod apportion;
 pub mod bench_tcp;
 pub mod conntrack;
 pub mod counters;
@@ -23,6 +25,35 @@ pub use counters::{ForwardEvent, PacketClass};
 
 /// Name of the XDP program inside the object.
 pub const PROGRAM_NAME: &str = "splitter";
+
+/// Version of the maps' layout (their keys, values and sizes): a new agent that finds pins
+/// of another layout version must not write into them as if they were its own.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Names of the datapath's maps in the object and under the pin directory (the kernel
+/// program declares its statics with these names). Each map's writer and reader are
+/// documented at its declaration in `splitter-ebpf/src/lib.rs`.
+pub mod map_names {
+    /// Gateway key to live state; written by the agent, read by the program.
+    pub const GATEWAYS: &str = "GATEWAYS";
+    /// Bucket tables, two generations per gateway; written by the agent, read by the program.
+    pub const BUCKET_TABLES: &str = "BUCKET_TABLES";
+    /// Targets of each table generation; written by the agent, read by the program.
+    pub const TARGETS: &str = "TARGETS";
+    /// Flow state; written by the program (and expired by the agent), read by both.
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// Per-target counters; written by the program, read (and zeroed) by the agent.
+    pub const TARGET_COUNTERS: &str = "TARGET_COUNTERS";
+    /// Per-gateway counters; written by the program, read (and zeroed) by the agent.
+    pub const GATEWAY_COUNTERS: &str = "GATEWAY_COUNTERS";
+    /// Packets per class; written by the program, read by the agent.
+    pub const PACKET_COUNTERS: &str = "PACKET_COUNTERS";
+    /// Forwarding outcomes; written by the program, read by the agent.
+    pub const FORWARD_EVENTS: &str = "FORWARD_EVENTS";
+    /// Every map the agent pins and adopts.
+    pub const PINNED: [&str; 8] =
+        [GATEWAYS, BUCKET_TABLES, TARGETS, CONNTRACK, TARGET_COUNTERS, GATEWAY_COUNTERS, PACKET_COUNTERS, FORWARD_EVENTS];
+}
 
 /// Asserts at compile time that a shared type has the size the other side expects.
 #[macro_export]

@@ -181,33 +181,14 @@ mod builder {
     /// ties to the smaller key, i.e. the earlier sorted position). Empty when there is
     /// nothing to share.
     fn slot_quotas(sorted: &[(TableTarget, u16)]) -> Vec<u32> {
-        let total: u64 = sorted
-            .iter()
-            .map(|(target, _)| u64::from(target.weight))
-            .sum();
-        if total == 0 {
+        let weights: Vec<u64> = sorted.iter().map(|(target, _)| u64::from(target.weight)).collect();
+        if weights.iter().all(|&w| w == 0) {
             return Vec::new();
         }
-        // weight < 2^32 and SLOTS < 2^14, so the products fit in u64.
-        let mut quotas: Vec<u32> = sorted
-            .iter()
-            .map(|(target, _)| (u64::from(target.weight) * SLOTS / total) as u32)
-            .collect();
-        let assigned: u64 = quotas.iter().map(|&quota| u64::from(quota)).sum();
-        let leftover = (SLOTS - assigned) as usize;
-        let mut by_remainder: Vec<(u64, usize)> = sorted
-            .iter()
-            .enumerate()
-            .map(|(position, (target, _))| (u64::from(target.weight) * SLOTS % total, position))
-            .collect();
-        // Largest remainder first; on equal remainders the earlier position (smaller key).
-        by_remainder.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        // The remainders add up to leftover * total with each below total, so at least
-        // `leftover` of them are non-zero: a zero-weight target can never get a slot here.
-        for &(_, position) in by_remainder.iter().take(leftover) {
-            quotas[position] += 1;
-        }
-        quotas
+        crate::apportion::largest_remainder(SLOTS, &weights, false)
+            .into_iter()
+            .map(|quota| quota as u32)
+            .collect()
     }
 
     /// A target with a quota, as the assignment sees it.

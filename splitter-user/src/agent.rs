@@ -27,14 +27,24 @@ use tokio::{
 };
 
 use crate::{
-    client::DEFAULT_SOCKET,
-    control,
+    api::{Answer, DEFAULT_SOCKET},
+    config, control,
+    controller::{Controller, Inbox, Op, Settings},
     datapath::{Datapath, Limits, Maps},
-    health,
+    health::{self, HealthReport},
     pin::Pins,
-    service::{self, Command, Request, Service},
-    system,
+    state, system,
 };
+
+/// Health reports into the controller's inbox.
+#[derive(Clone)]
+struct InboxReporter(mpsc::Sender<Inbox>);
+
+impl health::Reporter for InboxReporter {
+    fn report(&self, report: HealthReport) -> bool {
+        self.0.send(Inbox::Health(report)).is_ok()
+    }
+}
 
 /// The kernel program, built by `cargo xtask build` (empty in a plain `cargo build`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/splitter.bpf.o"));
@@ -159,27 +169,27 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
     let datapath = Datapath::new(maps, limits);
     let state_dir = (!args.ephemeral).then(|| args.state_dir.clone());
     let saved = match &state_dir {
-        Some(dir) => service::load_state(dir)?,
+        Some(dir) => state::load(dir)?,
         None => None,
     };
     let timeouts = Timeouts { udp_idle_ns: args.udp_timeout.saturating_mul(1_000_000_000), ..Timeouts::DEFAULT };
-    let mut service = Service::new(datapath, state_dir, args.config.clone(), timeouts, program_id);
+    let settings = Settings { state_dir, config: args.config.clone(), timeouts, program_id };
+    let mut controller = Controller::new(datapath, settings);
     if let Some(saved) = &saved {
-        service.restore(saved, adopting)?;
+        controller.restore(saved, adopting);
     }
     let (checks_tx, checks_rx) = tokio::sync::mpsc::unbounded_channel();
-    service.set_health_checks(checks_tx);
-    // Taken before the first read: a change made from now on is noticed.
-    let mut fingerprint = args.config.as_deref().map(service::config_fingerprint);
-    service.sync_config();
+    controller.set_health_checks(checks_tx);
+    let mut fingerprint = args.config.as_deref().map(config::fingerprint);
+    controller.sync_config();
 
-    let (commands, inbox) = mpsc::channel::<Command>();
-    let service_thread = std::thread::Builder::new()
-        .name("datapath".into())
-        .spawn(move || service.run(inbox))?;
+    let (commands, inbox) = mpsc::channel::<Inbox>();
+    let controller_thread = std::thread::Builder::new()
+        .name("controller".into())
+        .spawn(move || controller.run(inbox))?;
     let listener = control::bind(&args.socket, socket_group)?;
     let server = tokio::spawn(control::serve_listener(listener, commands.clone()));
-    let checker = tokio::spawn(health::run_checks(checks_rx, commands.clone()));
+    let checker = tokio::spawn(health::run_checks(checks_rx, InboxReporter(commands.clone())));
 
     // Handled from before `ready`: a SIGTERM right after it stops the agent cleanly.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -200,13 +210,13 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break }
-            _ = sighup.recv() => { ask(&commands, Request::SyncConfig).await; }
+            _ = sighup.recv() => { ask(&commands, Op::SyncConfig).await; }
             _ = sigusr1.recv() => print_stats(&commands).await,
             _ = poll.tick() => if let Some(path) = &args.config {
-                let now = service::config_fingerprint(path);
+                let now = config::fingerprint(path);
                 if Some(now) != fingerprint {
                     fingerprint = Some(now);
-                    ask(&commands, Request::SyncConfig).await;
+                    let _ = commands.send(Inbox::ConfigChanged);
                 }
             },
         }
@@ -214,18 +224,20 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
     server.abort();
     checker.abort();
     print_stats(&commands).await;
-    let counters = ask(&commands, Request::Metrics).await;
-    let packets = packet_counters_json(&counters.body);
+    let packets = match ask(&commands, Op::Metrics).await {
+        Some(Answer::Metrics(text)) => packet_counters_json(&text),
+        _ => "{}".into(),
+    };
     drop(commands);
     // The service thread ends once every sender is gone. The aborted tasks drop theirs
     // only when the runtime runs them again, so wait without blocking it (a blocking join
     // here could wait for ever), and not for ever: a client still connected holds one.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !service_thread.is_finished() && std::time::Instant::now() < deadline {
+    while !controller_thread.is_finished() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    if service_thread.is_finished() {
-        let _ = service_thread.join();
+    if controller_thread.is_finished() {
+        let _ = controller_thread.join();
     } else {
         warn!("a control connection is still open; stopping without waiting for it");
     }
@@ -281,19 +293,18 @@ fn load_and_attach(args: &AgentArgs, limits: Limits, pins: Option<&Pins>) -> Res
     Ok((maps, Attachment::Loaded { _ebpf: ebpf }, program_id))
 }
 
-/// Sends a request to the service thread and waits for its answer.
-async fn ask(commands: &mpsc::Sender<Command>, request: Request) -> service::Response {
-    let (tx, rx) = oneshot::channel();
-    if commands.send(Command { request, reply: tx, json: true }).is_err() {
-        return service::Response { status: 503, content_type: "text/plain", body: "stopped".into(), warning: None };
-    }
-    rx.await.unwrap_or(service::Response { status: 503, content_type: "text/plain", body: "stopped".into(), warning: None })
+/// Sends a request to the controller and waits for its answer (none once it stopped).
+async fn ask(commands: &mpsc::Sender<Inbox>, op: Op) -> Option<Answer> {
+    let (reply, rx) = oneshot::channel();
+    commands.send(Inbox::Operator { op, reply }).ok()?;
+    rx.await.ok()?.ok().map(|r| r.answer)
 }
 
-async fn print_stats(commands: &mpsc::Sender<Command>) {
-    let stats = ask(commands, Request::Stats(None)).await;
-    println!("splitter stats {}", stats.body);
-    let _ = std::io::stdout().flush();
+async fn print_stats(commands: &mpsc::Sender<Inbox>) {
+    if let Some(answer) = ask(commands, Op::Stats(None)).await {
+        println!("splitter stats {}", answer.render(true).1);
+        let _ = std::io::stdout().flush();
+    }
 }
 
 /// The `splitter_packets_total` samples of a metrics text, as a JSON object by kind.

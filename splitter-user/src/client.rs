@@ -13,7 +13,10 @@ use hyper::{body::Bytes, Method};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
-pub const DEFAULT_SOCKET: &str = "/run/splitter/splitter.sock";
+use crate::{
+    api::{Event, GatewayStats, DEFAULT_SOCKET, ORIGIN_HEADER, WARNING_HEADER},
+    rollout::Rollout,
+};
 
 #[derive(Args, Clone)]
 pub struct SocketArg {
@@ -98,14 +101,14 @@ pub struct StatsArgs {
 }
 
 /// A response: status, body and the agent's warning, if any.
-pub struct Answer {
+pub struct Response {
     pub status: u16,
     pub body: String,
     pub warning: Option<String>,
 }
 
 /// One request to the agent.
-pub async fn request(socket: &Path, method: Method, path: &str, body: Option<(String, &str)>) -> Result<Answer> {
+pub async fn request(socket: &Path, method: Method, path: &str, body: Option<(String, &str)>) -> Result<Response> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
             return anyhow::anyhow!("{}", permission_denied(socket));
@@ -121,7 +124,7 @@ pub async fn request(socket: &Path, method: Method, path: &str, body: Option<(St
     let mut builder = hyper::Request::builder().method(method).uri(path).header(hyper::header::HOST, "splitter");
     let payload = match body {
         Some((text, origin)) => {
-            builder = builder.header("content-type", "application/yaml").header("x-splitter-origin", origin);
+            builder = builder.header("content-type", "application/yaml").header(ORIGIN_HEADER, origin);
             text
         }
         None => String::new(),
@@ -130,10 +133,10 @@ pub async fn request(socket: &Path, method: Method, path: &str, body: Option<(St
     let status = response.status().as_u16();
     let warning = response
         .headers()
-        .get(crate::control::WARNING_HEADER)
+        .get(WARNING_HEADER)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let bytes = response.into_body().collect().await?.to_bytes();
-    Ok(Answer { status, body: String::from_utf8_lossy(&bytes).into_owned(), warning })
+    Ok(Response { status, body: String::from_utf8_lossy(&bytes).into_owned(), warning })
 }
 
 /// Why connecting to the socket was refused, for an operator: its mode and group, and
@@ -161,7 +164,7 @@ fn permission_denied(socket: &Path) -> String {
 
 /// Fails with the agent's one-line error unless the answer is a success; a warning of
 /// the agent goes to stderr.
-fn success(answer: Answer) -> Result<String> {
+fn success(answer: Response) -> Result<String> {
     if answer.status >= 400 {
         bail!("{}", answer.body.trim_end());
     }
@@ -276,7 +279,7 @@ pub fn stats(args: StatsArgs) -> Result<()> {
             let text = if args.output == Output::Json {
                 format!("{body}\n")
             } else {
-                render_stats(&serde_json::from_str(&body).context("the agent's stats")?)
+                render_stats(&serde_json::from_str::<Vec<GatewayStats>>(&body).context("the agent's stats")?)
             };
             if args.watch {
                 // Home the cursor and clear the screen, then redraw.
@@ -295,42 +298,34 @@ pub fn stats(args: StatsArgs) -> Result<()> {
 }
 
 /// The stats table: per gateway, a line per target.
-fn render_stats(stats: &serde_json::Value) -> String {
-    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+fn render_stats(stats: &[GatewayStats]) -> String {
     let mut out = String::new();
-    for g in stats.as_array().into_iter().flatten() {
+    for g in stats {
         out.push_str(&format!(
             "gateway {}  generation {}  new flows {} ({} since the last weight change)  no target {}  conntrack misses {}\n",
-            g["name"].as_str().unwrap_or(""),
-            g["generation"],
-            g["new_flows"],
-            g["new_flows_since_change"],
-            g["no_target"],
-            g["conntrack_miss"],
+            g.name, g.generation, g.new_flows, g.new_flows_since_change, g.no_target, g.conntrack_miss,
         ));
         out.push_str(&format!(
             "  {:<32} {:<22} {:>8} {:>9} {:>9} {:>10} {:>10} {:>12} {:>7} {:>10}\n",
             "ROUTE", "TARGET", "WEIGHT", "OBSERVED", "FLOWS", "PKTS IN", "PKTS OUT", "BYTES OUT", "RESETS", "CONNECT"
         ));
-        for t in g["targets"].as_array().into_iter().flatten() {
-            let observed = t["observed_share"].as_f64().map(|s| format!("{s:.1}%")).unwrap_or_else(|| "-".into());
-            let connects = t["connects"].as_u64().unwrap_or(0);
-            let connect = if connects > 0 {
-                format!("{:.2}ms", t["connect_ns_total"].as_u64().unwrap_or(0) as f64 / connects as f64 / 1e6)
-            } else {
-                "-".into()
+        for t in &g.targets {
+            let observed = t.observed_share.map(|s| format!("{s:.1}%")).unwrap_or_else(|| "-".into());
+            let connect = match t.connects {
+                0 => "-".into(),
+                n => format!("{:.2}ms", t.connect_ns_total as f64 / n as f64 / 1e6),
             };
             out.push_str(&format!(
                 "  {:<32} {:<22} {:>8} {:>9} {:>9} {:>10} {:>10} {:>12} {:>7} {:>10}\n",
-                t["route"].as_str().unwrap_or(""),
-                t["target"].as_str().unwrap_or(""),
-                format!("{:.2}%", t["configured_share"].as_f64().unwrap_or(0.0)),
+                t.route,
+                t.target,
+                format!("{:.2}%", t.configured_share),
                 observed,
-                n(&t["new_flows"]),
-                n(&t["packets_to_target"]),
-                n(&t["packets_from_target"]),
-                n(&t["bytes_from_target"]),
-                n(&t["resets_from_target"]),
+                t.new_flows,
+                t.packets_to_target,
+                t.packets_from_target,
+                t.bytes_from_target,
+                t.resets_from_target,
                 connect,
             ));
         }
@@ -439,9 +434,6 @@ fn canary_spec(args: &CanaryStartArgs) -> Result<crate::gateway::policy::CanaryS
         .iter()
         .map(|s| parse_weight(s).map_err(|e| anyhow::anyhow!("--steps: {e}")))
         .collect::<Result<Vec<u32>>>()?;
-    if steps.windows(2).any(|w| w[0] >= w[1]) || steps.first() == Some(&0) || steps.last() != Some(&crate::gateway::FULL_WEIGHT) {
-        bail!("--steps: the steps must increase from above 0 and end at 100");
-    }
     let interval_ms = policy::parse_duration_us(&args.interval).map_err(|e| anyhow::anyhow!("--interval: {e}"))?.div_ceil(1000);
     let max_error_rate = parse_weight(&args.max_error_rate).map_err(|e| anyhow::anyhow!("--max-error-rate: {e}"))?;
     let max_connect_latency = args
@@ -449,7 +441,7 @@ fn canary_spec(args: &CanaryStartArgs) -> Result<crate::gateway::policy::CanaryS
         .as_deref()
         .map(|l| policy::parse_latency_limit(l).map_err(|e| anyhow::anyhow!("--max-connect-latency: {e}")))
         .transpose()?;
-    Ok(policy::CanarySpec {
+    let spec = policy::CanarySpec {
         route: args.route.clone(),
         steps,
         interval_ms,
@@ -460,7 +452,12 @@ fn canary_spec(args: &CanaryStartArgs) -> Result<crate::gateway::policy::CanaryS
             min_flows: args.min_flows,
             flush_on_rollback: args.flush,
         },
-    })
+    };
+    spec.check().map_err(|p| {
+        let option = p.field.split('[').next().unwrap_or(&p.field).replace('_', "-");
+        anyhow::anyhow!("--{option}: {}", p.message)
+    })?;
+    Ok(spec)
 }
 
 pub fn canary(command: CanaryCommand) -> Result<()> {
@@ -484,25 +481,19 @@ pub fn canary(command: CanaryCommand) -> Result<()> {
     let body = runtime()?.block_on(async {
         success(request(&socket.socket, method, &path, body.map(|b| (b, "splitter canary start"))).await?)
     })?;
-    let rollouts: serde_json::Value = serde_json::from_str(&body).context("the agent's answer")?;
-    for r in rollouts.as_array().into_iter().flatten() {
-        let steps: Vec<String> = r["spec"]["steps"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|s| crate::gateway::format_weight(s.as_u64().unwrap_or(0) as u32))
-            .collect();
-        let step = r["step"].as_u64().unwrap_or(0) as usize;
+    let rollouts: Vec<Rollout> = serde_json::from_str(&body).context("the agent's answer")?;
+    for r in rollouts {
+        let steps: Vec<String> = r.spec.steps.iter().map(|s| crate::gateway::format_weight(*s)).collect();
         println!(
             "{}: {} at step {}/{} ({} at {}); steps [{}]: {}",
-            r["gateway"].as_str().unwrap_or(""),
-            r["state"].as_str().unwrap_or(""),
-            step + 1,
+            r.gateway,
+            r.state.name(),
+            r.step + 1,
             steps.len(),
-            r["spec"]["route"].as_str().unwrap_or(""),
-            steps.get(step).map(String::as_str).unwrap_or("?"),
+            r.spec.route,
+            steps.get(r.step).map(String::as_str).unwrap_or("?"),
             steps.join(", "),
-            r["reason"].as_str().unwrap_or("")
+            r.reason
         );
     }
     Ok(())
@@ -513,20 +504,14 @@ pub fn events(args: EventsArgs) -> Result<()> {
         let mut since = 0u64;
         loop {
             let body = success(request(&args.socket.socket, Method::GET, &format!("/api/v1/events?since={since}"), None).await?)?;
-            let events: serde_json::Value = serde_json::from_str(&body).context("the agent's events")?;
-            for e in events.as_array().into_iter().flatten() {
-                since = since.max(e["id"].as_u64().unwrap_or(0));
-                let gateway = e["gateway"].as_str().unwrap_or("");
-                if args.gateway.as_ref().is_some_and(|g| g != gateway) {
+            let events: Vec<Event> = serde_json::from_str(&body).context("the agent's events")?;
+            for e in events {
+                since = since.max(e.id);
+                if args.gateway.as_ref().is_some_and(|g| *g != e.gateway) {
                     continue;
                 }
-                let time = std::time::UNIX_EPOCH + Duration::from_millis(e["time_ms"].as_u64().unwrap_or(0));
-                println!(
-                    "{} {gateway} {}: {}",
-                    humantime::format_rfc3339_millis(time),
-                    e["kind"].as_str().unwrap_or(""),
-                    e["message"].as_str().unwrap_or("")
-                );
+                let time = std::time::UNIX_EPOCH + Duration::from_millis(e.time_ms);
+                println!("{} {} {}: {}", humantime::format_rfc3339_millis(time), e.gateway, e.kind, e.message);
             }
             std::io::stdout().flush()?;
             if !args.follow {

@@ -10,8 +10,8 @@
 //!   `CanarySpec`), `POST /api/v1/canary/{pause|resume|abort|promote}/{name}`
 //!
 //! Bodies are YAML or JSON. `Accept: application/json` or `?output=json` selects JSON.
-//! Each request becomes one [`Request`] to the service thread; they are applied one at a
-//! time.
+//! Each request becomes one [`Op`] in the controller's inbox; they are applied one at a
+//! time. This is the only place where answers and errors become HTTP statuses.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -30,7 +30,45 @@ use tokio::{
     sync::{oneshot, Semaphore},
 };
 
-use crate::service::{CanaryRequest, Command, Request, Response};
+use crate::{
+    api::{ApiError, ErrorKind, Reply, ORIGIN_HEADER, WARNING_HEADER},
+    controller::{CanaryOp, Inbox, Op},
+};
+
+/// An HTTP answer before it is encoded.
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+    warning: Option<String>,
+}
+
+impl Response {
+    fn error(status: u16, message: impl std::fmt::Display) -> Self {
+        // One line, as on the command line.
+        Self { status, content_type: "text/plain", body: format!("{message}\n"), warning: None }
+    }
+
+    fn from_result(result: Result<Reply, ApiError>, json: bool) -> Self {
+        match result {
+            Ok(reply) => {
+                let (content_type, body) = reply.answer.render(json);
+                Self { status: 200, content_type, body, warning: reply.warning }
+            }
+            Err(e) => Self::error(status_of(e.kind), e.message),
+        }
+    }
+}
+
+/// The HTTP status of a refusal.
+fn status_of(kind: ErrorKind) -> u16 {
+    match kind {
+        ErrorKind::Invalid => 400,
+        ErrorKind::NotFound => 404,
+        ErrorKind::Conflict => 409,
+        ErrorKind::Failed => 500,
+    }
+}
 
 /// Largest request body accepted (a gateway document is a few KB).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -48,11 +86,11 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Control connections served at once; one more is answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 64;
 
-pub type Reply = hyper::Response<Full<Bytes>>;
+pub type HttpReply = hyper::Response<Full<Bytes>>;
 
 /// Serves the bound control socket forever, at most [`MAX_CONNECTIONS`] connections at a
 /// time.
-pub async fn serve_listener(listener: UnixListener, commands: mpsc::Sender<Command>) -> Result<()> {
+pub async fn serve_listener(listener: UnixListener, commands: mpsc::Sender<Inbox>) -> Result<()> {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = listener.accept().await?;
@@ -84,7 +122,7 @@ pub async fn serve_listener(listener: UnixListener, commands: mpsc::Sender<Comma
 
 /// Serves one control connection (a socket client, or a fuzzer's in-memory stream) until
 /// it closes.
-pub async fn serve_connection<I>(io: I, commands: mpsc::Sender<Command>)
+pub async fn serve_connection<I>(io: I, commands: mpsc::Sender<Inbox>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -128,14 +166,14 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener> {
     Ok(listener)
 }
 
-async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Sender<Command>) -> Result<Reply, hyper::Error> {
+async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Sender<Inbox>) -> Result<HttpReply, hyper::Error> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     // The CLI names the file a body came from, so errors point at it.
     let origin = req
         .headers()
-        .get("x-splitter-origin")
+        .get(ORIGIN_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("request body")
         .to_string();
@@ -160,72 +198,76 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Send
             return Ok(reply(Response::error(413, message)));
         }
     };
-    let request = match route(&method, &path, &query, &body, &origin) {
-        Ok(r) => r,
+    let op = match route(&method, &path, &query, &body, &origin) {
+        Ok(op) => op,
         Err(response) => return Ok(reply(response)),
     };
     let (tx, rx) = oneshot::channel();
-    if commands.send(Command { request, reply: tx, json }).is_err() {
+    if commands.send(Inbox::Operator { op, reply: tx }).is_err() {
         return Ok(reply(error(503, "the agent is shutting down")));
     }
-    Ok(reply(rx.await.unwrap_or_else(|_| error(500, "the agent dropped the request"))))
+    Ok(reply(match rx.await {
+        Ok(result) => Response::from_result(result, json),
+        Err(_) => error(500, "the agent dropped the request"),
+    }))
 }
 
-/// Maps method and path to a service request.
-fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str) -> Result<Request, Response> {
+/// Maps method and path to an operator request.
+fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str) -> Result<Op, Response> {
     let text = || String::from_utf8(body.to_vec()).map_err(|_| error(400, "request body: not UTF-8"));
     let name_in = |prefix: &str| path.strip_prefix(prefix).filter(|n| !n.is_empty()).map(str::to_string);
     match (method, path) {
-        (&Method::GET, "/metrics") => Ok(Request::Metrics),
-        (&Method::GET, "/api/v1/gateways" | "/api/v1/gateways/") => Ok(Request::List),
+        (&Method::GET, "/metrics") => Ok(Op::Metrics),
+        (&Method::GET, "/api/v1/gateways" | "/api/v1/gateways/") => Ok(Op::List),
         (&Method::POST, "/api/v1/gateways" | "/api/v1/gateways/") => {
-            Ok(Request::Apply { origin: origin.into(), text: text()?, path_name: None })
+            Ok(Op::Apply { origin: origin.into(), text: text()?, path_name: None })
         }
-        (&Method::GET, "/api/v1/stats" | "/api/v1/stats/") => Ok(Request::Stats(None)),
-        (&Method::GET, p) if p.starts_with("/api/v1/stats/") => Ok(Request::Stats(name_in("/api/v1/stats/"))),
+        (&Method::GET, "/api/v1/stats" | "/api/v1/stats/") => Ok(Op::Stats(None)),
+        (&Method::GET, p) if p.starts_with("/api/v1/stats/") => Ok(Op::Stats(name_in("/api/v1/stats/"))),
         (&Method::GET, "/api/v1/events") => {
             let since = query_value(query, "since").and_then(|v| v.parse().ok()).unwrap_or(0);
-            Ok(Request::Events { since })
+            Ok(Op::Events { since })
         }
-        (&Method::GET, "/api/v1/canary" | "/api/v1/canary/") => Ok(Request::Canary(CanaryRequest::Status(None))),
+        (&Method::GET, "/api/v1/canary" | "/api/v1/canary/") => Ok(Op::Canary(CanaryOp::Status(None))),
         (&Method::POST, p) if p.starts_with("/api/v1/canary/") => {
             let rest = &p["/api/v1/canary/".len()..];
             let (action, gateway) = rest.split_once('/').filter(|(_, g)| !g.is_empty()).ok_or_else(|| error(404, format!("no gateway name in {p}")))?;
             let gateway = gateway.to_string();
             let request = match action {
                 "start" => {
-                    let spec = serde_json::from_slice(body).map_err(|e| error(400, format!("{origin}: not a canary specification: {e}")))?;
-                    CanaryRequest::Start { gateway, spec }
+                    let spec: crate::gateway::policy::CanarySpec =
+                        serde_json::from_slice(body).map_err(|e| error(400, format!("{origin}: not a canary specification: {e}")))?;
+                    CanaryOp::Start { gateway, spec }
                 }
-                "pause" => CanaryRequest::Pause(gateway),
-                "resume" => CanaryRequest::Resume(gateway),
-                "abort" => CanaryRequest::Abort(gateway),
-                "promote" => CanaryRequest::Promote(gateway),
+                "pause" => CanaryOp::Pause(gateway),
+                "resume" => CanaryOp::Resume(gateway),
+                "abort" => CanaryOp::Abort(gateway),
+                "promote" => CanaryOp::Promote(gateway),
                 other => return Err(error(404, format!("no canary action {other}: start, pause, resume, abort or promote"))),
             };
-            Ok(Request::Canary(request))
+            Ok(Op::Canary(request))
         }
-        (&Method::GET, p) if p.starts_with("/api/v1/canary/") => Ok(Request::Canary(CanaryRequest::Status(name_in("/api/v1/canary/")))),
+        (&Method::GET, p) if p.starts_with("/api/v1/canary/") => Ok(Op::Canary(CanaryOp::Status(name_in("/api/v1/canary/")))),
         (m, p) if p.starts_with("/api/v1/gateways/") => {
             let name = name_in("/api/v1/gateways/").ok_or_else(|| error(404, "no gateway name in the path"))?;
             match *m {
-                Method::GET => Ok(Request::Get(name)),
+                Method::GET => Ok(Op::Get(name)),
                 Method::PUT | Method::POST => {
-                    Ok(Request::Apply { origin: origin.into(), text: text()?, path_name: Some(name) })
+                    Ok(Op::Apply { origin: origin.into(), text: text()?, path_name: Some(name) })
                 }
-                Method::DELETE => Ok(Request::Delete(name)),
+                Method::DELETE => Ok(Op::Delete(name)),
                 _ => Err(error(405, format!("{m} is not allowed on {p}"))),
             }
         }
         (&Method::POST, p) if p.starts_with("/api/v1/promote/") => {
             let gateway = name_in("/api/v1/promote/").ok_or_else(|| error(404, "no gateway name in the path"))?;
             let route = query_value(query, "route").ok_or_else(|| error(400, "promote: the route=ROUTE query parameter is missing"))?;
-            Ok(Request::Promote { gateway, route })
+            Ok(Op::Promote { gateway, route })
         }
         (&Method::POST, p) if p.starts_with("/api/v1/rollback/") => {
             let gateway = name_in("/api/v1/rollback/").ok_or_else(|| error(404, "no gateway name in the path"))?;
             let flush = matches!(query_value(query, "flush").as_deref(), Some("true" | "1" | "yes"));
-            Ok(Request::Rollback { gateway, flush })
+            Ok(Op::Rollback { gateway, flush })
         }
         (m, p) => Err(error(404, format!("no such endpoint: {m} {p}"))),
     }
@@ -268,7 +310,7 @@ fn error(status: u16, message: impl std::fmt::Display) -> Response {
     Response::error(status, message)
 }
 
-fn reply(r: Response) -> Reply {
+fn reply(r: Response) -> HttpReply {
     if r.status >= 400 {
         warn!("control request refused ({}): {}", r.status, r.body.trim_end());
     }
@@ -281,9 +323,6 @@ fn reply(r: Response) -> Reply {
     }
     builder.body(Full::new(Bytes::from(r.body))).expect("a response from valid parts")
 }
-
-/// The header that carries a response's warning (one line).
-pub const WARNING_HEADER: &str = "x-splitter-warning";
 
 /// `text` as a header value: visible ASCII and spaces, anything else escaped.
 fn header_text(text: &str) -> hyper::header::HeaderValue {
@@ -310,7 +349,7 @@ mod tests {
     #[test]
     fn gateway_names_keep_their_slashes() {
         match route(&Method::GET, "/api/v1/gateways/sava/sava/port", "", b"", "t") {
-            Ok(Request::Get(name)) => assert_eq!(name, "sava/sava/port"),
+            Ok(Op::Get(name)) => assert_eq!(name, "sava/sava/port"),
             _ => panic!("expected a get"),
         }
         match route(&Method::DELETE, "/api/v1/gateways/", "", b"", "t") {

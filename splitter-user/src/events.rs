@@ -8,21 +8,10 @@ use std::{
 };
 
 use log::info;
-use serde::Serialize;
+
+pub use crate::api::Event;
 
 pub const CAPACITY: usize = 10_000;
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Event {
-    /// Increasing from 1; `?since=ID` returns the events after it.
-    pub id: u64,
-    /// Milliseconds since the Unix epoch.
-    pub time_ms: u64,
-    pub gateway: String,
-    /// `weights`, `health`, `rollout`, `config`.
-    pub kind: &'static str,
-    pub message: String,
-}
 
 #[derive(Default)]
 pub struct EventLog {
@@ -31,20 +20,25 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    pub fn push(&mut self, gateway: &str, kind: &'static str, message: impl Into<String>) {
+    pub fn push(&mut self, gateway: &str, kind: &str, message: impl Into<String>) {
         self.last_id += 1;
         let message = message.into();
         info!("event {kind} {gateway}: {message}");
         let time_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        self.events.push_back(Event { id: self.last_id, time_ms, gateway: gateway.to_string(), kind, message });
+        self.events.push_back(Event { id: self.last_id, time_ms, gateway: gateway.to_string(), kind: kind.to_string(), message });
         while self.events.len() > CAPACITY {
             self.events.pop_front();
         }
     }
 
     /// Events after `since`, oldest first.
-    pub fn since(&self, since: u64) -> Vec<&Event> {
-        self.events.iter().filter(|e| e.id > since).collect()
+    pub fn since(&self, since: u64) -> Vec<Event> {
+        self.events.iter().filter(|e| e.id > since).cloned().collect()
+    }
+
+    /// Every event kept, oldest first (what tests compare).
+    pub fn all(&self) -> impl Iterator<Item = &Event> {
+        self.events.iter()
     }
 }
 

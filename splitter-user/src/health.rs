@@ -1,24 +1,34 @@
 //! Health checks of targets: TCP connect or HTTP GET, on an interval, with thresholds.
 //!
-//! The checks run as tasks in the agent's runtime and report every result to the service
-//! thread, which keeps the [`HealthBook`]: a target turns unhealthy after
+//! The checks run as tasks in the agent's runtime and report every result on their own
+//! channel ([`HealthReport`]) to the controller, which keeps the [`HealthBook`]: a target turns unhealthy after
 //! `unhealthy_threshold` failures in a row and healthy again after `healthy_threshold`
-//! successes in a row, and the service recomputes the gateway's shares when one does.
+//! successes in a row, and the controller recomputes the gateway's shares when one does.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::mpsc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpStream, sync::oneshot, task::JoinHandle};
+use tokio::{net::TcpStream, task::JoinHandle};
 
-use crate::{
-    gateway::{
-        policy::{CheckProtocol, HealthCheck},
-        Target,
-    },
-    service::{Command, Request},
+use crate::gateway::{
+    policy::{CheckProtocol, HealthCheck},
+    Target,
 };
+
+/// One check's result, as reported to the controller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthReport {
+    pub gateway: String,
+    pub target: Target,
+    pub result: Result<(), String>,
+}
+
+/// Where reports go; false when nobody listens any more (the checks then stop).
+pub trait Reporter: Clone + Send + 'static {
+    fn report(&self, report: HealthReport) -> bool;
+}
 
 /// One check to run: a gateway's target, and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,7 +148,7 @@ impl HealthBook {
 
 /// The tasks of the running checks, aborted when dropped: the agent stops by aborting
 /// `run_checks`, and a dropped `JoinHandle` alone would leave its task running (holding a
-/// command sender, so the service thread would never see every sender gone).
+/// reporter, so the controller would never see every sender gone).
 #[derive(Default)]
 struct RunningChecks(Vec<(CheckSpec, JoinHandle<()>)>);
 
@@ -150,9 +160,9 @@ impl Drop for RunningChecks {
     }
 }
 
-/// Runs the checks the service asks for: each update is the complete set of checks;
+/// Runs the checks the controller asks for: each update is the complete set of checks;
 /// tasks of checks no longer wanted stop, new ones start.
-pub async fn run_checks(mut updates: tokio::sync::mpsc::UnboundedReceiver<Vec<CheckSpec>>, commands: mpsc::Sender<Command>) {
+pub async fn run_checks(mut updates: tokio::sync::mpsc::UnboundedReceiver<Vec<CheckSpec>>, reporter: impl Reporter) {
     let mut running = RunningChecks::default();
     while let Some(specs) = updates.recv().await {
         running.0.retain(|(spec, task)| {
@@ -164,23 +174,21 @@ pub async fn run_checks(mut updates: tokio::sync::mpsc::UnboundedReceiver<Vec<Ch
         });
         for spec in specs {
             if !running.0.iter().any(|(s, _)| *s == spec) {
-                let task = tokio::spawn(check_loop(spec.clone(), commands.clone()));
+                let task = tokio::spawn(check_loop(spec.clone(), reporter.clone()));
                 running.0.push((spec, task));
             }
         }
     }
 }
 
-async fn check_loop(spec: CheckSpec, commands: mpsc::Sender<Command>) {
+async fn check_loop(spec: CheckSpec, reporter: impl Reporter) {
     let interval = Duration::from_millis(spec.check.interval_ms.max(10));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let result = check_once(&spec.target, &spec.check).await;
-        let (reply, _) = oneshot::channel();
-        let request = Request::HealthResult { gateway: spec.gateway.clone(), target: spec.target, result };
-        if commands.send(Command { request, reply, json: false }).is_err() {
+        if !reporter.report(HealthReport { gateway: spec.gateway.clone(), target: spec.target, result }) {
             return;
         }
     }

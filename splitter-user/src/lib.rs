@@ -1,15 +1,22 @@
 //! The agent and CLI as a library: the `splitter` binary is a thin front end, and the
-//! fuzz targets (`fuzz/`) drive the same parser, request router and service.
+//! fuzz targets (`fuzz/`) drive the same parser, request router and controller.
+//!
+//! Modules depend one way, roughly bottom to top:
+//! `gateway` (documents) <- `rollout`, `health`, `config`, `state`, `events` <- `api` <-
+//! `datapath` <- `controller` <- `control` (HTTP server), `client` (CLI) <- `agent`.
 
 pub mod agent;
-pub mod canary;
+pub mod api;
 pub mod client;
+pub mod config;
 pub mod control;
+pub mod controller;
 pub mod datapath;
 pub mod events;
 pub mod gateway;
 pub mod health;
 pub mod metrics;
 pub mod pin;
-pub mod service;
+pub mod rollout;
+pub mod state;
 pub mod system;

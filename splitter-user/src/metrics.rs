@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
-use crate::datapath::GatewayStats;
+use crate::api::GatewayStats;
 
 /// Everything one scrape reports.
 pub struct Snapshot<'a> {
@@ -60,7 +60,7 @@ fn escape(v: &str) -> String {
 pub fn render(s: &Snapshot<'_>) -> String {
     let mut out = String::new();
 
-    type TargetField = fn(&crate::datapath::TargetStats) -> u64;
+    type TargetField = fn(&crate::api::TargetStats) -> u64;
     let target_counters: [(&str, &str, TargetField); 7] = [
         ("splitter_target_new_flows_total", "New flows assigned to the target.", |t| t.new_flows),
         ("splitter_target_packets_to_target_total", "Packets forwarded from clients to the target.", |t| t.packets_to_target),

@@ -20,16 +20,7 @@ use aya::{
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// Maps the datapath pins (every map of the object but aya-log's ring buffer).
-pub const PINNED_MAPS: [&str; 8] = [
-    "PACKET_COUNTERS",
-    "FORWARD_EVENTS",
-    "GATEWAYS",
-    "BUCKET_TABLES",
-    "TARGETS",
-    "CONNTRACK",
-    "TARGET_COUNTERS",
-    "GATEWAY_COUNTERS",
-];
+pub use splitter_common::map_names::PINNED as PINNED_MAPS;
 
 pub struct Pins {
     dir: PathBuf,

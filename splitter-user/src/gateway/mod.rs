@@ -20,9 +20,7 @@ mod yaml;
 use std::{
     collections::BTreeMap,
     fmt::{self, Write as _},
-    fs,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
     str::FromStr,
 };
 
@@ -39,10 +37,9 @@ pub const FULL_WEIGHT: u32 = 10_000;
 /// 100% in the unit of target shares (parts per million).
 pub const FULL_SHARE_PPM: u32 = 1_000_000;
 
-/// Most targets one gateway may have. The bucket table has 10007 slots; beyond a few
-/// thousand targets each would hold only a couple of slots and the 0.01% weight resolution
-/// would be lost.
-pub const MAX_TARGETS_PER_GATEWAY: usize = 4096;
+/// Most targets one gateway may have: what one table generation of the datapath holds, so
+/// `splitter validate` refuses exactly what the agent would.
+pub const MAX_TARGETS_PER_GATEWAY: usize = splitter_common::maps::MAX_TARGETS_PER_GATEWAY as usize;
 
 /// Transport protocol of a gateway's port. Vamp's `http` is TCP at L4.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -310,66 +307,32 @@ pub fn parse_documents(origin: &str, text: &str) -> Result<Vec<Document>, Config
         .collect())
 }
 
-/// Loads a gateway file, or every `*.yaml` / `*.yml` file of a directory (sorted by file
-/// name, not recursive). A gateway defined twice across the files is an error.
-pub fn load_path(path: &Path) -> Result<Vec<(PathBuf, Document)>, ConfigError> {
-    let files = if path.is_dir() {
-        let entries = fs::read_dir(path).map_err(|err| {
-            ConfigError::new(
-                path.display().to_string(),
-                format!("cannot read directory: {err}"),
-            )
-        })?;
-        let mut files = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|err| {
-                ConfigError::new(
-                    path.display().to_string(),
-                    format!("cannot read directory: {err}"),
-                )
-            })?;
-            let file = entry.path();
-            let is_yaml = file
-                .extension()
-                .is_some_and(|ext| ext == "yaml" || ext == "yml");
-            if is_yaml && file.is_file() {
-                files.push(file);
+/// Parses the documents of one configuration file, refusing a gateway that another file
+/// already defines (`defined`: gateway name -> that file). The file's gateways are added
+/// to `defined` only when the whole file is accepted.
+pub fn parse_config_file(
+    origin: &str,
+    text: &str,
+    defined: &mut BTreeMap<String, String>,
+) -> Result<Vec<Document>, ConfigError> {
+    let parsed = parse::parse_stream(origin, text)?;
+    let mut mine: BTreeMap<String, String> = BTreeMap::new();
+    for document in &parsed {
+        if let Document::Gateway(gateway) = &document.document {
+            let first = defined.get(&gateway.name).or_else(|| mine.get(&gateway.name));
+            if let Some(first) = first {
+                return Err(ConfigError::at(
+                    origin,
+                    Some(document.name_position),
+                    "name",
+                    format!("gateway {} is already defined in {first}", gateway.name),
+                ));
             }
-        }
-        files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
-        if files.is_empty() {
-            return Err(ConfigError::new(
-                path.display().to_string(),
-                "no *.yaml or *.yml file in this directory",
-            ));
-        }
-        files
-    } else {
-        vec![path.to_path_buf()]
-    };
-
-    let mut documents = Vec::new();
-    // Full gateways seen so far: name -> the file that defines it.
-    let mut defined: BTreeMap<String, String> = BTreeMap::new();
-    for file in files {
-        let origin = file.display().to_string();
-        let text = fs::read_to_string(&file)
-            .map_err(|err| ConfigError::new(&origin, format!("cannot read: {err}")))?;
-        for parsed in parse::parse_stream(&origin, &text)? {
-            if let Document::Gateway(gateway) = &parsed.document {
-                if let Some(first) = defined.insert(gateway.name.clone(), origin.clone()) {
-                    return Err(ConfigError::at(
-                        &origin,
-                        Some(parsed.name_position),
-                        "name",
-                        format!("gateway {} is already defined in {first}", gateway.name),
-                    ));
-                }
-            }
-            documents.push((file.clone(), parsed.document));
+            mine.insert(gateway.name.clone(), origin.to_string());
         }
     }
-    Ok(documents)
+    defined.extend(mine);
+    Ok(parsed.into_iter().map(|parsed| parsed.document).collect())
 }
 
 impl Gateway {

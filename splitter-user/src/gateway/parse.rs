@@ -640,14 +640,7 @@ impl<'a> Reader<'a> {
         for (i, item) in items.iter().enumerate() {
             let field = format!("canary.steps[{i}]");
             let text = self.scalar(item, &field, "a weight like 10%")?;
-            let weight = parse_weight(text).map_err(|why| self.error(Some(item.position), &field, why))?;
-            if weight == 0 || steps.last().is_some_and(|last| weight <= *last) {
-                return Err(self.error(Some(item.position), &field, "steps must increase from above 0%"));
-            }
-            steps.push(weight);
-        }
-        if steps.last() != Some(&FULL_WEIGHT) {
-            return Err(self.error(Some(steps_node.position), "canary.steps", "the last step must be 100% (the canary promoted)"));
+            steps.push(parse_weight(text).map_err(|why| self.error(Some(item.position), &field, why))?);
         }
         let interval_ms = match fields.value("interval") {
             Some(n) => self.duration_us(n, "canary.interval")?.div_ceil(1000),
@@ -673,7 +666,16 @@ impl<'a> Reader<'a> {
         if let Some(n) = fields.value("flush_on_rollback") {
             thresholds.flush_on_rollback = self.choice(n, "canary.flush_on_rollback", &[("true", true), ("false", false)])?;
         }
-        Ok((CanarySpec { route, steps, interval_ms, thresholds }, route_node.position))
+        let spec = CanarySpec { route, steps, interval_ms, thresholds };
+        if let Err(problem) = spec.check() {
+            let position = match problem.field.strip_prefix("steps[").and_then(|i| i.trim_end_matches(']').parse::<usize>().ok()) {
+                Some(i) => items.get(i).map(|item| item.position),
+                None if problem.field == "steps" => Some(steps_node.position),
+                None => fields.key_position(&problem.field).or(Some(node.position)),
+            };
+            return Err(self.error(position, &format!("canary.{}", problem.field), problem.message));
+        }
+        Ok((spec, route_node.position))
     }
 
     /// An integer in `min..=max`.

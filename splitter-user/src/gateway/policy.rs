@@ -26,6 +26,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::FULL_WEIGHT;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckProtocol {
@@ -109,6 +111,59 @@ pub struct CanarySpec {
     pub steps: Vec<u32>,
     pub interval_ms: u64,
     pub thresholds: Thresholds,
+}
+
+/// Largest `min_flows` and `max_failed_checks` a canary may ask for.
+pub const MAX_MIN_FLOWS: u32 = 1_000_000;
+pub const MAX_FAILED_CHECKS: u32 = 1000;
+/// Longest analysis interval (a day).
+pub const MAX_INTERVAL_MS: u64 = 86_400_000;
+
+/// What is wrong with a canary specification: the field (`steps[2]`, `interval`, ...) and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecProblem {
+    pub field: String,
+    pub message: String,
+}
+
+impl CanarySpec {
+    /// The rules of a canary specification, wherever it comes from (a gateway file, the
+    /// CLI, a request on the socket): steps that increase from above 0% and end at 100%,
+    /// an interval from 1 ms to a day, thresholds within their ranges.
+    pub fn check(&self) -> Result<(), SpecProblem> {
+        let problem = |field: String, message: &str| Err(SpecProblem { field, message: message.to_string() });
+        if self.steps.is_empty() {
+            return problem("steps".into(), "no steps: the canary weights, like [5, 10, 25, 50, 100]");
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            if *step > FULL_WEIGHT {
+                return problem(format!("steps[{i}]"), "a step above 100%");
+            }
+            if *step == 0 || (i > 0 && *step <= self.steps[i - 1]) {
+                return problem(format!("steps[{i}]"), "steps must increase from above 0%");
+            }
+        }
+        if self.steps.last() != Some(&FULL_WEIGHT) {
+            return problem("steps".into(), "the last step must be 100% (the canary promoted)");
+        }
+        if self.route.is_empty() {
+            return problem("route".into(), "missing: the route to roll out");
+        }
+        if self.interval_ms == 0 || self.interval_ms > MAX_INTERVAL_MS {
+            return problem("interval".into(), "the interval must be from 1ms to 24h");
+        }
+        let t = &self.thresholds;
+        if t.max_error_rate > FULL_WEIGHT {
+            return problem("max_error_rate".into(), "above 100%");
+        }
+        if t.max_failed_checks > MAX_FAILED_CHECKS {
+            return problem("max_failed_checks".into(), "at most 1000");
+        }
+        if t.min_flows > MAX_MIN_FLOWS {
+            return problem("min_flows".into(), "at most 1000000");
+        }
+        Ok(())
+    }
 }
 
 /// Parses `500ms`, `30s`, `1.5s`, `2m`, `100us`; returns microseconds.

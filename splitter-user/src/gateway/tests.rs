@@ -30,6 +30,17 @@ fn update(text: &str) -> WeightUpdate {
     }
 }
 
+/// Every document under `path` through the configuration scanner, or its first error.
+fn load_path(path: &Path) -> Result<Vec<(PathBuf, Document)>, ConfigError> {
+    let mut out = Vec::new();
+    for file in crate::config::scan(path, &mut BTreeMap::new())? {
+        for document in file.documents? {
+            out.push((file.path.clone(), document));
+        }
+    }
+    Ok(out)
+}
+
 fn load_gateway(file: &str) -> Gateway {
     match load_path(&config_dir().join(file)) {
         Ok(documents) => match documents.as_slice() {

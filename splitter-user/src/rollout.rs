@@ -1,15 +1,17 @@
-//! Automated canary rollouts: move a route's weight step by step, judge every window from
-//! what the splitter itself sees, roll back on a breach, promote at the end.
-//!
-//! The pure parts live here (weights of a step, the judgement of a window); the service
-//! thread drives the rollout with them on its tick.
+//! Automated canary rollouts as a state machine: move a route's weight step by step, judge
+//! every window from what the splitter itself sees, roll back on a breach, promote at the
+//! end. Nothing here writes weights: a rollout says what it wants next ([`Intent`]) and the
+//! controller carries it out, then tells the rollout what happened.
 
 use std::{collections::BTreeMap, time::Instant};
 
 use serde::{Deserialize, Serialize};
 
+use splitter_common::apportion::largest_remainder;
+
 use crate::gateway::{
-    policy::{CanarySpec, LatencyLimit, Thresholds},
+    format_weight,
+    policy::{format_duration_us, CanarySpec, LatencyLimit, Thresholds},
     FULL_WEIGHT,
 };
 
@@ -148,25 +150,12 @@ pub fn judge(w: &Sample, t: &Thresholds) -> Verdict {
 /// the rest in proportion to their weights before the rollout (equally if those were all
 /// 0), by largest remainder so the total is exactly 100%.
 pub fn step_weights(routes: &[String], canary: &str, canary_weight: u32, stable: &BTreeMap<String, u32>) -> BTreeMap<String, u32> {
-    let rest = u64::from(FULL_WEIGHT - canary_weight.min(FULL_WEIGHT));
+    let canary_weight = canary_weight.min(FULL_WEIGHT);
     let others: Vec<&String> = routes.iter().filter(|r| r.as_str() != canary).collect();
     let base: Vec<u64> = others.iter().map(|r| u64::from(stable.get(*r).copied().unwrap_or(0))).collect();
-    let total: u64 = base.iter().sum();
-    let base: Vec<u64> = if total == 0 { vec![1; others.len()] } else { base };
-    let total: u64 = base.iter().sum::<u64>().max(1);
-    let mut weights: Vec<u64> = base.iter().map(|b| rest * b / total).collect();
-    let mut leftover = rest - weights.iter().sum::<u64>();
-    let mut order: Vec<usize> = (0..others.len()).collect();
-    order.sort_by(|a, b| (rest * base[*b] % total).cmp(&(rest * base[*a] % total)).then(a.cmp(b)));
-    for i in order {
-        if leftover == 0 {
-            break;
-        }
-        weights[i] += 1;
-        leftover -= 1;
-    }
-    let mut out: BTreeMap<String, u32> = others.into_iter().cloned().zip(weights.into_iter().map(|w| w as u32)).collect();
-    out.insert(canary.to_string(), canary_weight.min(FULL_WEIGHT));
+    let parts = largest_remainder(u64::from(FULL_WEIGHT - canary_weight), &base, true);
+    let mut out: BTreeMap<String, u32> = others.into_iter().cloned().zip(parts.into_iter().map(|w| w as u32)).collect();
+    out.insert(canary.to_string(), canary_weight);
     out
 }
 
@@ -192,9 +181,138 @@ pub struct Rollout {
     pub window_base: Sample,
 }
 
+/// What a rollout wants done next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Intent {
+    /// Nothing now.
+    Hold,
+    /// Too few flows to judge: another interval at the same step (worth an event).
+    Wait(String),
+    /// The canary to this step's weight (the last step promotes).
+    Step { step: usize, reason: String },
+    /// The canary to 0% at once, the other routes back to their weights before it.
+    RollBack(String),
+}
+
 impl Rollout {
+    /// A rollout about to take its first step; `stable_weights` are the weights before it.
+    pub fn new(gateway: &str, spec: CanarySpec, stable_weights: BTreeMap<String, u32>, now: Instant) -> Self {
+        Rollout {
+            gateway: gateway.to_string(),
+            spec,
+            state: RolloutState::Progressing,
+            step: 0,
+            reason: "started".into(),
+            stable_weights,
+            started_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            window_started: now,
+            window_base: Sample::default(),
+        }
+    }
+
+    /// The canary's weight at the current step.
     pub fn canary_weight(&self) -> u32 {
         self.spec.steps.get(self.step).copied().unwrap_or(0)
+    }
+
+    /// Progressing or paused: it still owns the gateway's weights.
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, RolloutState::Progressing | RolloutState::Paused)
+    }
+
+    /// The weights of every route of `routes` at `step` (past the last: 100%).
+    pub fn weights_at(&self, routes: &[String], step: usize) -> BTreeMap<String, u32> {
+        let weight = self.spec.steps.get(step).copied().unwrap_or(FULL_WEIGHT);
+        step_weights(routes, &self.spec.route, weight, &self.stable_weights)
+    }
+
+    /// The event that says the rollout started.
+    pub fn started_message(&self) -> String {
+        let steps: Vec<String> = self.spec.steps.iter().map(|s| format_weight(*s)).collect();
+        format!("started: route {} through [{}] every {}", self.spec.route, steps.join(", "), format_duration_us(self.spec.interval_ms * 1000))
+    }
+
+    /// Judges the window from its base to `now_sample`: a breach rolls back at once; at the
+    /// end of the interval, enough healthy traffic takes the next step, too little waits.
+    pub fn judge(&self, now_sample: &Sample, now: Instant) -> Intent {
+        if self.state != RolloutState::Progressing {
+            return Intent::Hold;
+        }
+        let window = now_sample.since(&self.window_base);
+        let elapsed = now.saturating_duration_since(self.window_started);
+        match judge(&window, &self.spec.thresholds) {
+            Verdict::Breach(reason) => Intent::RollBack(reason),
+            _ if elapsed < std::time::Duration::from_millis(self.spec.interval_ms) => Intent::Hold,
+            Verdict::TooFewFlows(why) => Intent::Wait(why),
+            Verdict::Healthy(summary) => {
+                Intent::Step { step: self.step + 1, reason: format!("step {} passed: {summary}", self.step + 1) }
+            }
+        }
+    }
+
+    /// Another interval at the same step, counting from the same base.
+    pub fn waited(&mut self, why: &str, now: Instant) -> String {
+        self.window_started = now;
+        self.reason = format!("waiting: {why}");
+        format!("waiting at step {}: {why}", self.step + 1)
+    }
+
+    /// The weights of `step` are live: a new window from `base`. Returns the event.
+    pub fn entered(&mut self, step: usize, reason: String, base: Sample, now: Instant) -> String {
+        let count = self.spec.steps.len();
+        let last = step + 1 >= count;
+        self.step = step.min(count.saturating_sub(1));
+        self.window_started = now;
+        self.window_base = base;
+        let message = if last {
+            self.state = RolloutState::Promoted;
+            format!("promoted: {} at 100% ({reason})", self.spec.route)
+        } else {
+            format!("step {}/{count}: {} at {} ({reason})", step + 1, self.spec.route, format_weight(self.canary_weight()))
+        };
+        self.reason = reason;
+        message
+    }
+
+    /// The stable weights are live again.
+    pub fn rolled_back(&mut self, reason: String) {
+        self.state = RolloutState::RolledBack;
+        self.reason = reason;
+    }
+
+    /// The operator pauses: the weights hold until resumed.
+    pub fn pause(&mut self, reason: &str) -> Result<(), String> {
+        if self.state != RolloutState::Progressing {
+            return Err(format!("the rollout of {} is {}, not progressing", self.gateway, self.state.name()));
+        }
+        self.state = RolloutState::Paused;
+        self.reason = reason.to_string();
+        Ok(())
+    }
+
+    /// Progressing again, judging a fresh window from `base`.
+    pub fn resume(&mut self, base: Sample, now: Instant) -> Result<(), String> {
+        if self.state != RolloutState::Paused {
+            return Err(format!("the rollout of {} is {}, not paused", self.gateway, self.state.name()));
+        }
+        self.state = RolloutState::Progressing;
+        self.reason = "resumed by the operator".into();
+        self.window_started = now;
+        self.window_base = base;
+        Ok(())
+    }
+
+    /// One line: state, step, weight, last reason.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} at step {}/{} (canary {} at {}): {}",
+            self.state.name(),
+            self.step + 1,
+            self.spec.steps.len(),
+            self.spec.route,
+            format_weight(self.canary_weight()),
+            self.reason
+        )
     }
 }
 
@@ -257,5 +375,51 @@ mod tests {
         let odd: BTreeMap<String, u32> = [("a".into(), 1), ("b".into(), 1), ("canary".into(), 0)].into();
         let w = step_weights(&routes, "canary", 1, &odd);
         assert_eq!(w.values().sum::<u32>(), 10000);
+    }
+
+    fn spec() -> CanarySpec {
+        CanarySpec { route: "canary".into(), steps: vec![1000, 5000, FULL_WEIGHT], interval_ms: 1000, thresholds: thresholds() }
+    }
+
+    #[test]
+    fn a_healthy_window_steps_only_after_the_interval() {
+        let t0 = Instant::now();
+        let r = Rollout::new("g", spec(), BTreeMap::new(), t0);
+        let healthy = Sample { canary_flows: 50, ..Default::default() };
+        assert_eq!(r.judge(&healthy, t0 + std::time::Duration::from_millis(999)), Intent::Hold);
+        assert!(matches!(r.judge(&healthy, t0 + std::time::Duration::from_secs(1)), Intent::Step { step: 1, .. }));
+        let few = Sample { canary_flows: 3, ..Default::default() };
+        assert!(matches!(r.judge(&few, t0 + std::time::Duration::from_secs(1)), Intent::Wait(_)), "no traffic never advances");
+    }
+
+    #[test]
+    fn a_breach_rolls_back_before_the_interval_ends() {
+        let t0 = Instant::now();
+        let r = Rollout::new("g", spec(), BTreeMap::new(), t0);
+        let bad = Sample { canary_flows: 50, canary_resets: 40, ..Default::default() };
+        assert!(matches!(r.judge(&bad, t0), Intent::RollBack(why) if why.contains("error rate")));
+    }
+
+    #[test]
+    fn paused_rollouts_hold_and_state_changes_are_checked() {
+        let t0 = Instant::now();
+        let mut r = Rollout::new("g", spec(), BTreeMap::new(), t0);
+        assert!(r.resume(Sample::default(), t0).is_err(), "not paused");
+        r.pause("by hand").unwrap();
+        assert!(r.pause("again").is_err());
+        let bad = Sample { canary_flows: 50, canary_resets: 40, ..Default::default() };
+        assert_eq!(r.judge(&bad, t0 + std::time::Duration::from_secs(5)), Intent::Hold);
+        r.resume(Sample::default(), t0).unwrap();
+        assert_eq!(r.state, RolloutState::Progressing);
+    }
+
+    #[test]
+    fn entering_the_last_step_promotes() {
+        let t0 = Instant::now();
+        let mut r = Rollout::new("g", spec(), BTreeMap::new(), t0);
+        assert!(r.entered(1, "ok".into(), Sample::default(), t0).starts_with("step 2/3: canary at 50%"));
+        assert_eq!(r.state, RolloutState::Progressing);
+        assert!(r.entered(2, "ok".into(), Sample::default(), t0).starts_with("promoted: canary at 100%"));
+        assert_eq!((r.state, r.canary_weight()), (RolloutState::Promoted, FULL_WEIGHT));
     }
 }

@@ -1,0 +1,142 @@
+//! Carrying out what rollouts want ([`Intent`]): a step's weights, a rollback, a wait;
+//! each weight change through [`Controller::commit`], so a failed one changes nothing.
+
+use std::time::Instant;
+
+use log::warn;
+
+use super::{
+    commit::{route_names, with_weights, History, Planned},
+    Controller,
+};
+use crate::{
+    datapath::Dataplane,
+    gateway::Target,
+    rollout::{step_weights, Intent, Rollout, RolloutState, Sample},
+};
+
+impl<D: Dataplane> Controller<D> {
+    /// The counters the analysis compares, now.
+    pub(super) fn sample(&self, gateway: &str, canary_route: &str) -> Sample {
+        let mut s = Sample::default();
+        let Ok(stats) = self.dataplane.stats() else { return s };
+        let Some(g) = stats.iter().find(|g| g.name == gateway) else { return s };
+        for t in &g.targets {
+            if t.route == canary_route {
+                s.canary_flows += t.new_flows;
+                s.canary_resets += t.resets_from_target;
+                s.canary_connects += t.connects;
+                s.canary_connect_ns += t.connect_ns_total;
+            } else {
+                s.stable_connects += t.connects;
+                s.stable_connect_ns += t.connect_ns_total;
+            }
+        }
+        s.canary_failed_checks = self.health.failed_checks(gateway, &self.route_targets(gateway, canary_route));
+        s
+    }
+
+    fn route_targets(&self, gateway: &str, route: &str) -> Vec<Target> {
+        self.configured
+            .get(gateway)
+            .map(|g| g.routes.iter().filter(|r| r.name == route).flat_map(|r| r.targets.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Judges every progressing rollout and carries out what each wants.
+    pub(super) fn advance_rollouts(&mut self, now: Instant) {
+        let progressing: Vec<(String, String)> = self
+            .rollouts
+            .values()
+            .filter(|r| r.state == RolloutState::Progressing)
+            .map(|r| (r.gateway.clone(), r.spec.route.clone()))
+            .collect();
+        for (gateway, route) in progressing {
+            let sample = self.sample(&gateway, &route);
+            let Some(r) = self.rollouts.get_mut(&gateway) else { continue };
+            match r.judge(&sample, now) {
+                Intent::Hold => {}
+                Intent::Wait(why) => {
+                    let message = r.waited(&why, now);
+                    self.events.push(&gateway, "rollout", message);
+                    self.unsaved = true;
+                }
+                Intent::Step { step, reason } => self.set_step(&gateway, step, reason),
+                Intent::RollBack(reason) => self.roll_back(&gateway, reason),
+            }
+        }
+    }
+
+    /// Moves the canary to `step` (the last step promotes); if its weights cannot be
+    /// applied, the rollout rolls back.
+    pub(super) fn set_step(&mut self, gateway: &str, step: usize, reason: String) {
+        let (Some(r), Some(g)) = (self.rollouts.get(gateway), self.configured.get(gateway)) else { return };
+        let (count, route) = (r.spec.steps.len(), r.spec.route.clone());
+        let next = with_weights(g, &r.weights_at(&route_names(g), step), "canary step");
+        let applied =
+            next.and_then(|next| self.commit(vec![Planned::plain(next)], History::Skip, &format!("canary step {}/{count}", step + 1)));
+        if let Err(e) = applied {
+            self.roll_back(gateway, format!("the weights of step {} could not be applied: {e}", step + 1));
+            return;
+        }
+        let base = self.sample(gateway, &route);
+        if let Some(r) = self.rollouts.get_mut(gateway) {
+            let message = r.entered(step, reason, base, Instant::now());
+            self.events.push(gateway, "rollout", message);
+        }
+        self.unsaved = true;
+    }
+
+    /// Back to the stable routes at once: the canary at 0%, its flows flushed if asked.
+    pub(super) fn roll_back(&mut self, gateway: &str, reason: String) {
+        let (Some(r), Some(g)) = (self.rollouts.get(gateway), self.configured.get(gateway)) else { return };
+        let (canary, flush) = (r.spec.route.clone(), r.spec.thresholds.flush_on_rollback);
+        let next = with_weights(g, &step_weights(&route_names(g), &canary, 0, &r.stable_weights), "canary rolled back");
+        let applied = next.and_then(|next| self.commit(vec![Planned::plain(next)], History::Skip, "canary rolled back"));
+        let mut message = format!("rolled back: {reason}");
+        match applied {
+            Err(e) => message.push_str(&format!(" (the stable weights could not be applied: {e})")),
+            Ok(()) if flush => {
+                let targets = self.route_targets(gateway, &canary);
+                match self.dataplane.flush_flows(gateway, &targets) {
+                    Ok(n) => message.push_str(&format!("; {n} canary flow(s) flushed")),
+                    Err(e) => message.push_str(&format!("; flushing failed: {e:#}")),
+                }
+            }
+            Ok(()) => {}
+        }
+        if let Some(r) = self.rollouts.get_mut(gateway) {
+            r.rolled_back(reason);
+        }
+        self.events.push(gateway, "rollout", message);
+        self.unsaved = true;
+    }
+
+    /// Takes up the saved rollouts of restored gateways where they were: a progressing one
+    /// judges a fresh window at its step (the counters before the restart are not
+    /// compared), a paused one waits for the operator.
+    pub(super) fn restore_rollouts(&mut self, saved: &[Rollout]) {
+        for rollout in saved {
+            let Some(g) = self.configured.get(&rollout.gateway) else {
+                warn!("saved rollout of {} not restored: the gateway was not restored", rollout.gateway);
+                continue;
+            };
+            if !g.routes.iter().any(|r| r.name == rollout.spec.route) {
+                warn!("saved rollout of {} not restored: no route {}", rollout.gateway, rollout.spec.route);
+                continue;
+            }
+            let mut r = rollout.clone();
+            r.window_started = Instant::now();
+            r.window_base = self.sample(&r.gateway, &r.spec.route);
+            if r.is_active() {
+                let count = r.spec.steps.len();
+                self.events.push(
+                    &r.gateway,
+                    "rollout",
+                    format!("taken up after an agent restart: {} at step {}/{count}", r.state.name(), r.step + 1),
+                );
+            }
+            self.rollouts.insert(r.gateway.clone(), r);
+        }
+    }
+}

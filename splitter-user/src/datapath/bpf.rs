@@ -1,0 +1,434 @@
+//! The kernel datapath's maps: owns every map handle, turns gateways into tables,
+//! switches tables atomically, reads counters and sweeps conntrack.
+//!
+//! One thread (the controller's) owns the [`Datapath`], so map writes never interleave.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+    Ebpf,
+};
+use log::{debug, info, warn};
+use splitter_common::{
+    conntrack::{flow_expired, Timeouts},
+    map_names,
+    maps::{
+        BucketTable, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, TargetCounters, TargetEntry,
+        GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY,
+    },
+    table::{build_bucket_table, TableTarget},
+    ForwardEvent, PacketClass,
+};
+
+use super::{
+    describe_weights,
+    layout::{gateway_key, Layout, LiveGateway},
+    Dataplane, Limits, Placement,
+};
+use crate::{
+    api::{GatewayStats, TargetStats},
+    gateway::{Gateway, Mode, Sticky, Target},
+};
+
+/// Minimum time between two table switches of one gateway. The buffer a switch writes
+/// was live two switches ago; an XDP program that read the old gateway state finishes
+/// within microseconds, so this wait guarantees nobody still reads the buffer.
+const TABLE_REUSE_GRACE: Duration = Duration::from_millis(10);
+
+/// The datapath's maps, from a freshly loaded object or from pins.
+pub struct Maps {
+    pub gateways: HashMap<MapData, GatewayKey, GatewayState>,
+    pub tables: Array<MapData, BucketTable>,
+    pub targets: Array<MapData, TargetEntry>,
+    pub conntrack: HashMap<MapData, FlowKey, FlowEntry>,
+    pub target_counters: PerCpuArray<MapData, TargetCounters>,
+    pub gateway_counters: PerCpuArray<MapData, GatewayCounters>,
+    pub packet_counters: PerCpuArray<MapData, u64>,
+    pub forward_events: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    /// Takes the datapath maps out of a loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            gateways: take(ebpf, map_names::GATEWAYS)?,
+            tables: take(ebpf, map_names::BUCKET_TABLES)?,
+            targets: take(ebpf, map_names::TARGETS)?,
+            conntrack: take(ebpf, map_names::CONNTRACK)?,
+            target_counters: take(ebpf, map_names::TARGET_COUNTERS)?,
+            gateway_counters: take(ebpf, map_names::GATEWAY_COUNTERS)?,
+            packet_counters: take(ebpf, map_names::PACKET_COUNTERS)?,
+            forward_events: take(ebpf, map_names::FORWARD_EVENTS)?,
+        })
+    }
+
+    /// Opens the maps a previous agent pinned.
+    pub fn open_pinned(pins: &crate::pin::Pins) -> Result<Self> {
+        use aya::maps::Map;
+        fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(m: Map, name: &str) -> Result<T> {
+            T::try_from(m).with_context(|| format!("pinned map {name} has an unexpected type"))
+        }
+        Ok(Self {
+            gateways: typed(pins.open_map(map_names::GATEWAYS, Map::HashMap)?, map_names::GATEWAYS)?,
+            tables: typed(pins.open_map(map_names::BUCKET_TABLES, Map::Array)?, map_names::BUCKET_TABLES)?,
+            targets: typed(pins.open_map(map_names::TARGETS, Map::Array)?, map_names::TARGETS)?,
+            conntrack: typed(pins.open_map(map_names::CONNTRACK, Map::LruHashMap)?, map_names::CONNTRACK)?,
+            target_counters: typed(pins.open_map(map_names::TARGET_COUNTERS, Map::PerCpuArray)?, map_names::TARGET_COUNTERS)?,
+            gateway_counters: typed(pins.open_map(map_names::GATEWAY_COUNTERS, Map::PerCpuArray)?, map_names::GATEWAY_COUNTERS)?,
+            packet_counters: typed(pins.open_map(map_names::PACKET_COUNTERS, Map::PerCpuArray)?, map_names::PACKET_COUNTERS)?,
+            forward_events: typed(pins.open_map(map_names::FORWARD_EVENTS, Map::PerCpuArray)?, map_names::FORWARD_EVENTS)?,
+        })
+    }
+}
+
+pub struct Datapath {
+    gateways_map: HashMap<MapData, GatewayKey, GatewayState>,
+    tables: Array<MapData, BucketTable>,
+    targets_map: Array<MapData, TargetEntry>,
+    conntrack: HashMap<MapData, FlowKey, FlowEntry>,
+    target_counters: PerCpuArray<MapData, TargetCounters>,
+    gateway_counters: PerCpuArray<MapData, GatewayCounters>,
+    packet_counters: PerCpuArray<MapData, u64>,
+    forward_events: PerCpuArray<MapData, u64>,
+    layout: Layout,
+}
+
+/// Loads the eBPF object (maps created, programs not yet loaded) with maps sized for
+/// `limits`; `kernel_log_level` is the highest aya-log level the kernel side emits.
+pub fn load_object(object: &[u8], limits: Limits, kernel_log_level: u8) -> Result<Ebpf> {
+    aya::EbpfLoader::new()
+        .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
+        .map_max_entries(map_names::GATEWAYS, limits.max_gateways)
+        .map_max_entries(map_names::GATEWAY_COUNTERS, limits.max_gateways)
+        .map_max_entries(map_names::BUCKET_TABLES, 2 * limits.max_gateways)
+        .map_max_entries(map_names::TARGETS, 2 * limits.max_gateways * MAX_TARGETS_PER_GATEWAY)
+        .map_max_entries(map_names::CONNTRACK, limits.conntrack_entries)
+        .load(object)
+        .context("loading the eBPF object")
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
+    let map = ebpf.take_map(name).with_context(|| format!("the eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Datapath {
+    pub fn new(maps: Maps, limits: Limits) -> Self {
+        Self {
+            gateways_map: maps.gateways,
+            tables: maps.tables,
+            targets_map: maps.targets,
+            conntrack: maps.conntrack,
+            target_counters: maps.target_counters,
+            gateway_counters: maps.gateway_counters,
+            packet_counters: maps.packet_counters,
+            forward_events: maps.forward_events,
+            layout: Layout::new(limits),
+        }
+    }
+
+    fn zero_target_counters(&mut self, slot: u32) -> Result<()> {
+        let zeros = PerCpuValues::try_from(vec![TargetCounters::default(); nr_cpus().map_err(|(_, e)| e)?])?;
+        self.target_counters.set(slot, zeros, 0).context("zeroing TARGET_COUNTERS")
+    }
+
+    fn reset_gateway_counters(&mut self, id: u32) -> Result<()> {
+        let zeros = PerCpuValues::try_from(vec![GatewayCounters::default(); nr_cpus().map_err(|(_, e)| e)?])?;
+        self.gateway_counters.set(id, zeros, 0).context("zeroing GATEWAY_COUNTERS")?;
+        Ok(())
+    }
+}
+
+impl Dataplane for Datapath {
+    fn adopt(&mut self, gateway: &Gateway, shares: &[(Target, u32)], placement: &Placement) -> bool {
+        let key = gateway_key(gateway);
+        let live = self.gateways_map.get(&key, 0).ok().map(|state| (state.gateway_id, state.generation));
+        let Some(targets) = self.layout.adoptable(shares, placement, live) else { return false };
+        self.layout.record(LiveGateway {
+            id: placement.id,
+            key,
+            generation: placement.generation,
+            // Unknown when the last switch was: wait the grace before the next one.
+            last_switch: Some(Instant::now()),
+            config: gateway.clone(),
+            targets,
+            shares: shares.to_vec(),
+        });
+        info!("adopted gateway {} generation {} from the pinned datapath", gateway.name, placement.generation);
+        true
+    }
+
+    fn placements(&self) -> std::collections::BTreeMap<String, Placement> {
+        self.layout.placements()
+    }
+
+    fn check(&self, gateway: &Gateway, shares: &[(Target, u32)], batch: &[Gateway]) -> Result<()> {
+        self.layout.check_fits(gateway, shares.len(), batch)?;
+        if gateway.mode == Mode::FullNat {
+            for (target, _) in shares {
+                source_address_towards(target)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn shares(&self, name: &str) -> Vec<(Target, u32)> {
+        self.layout.shares(name)
+    }
+
+    fn flush_flows(&mut self, name: &str, targets: &[Target]) -> Result<usize> {
+        let live = self.layout.gateways.get(name).with_context(|| format!("no gateway {name}"))?;
+        let slots: BTreeSet<u32> =
+            live.targets.iter().filter(|(t, _)| targets.contains(t)).map(|(_, slot)| *slot).collect();
+        if slots.is_empty() {
+            return Ok(0);
+        }
+        let doomed: Vec<FlowKey> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, entry)| slots.contains(&entry.counter_index))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            let _ = self.conntrack.remove(key);
+        }
+        Ok(doomed.len() / 2)
+    }
+
+    fn conntrack_capacity(&self) -> u32 {
+        self.layout.limits.conntrack_entries
+    }
+
+    fn apply(&mut self, gateway: &Gateway, shares: &[(Target, u32)]) -> Result<u64> {
+        // Against the live gateways only: a map write must never take another's key.
+        self.layout.check_fits(gateway, shares.len(), &[])?;
+        let key = gateway_key(gateway);
+        let id = self.layout.id_for(&gateway.name)?;
+
+        // Counter slots and source addresses before touching any map, so an error
+        // leaves the datapath as it was.
+        let targets_only: Vec<Target> = shares.iter().map(|(t, _)| *t).collect();
+        let slots = self.layout.counter_slots_for(&gateway.name, &targets_only)?;
+        let full_nat = gateway.mode == Mode::FullNat;
+        let mut targets = Vec::with_capacity(shares.len());
+        let mut entries = Vec::with_capacity(shares.len());
+        for ((target, share), (slot, _)) in shares.iter().zip(&slots) {
+            // A target without share gets no new flow, so it needs no source address: one
+            // that became unreachable (and unhealthy) must not keep the others' table from
+            // being applied.
+            let snat_addr = match (full_nat, *share) {
+                (false, _) => Ipv4Addr::UNSPECIFIED,
+                (true, 0) => source_address_towards(target).unwrap_or(Ipv4Addr::UNSPECIFIED),
+                (true, _) => source_address_towards(target)?,
+            };
+            targets.push((*target, *slot));
+            entries.push(TargetEntry {
+                addr: u32::from_ne_bytes(target.addr.octets()),
+                snat_addr: u32::from_ne_bytes(snat_addr.octets()),
+                port: target.port.to_be(),
+                _pad: 0,
+                counter_index: *slot,
+            });
+        }
+        for (slot, new) in &slots {
+            if *new {
+                self.zero_target_counters(*slot)?;
+            }
+        }
+        let table_targets: Vec<TableTarget> =
+            shares.iter().map(|(t, share)| TableTarget { key: t.table_key(), weight: *share }).collect();
+        let table_slots = build_bucket_table(&table_targets);
+
+        let (generation, last_switch) = match self.layout.gateways.get(&gateway.name) {
+            Some(live) => (live.generation + 1, live.last_switch),
+            None => (1, None),
+        };
+        if let Some(since) = last_switch.map(|t| t.elapsed()) {
+            if since < TABLE_REUSE_GRACE {
+                std::thread::sleep(TABLE_REUSE_GRACE - since);
+            }
+        }
+        let table_index = id * 2 + (generation & 1) as u32;
+        for (i, entry) in entries.iter().enumerate() {
+            self.targets_map
+                .set(table_index * MAX_TARGETS_PER_GATEWAY + i as u32, entry, 0)
+                .context("writing TARGETS")?;
+        }
+        let target_count = if table_slots.is_empty() { 0 } else { entries.len() as u32 };
+        if target_count > 0 {
+            let mut table = BucketTable { slots: [0; splitter_common::table::BUCKET_TABLE_SIZE], _pad: 0 };
+            table.slots.copy_from_slice(&table_slots);
+            self.tables.set(table_index, table, 0).context("writing BUCKET_TABLES")?;
+        }
+        let mut flags = 0;
+        if gateway.mode == Mode::Dnat {
+            flags |= GATEWAY_DNAT;
+        }
+        if gateway.sticky == Sticky::Client {
+            flags |= GATEWAY_STICKY_CLIENT;
+        }
+        let state = GatewayState { gateway_id: id, table_index, target_count, flags, generation };
+        // The switch: one update of the gateway's value.
+        self.gateways_map.insert(key, state, 0).context("writing GATEWAYS")?;
+        let previous = self.layout.gateways.get(&gateway.name).map(|old| old.key);
+        if let Some(old_key) = previous {
+            if old_key != key {
+                let _ = self.gateways_map.remove(&old_key);
+            }
+        } else {
+            self.reset_gateway_counters(id)?;
+        }
+        self.layout.record(LiveGateway {
+            id,
+            key,
+            generation,
+            last_switch: Some(Instant::now()),
+            config: gateway.clone(),
+            targets,
+            shares: shares.to_vec(),
+        });
+        for (target, _) in shares {
+            prime_neighbour(target);
+        }
+        info!("applied gateway {} generation {generation}: {}", gateway.name, describe_weights(gateway));
+        Ok(generation)
+    }
+
+    fn remove(&mut self, name: &str) -> Result<()> {
+        let key = self.layout.gateways.get(name).map(|g| g.key).with_context(|| format!("no gateway {name}"))?;
+        self.gateways_map.remove(&key).context("removing from GATEWAYS")?;
+        self.layout.forget(name);
+        info!("removed gateway {name}");
+        Ok(())
+    }
+
+    fn stats(&self) -> Result<Vec<GatewayStats>> {
+        let mut out = Vec::new();
+        for (name, live) in &self.layout.gateways {
+            let g = self.gateway_counters.get(&live.id, 0)?;
+            let mut stats = GatewayStats {
+                name: name.clone(),
+                generation: live.generation,
+                new_flows: g.iter().map(|c| c.new_flows).sum(),
+                no_target: g.iter().map(|c| c.no_target).sum(),
+                conntrack_miss: g.iter().map(|c| c.conntrack_miss).sum(),
+                alloc_failed: g.iter().map(|c| c.alloc_failed).sum(),
+                targets: Vec::new(),
+                ..GatewayStats::default()
+            };
+            for (route, target, share) in live.routed_targets() {
+                let Some((_, slot)) = live.targets.iter().find(|(t, _)| *t == target) else { continue };
+                let per_cpu = self.target_counters.get(slot, 0)?;
+                let sum = |f: fn(&TargetCounters) -> u64| per_cpu.iter().map(f).sum::<u64>();
+                stats.targets.push(TargetStats {
+                    route,
+                    target: target.to_string(),
+                    configured_share: share,
+                    new_flows: sum(|c| c.new_flows),
+                    packets_to_target: sum(|c| c.packets_to_target),
+                    bytes_to_target: sum(|c| c.bytes_to_target),
+                    packets_from_target: sum(|c| c.packets_from_target),
+                    bytes_from_target: sum(|c| c.bytes_from_target),
+                    resets_from_target: sum(|c| c.resets_from_target),
+                    connects: sum(|c| c.connects),
+                    connect_ns_total: sum(|c| c.connect_ns_total),
+                    ..TargetStats::default()
+                });
+            }
+            out.push(stats);
+        }
+        Ok(out)
+    }
+
+    fn packet_counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        let mut out = Vec::new();
+        for class in PacketClass::ALL {
+            out.push((class.name(), self.packet_counters.get(&class.0, 0)?.iter().sum()));
+        }
+        for event in ForwardEvent::ALL {
+            out.push((event.name(), self.forward_events.get(&event.0, 0)?.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    fn conntrack_entries(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    /// Forgets flows whose close completed or that sat idle past their timeout.
+    fn sweep_conntrack(&mut self, timeouts: &Timeouts) -> Result<usize> {
+        let now = monotonic_ns();
+        // Each expired key with the value it was judged on (None: the peer was missing).
+        let mut expired: Vec<(FlowKey, Option<FlowEntry>)> = Vec::new();
+        for item in self.conntrack.iter() {
+            let Ok((key, entry)) = item else { continue };
+            let peer_key = entry.rewritten.reversed();
+            let found = self.conntrack.get(&peer_key, 0).ok();
+            let peer = found.unwrap_or(entry);
+            if flow_expired(&entry, &peer, now, timeouts) {
+                expired.push((key, Some(entry)));
+                expired.push((peer_key, found));
+            }
+        }
+        expired.sort_unstable_by_key(|(k, _)| bytemuck::bytes_of(k).to_vec());
+        expired.dedup_by_key(|(k, _)| *k);
+        // The datapath keeps working while we iterate: it may have given an expired key to
+        // a new flow since (a closed flow's source port taken over, a client reopening the
+        // same 5-tuple). Removing that key would cut the new flow off (its replies would
+        // reach no client), so a key is removed only if it still holds the judged value.
+        let (mut removed, mut reused) = (0usize, 0usize);
+        for (key, judged) in &expired {
+            match self.conntrack.get(key, 0) {
+                Ok(current) if Some(current) == *judged => {
+                    if self.conntrack.remove(key).is_ok() {
+                        removed += 1;
+                    }
+                }
+                Ok(_) => reused += 1,
+                Err(_) => {}
+            }
+        }
+        if removed > 0 || reused > 0 {
+            debug!("conntrack sweep removed {removed} entries, kept {reused} reused by new flows meanwhile");
+        }
+        Ok(removed)
+    }
+}
+
+/// The address this node uses as source towards `target` (what the kernel's routing
+/// picks), used as the full-NAT source so replies come back here.
+fn source_address_towards(target: &Target) -> Result<Ipv4Addr> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket
+        .connect(SocketAddr::from((target.addr, target.port)))
+        .with_context(|| format!("no route to target {}:{}", target.addr, target.port))?;
+    match socket.local_addr()? {
+        SocketAddr::V4(a) => Ok(*a.ip()),
+        SocketAddr::V6(_) => bail!("target {}: IPv6 source address", target.addr),
+    }
+}
+
+/// Makes the kernel resolve the target's next hop now, so the XDP fast path finds the
+/// neighbour entry for the first flows (one empty datagram to the discard port).
+fn prime_neighbour(target: &Target) {
+    let sent = UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(&[], (target.addr, 9)));
+    if let Err(e) = sent {
+        warn!("cannot prime the neighbour entry of {}: {e}", target.addr);
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
