@@ -118,6 +118,8 @@ pub struct Controller<D: Dataplane> {
     state_error: Option<String>,
     /// Failed saves since the agent started.
     state_save_errors: u64,
+    /// Successful saves since the agent started.
+    state_saves: u64,
     started: Instant,
 }
 
@@ -139,6 +141,7 @@ impl<D: Dataplane> Controller<D> {
             unsaved: false,
             state_error: None,
             state_save_errors: 0,
+            state_saves: 0,
             started: Instant::now(),
         }
     }
@@ -249,6 +252,7 @@ impl<D: Dataplane> Controller<D> {
         let dir = self.settings.state_dir.clone()?;
         match state::save(&dir, &self.saved_state()) {
             Ok(()) => {
+                self.state_saves += 1;
                 if let Some(earlier) = self.state_error.take() {
                     info!("state saved in {} again (after {earlier})", dir.display());
                 }
