@@ -22,17 +22,14 @@ use std::{
 };
 
 use arbitrary::Arbitrary;
-use aya::{
-    programs::Xdp,
-    Ebpf,
-};
+use aya::{programs::Xdp, Ebpf};
 use libfuzzer_sys::fuzz_target;
 use splitter_tests::{
     frames::{checksums_checked, fix_checksums},
     run_xdp,
 };
 use splitter_user::{
-    datapath::{Dataplane, Datapath},
+    datapath::{Datapath, Dataplane},
     gateway::{parse_documents, Document},
 };
 
@@ -218,9 +215,7 @@ fn endpoints(f: &Fuzzer, flow: &Flow) -> (Endpoint, Endpoint, u8) {
             let to = if *to_splitter { SNAT } else { client(*target) };
             (t, (to, *port), if port % 2 == 0 { TCP } else { UDP })
         }
-        Flow::Other { src, dst, sport, dport, proto } => {
-            ((Ipv4Addr::from(*src), *sport), (Ipv4Addr::from(*dst), *dport), *proto)
-        }
+        Flow::Other { src, dst, sport, dport, proto } => ((Ipv4Addr::from(*src), *sport), (Ipv4Addr::from(*dst), *dport), *proto),
     }
 }
 
@@ -346,21 +341,11 @@ fn claimed(f: &[u8]) -> Option<Claimed> {
     let addr = |at: usize| Ipv4Addr::new(f[at], f[at + 1], f[at + 2], f[at + 3]);
     let port = |at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
     let l4 = ETH + ihl;
-    Some(Claimed {
-        ihl,
-        proto: f[ETH + 9],
-        src: (addr(ETH + 12), port(l4)),
-        dst: (addr(ETH + 16), port(l4 + 2)),
-    })
+    Some(Claimed { ihl, proto: f[ETH + 9], src: (addr(ETH + 12), port(l4)), dst: (addr(ETH + 16), port(l4 + 2)) })
 }
 
 fn run(f: &Fuzzer, frame: &[u8]) -> (u32, Vec<u8>) {
-    let program: &Xdp = f
-        .ebpf
-        .program(splitter_common::PROGRAM_NAME)
-        .expect("the splitter program")
-        .try_into()
-        .expect("an XDP program");
+    let program: &Xdp = f.ebpf.program(splitter_common::PROGRAM_NAME).expect("the splitter program").try_into().expect("an XDP program");
     run_xdp(program, frame).expect("BPF_PROG_TEST_RUN accepts a frame of 14 bytes or more")
 }
 

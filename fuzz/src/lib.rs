@@ -16,10 +16,7 @@ pub fn isolate_network() {
     // SAFETY: unshare takes no pointers; it only changes this thread's namespaces.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
     if rc != 0 {
-        eprintln!(
-            "fuzz: unshare(CLONE_NEWNET) failed ({}): this fuzz target needs root",
-            std::io::Error::last_os_error()
-        );
+        eprintln!("fuzz: unshare(CLONE_NEWNET) failed ({}): this fuzz target needs root", std::io::Error::last_os_error());
         std::process::abort();
     }
     ip(&["link", "set", "lo", "up"]);

@@ -25,8 +25,7 @@ pub fn largest_remainder(total: u64, weights: &[u64], equal_if_all_zero: bool) -
     let mut parts: Vec<u64> = weights.iter().map(|w| (total * w / sum) as u64).collect();
     let assigned: u128 = parts.iter().map(|&p| u128::from(p)).sum();
     let leftover = (total - assigned) as usize;
-    let mut by_remainder: Vec<(u128, usize)> =
-        weights.iter().enumerate().map(|(position, w)| (total * w % sum, position)).collect();
+    let mut by_remainder: Vec<(u128, usize)> = weights.iter().enumerate().map(|(position, w)| (total * w % sum, position)).collect();
     // Largest remainder first; equal remainders in position order.
     by_remainder.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     // The remainders add up to leftover * sum with each below sum, so at least `leftover`

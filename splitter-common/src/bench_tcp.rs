@@ -97,12 +97,7 @@ pub const fn server_reply(s: Segment) -> Reply {
     }
     let fin = if s.flags & TCP_FIN != 0 { 1 } else { 0 };
     if s.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        return Reply::Send {
-            flags: TCP_SYN | TCP_ACK,
-            seq: server_isn(s.seq),
-            ack: s.seq.wrapping_add(1),
-            payload: Payload::Empty,
-        };
+        return Reply::Send { flags: TCP_SYN | TCP_ACK, seq: server_isn(s.seq), ack: s.seq.wrapping_add(1), payload: Payload::Empty };
     }
     if s.flags & TCP_ACK == 0 {
         return Reply::Drop;
@@ -116,12 +111,7 @@ pub const fn server_reply(s: Segment) -> Reply {
         };
     }
     if fin == 1 {
-        return Reply::Send {
-            flags: TCP_ACK,
-            seq: s.ack,
-            ack: s.seq.wrapping_add(1),
-            payload: Payload::Empty,
-        };
+        return Reply::Send { flags: TCP_ACK, seq: s.ack, ack: s.seq.wrapping_add(1), payload: Payload::Empty };
     }
     Reply::Drop
 }
@@ -133,21 +123,11 @@ pub const fn client_reply(s: Segment) -> Reply {
         return Reply::Drop;
     }
     if s.flags & TCP_SYN != 0 {
-        return Reply::Send {
-            flags: TCP_ACK | TCP_PSH,
-            seq: s.ack,
-            ack: s.seq.wrapping_add(1),
-            payload: Payload::Request,
-        };
+        return Reply::Send { flags: TCP_ACK | TCP_PSH, seq: s.ack, ack: s.seq.wrapping_add(1), payload: Payload::Request };
     }
     if s.payload_len > 0 || s.flags & TCP_FIN != 0 {
         // A RST needs only a sequence number inside the peer's window: what it acked.
-        return Reply::Send {
-            flags: TCP_RST,
-            seq: s.ack,
-            ack: 0,
-            payload: Payload::Empty,
-        };
+        return Reply::Send { flags: TCP_RST, seq: s.ack, ack: 0, payload: Payload::Empty };
     }
     Reply::Drop
 }
@@ -216,18 +196,13 @@ impl ConnectionCounts {
     /// The sum of two CPUs' counts.
     #[inline(always)]
     pub const fn plus(self, other: &ConnectionCounts) -> Self {
-        Self {
-            started: self.started + other.started,
-            completed: self.completed + other.completed,
-            reset: self.reset + other.reset,
-        }
+        Self { started: self.started + other.started, completed: self.completed + other.completed, reset: self.reset + other.reset }
     }
 
     /// Connections started and not ended, besides `lost` ones the benchmark gave up on.
     #[inline(always)]
     pub const fn in_flight(&self, lost: u64) -> u64 {
-        self.started
-            .saturating_sub(self.completed + self.reset + lost)
+        self.started.saturating_sub(self.completed + self.reset + lost)
     }
 }
 
@@ -270,62 +245,22 @@ mod tests {
     /// ACK of ours) gets an ACK covering it.
     #[test]
     fn server_acks_a_peer_fin() {
-        let fin = Segment {
-            flags: TCP_FIN | TCP_ACK,
-            seq: 77,
-            ack: 900,
-            payload_len: 0,
-        };
-        assert_eq!(
-            server_reply(fin),
-            Reply::Send {
-                flags: TCP_ACK,
-                seq: 900,
-                ack: 78,
-                payload: Payload::Empty
-            }
-        );
-        let data_fin = Segment {
-            flags: TCP_FIN | TCP_ACK | TCP_PSH,
-            seq: 77,
-            ack: 900,
-            payload_len: 32,
-        };
-        let Reply::Send { ack, .. } = server_reply(data_fin) else {
-            panic!()
-        };
+        let fin = Segment { flags: TCP_FIN | TCP_ACK, seq: 77, ack: 900, payload_len: 0 };
+        assert_eq!(server_reply(fin), Reply::Send { flags: TCP_ACK, seq: 900, ack: 78, payload: Payload::Empty });
+        let data_fin = Segment { flags: TCP_FIN | TCP_ACK | TCP_PSH, seq: 77, ack: 900, payload_len: 32 };
+        let Reply::Send { ack, .. } = server_reply(data_fin) else { panic!() };
         assert_eq!(ack, 77 + 32 + 1);
     }
 
     #[test]
     fn client_counts_a_reset_as_nothing_to_answer() {
-        assert_eq!(
-            client_reply(Segment {
-                flags: TCP_RST | TCP_ACK,
-                seq: 1,
-                ack: 2,
-                payload_len: 0
-            }),
-            Reply::Drop
-        );
-        assert_eq!(
-            client_reply(Segment {
-                flags: TCP_SYN,
-                seq: 1,
-                ack: 0,
-                payload_len: 0
-            }),
-            Reply::Drop,
-            "a SYN to a client"
-        );
+        assert_eq!(client_reply(Segment { flags: TCP_RST | TCP_ACK, seq: 1, ack: 2, payload_len: 0 }), Reply::Drop);
+        assert_eq!(client_reply(Segment { flags: TCP_SYN, seq: 1, ack: 0, payload_len: 0 }), Reply::Drop, "a SYN to a client");
     }
 
     #[test]
     fn payload_sums_are_word_sums() {
-        let manual: u64 = REQUEST
-            .chunks(2)
-            .map(|c| u16::from_ne_bytes([c[0], c[1]]) as u64)
-            .sum();
+        let manual: u64 = REQUEST.chunks(2).map(|c| u16::from_ne_bytes([c[0], c[1]]) as u64).sum();
         assert_eq!(Payload::Request.sum(), manual);
         assert_eq!(Payload::Response.size(), 40);
     }

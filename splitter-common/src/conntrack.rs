@@ -37,9 +37,7 @@ pub const fn tcp_verdict(entry_flags: u32, tcp_flags: u8) -> TcpVerdict {
     if fin_now {
         flags |= FLOW_FIN_SEEN;
     }
-    let connected_now = from_target
-        && tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)
-        && entry_flags & FLOW_ESTABLISHED == 0;
+    let connected_now = from_target && tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) && entry_flags & FLOW_ESTABLISHED == 0;
     if connected_now {
         flags |= FLOW_ESTABLISHED;
     }
@@ -98,11 +96,7 @@ pub struct Timeouts {
 }
 
 impl Timeouts {
-    pub const DEFAULT: Self = Self {
-        udp_idle_ns: 30_000_000_000,
-        tcp_closed_ns: 10_000_000_000,
-        tcp_half_closed_ns: 300_000_000_000,
-    };
+    pub const DEFAULT: Self = Self { udp_idle_ns: 30_000_000_000, tcp_closed_ns: 10_000_000_000, tcp_half_closed_ns: 300_000_000_000 };
 }
 
 /// True when a flow (its two entries) may be removed at `now_ns` (CLOCK_MONOTONIC).

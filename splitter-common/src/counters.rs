@@ -29,14 +29,7 @@ impl PacketClass {
     pub const COUNT: u32 = 6;
 
     /// Every class, in index order.
-    pub const ALL: [Self; Self::COUNT as usize] = [
-        Self::NON_IPV4,
-        Self::IPV4_OTHER,
-        Self::TCP,
-        Self::UDP,
-        Self::ICMP,
-        Self::MALFORMED,
-    ];
+    pub const ALL: [Self; Self::COUNT as usize] = [Self::NON_IPV4, Self::IPV4_OTHER, Self::TCP, Self::UDP, Self::ICMP, Self::MALFORMED];
 
     /// Stable lower-case name, used in CLI output and metrics labels.
     pub const fn name(self) -> &'static str {

@@ -6,12 +6,12 @@
 //! padding, and carry a size assertion.
 #![no_std]
 
-#[cfg(feature = "alloc")]
+#[cfg(any(feature = "alloc", test))]
 extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
-#[cfg(feature = "alloc")]
+#[cfg(any(feature = "alloc", test))]
 pub mod apportion;
 pub mod bench_tcp;
 pub mod conntrack;

@@ -75,10 +75,10 @@ pub struct TableTarget {
     pub weight: u32,
 }
 
-#[cfg(feature = "alloc")]
+#[cfg(any(feature = "alloc", test))]
 pub use builder::build_bucket_table;
 
-#[cfg(feature = "alloc")]
+#[cfg(any(feature = "alloc", test))]
 mod builder {
     use alloc::{collections::BinaryHeap, vec, vec::Vec};
 
@@ -138,10 +138,7 @@ mod builder {
             _ => {
                 let (bound, run_length) = tuning(players.len());
                 let mut pairs = Pairs::list(&players, bound, run_length);
-                assign(&players, &mut pairs)
-                    .iter()
-                    .map(|&key| players[position_of(key)].index)
-                    .collect()
+                assign(&players, &mut pairs).iter().map(|&key| players[position_of(key)].index).collect()
             }
         }
     }
@@ -151,28 +148,17 @@ mod builder {
     /// orders them.
     fn players(targets: &[TableTarget]) -> Vec<Player> {
         let targets = &targets[..targets.len().min(MAX_TABLE_TARGETS)];
-        let mut sorted: Vec<(TableTarget, u16)> = targets
-            .iter()
-            .zip(0u16..)
-            .filter(|(target, _)| target.weight > 0)
-            .map(|(target, index)| (*target, index))
-            .collect();
+        let mut sorted: Vec<(TableTarget, u16)> =
+            targets.iter().zip(0u16..).filter(|(target, _)| target.weight > 0).map(|(target, index)| (*target, index)).collect();
         sorted.sort_unstable();
         let quotas = slot_quotas(&sorted);
-        let total: u64 = sorted
-            .iter()
-            .zip(&quotas)
-            .filter(|(_, &quota)| quota > 0)
-            .map(|((target, _), _)| u64::from(target.weight))
-            .sum();
+        let total: u64 = sorted.iter().zip(&quotas).filter(|(_, &quota)| quota > 0).map(|((target, _), _)| u64::from(target.weight)).sum();
         sorted
             .iter()
             .zip(&quotas)
             .filter(|(_, &quota)| quota > 0)
             .enumerate()
-            .map(|(position, ((target, index), &quota))| {
-                Player::new(*target, *index, quota, total, position)
-            })
+            .map(|(position, ((target, index), &quota))| Player::new(*target, *index, quota, total, position))
             .collect()
     }
 
@@ -185,10 +171,7 @@ mod builder {
         if weights.iter().all(|&w| w == 0) {
             return Vec::new();
         }
-        crate::apportion::largest_remainder(SLOTS, &weights, false)
-            .into_iter()
-            .map(|quota| quota as u32)
-            .collect()
+        crate::apportion::largest_remainder(SLOTS, &weights, false).into_iter().map(|quota| quota as u32).collect()
     }
 
     /// A target with a quota, as the assignment sees it.
@@ -321,10 +304,7 @@ mod builder {
         /// their keys.
         fn list(players: &[Player], bound: u64, run_length: usize) -> Self {
             let bound = bound << SCORE_BITS;
-            let ends: Vec<usize> = players
-                .iter()
-                .map(|player| player.ranks_within(bound))
-                .collect();
+            let ends: Vec<usize> = players.iter().map(|player| player.ranks_within(bound)).collect();
             let mut starts = vec![0u32; BUCKET_TABLE_SIZE + 1];
             for (player, &end) in players.iter().zip(&ends) {
                 let mut walk = Walk::new(player);
@@ -351,14 +331,7 @@ mod builder {
                     best[slot] = best[slot].min(key);
                 }
             }
-            Self {
-                starts,
-                keys,
-                best,
-                runs: Vec::new(),
-                run_starts: vec![NO_ENTRY; BUCKET_TABLE_SIZE],
-                run_length,
-            }
+            Self { starts, keys, best, runs: Vec::new(), run_starts: vec![NO_ENTRY; BUCKET_TABLE_SIZE], run_length }
         }
 
         /// The lowest key of `slot`'s pairs that is at least `from`, or [`NO_KEY`] if there
@@ -369,12 +342,7 @@ mod builder {
             let start = self.run_starts[slot];
             if start == NO_ENTRY {
                 let listed = &self.keys[self.starts[slot] as usize..self.starts[slot + 1] as usize];
-                let next = listed
-                    .iter()
-                    .copied()
-                    .filter(|&key| key >= from)
-                    .min()
-                    .unwrap_or(NO_KEY);
+                let next = listed.iter().copied().filter(|&key| key >= from).min().unwrap_or(NO_KEY);
                 if next != NO_KEY {
                     return next;
                 }
@@ -388,11 +356,7 @@ mod builder {
             }
             // The run holds the lowest keys from `from` on: any lower key at least as high as
             // a later `from` would be in it too.
-            let mut keys: Vec<u64> = players
-                .iter()
-                .map(|player| player.key(player.rank_of(slot)))
-                .filter(|&key| key >= from)
-                .collect();
+            let mut keys: Vec<u64> = players.iter().map(|player| player.key(player.rank_of(slot))).filter(|&key| key >= from).collect();
             if keys.len() > self.run_length {
                 keys.select_nth_unstable(self.run_length - 1);
                 keys.truncate(self.run_length);
@@ -427,11 +391,8 @@ mod builder {
             counts[position_of(*key)] += 1;
         }
         // Each player's slots as `score << 16 | slot` (slot < 2^14), worst on top.
-        let mut held: Vec<Vec<u64>> = counts
-            .iter()
-            .zip(players)
-            .map(|(&count, player)| Vec::with_capacity(count.max(player.quota) as usize + 1))
-            .collect();
+        let mut held: Vec<Vec<u64>> =
+            counts.iter().zip(players).map(|(&count, player)| Vec::with_capacity(count.max(player.quota) as usize + 1)).collect();
         for (slot, &key) in assigned.iter().enumerate() {
             held[position_of(key)].push(key >> 16 << 16 | slot as u64);
         }
@@ -446,11 +407,7 @@ mod builder {
                     assigned[slot] = key;
                     let to = position_of(key);
                     held[to].push(key >> 16 << 16 | slot as u64);
-                    rejected = if held[to].len() > players[to].quota as usize {
-                        held[to].pop()
-                    } else {
-                        None
-                    };
+                    rejected = if held[to].len() > players[to].quota as usize { held[to].pop() } else { None };
                 }
             }
         }
@@ -556,10 +513,7 @@ mod builder {
         #[test]
         fn cube_roots_and_inverses_invert() {
             for x in 1..SLOTS {
-                assert_eq!(
-                    u64::from(CUBE_ROOTS[(x * x % SLOTS * x % SLOTS) as usize]),
-                    x
-                );
+                assert_eq!(u64::from(CUBE_ROOTS[(x * x % SLOTS * x % SLOTS) as usize]), x);
                 assert_eq!(x * u64::from(INVERSES[x as usize]) % SLOTS, 1);
             }
             assert_eq!(CUBE_ROOTS[0], 0);
@@ -569,11 +523,7 @@ mod builder {
         /// going to the first target still under its quota.
         fn greedy_over_all_pairs(players: &[Player]) -> Vec<u64> {
             let mut all: Vec<(u64, usize)> = (0..BUCKET_TABLE_SIZE)
-                .flat_map(|slot| {
-                    players
-                        .iter()
-                        .map(move |player| (player.key(player.rank_of(slot)), slot))
-                })
+                .flat_map(|slot| players.iter().map(move |player| (player.key(player.rank_of(slot)), slot)))
                 .collect();
             all.sort_unstable();
             let mut assigned = vec![NO_KEY; BUCKET_TABLE_SIZE];
@@ -626,7 +576,7 @@ mod builder {
     }
 }
 
-#[cfg(all(test, feature = "alloc"))]
+#[cfg(test)]
 mod tests {
     extern crate std;
 
@@ -648,10 +598,7 @@ mod tests {
     /// The table with each entry replaced by the key of its target: comparable across
     /// differently ordered inputs.
     fn keyed(table: &[u16], targets: &[TableTarget]) -> Vec<u64> {
-        table
-            .iter()
-            .map(|&index| targets[usize::from(index)].key)
-            .collect()
+        table.iter().map(|&index| targets[usize::from(index)].key).collect()
     }
 
     /// Number of slots whose target (by key) differs between two tables.
@@ -661,10 +608,7 @@ mod tests {
 
     /// Slots moved between the tables of two target lists.
     fn moved_between(before: &[TableTarget], after: &[TableTarget]) -> usize {
-        moved_slots(
-            &keyed(&build_bucket_table(before), before),
-            &keyed(&build_bucket_table(after), after),
-        )
+        moved_slots(&keyed(&build_bucket_table(before), before), &keyed(&build_bucket_table(after), after))
     }
 
     /// What exact quotas may cost beyond 1.5x the ideal when targets come and go or shift
@@ -697,36 +641,17 @@ mod tests {
 
     /// Targets with distinct keys: neighbouring addresses, like a real deployment.
     fn targets_with_weights(weights: &[u32]) -> Vec<TableTarget> {
-        weights
-            .iter()
-            .zip(0u64..)
-            .map(|(&weight, n)| TableTarget {
-                key: (0x0a01_0000 + n) << 16 | 8080,
-                weight,
-            })
-            .collect()
+        weights.iter().zip(0u64..).map(|(&weight, n)| TableTarget { key: (0x0a01_0000 + n) << 16 | 8080, weight }).collect()
     }
 
     /// A canary split in parts per million, as the agent passes them: `stable_percent` spread
     /// evenly over `stable_count` targets, the rest over `canary_count` targets, at
     /// neighbouring addresses from `base`.
-    fn canary_split(
-        base: u64,
-        stable_count: usize,
-        canary_count: usize,
-        stable_percent: u32,
-    ) -> Vec<TableTarget> {
+    fn canary_split(base: u64, stable_count: usize, canary_count: usize, stable_percent: u32) -> Vec<TableTarget> {
         let stable_each = stable_percent * 10_000 / stable_count as u32;
         let canary_each = (100 - stable_percent) * 10_000 / canary_count as u32;
         (0..stable_count + canary_count)
-            .map(|n| TableTarget {
-                key: (base + n as u64) << 16 | 8080,
-                weight: if n < stable_count {
-                    stable_each
-                } else {
-                    canary_each
-                },
-            })
+            .map(|n| TableTarget { key: (base + n as u64) << 16 | 8080, weight: if n < stable_count { stable_each } else { canary_each } })
             .collect()
     }
 
@@ -763,10 +688,7 @@ mod tests {
         let old: u64 = counts[..3].iter().sum();
         let slots = BUCKET_TABLE_SIZE as u64;
         // 80% of 10007 slots is 8005.6: the three old instances together hold 8005 or 8006.
-        assert!(
-            (old * 1000).abs_diff(slots * 800) <= slots,
-            "old version holds {old}"
-        );
+        assert!((old * 1000).abs_diff(slots * 800) <= slots, "old version holds {old}");
     }
 
     #[test]
@@ -783,10 +705,7 @@ mod tests {
         let table = build_bucket_table(&targets);
         let table_reversed = build_bucket_table(&reversed);
         assert_eq!(keyed(&table, &targets), keyed(&table_reversed, &reversed));
-        assert_ne!(
-            table, table_reversed,
-            "indices must follow the caller's order"
-        );
+        assert_ne!(table, table_reversed, "indices must follow the caller's order");
     }
 
     #[test]
@@ -799,16 +718,10 @@ mod tests {
     fn a_small_weight_change_moves_about_that_share_of_slots() {
         let slots = BUCKET_TABLE_SIZE;
         for (before, after) in [([9000, 1000], [8000, 2000]), ([9000, 1000], [8900, 1100])] {
-            let moved = moved_between(
-                &targets_with_weights(&before),
-                &targets_with_weights(&after),
-            );
+            let moved = moved_between(&targets_with_weights(&before), &targets_with_weights(&after));
             // Ideal: exactly the shifted share, (after - before) / 10000 of the slots.
             let ideal = (after[1] - before[1]) as usize * slots / 10000;
-            assert!(
-                moved <= ideal * 3 / 2,
-                "{before:?} -> {after:?} moved {moved}, ideal {ideal}"
-            );
+            assert!(moved <= ideal * 3 / 2, "{before:?} -> {after:?} moved {moved}, ideal {ideal}");
         }
     }
 
@@ -821,41 +734,23 @@ mod tests {
     fn a_step_between_two_targets_moves_about_the_shifted_share() {
         let base = 0x0a01_0000;
         for (from, to) in [(52, 49), (52, 55), (90, 80)] {
-            let moved = moved_between(
-                &canary_split(base, 1, 1, from),
-                &canary_split(base, 1, 1, to),
-            );
+            let moved = moved_between(&canary_split(base, 1, 1, from), &canary_split(base, 1, 1, to));
             let ideal = from.abs_diff(to) as usize * BUCKET_TABLE_SIZE / 100;
-            assert!(
-                moved <= ideal + ideal / 20,
-                "{from}% -> {to}% moved {moved}, ideal {ideal}"
-            );
+            assert!(moved <= ideal + ideal / 20, "{from}% -> {to}% moved {moved}, ideal {ideal}");
         }
     }
 
     /// Distinct random keys with random weights, at least one of them non-zero.
     fn weighted_targets() -> impl Strategy<Value = Vec<TableTarget>> {
         proptest::collection::btree_map(any::<u64>(), 0u32..=1_000_000, 1..=64)
-            .prop_filter("needs a non-zero weight", |targets| {
-                targets.values().any(|&w| w > 0)
-            })
-            .prop_map(|targets| {
-                targets
-                    .into_iter()
-                    .map(|(key, weight)| TableTarget { key, weight })
-                    .collect()
-            })
+            .prop_filter("needs a non-zero weight", |targets| targets.values().any(|&w| w > 0))
+            .prop_map(|targets| targets.into_iter().map(|(key, weight)| TableTarget { key, weight }).collect())
     }
 
     /// `count` equal targets with distinct random keys.
-    fn equal_targets(
-        count: core::ops::RangeInclusive<usize>,
-    ) -> impl Strategy<Value = Vec<TableTarget>> {
-        proptest::collection::btree_set(any::<u64>(), count).prop_map(|keys| {
-            keys.into_iter()
-                .map(|key| TableTarget { key, weight: 1 })
-                .collect()
-        })
+    fn equal_targets(count: core::ops::RangeInclusive<usize>) -> impl Strategy<Value = Vec<TableTarget>> {
+        proptest::collection::btree_set(any::<u64>(), count)
+            .prop_map(|keys| keys.into_iter().map(|key| TableTarget { key, weight: 1 }).collect())
     }
 
     proptest! {

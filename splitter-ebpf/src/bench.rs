@@ -19,8 +19,7 @@ use network_types::{
 };
 use splitter_common::{
     bench_tcp::{
-        client_reply, generated_tuple, server_reply, ConnectionCounts, GeneratorState, Payload,
-        Reply, Segment, REQUEST, RESPONSE,
+        client_reply, generated_tuple, server_reply, ConnectionCounts, GeneratorState, Payload, Reply, Segment, REQUEST, RESPONSE,
     },
     conntrack::{TCP_RST, TCP_SYN},
     csum::{fold, sum_words},
@@ -84,9 +83,7 @@ pub fn bench_syn_gen(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn generate(ctx: &XdpContext) -> Result<u32, Error> {
     let state = BENCH_GENERATOR.get_ptr(0).ok_or(Error::Inconsistent)?;
-    let counts = BENCH_CONNECTIONS
-        .get_ptr_mut(0)
-        .ok_or(Error::Inconsistent)?;
+    let counts = BENCH_CONNECTIONS.get_ptr_mut(0).ok_or(Error::Inconsistent)?;
     // SAFETY: this CPU's slot, written only by the benchmark between runs.
     let s = unsafe { &*state };
     let lost = BENCH_LOST.get(0).copied().unwrap_or(0);
@@ -127,8 +124,7 @@ fn answer(ctx: &XdpContext, client: bool) -> Result<u32, Error> {
     }
     let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
     // SAFETY: `ptr_at` checked that a whole Ipv4Hdr lies inside the packet.
-    let (vihl, proto, tot_len) =
-        unsafe { ((*ip).vihl, (*ip).proto, u16::from_be_bytes((*ip).tot_len)) };
+    let (vihl, proto, tot_len) = unsafe { ((*ip).vihl, (*ip).proto, u16::from_be_bytes((*ip).tot_len)) };
     // The benchmark's peers send no IP options; anything else is not ours.
     if vihl != 0x45 || proto != IpProto::Tcp as u8 {
         return Err(Error::Pass);
@@ -151,12 +147,7 @@ fn answer(ctx: &XdpContext, client: bool) -> Result<u32, Error> {
     if doff < TcpHdr::LEN || usize::from(tot_len) < headers {
         return Err(Error::Pass);
     }
-    let segment = Segment {
-        flags,
-        seq,
-        ack,
-        payload_len: (usize::from(tot_len) - headers) as u32,
-    };
+    let segment = Segment { flags, seq, ack, payload_len: (usize::from(tot_len) - headers) as u32 };
     let reply = if client {
         if let Some(counts) = BENCH_CONNECTIONS.get_ptr_mut(0) {
             // SAFETY: this CPU's slot; nothing else writes it while we run here.
@@ -172,13 +163,7 @@ fn answer(ctx: &XdpContext, client: bool) -> Result<u32, Error> {
     } else {
         server_reply(segment)
     };
-    let Reply::Send {
-        flags,
-        seq,
-        ack,
-        payload,
-    } = reply
-    else {
+    let Reply::Send { flags, seq, ack, payload } = reply else {
         return Ok(xdp_action::XDP_DROP);
     };
     // SAFETY: both headers are in bounds (checked above).

@@ -33,9 +33,9 @@ use splitter_common::{
     csum::CsumDelta,
     flow::{bucket_slot, client_hash, flow_hash, snat_port, SNAT_PORT_TRIES},
     maps::{
-        BucketTable, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, TargetCounters, TargetEntry,
-        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_GATEWAYS, FLOW_FROM_TARGET, FLOW_TO_TARGET, GATEWAY_DNAT,
-        GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
+        BucketTable, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, TargetCounters, TargetEntry, DEFAULT_CONNTRACK_ENTRIES,
+        DEFAULT_MAX_GATEWAYS, FLOW_FROM_TARGET, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY,
+        MAX_TARGET_COUNTERS, PROTO_TCP,
     },
     ForwardEvent, PacketClass,
 };
@@ -267,12 +267,7 @@ fn try_splitter(ctx: &XdpContext) -> Result<u32, Error> {
         }
         // A new SYN reusing a closed flow's 5-tuple: start a new flow below.
     }
-    let gateway_key = GatewayKey {
-        vip: packet.key().dst_addr,
-        port: packet.key().dst_port,
-        proto: packet.key().proto,
-        _pad: 0,
-    };
+    let gateway_key = GatewayKey { vip: packet.key().dst_addr, port: packet.key().dst_port, proto: packet.key().proto, _pad: 0 };
     // SAFETY: the value is copied out at once; the agent replaces values whole.
     let Some(gateway) = (unsafe { GATEWAYS.get(&gateway_key) }).copied() else {
         return Err(Error::Pass);
@@ -446,9 +441,7 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     if index >= gateway.target_count || index >= MAX_TARGETS_PER_GATEWAY {
         return Err(Error::Inconsistent);
     }
-    let target = *TARGETS
-        .get(gateway.table_index * MAX_TARGETS_PER_GATEWAY + index)
-        .ok_or(Error::Inconsistent)?;
+    let target = *TARGETS.get(gateway.table_index * MAX_TARGETS_PER_GATEWAY + index).ok_or(Error::Inconsistent)?;
 
     let now = now_ns();
     let from_target = FlowEntry {
@@ -464,7 +457,8 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         src_port: key.src_port,
         dst_port: target.port,
         proto: key.proto,
-        _pad: 0, _pad_word: 0,
+        _pad: 0,
+        _pad_word: 0,
     };
     let full_nat = gateway.flags & GATEWAY_DNAT == 0;
     if full_nat {
@@ -511,13 +505,8 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
         return Ok(xdp_action::XDP_DROP);
     }
-    let flow = FlowEntry {
-        rewritten: to_target,
-        counter_index: target.counter_index,
-        flags: FLOW_TO_TARGET,
-        last_seen_ns: now,
-        created_ns: now,
-    };
+    let flow =
+        FlowEntry { rewritten: to_target, counter_index: target.counter_index, flags: FLOW_TO_TARGET, last_seen_ns: now, created_ns: now };
     if CONNTRACK.insert(key, &flow, u64::from(BPF_ANY)).is_err() {
         let _ = CONNTRACK.remove(&to_target.reversed());
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
@@ -590,9 +579,7 @@ fn now_ns() -> u64 {
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> Result<(), Error> {
     let from = packet.key();
-    let addresses = CsumDelta::new()
-        .replace32(from.src_addr, to.src_addr)
-        .replace32(from.dst_addr, to.dst_addr);
+    let addresses = CsumDelta::new().replace32(from.src_addr, to.src_addr).replace32(from.dst_addr, to.dst_addr);
     let l4 = addresses.replace16(from.src_port, to.src_port).replace16(from.dst_port, to.dst_port);
     // The L4 header is bounds-checked again for its own type: the verifier does not tie
     // the earlier check to the protocol on this path.
@@ -631,12 +618,7 @@ fn forward(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> u32 {
     if let Some(hop) = cached {
         // SAFETY: this CPU's slot; nothing else writes it while we run here.
         let hop = unsafe { &*hop };
-        if hop.dst == to.dst_addr
-            && hop.src == to.src_addr
-            && hop.ingress == ingress
-            && jiffies < hop.expires
-            && packet.ip_len <= hop.mtu
-        {
+        if hop.dst == to.dst_addr && hop.src == to.src_addr && hop.ingress == ingress && jiffies < hop.expires && packet.ip_len <= hop.mtu {
             write_macs(packet.eth, &hop.dmac, &hop.smac);
             return send(hop.egress, ingress);
         }
@@ -674,11 +656,7 @@ fn forward(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> u32 {
         }
         return send(fib.ifindex, ingress);
     }
-    count_event(if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
-        ForwardEvent::PASS_NO_NEIGH
-    } else {
-        ForwardEvent::PASS_FIB
-    });
+    count_event(if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) { ForwardEvent::PASS_NO_NEIGH } else { ForwardEvent::PASS_FIB });
     xdp_action::XDP_PASS
 }
 

@@ -182,11 +182,10 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
     controller.set_health_checks(checks_tx);
     let mut fingerprint = args.config.as_deref().map(config::fingerprint);
     controller.sync_config();
+    controller.save_now();
 
     let (commands, inbox) = mpsc::channel::<Inbox>();
-    let controller_thread = std::thread::Builder::new()
-        .name("controller".into())
-        .spawn(move || controller.run(inbox))?;
+    let controller_thread = std::thread::Builder::new().name("controller".into()).spawn(move || controller.run(inbox))?;
     let listener = control::bind(&args.socket, socket_group)?;
     let server = tokio::spawn(control::serve_listener(listener, commands.clone()));
     let checker = tokio::spawn(health::run_checks(checks_rx, InboxReporter(commands.clone())));
@@ -272,10 +271,7 @@ fn load_and_attach(args: &AgentArgs, limits: Limits, pins: Option<&Pins>) -> Res
         pins.pin_maps(&ebpf)?;
     }
     let maps = Maps::take(&mut ebpf)?;
-    let program: &mut Xdp = ebpf
-        .program_mut(PROGRAM_NAME)
-        .context("the eBPF object has no XDP program named splitter")?
-        .try_into()?;
+    let program: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).context("the eBPF object has no XDP program named splitter")?.try_into()?;
     program.load().context("loading the XDP program into the kernel")?;
     let program_id = program.info().map(|i| i.id()).unwrap_or(0);
     if let Some(pins) = pins {

@@ -131,10 +131,7 @@ pub async fn request(socket: &Path, method: Method, path: &str, body: Option<(St
     };
     let response = sender.send_request(builder.body(Full::new(Bytes::from(payload)))?).await?;
     let status = response.status().as_u16();
-    let warning = response
-        .headers()
-        .get(WARNING_HEADER)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let warning = response.headers().get(WARNING_HEADER).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let bytes = response.into_body().collect().await?.to_bytes();
     Ok(Response { status, body: String::from_utf8_lossy(&bytes).into_owned(), warning })
 }
@@ -228,9 +225,7 @@ pub fn delete(args: DeleteArgs) -> Result<()> {
 fn weights_document(gateway: &str, weights: &[String]) -> Result<String> {
     let mut doc = format!("name: {}\nroutes:\n", yaml_string(gateway));
     for pair in weights {
-        let (route, weight) = pair
-            .rsplit_once('=')
-            .with_context(|| format!("{pair:?}: expected ROUTE=WEIGHT, e.g. canary=20%"))?;
+        let (route, weight) = pair.rsplit_once('=').with_context(|| format!("{pair:?}: expected ROUTE=WEIGHT, e.g. canary=20%"))?;
         doc.push_str(&format!("  {}:\n    weight: {}\n", yaml_string(route), yaml_string(weight)));
     }
     Ok(doc)
@@ -244,9 +239,8 @@ fn yaml_string(s: &str) -> String {
 pub fn weight(args: WeightArgs) -> Result<()> {
     let doc = weights_document(&args.gateway, &args.weights)?;
     let path = format!("/api/v1/gateways/{}", encode(&args.gateway, true));
-    let body = runtime()?.block_on(async {
-        success(request(&args.socket.socket, Method::PUT, &path, Some((doc, "splitter weight"))).await?)
-    })?;
+    let body =
+        runtime()?.block_on(async { success(request(&args.socket.socket, Method::PUT, &path, Some((doc, "splitter weight"))).await?) })?;
     print!("{body}");
     Ok(())
 }
@@ -429,11 +423,7 @@ pub struct EventsArgs {
 
 fn canary_spec(args: &CanaryStartArgs) -> Result<crate::gateway::policy::CanarySpec> {
     use crate::gateway::{parse_weight, policy};
-    let steps = args
-        .steps
-        .iter()
-        .map(|s| parse_weight(s).map_err(|e| anyhow::anyhow!("--steps: {e}")))
-        .collect::<Result<Vec<u32>>>()?;
+    let steps = args.steps.iter().map(|s| parse_weight(s).map_err(|e| anyhow::anyhow!("--steps: {e}"))).collect::<Result<Vec<u32>>>()?;
     let interval_ms = policy::parse_duration_us(&args.interval).map_err(|e| anyhow::anyhow!("--interval: {e}"))?.div_ceil(1000);
     let max_error_rate = parse_weight(&args.max_error_rate).map_err(|e| anyhow::anyhow!("--max-error-rate: {e}"))?;
     let max_connect_latency = args
@@ -478,9 +468,8 @@ pub fn canary(command: CanaryCommand) -> Result<()> {
         CanaryCommand::Abort(a) => (&a.socket, Method::POST, format!("/api/v1/canary/abort/{}", encode(&a.gateway, true)), None),
         CanaryCommand::Promote(a) => (&a.socket, Method::POST, format!("/api/v1/canary/promote/{}", encode(&a.gateway, true)), None),
     };
-    let body = runtime()?.block_on(async {
-        success(request(&socket.socket, method, &path, body.map(|b| (b, "splitter canary start"))).await?)
-    })?;
+    let body = runtime()?
+        .block_on(async { success(request(&socket.socket, method, &path, body.map(|b| (b, "splitter canary start"))).await?) })?;
     let rollouts: Vec<Rollout> = serde_json::from_str(&body).context("the agent's answer")?;
     for r in rollouts {
         let steps: Vec<String> = r.spec.steps.iter().map(|s| crate::gateway::format_weight(*s)).collect();

@@ -171,18 +171,9 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Send
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     // The CLI names the file a body came from, so errors point at it.
-    let origin = req
-        .headers()
-        .get(ORIGIN_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("request body")
-        .to_string();
+    let origin = req.headers().get(ORIGIN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("request body").to_string();
     let json = query_value(&query, "output").as_deref() == Some("json")
-        || req
-            .headers()
-            .get(hyper::header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("application/json"));
+        || req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"));
     let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(req.into_body(), MAX_BODY_BYTES).collect()).await;
     let Ok(collected) = collected else {
         return Ok(reply(error(408, format!("request body: not complete within {BODY_READ_TIMEOUT:?}"))));
@@ -231,7 +222,8 @@ fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str) ->
         (&Method::GET, "/api/v1/canary" | "/api/v1/canary/") => Ok(Op::Canary(CanaryOp::Status(None))),
         (&Method::POST, p) if p.starts_with("/api/v1/canary/") => {
             let rest = &p["/api/v1/canary/".len()..];
-            let (action, gateway) = rest.split_once('/').filter(|(_, g)| !g.is_empty()).ok_or_else(|| error(404, format!("no gateway name in {p}")))?;
+            let (action, gateway) =
+                rest.split_once('/').filter(|(_, g)| !g.is_empty()).ok_or_else(|| error(404, format!("no gateway name in {p}")))?;
             let gateway = gateway.to_string();
             let request = match action {
                 "start" => {
@@ -252,9 +244,7 @@ fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str) ->
             let name = name_in("/api/v1/gateways/").ok_or_else(|| error(404, "no gateway name in the path"))?;
             match *m {
                 Method::GET => Ok(Op::Get(name)),
-                Method::PUT | Method::POST => {
-                    Ok(Op::Apply { origin: origin.into(), text: text()?, path_name: Some(name) })
-                }
+                Method::PUT | Method::POST => Ok(Op::Apply { origin: origin.into(), text: text()?, path_name: Some(name) }),
                 Method::DELETE => Ok(Op::Delete(name)),
                 _ => Err(error(405, format!("{m} is not allowed on {p}"))),
             }
@@ -288,16 +278,14 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'%' => {
-                match (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
-                    (Some(hi), Some(lo)) => {
-                        out.push(hi << 4 | lo);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
+            b'%' => match (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 3;
+                    continue;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b'+' => out.push(b' '),
             b => out.push(b),
         }
@@ -326,10 +314,8 @@ fn reply(r: Response) -> HttpReply {
 
 /// `text` as a header value: visible ASCII and spaces, anything else escaped.
 fn header_text(text: &str) -> hyper::header::HeaderValue {
-    let escaped: String = text
-        .chars()
-        .flat_map(|c| if c == ' ' || c.is_ascii_graphic() { vec![c] } else { c.escape_default().collect() })
-        .collect();
+    let escaped: String =
+        text.chars().flat_map(|c| if c == ' ' || c.is_ascii_graphic() { vec![c] } else { c.escape_default().collect() }).collect();
     hyper::header::HeaderValue::from_str(&escaped).unwrap_or_else(|_| hyper::header::HeaderValue::from_static("(unprintable)"))
 }
 

@@ -52,14 +52,7 @@ pub struct TargetHealth {
 impl Default for TargetHealth {
     /// A new target is healthy until its checks say otherwise.
     fn default() -> Self {
-        Self {
-            healthy: true,
-            consecutive_failures: 0,
-            consecutive_successes: 0,
-            failed_checks: 0,
-            passed_checks: 0,
-            last_error: None,
-        }
+        Self { healthy: true, consecutive_failures: 0, consecutive_successes: 0, failed_checks: 0, passed_checks: 0, last_error: None }
     }
 }
 
@@ -203,9 +196,8 @@ pub async fn check_once(target: &Target, check: &HealthCheck) -> Result<(), Stri
         if check.protocol == CheckProtocol::Tcp {
             return Ok(());
         }
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP to {addr}: {e}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("HTTP to {addr}: {e}"))?;
         tokio::spawn(connection);
         let request = hyper::Request::get(check.path.as_str())
             .header(hyper::header::HOST, addr.to_string())

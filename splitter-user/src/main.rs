@@ -1,6 +1,5 @@
 //! `splitter`: the agent (privileged daemon) and the operator's CLI.
 
-
 use clap::{Parser, Subcommand};
 use splitter_user::{agent, client, gateway};
 
@@ -44,9 +43,7 @@ enum Command {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(args) => agent::run(args),

@@ -98,7 +98,12 @@ pub fn render(s: &Snapshot<'_>) -> String {
     }
     {
         let name = "splitter_target_observed_share_percent";
-        let mut f = Family::new(&mut out, name, "gauge", "Share of the gateway's new flows the target got since the current weights took effect, in percent.");
+        let mut f = Family::new(
+            &mut out,
+            name,
+            "gauge",
+            "Share of the gateway's new flows the target got since the current weights took effect, in percent.",
+        );
         for g in s.gateways {
             for t in &g.targets {
                 if let Some(share) = t.observed_share {
@@ -119,9 +124,17 @@ pub fn render(s: &Snapshot<'_>) -> String {
     type GatewayField = fn(&GatewayStats) -> u64;
     let gateway_counters: [(&str, &str, GatewayField); 4] = [
         ("splitter_gateway_new_flows_total", "New flows assigned to a target.", |g| g.new_flows),
-        ("splitter_gateway_no_target_packets_total", "Packets for the gateway that found no target with weight (passed to the kernel).", |g| g.no_target),
-        ("splitter_gateway_conntrack_miss_total", "Mid-stream TCP packets of flows conntrack did not know (re-created).", |g| g.conntrack_miss),
-        ("splitter_gateway_alloc_failed_total", "New flows that got no conntrack entry or source port (dropped; clients retry).", |g| g.alloc_failed),
+        (
+            "splitter_gateway_no_target_packets_total",
+            "Packets for the gateway that found no target with weight (passed to the kernel).",
+            |g| g.no_target,
+        ),
+        ("splitter_gateway_conntrack_miss_total", "Mid-stream TCP packets of flows conntrack did not know (re-created).", |g| {
+            g.conntrack_miss
+        }),
+        ("splitter_gateway_alloc_failed_total", "New flows that got no conntrack entry or source port (dropped; clients retry).", |g| {
+            g.alloc_failed
+        }),
     ];
     for (name, help, field) in gateway_counters {
         let mut f = Family::new(&mut out, name, "counter", help);
@@ -138,14 +151,20 @@ pub fn render(s: &Snapshot<'_>) -> String {
     }
     {
         let name = "splitter_packets_total";
-        let mut f = Family::new(&mut out, name, "counter", "Packets seen by the XDP program, by class, and what happened to translated packets, by outcome.");
+        let mut f = Family::new(
+            &mut out,
+            name,
+            "counter",
+            "Packets seen by the XDP program, by class, and what happened to translated packets, by outcome.",
+        );
         for (what, value) in s.packets {
             f.sample(name, &[("kind", what)], value);
         }
     }
     {
         let name = "splitter_target_healthy";
-        let mut f = Family::new(&mut out, name, "gauge", "1 when the target passes its health checks (or has none), 0 when it left the table.");
+        let mut f =
+            Family::new(&mut out, name, "gauge", "1 when the target passes its health checks (or has none), 0 when it left the table.");
         for g in s.gateways {
             for t in &g.targets {
                 let healthy = t.health.as_deref().is_none_or(|h| h == "healthy");
@@ -168,31 +187,58 @@ pub fn render(s: &Snapshot<'_>) -> String {
         for g in s.gateways {
             for t in &g.targets {
                 if t.connects > 0 {
-                    f.sample(name, &[("gateway", &g.name), ("route", &t.route), ("target", &t.target)], t.connect_ns_total as f64 / t.connects as f64 / 1e9);
+                    f.sample(
+                        name,
+                        &[("gateway", &g.name), ("route", &t.route), ("target", &t.target)],
+                        t.connect_ns_total as f64 / t.connects as f64 / 1e9,
+                    );
                 }
             }
         }
     }
     {
         let name = "splitter_rollout_canary_weight_percent";
-        let mut f = Family::new(&mut out, name, "gauge", "Canary weight of the gateway's automated rollout, in percent, labelled with its state.");
+        let mut f =
+            Family::new(&mut out, name, "gauge", "Canary weight of the gateway's automated rollout, in percent, labelled with its state.");
         for (gateway, state, weight) in s.rollouts {
             f.sample(name, &[("gateway", gateway), ("state", state)], f64::from(*weight) / 100.0);
         }
     }
-    Family::new(&mut out, "splitter_conntrack_entries", "gauge", "Conntrack entries in use (two per flow).")
-        .sample("splitter_conntrack_entries", &[], s.conntrack_entries);
-    Family::new(&mut out, "splitter_conntrack_capacity", "gauge", "Conntrack capacity in entries.")
-        .sample("splitter_conntrack_capacity", &[], s.conntrack_capacity);
+    Family::new(&mut out, "splitter_conntrack_entries", "gauge", "Conntrack entries in use (two per flow).").sample(
+        "splitter_conntrack_entries",
+        &[],
+        s.conntrack_entries,
+    );
+    Family::new(&mut out, "splitter_conntrack_capacity", "gauge", "Conntrack capacity in entries.").sample(
+        "splitter_conntrack_capacity",
+        &[],
+        s.conntrack_capacity,
+    );
     Family::new(&mut out, "splitter_program_id", "gauge", "Kernel id of the attached XDP program (changes when the program is reloaded).")
         .sample("splitter_program_id", &[], s.program_id);
-    Family::new(&mut out, "splitter_config_errors", "gauge", "Configuration files that failed to load and were not applied.")
-        .sample("splitter_config_errors", &[], s.config_errors);
-    Family::new(&mut out, "splitter_state_save_errors_total", "counter", "Failed saves of the agent's state (full or read-only disk) since it started.")
-        .sample("splitter_state_save_errors_total", &[], s.state_save_errors);
-    Family::new(&mut out, "splitter_state_saved", "gauge", "1 when the running state is saved, 0 when the last save failed (a restarted agent would come back with older state).")
-        .sample("splitter_state_saved", &[], u8::from(!s.state_unsaved));
-    Family::new(&mut out, "splitter_agent_uptime_seconds", "gauge", "Seconds since this agent started.")
-        .sample("splitter_agent_uptime_seconds", &[], s.uptime.as_secs_f64());
+    Family::new(&mut out, "splitter_config_errors", "gauge", "Configuration files that failed to load and were not applied.").sample(
+        "splitter_config_errors",
+        &[],
+        s.config_errors,
+    );
+    Family::new(
+        &mut out,
+        "splitter_state_save_errors_total",
+        "counter",
+        "Failed saves of the agent's state (full or read-only disk) since it started.",
+    )
+    .sample("splitter_state_save_errors_total", &[], s.state_save_errors);
+    Family::new(
+        &mut out,
+        "splitter_state_saved",
+        "gauge",
+        "1 when the running state is saved, 0 when the last save failed (a restarted agent would come back with older state).",
+    )
+    .sample("splitter_state_saved", &[], u8::from(!s.state_unsaved));
+    Family::new(&mut out, "splitter_agent_uptime_seconds", "gauge", "Seconds since this agent started.").sample(
+        "splitter_agent_uptime_seconds",
+        &[],
+        s.uptime.as_secs_f64(),
+    );
     out
 }

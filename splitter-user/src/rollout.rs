@@ -91,10 +91,7 @@ pub fn judge(w: &Sample, t: &Thresholds) -> Verdict {
         ));
     }
     if w.canary_flows < u64::from(t.min_flows) {
-        return Verdict::TooFewFlows(format!(
-            "only {} new canary flows in the window, {} needed to judge",
-            w.canary_flows, t.min_flows
-        ));
+        return Verdict::TooFewFlows(format!("only {} new canary flows in the window, {} needed to judge", w.canary_flows, t.min_flows));
     }
     // Hundredths of a percent, like the threshold.
     let error_rate = w.canary_resets * u64::from(FULL_WEIGHT) / w.canary_flows.max(1);
@@ -229,7 +226,12 @@ impl Rollout {
     /// The event that says the rollout started.
     pub fn started_message(&self) -> String {
         let steps: Vec<String> = self.spec.steps.iter().map(|s| format_weight(*s)).collect();
-        format!("started: route {} through [{}] every {}", self.spec.route, steps.join(", "), format_duration_us(self.spec.interval_ms * 1000))
+        format!(
+            "started: route {} through [{}] every {}",
+            self.spec.route,
+            steps.join(", "),
+            format_duration_us(self.spec.interval_ms * 1000)
+        )
     }
 
     /// Judges the window from its base to `now_sample`: a breach rolls back at once; at the
@@ -244,9 +246,7 @@ impl Rollout {
             Verdict::Breach(reason) => Intent::RollBack(reason),
             _ if elapsed < std::time::Duration::from_millis(self.spec.interval_ms) => Intent::Hold,
             Verdict::TooFewFlows(why) => Intent::Wait(why),
-            Verdict::Healthy(summary) => {
-                Intent::Step { step: self.step + 1, reason: format!("step {} passed: {summary}", self.step + 1) }
-            }
+            Verdict::Healthy(summary) => Intent::Step { step: self.step + 1, reason: format!("step {} passed: {summary}", self.step + 1) },
         }
     }
 

@@ -148,14 +148,18 @@ mod tests {
         let state = SavedState { rollouts: vec![rollout.clone()], ..SavedState::default() };
         let back: SavedState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
         let r = &back.rollouts[0];
-        assert_eq!((&r.gateway, &r.spec, r.state, r.step, &r.stable_weights), (&rollout.gateway, &rollout.spec, rollout.state, 1, &rollout.stable_weights));
+        assert_eq!(
+            (&r.gateway, &r.spec, r.state, r.step, &r.stable_weights),
+            (&rollout.gateway, &rollout.spec, rollout.state, 1, &rollout.stable_weights)
+        );
         assert_eq!(r.window_base, Sample::default(), "the analysis window is not saved");
     }
 
     #[test]
     fn a_newer_state_is_refused_and_a_saved_one_reads_back() {
         let dir = std::env::temp_dir().join(format!("splitter-state-test-{}", std::process::id()));
-        let state = SavedState { version: STATE_VERSION, from_config: [("g".into(), "/etc/g.yaml".into())].into(), ..SavedState::default() };
+        let state =
+            SavedState { version: STATE_VERSION, from_config: [("g".into(), "/etc/g.yaml".into())].into(), ..SavedState::default() };
         save(&dir, &state).unwrap();
         assert_eq!(load(&dir).unwrap().unwrap().from_config, state.from_config);
         fs::write(dir.join(STATE_FILE), r#"{"version":99,"gateways":[],"placements":{},"history":{},"from_config":{}}"#).unwrap();

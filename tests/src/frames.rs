@@ -32,15 +32,7 @@ pub struct Ipv4Packet {
 
 impl Ipv4Packet {
     pub fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: Vec<u8>) -> Self {
-        Self {
-            src_mac: [0x02, 0, 0, 0, 0, 0x01],
-            dst_mac: [0x02, 0, 0, 0, 0, 0x02],
-            src,
-            dst,
-            proto,
-            options: Vec::new(),
-            l4,
-        }
+        Self { src_mac: [0x02, 0, 0, 0, 0, 0x01], dst_mac: [0x02, 0, 0, 0, 0, 0x02], src, dst, proto, options: Vec::new(), l4 }
     }
 
     pub fn build(&self) -> Vec<u8> {

@@ -29,27 +29,32 @@ pub fn ebpf_object() -> PathBuf {
 }
 
 fn artifact(var: &str, default: &str) -> PathBuf {
-    let path = env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(default)
-    });
-    assert!(
-        path.is_file(),
-        "{} does not exist: build with `cargo xtask build` (or run `cargo xtask test`)",
-        path.display()
-    );
+    let path = env::var_os(var).map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(default));
+    assert!(path.is_file(), "{} does not exist: build with `cargo xtask build` (or run `cargo xtask test`)", path.display());
     path
 }
 
-/// True when privileged tests can run. Without root they are skipped with a visible line,
-/// except under `CI=true`, where a skip is a failure.
+/// Set to `1` to let privileged tests pass without running when not root (a developer's
+/// machine without BPF); never honoured in CI.
+pub const SKIP_PRIVILEGED_VAR: &str = "SPLITTER_SKIP_PRIVILEGED";
+
+/// True when privileged tests can run (root). Without root a privileged test fails, so a
+/// run that could not test anything cannot pass: unless `SPLITTER_SKIP_PRIVILEGED=1` asks
+/// to skip them (a visible `SKIPPED` line), and never under CI (`CI` set to anything but
+/// `false` or `0`).
 #[must_use]
 pub fn privileged(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    if env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: needs root (BPF, network namespaces) and CI=true does not allow skipping it");
+    let in_ci = env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    let opted_out = env::var(SKIP_PRIVILEGED_VAR).is_ok_and(|v| v == "1");
+    if in_ci || !opted_out {
+        panic!(
+            "{test}: needs root (BPF, network namespaces){}",
+            if in_ci { "; CI does not allow skipping it" } else { "; set SPLITTER_SKIP_PRIVILEGED=1 to skip privileged tests" }
+        );
     }
     eprintln!("SKIPPED {test}: needs root (BPF, network namespaces)");
     false
@@ -60,8 +65,7 @@ pub fn privileged(test: &str) -> bool {
 pub fn run_xdp(prog: &aya::programs::Xdp, frame: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
     use aya::programs::{TestRun, TestRunOptions};
     let mut out = vec![0u8; frame.len() + 256];
-    let result =
-        prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() })?;
+    let result = prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() })?;
     out.truncate(result.data_size_out as usize);
     Ok((result.return_value, out))
 }

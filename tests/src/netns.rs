@@ -27,11 +27,7 @@ impl Netns {
     /// off (so no router solicitations or MLD reports add packets the tests do not send).
     pub fn new(role: &str) -> Result<Self> {
         sweep_stale();
-        let name = format!(
-            "{PREFIX}{}-{}-{role}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("{PREFIX}{}-{}-{role}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         run(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"])?;
@@ -82,8 +78,7 @@ impl Netns {
     /// Runs `f` on a thread that has entered this namespace: sockets it opens live in the
     /// namespace. (`setns` moves only the calling thread.)
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let file = File::open(format!("/run/netns/{}", self.name))
-            .with_context(|| format!("opening namespace {}", self.name))?;
+        let file = File::open(format!("/run/netns/{}", self.name)).with_context(|| format!("opening namespace {}", self.name))?;
         thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -103,9 +98,7 @@ impl Netns {
     pub fn tx_packets(&self, dev: &str) -> Result<u64> {
         let json = self.ip_output(&["-s", "-j", "link", "show", "dev", dev])?;
         let v: serde_json::Value = serde_json::from_str(&json)?;
-        v[0]["stats64"]["tx"]["packets"]
-            .as_u64()
-            .with_context(|| format!("no tx packet count for {dev} in {json}"))
+        v[0]["stats64"]["tx"]["packets"].as_u64().with_context(|| format!("no tx packet count for {dev} in {json}"))
     }
 
     /// Turns a device's TX checksum offload on or off (what `ethtool -K DEV tx off` does,
@@ -157,10 +150,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
     }
 }
 
@@ -181,15 +171,7 @@ impl Veth {
     /// Like [`Veth::create`], with `queues` receive and transmit queues at each end (veth
     /// takes frames sent by XDP into the queue of the sending CPU, so one queue per CPU
     /// keeps CPUs from overflowing each other's ring).
-    pub fn create_with_queues(
-        a: &Netns,
-        a_name: &str,
-        a_addr: &str,
-        b: &Netns,
-        b_name: &str,
-        b_addr: &str,
-        queues: usize,
-    ) -> Result<Self> {
+    pub fn create_with_queues(a: &Netns, a_name: &str, a_addr: &str, b: &Netns, b_name: &str, b_addr: &str, queues: usize) -> Result<Self> {
         let q = queues.max(1).to_string();
         let per_end = ["numtxqueues", &q, "numrxqueues", &q];
         let mut args = vec!["link", "add", a_name];
@@ -213,10 +195,7 @@ pub fn snmp_field(text: &str, group: &str, field: &str) -> Result<u64> {
     let (Some(header), Some(values)) = (lines.next(), lines.next()) else {
         bail!("no {group} group in snmp");
     };
-    let index = header
-        .split_whitespace()
-        .position(|h| h == field)
-        .with_context(|| format!("no {group}.{field} in snmp"))?;
+    let index = header.split_whitespace().position(|h| h == field).with_context(|| format!("no {group}.{field} in snmp"))?;
     let value = values.split_whitespace().nth(index).context("short snmp value line")?;
     Ok(value.parse()?)
 }

@@ -92,11 +92,7 @@ pub struct TempDir(PathBuf);
 impl TempDir {
     pub fn new(role: &str) -> Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "spltest-{}-{}-{role}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
+        let path = std::env::temp_dir().join(format!("spltest-{}-{}-{role}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
         fs::create_dir_all(&path)?;
         Ok(Self(path))
     }
@@ -162,10 +158,7 @@ impl Testbed {
         for (ns, dev) in [(&client, "cli0"), (&backends, "bk0")] {
             ns.set_tx_checksum(dev, false)?;
         }
-        let attachments = vec![
-            XdpAttachment::attach(&client, "cli0", "xdp_pass")?,
-            XdpAttachment::attach(&backends, "bk0", "xdp_pass")?,
-        ];
+        let attachments = vec![XdpAttachment::attach(&client, "cli0", "xdp_pass")?, XdpAttachment::attach(&backends, "bk0", "xdp_pass")?];
         Ok(Self {
             client,
             splitter,
@@ -249,9 +242,8 @@ impl Testbed {
         let config = self.config_dir.path().display().to_string();
         let socket = self.socket().display().to_string();
         let state = self.run_dir.path().join("state").display().to_string();
-        let mut args = vec![
-            "agent", "--iface", "spl-c", "--iface", "spl-b", "--config", &config, "--socket", &socket, "--state-dir", &state,
-        ];
+        let mut args =
+            vec!["agent", "--iface", "spl-c", "--iface", "spl-b", "--config", &config, "--socket", &socket, "--state-dir", &state];
         args.extend_from_slice(extra);
         let agent = self.splitter.spawn(splitter_bin(), &args)?;
         agent.wait_for_line("ready", Duration::from_secs(30))?;
@@ -277,11 +269,7 @@ impl Testbed {
     /// Runs `splitter ARGS --socket <the agent's socket>` (a CLI command) to completion;
     /// returns exit code, stdout and stderr.
     pub fn cli(&self, args: &[&str]) -> Result<(i32, String, String)> {
-        let out = std::process::Command::new(splitter_bin())
-            .args(args)
-            .arg("--socket")
-            .arg(self.socket())
-            .output()?;
+        let out = std::process::Command::new(splitter_bin()).args(args).arg("--socket").arg(self.socket()).output()?;
         Ok((
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -315,17 +303,13 @@ impl Testbed {
 
     /// Waits until the agent logs `applied gateway NAME generation N`.
     pub fn wait_applied(&self, gateway: &str, generation: u64) -> Result<()> {
-        self.agent()
-            .wait_for_line(&format!("applied gateway {gateway} generation {generation}"), Duration::from_secs(10))
-            .map(drop)
+        self.agent().wait_for_line(&format!("applied gateway {gateway} generation {generation}"), Duration::from_secs(10)).map(drop)
     }
 
     /// Sends SIGHUP and waits until the agent logs `applied gateway NAME generation N`.
     pub fn reload_and_wait(&self, gateway: &str, generation: u64) -> Result<()> {
         self.agent().signal(libc::SIGHUP)?;
-        self.agent()
-            .wait_for_line(&format!("applied gateway {gateway} generation {generation}"), Duration::from_secs(10))
-            .map(drop)
+        self.agent().wait_for_line(&format!("applied gateway {gateway} generation {generation}"), Duration::from_secs(10)).map(drop)
     }
 
     /// The agent's latest stats (SIGUSR1 makes it print them).
@@ -365,11 +349,7 @@ pub fn http_get(addr: &str, local: Option<&str>) -> Result<String> {
     if !head.starts_with("HTTP/1.1 200") {
         bail!("unexpected response {head:?}");
     }
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .context("no Content-Length")?
-        .parse()?;
+    let length: usize = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).context("no Content-Length")?.parse()?;
     if body.len() != length {
         bail!("incomplete body {body:?} (Content-Length {length})");
     }
@@ -383,9 +363,7 @@ pub fn connect_from(local: &str, remote: &str) -> Result<std::net::TcpStream> {
     let remote: std::net::SocketAddr = remote.parse()?;
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     socket.bind(&local.into()).with_context(|| format!("bind {local}"))?;
-    socket
-        .connect_timeout(&remote.into(), Duration::from_secs(5))
-        .with_context(|| format!("connect {remote} from {local}"))?;
+    socket.connect_timeout(&remote.into(), Duration::from_secs(5)).with_context(|| format!("connect {remote} from {local}"))?;
     Ok(socket.into())
 }
 

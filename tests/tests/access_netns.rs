@@ -49,11 +49,7 @@ fn cli_as_other_user(bed: &Testbed, groups: Option<u32>, args: &[&str]) -> (i32,
     };
     cmd.args(["--inh-caps=-all", "--"]).arg(splitter_bin()).args(args).arg("--socket").arg(bed.socket());
     let out = cmd.output().expect("setpriv (util-linux)");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -146,7 +142,8 @@ fn request_heads_are_bounded_and_stalled_or_idle_clients_are_disconnected() {
     assert!(closed.is_some(), "the connection is closed");
     // Too many header fields: 431 too.
     let many: String = (0..200).map(|i| format!("X-H{i}: {i}\r\n")).collect();
-    let (answer, _) = raw_exchange(&socket, format!("GET /api/v1/gateways HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(), Duration::from_secs(5));
+    let (answer, _) =
+        raw_exchange(&socket, format!("GET /api/v1/gateways HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(), Duration::from_secs(5));
     assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
     // The agent still answers.
     let (body, code) = bed.curl(&["http://splitter/api/v1/gateways"]);

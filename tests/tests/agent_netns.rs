@@ -65,16 +65,13 @@ fn agent_counts_real_traffic_on_a_native_veth() {
 
     let run = splitter_tests::testbed::TempDir::new("run").unwrap();
     let socket = run.path().join("splitter.sock").display().to_string();
-    let agent = splitter
-        .spawn(splitter_bin(), &["agent", "--iface", &veth.a, "--xdp-mode", "native", "--ephemeral", "--socket", &socket])
-        .unwrap();
+    let agent =
+        splitter.spawn(splitter_bin(), &["agent", "--iface", &veth.a, "--xdp-mode", "native", "--ephemeral", "--socket", &socket]).unwrap();
     agent.wait_for_line("ready", Duration::from_secs(20)).unwrap();
 
     let before = sent(&client, &veth.b);
     let pings = 5;
-    client
-        .run("ping", &["-c", &pings.to_string(), "-i", "0.05", "-W", "2", SPLITTER_ADDR])
-        .unwrap();
+    client.run("ping", &["-c", &pings.to_string(), "-i", "0.05", "-W", "2", SPLITTER_ADDR]).unwrap();
     let (udp_exchanges, tcp_connections) = (20, 5);
     client
         .enter(|| {
@@ -121,10 +118,7 @@ fn agent_counts_real_traffic_on_a_native_veth() {
     assert_eq!(counter(&counted, "tcp"), tcp);
     assert_eq!(counter(&counted, "malformed"), 0);
     // Every frame the peer put on the wire was seen: ARP makes up the rest.
-    let total: u64 = ["non_ipv4", "ipv4_other", "tcp", "udp", "icmp", "malformed"]
-        .iter()
-        .map(|c| counter(&counted, c))
-        .sum();
+    let total: u64 = ["non_ipv4", "ipv4_other", "tcp", "udp", "icmp", "malformed"].iter().map(|c| counter(&counted, c)).sum();
     assert_eq!(total, frames, "frames counted by XDP vs frames sent by the peer");
     // The XDP program is gone after a clean exit.
     let link = splitter.ip_output(&["link", "show", "dev", &veth.a]).unwrap();

@@ -278,8 +278,22 @@ fn a_canary_answering_with_resets_is_rolled_back() {
     bed.write_config("sava.yaml", &gateway("")).unwrap();
     bed.start_agent(&[]).unwrap();
     let traffic = Traffic::start(&bed, Duration::from_millis(2));
-    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "20,50,100", "--interval", "2s", "--min-flows", "10", "--max-error-rate", "5%"])
-        .unwrap();
+    bed.cli_ok(&[
+        "canary",
+        "start",
+        GATEWAY,
+        "--route",
+        CANARY,
+        "--steps",
+        "20,50,100",
+        "--interval",
+        "2s",
+        "--min-flows",
+        "10",
+        "--max-error-rate",
+        "5%",
+    ])
+    .unwrap();
     wait_state(&bed, "rolled-back", Duration::from_secs(10));
     let r = rollout(&bed);
     println!("{}", r["reason"]);
@@ -307,9 +321,7 @@ fn an_unhealthy_target_leaves_the_table_and_rejoins_while_its_route_keeps_its_sh
     bed.write_config("sava.yaml", &yaml).unwrap();
     bed.start_agent(&[]).unwrap();
     let sample = |bed: &Testbed, n: usize| -> Vec<String> {
-        bed.client
-            .enter(|| (0..n).map(|_| http_get(&format!("{VIP}:9050"), None).unwrap()).collect())
-            .unwrap()
+        bed.client.enter(|| (0..n).map(|_| http_get(&format!("{VIP}:9050"), None).unwrap()).collect()).unwrap()
     };
     let count = |answers: &[String], needle: &str| answers.iter().filter(|a| a.contains(needle)).count();
 
@@ -347,20 +359,29 @@ fn a_canary_with_slow_connection_setup_shows_it_and_is_rolled_back() {
     bed.backends
         .run(
             "nft",
-            &[
-                "add table ip slowcanary; \
+            &["add table ip slowcanary; \
                  add chain ip slowcanary input { type filter hook input priority 0; }; \
                  add rule ip slowcanary input ip daddr 10.10.2.21 tcp dport 8080 \
-                 tcp flags & (syn | ack) == syn numgen random mod 2 == 0 drop",
-            ],
+                 tcp flags & (syn | ack) == syn numgen random mod 2 == 0 drop"],
         )
         .unwrap();
     bed.write_config("sava.yaml", &gateway("")).unwrap();
     bed.start_agent(&[]).unwrap();
     let traffic: Vec<Traffic> = (0..4).map(|_| Traffic::start(&bed, Duration::ZERO)).collect();
     bed.cli_ok(&[
-        "canary", "start", GATEWAY, "--route", CANARY, "--steps", "50,100", "--interval", "5s", "--min-flows", "10",
-        "--max-connect-latency", "2x",
+        "canary",
+        "start",
+        GATEWAY,
+        "--route",
+        CANARY,
+        "--steps",
+        "50,100",
+        "--interval",
+        "5s",
+        "--min-flows",
+        "10",
+        "--max-connect-latency",
+        "2x",
     ])
     .unwrap();
     wait_state(&bed, "rolled-back", Duration::from_secs(20));
@@ -395,8 +416,7 @@ fn without_traffic_the_rollout_waits_and_says_so() {
     bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
     bed.write_config("sava.yaml", &gateway("")).unwrap();
     bed.start_agent(&[]).unwrap();
-    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,100", "--interval", "500ms", "--min-flows", "20"])
-        .unwrap();
+    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,100", "--interval", "500ms", "--min-flows", "20"]).unwrap();
     thread::sleep(Duration::from_millis(1800));
     let r = rollout(&bed);
     assert_eq!((r["state"].as_str(), r["step"].as_u64()), (Some("progressing"), Some(0)), "{r}");
@@ -421,10 +441,8 @@ fn a_canary_block_in_the_gateway_file_starts_the_rollout() {
     bed.write_config("sava.yaml", &gateway(TCP_CHECK)).unwrap();
     bed.start_agent(&[]).unwrap();
     let traffic = Traffic::start(&bed, Duration::ZERO);
-    let with_canary = format!(
-        "{}canary:\n  route: {CANARY}\n  steps: [20, 60, 100]\n  interval: 1s\n  min_flows: 10\n",
-        gateway(TCP_CHECK)
-    );
+    let with_canary =
+        format!("{}canary:\n  route: {CANARY}\n  steps: [20, 60, 100]\n  interval: 1s\n  min_flows: 10\n", gateway(TCP_CHECK));
     bed.write_config("sava.yaml", &with_canary).unwrap();
     wait_state(&bed, "promoted", Duration::from_secs(20));
     let out = bed.cli_ok(&["events", GATEWAY]).unwrap();

@@ -109,7 +109,11 @@ fn cli_and_curl_change_weights_under_traffic_without_failures() {
 
     // CLI: apply a file (a weights-only update, as in the Vamp tutorial).
     let update = bed.run_dir.path().join("sava-80-20.yaml");
-    std::fs::write(&update, format!("name: {GATEWAY}\nport: 9050/http\nroutes:\n  {STABLE}:\n    weight: 80%\n  {CANARY}:\n    weight: 20%\n")).unwrap();
+    std::fs::write(
+        &update,
+        format!("name: {GATEWAY}\nport: 9050/http\nroutes:\n  {STABLE}:\n    weight: 80%\n  {CANARY}:\n    weight: 20%\n"),
+    )
+    .unwrap();
     bed.cli_ok(&["apply", "-f", update.to_str().unwrap()]).unwrap();
     let seen = sample(&bed, 200);
     println!("after apply 80/20: {seen:?}");
@@ -175,12 +179,33 @@ fn bad_requests_change_nothing() {
     std::fs::write(&oversized_file, format!("name: {GATEWAY}\n# {}\n", "x".repeat(2 << 20))).unwrap();
     let oversized = format!("@{}", oversized_file.display());
     let cases: Vec<(&str, Vec<String>, u16, &str)> = vec![
-        ("syntax error", vec!["-X".into(), "PUT".into(), "--data-binary".into(), "name: [sava\n".into(), url.clone()], 400, "request body:"),
+        (
+            "syntax error",
+            vec!["-X".into(), "PUT".into(), "--data-binary".into(), "name: [sava\n".into(), url.clone()],
+            400,
+            "request body:",
+        ),
         ("weights over 100", vec!["-X".into(), "PUT".into(), "--data-binary".into(), over_100, url.clone()], 400, "100"),
-        ("unknown route", vec!["-X".into(), "PUT".into(), "--data-binary".into(), unknown_route, url.clone()], 400, "unknown route sava/nope"),
+        (
+            "unknown route",
+            vec!["-X".into(), "PUT".into(), "--data-binary".into(), unknown_route, url.clone()],
+            400,
+            "unknown route sava/nope",
+        ),
         ("oversized body", vec!["-X".into(), "PUT".into(), "--data-binary".into(), oversized, url.clone()], 413, "larger than the limit"),
         ("unknown gateway", vec!["-X".into(), "DELETE".into(), "http://splitter/api/v1/gateways/nosuch".into()], 404, "no gateway nosuch"),
-        ("update of an unknown gateway", vec!["-X".into(), "PUT".into(), "--data-binary".into(), "name: nosuch\nroutes:\n  a:\n    weight: 100%\n".into(), "http://splitter/api/v1/gateways/nosuch".into()], 404, "no gateway nosuch"),
+        (
+            "update of an unknown gateway",
+            vec![
+                "-X".into(),
+                "PUT".into(),
+                "--data-binary".into(),
+                "name: nosuch\nroutes:\n  a:\n    weight: 100%\n".into(),
+                "http://splitter/api/v1/gateways/nosuch".into(),
+            ],
+            404,
+            "no gateway nosuch",
+        ),
     ];
     for (what, args, status, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -285,7 +310,10 @@ fn kill_9_keeps_traffic_flowing_and_a_restarted_agent_adopts_it() {
     println!("traffic across kill -9 and restart: {ok} requests, {} failed", failures.len());
     println!("{:?}", bed.cli_ok(&["stats", "-o", "json"]));
     let (m, _) = bed.curl(&["http://splitter/metrics"]);
-    println!("{}", m.lines().filter(|l| l.starts_with("splitter_packets_total") || l.starts_with("splitter_gateway")).collect::<Vec<_>>().join("\n"));
+    println!(
+        "{}",
+        m.lines().filter(|l| l.starts_with("splitter_packets_total") || l.starts_with("splitter_gateway")).collect::<Vec<_>>().join("\n")
+    );
     assert!(failures.is_empty(), "{failures:?}");
 
     assert_eq!(bed.cli_ok(&["get"]).unwrap(), get_before, "the restarted agent reports the same gateways");

@@ -1,12 +1,7 @@
 //! End to end in namespaces: real TCP and UDP clients, the agent attached natively to
 //! the splitter's two veths, real backend processes answering their version.
 
-use std::{
-    collections::BTreeMap,
-    sync::Mutex,
-    thread,
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Mutex, thread, time::Duration};
 
 use splitter_tests::{
     privileged,
@@ -55,8 +50,7 @@ fn requests(bed: &Testbed, connections: usize, threads: usize) -> BTreeMap<Strin
                     let answers = &answers;
                     s.spawn(move || {
                         for i in (t..connections).step_by(threads) {
-                            let body = http_get(&format!("{VIP}:9050"), None)
-                                .unwrap_or_else(|e| panic!("request {i}: {e:#}"));
+                            let body = http_get(&format!("{VIP}:9050"), None).unwrap_or_else(|e| panic!("request {i}: {e:#}"));
                             *answers.lock().unwrap().entry(body).or_insert(0) += 1;
                         }
                     });
@@ -260,8 +254,7 @@ fn sticky_client_sees_one_target_per_client() {
             clients
                 .iter()
                 .map(|c| {
-                    let mut seen: Vec<String> =
-                        (0..50).map(|_| http_get(&format!("{VIP}:9050"), Some(c)).unwrap()).collect();
+                    let mut seen: Vec<String> = (0..50).map(|_| http_get(&format!("{VIP}:9050"), Some(c)).unwrap()).collect();
                     seen.sort();
                     seen.dedup();
                     (c.clone(), seen)

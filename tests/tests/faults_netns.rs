@@ -24,8 +24,8 @@ fn sample(bed: &Testbed, port: u16, n: usize) -> BTreeMap<String, usize> {
         .enter(|| {
             let mut seen = BTreeMap::new();
             for i in 0..n {
-                let body = http_get(&format!("{VIP}:{port}"), None)
-                    .unwrap_or_else(|e| panic!("connection {i} of {n} to port {port}: {e:#}"));
+                let body =
+                    http_get(&format!("{VIP}:{port}"), None).unwrap_or_else(|e| panic!("connection {i} of {n} to port {port}: {e:#}"));
                 *seen.entry(body.split(' ').next().unwrap().to_string()).or_insert(0) += 1;
             }
             seen
@@ -85,15 +85,21 @@ fn a_broken_file_in_the_config_directory_is_reported_while_the_others_apply() {
     bed.write_config("a.yaml", &sava_gateway("a", 9050, "0%", "100%", "10.10.2.21:8080", "")).unwrap();
     bed.wait_applied("a", 2).unwrap();
     let b_error = format!("{}:11:9: sticky: unknown value `cookie`: expected none, client, service or instance", b_path.display());
-    let logged = bed.agent().wait_for_line(&format!("configuration file not applied, nothing changed: {b_error}"), Duration::from_secs(5)).unwrap();
+    let logged =
+        bed.agent().wait_for_line(&format!("configuration file not applied, nothing changed: {b_error}"), Duration::from_secs(5)).unwrap();
     println!("agent log: {logged}");
-    bed.agent().wait_for_line(&format!("configuration file not applied, nothing changed: {}:", c_path.display()), Duration::from_secs(5)).unwrap();
+    bed.agent()
+        .wait_for_line(&format!("configuration file not applied, nothing changed: {}:", c_path.display()), Duration::from_secs(5))
+        .unwrap();
 
     // The operator sees both in `splitter get`, one line each, and in /metrics.
     let get = bed.cli_ok(&["get"]).unwrap();
     println!("{get}");
     assert!(get.contains(&format!("# configuration file {} not applied: {b_error}\n", b_path.display())), "{get}");
-    let c_note = get.lines().find(|l| l.starts_with(&format!("# configuration file {} not applied: ", c_path.display()))).unwrap_or_else(|| panic!("{get}"));
+    let c_note = get
+        .lines()
+        .find(|l| l.starts_with(&format!("# configuration file {} not applied: ", c_path.display())))
+        .unwrap_or_else(|| panic!("{get}"));
     assert!(c_note.contains(&format!("not applied: {}:", c_path.display())) && c_note.contains(": YAML syntax error: "), "{c_note}");
     assert_eq!(metric(&bed, "splitter_config_errors"), 2.0);
 
@@ -171,7 +177,8 @@ fn an_unwritable_state_directory_keeps_the_change_live_warns_and_recovers() {
     assert_eq!(err.lines().count(), 1, "one warning line: {err:?}");
     let warning = err.trim_end();
     assert!(
-        warning.starts_with(&format!("splitter: warning: the change is live, but the state could not be saved in {}: ", state_dir.display())),
+        warning
+            .starts_with(&format!("splitter: warning: the change is live, but the state could not be saved in {}: ", state_dir.display())),
         "{warning}"
     );
     assert!(warning.contains("Read-only file system"), "the OS error: {warning}");

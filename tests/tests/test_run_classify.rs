@@ -26,10 +26,7 @@ fn load() -> Ebpf {
 
 fn counters(ebpf: &Ebpf) -> Vec<u64> {
     let map: PerCpuArray<_, u64> = PerCpuArray::try_from(ebpf.map("PACKET_COUNTERS").unwrap()).unwrap();
-    PacketClass::ALL
-        .iter()
-        .map(|c| map.get(&c.0, 0).unwrap().iter().sum())
-        .collect()
+    PacketClass::ALL.iter().map(|c| map.get(&c.0, 0).unwrap().iter().sum()).collect()
 }
 
 /// Runs one frame; returns the action and the frame as the program left it.
@@ -114,9 +111,7 @@ fn kernel_refuses_input_shorter_than_an_ethernet_header() {
     let ebpf = load();
     let prog: &Xdp = ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
     let short = [0u8; frames::ETH_LEN - 1];
-    let err = prog
-        .test_run(TestRunOptions { data_in: Some(&short), repeat: 1, ..Default::default() })
-        .expect_err("13-byte input");
+    let err = prog.test_run(TestRunOptions { data_in: Some(&short), repeat: 1, ..Default::default() }).expect_err("13-byte input");
     assert!(format!("{err:?}").contains("InvalidInput"), "{err:?}");
 }
 

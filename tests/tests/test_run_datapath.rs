@@ -16,8 +16,8 @@ use aya::{
 use splitter_common::{
     flow::{bucket_slot, client_hash, flow_hash, snat_port, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
-        BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, FLOW_ESTABLISHED, FLOW_FIN_SEEN,
-        FLOW_FROM_TARGET, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
+        BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, FLOW_ESTABLISHED, FLOW_FIN_SEEN, FLOW_FROM_TARGET,
+        FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
     },
     table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE},
     PROGRAM_NAME,
@@ -77,13 +77,7 @@ impl Bench {
     fn gateway(&mut self, id: u32, port: u16, proto: u8, flags: u32, table_index: u32, weights: [u32; 2]) {
         let mut targets: Array<&mut MapData, TargetEntry> = Array::try_from(self.ebpf.map_mut("TARGETS").unwrap()).unwrap();
         for (i, (addr, tport)) in TARGETS.iter().enumerate() {
-            let entry = TargetEntry {
-                addr: ne(*addr),
-                snat_addr: ne(SNAT),
-                port: tport.to_be(),
-                _pad: 0,
-                counter_index: i as u32,
-            };
+            let entry = TargetEntry { addr: ne(*addr), snat_addr: ne(SNAT), port: tport.to_be(), _pad: 0, counter_index: i as u32 };
             targets.set(table_index * MAX_TARGETS_PER_GATEWAY + i as u32, entry, 0).unwrap();
         }
         let table_targets: Vec<TableTarget> = TARGETS

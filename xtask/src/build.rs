@@ -106,9 +106,7 @@ pub fn build_all(opts: &Options) -> Result<Artifacts> {
     eprintln!("xtask: eBPF object built by the {name} route: {}", object.display());
 
     let mut cmd = cargo();
-    cmd.current_dir(&root)
-        .args(["build", "--release", "-p", "splitter-user"])
-        .env("SPLITTER_EBPF_OBJ", &object);
+    cmd.current_dir(&root).args(["build", "--release", "-p", "splitter-user"]).env("SPLITTER_EBPF_OBJ", &object);
     status(&mut cmd, "cargo build -p splitter-user")?;
     let splitter = root.join("target/release/splitter");
     eprintln!("xtask: built {} (eBPF route: {name})", splitter.display());
@@ -149,12 +147,7 @@ fn build_ebpf_host(root: &Path) -> Result<PathBuf> {
     eprintln!("xtask: building the eBPF object: host route ({STABLE}, x86_64 bitcode linked for BPF by bpf-linker; no kernel logging)");
     let target_dir = root.join("target/ebpf-host");
     let shim = env::current_exe().context("locating the xtask binary for the linker shim")?;
-    let flags = [
-        format!("-Clinker={}", shim.display()),
-        "-Clinker-plugin-lto".into(),
-        "-Cpanic=abort".into(),
-        "-Cdebuginfo=2".into(),
-    ];
+    let flags = [format!("-Clinker={}", shim.display()), "-Clinker-plugin-lto".into(), "-Cpanic=abort".into(), "-Cdebuginfo=2".into()];
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root.join("splitter-ebpf"))
         .arg(format!("+{STABLE}"))
@@ -205,11 +198,7 @@ fn rustc_info(toolchain: &str) -> Result<String> {
 }
 
 fn sysroot(toolchain: &str) -> Result<PathBuf> {
-    let out = Command::new("rustc")
-        .arg(format!("+{toolchain}"))
-        .args(["--print", "sysroot"])
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .output()?;
+    let out = Command::new("rustc").arg(format!("+{toolchain}")).args(["--print", "sysroot"]).env_remove("RUSTUP_TOOLCHAIN").output()?;
     ensure!(out.status.success(), "rustc +{toolchain} --print sysroot failed");
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
@@ -229,17 +218,11 @@ pub(crate) fn cache_dir() -> PathBuf {
 fn ensure_bpf_linker(toolchain: &str) -> Result<PathBuf> {
     let info = rustc_info(toolchain)?;
     let field = |key: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map(|v| v.trim().to_string())
-            .with_context(|| format!("rustc -vV has no {key}"))
+        info.lines().find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_string()).with_context(|| format!("rustc -vV has no {key}"))
     };
     let commit = field("commit-hash:")?;
     let llvm_major = field("LLVM version:")?.split('.').next().unwrap_or_default().to_string();
-    let dir = cache_dir().join(format!(
-        "bpf-linker-{BPF_LINKER_VERSION}-{}",
-        &commit[..commit.len().min(12)]
-    ));
+    let dir = cache_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}-{}", &commit[..commit.len().min(12)]));
     let bin = dir.join("bin/bpf-linker");
     if bin.is_file() {
         return Ok(bin);
@@ -284,12 +267,7 @@ fn ensure_bpf_linker(toolchain: &str) -> Result<PathBuf> {
 fn check_sections(path: &Path) -> Result<()> {
     let data = fs::read(path)?;
     let file = object::File::parse(&*data).with_context(|| format!("parsing {}", path.display()))?;
-    ensure!(
-        file.architecture() == object::Architecture::Bpf,
-        "{} is not a BPF object ({:?})",
-        path.display(),
-        file.architecture()
-    );
+    ensure!(file.architecture() == object::Architecture::Bpf, "{} is not a BPF object ({:?})", path.display(), file.architecture());
     let names: Vec<&str> = file.sections().filter_map(|s| s.name().ok()).collect();
     let missing: Vec<&str> = REQUIRED_SECTIONS.iter().copied().filter(|s| !names.contains(s)).collect();
     ensure!(missing.is_empty(), "{} lacks sections {missing:?} (has {names:?})", path.display());

@@ -34,10 +34,7 @@ impl Args {
         while let Some(arg) = it.next() {
             match arg.as_str() {
                 "--seconds" => {
-                    seconds = it
-                        .next()
-                        .and_then(|v| v.parse().ok())
-                        .context("--seconds takes a whole number of seconds")?;
+                    seconds = it.next().and_then(|v| v.parse().ok()).context("--seconds takes a whole number of seconds")?;
                 }
                 t if TARGETS.contains(&t) => targets.push(t.to_string()),
                 other => bail!("unknown fuzz argument {other:?} (targets: {})", TARGETS.join(", ")),
@@ -67,9 +64,7 @@ pub fn run(art: &build::Artifacts, args: &Args) -> Result<()> {
         fs::create_dir_all(&corpus)?;
         let seeds = root.join("fuzz/seeds").join(target);
         let mut cmd = Command::new(&cargo_fuzz);
-        cmd.current_dir(&root)
-            .args(["fuzz", "run", "--fuzz-dir", "fuzz", target])
-            .arg(&corpus);
+        cmd.current_dir(&root).args(["fuzz", "run", "--fuzz-dir", "fuzz", target]).arg(&corpus);
         if seeds.is_dir() {
             cmd.arg(&seeds);
         }
@@ -96,21 +91,14 @@ pub fn run(art: &build::Artifacts, args: &Args) -> Result<()> {
     }
     println!("fuzz summary ({} s per target):", args.seconds);
     for s in &summaries {
-        println!(
-            "  {:<16} {:>10} executions  {:>7} exec/s  {}",
-            s.target, s.executions, s.per_second, s.coverage
-        );
+        println!("  {:<16} {:>10} executions  {:>7} exec/s  {}", s.target, s.executions, s.per_second, s.coverage);
     }
     Ok(())
 }
 
 /// Reads libFuzzer's final statistics and its last status line.
 fn summarize(target: &str, log: &str) -> Result<Summary> {
-    let stat = |key: &str| {
-        log.lines()
-            .find_map(|l| l.strip_prefix(&format!("stat::{key}:")))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    };
+    let stat = |key: &str| log.lines().find_map(|l| l.strip_prefix(&format!("stat::{key}:"))).and_then(|v| v.trim().parse::<u64>().ok());
     let executions = stat("number_of_executed_units").context("no final statistics from libFuzzer")?;
     let per_second = stat("average_exec_per_sec").unwrap_or(0);
     // "#1234 DONE cov: 567 ft: 890 corp: 12/3456b ..." (or the last pulse line).

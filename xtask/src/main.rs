@@ -94,11 +94,10 @@ fn run() -> Result<()> {
 
 /// Runs the whole test suite in release mode (it shares the agent's compiled dependencies).
 fn test(art: &build::Artifacts, extra: &[String]) -> Result<()> {
-    ensure_system_tools(&["ip", "ping"])?;
+    // What the namespace tests run besides the splitter: a fresh machine may lack any.
+    ensure_system_tools(&["ip", "ping", "curl", "nft", "setpriv"])?;
     let mut cmd = cargo();
-    cmd.current_dir(workspace_root())
-        .args(["test", "--release", "--workspace"])
-        .envs(art.env());
+    cmd.current_dir(workspace_root()).args(["test", "--release", "--workspace"]).envs(art.env());
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }
@@ -110,10 +109,7 @@ fn test(art: &build::Artifacts, extra: &[String]) -> Result<()> {
 /// endpoints) as processes, and `cargo run` builds only the one it runs.
 fn run_tool(art: &build::Artifacts, bin: &str, args: &[String]) -> Result<()> {
     status(
-        cargo()
-            .current_dir(workspace_root())
-            .args(["build", "--quiet", "--release", "-p", "splitter-tests", "--bins"])
-            .envs(art.env()),
+        cargo().current_dir(workspace_root()).args(["build", "--quiet", "--release", "-p", "splitter-tests", "--bins"]).envs(art.env()),
         "cargo build of the test tools",
     )?;
     let mut cmd = cargo();
@@ -135,6 +131,8 @@ fn ensure_system_tools(tools: &[&str]) -> Result<()> {
         .map(|t| match *t {
             "ip" => "iproute2",
             "ping" => "iputils-ping",
+            "nft" => "nftables",
+            "setpriv" => "util-linux",
             other => other,
         })
         .collect();
@@ -154,17 +152,11 @@ fn ensure_system_tools(tools: &[&str]) -> Result<()> {
 
 pub(crate) fn which(tool: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
+    env::split_paths(&path).chain(["/usr/sbin", "/sbin"].map(PathBuf::from)).map(|dir| dir.join(tool)).find(|p| p.is_file())
 }
 
 pub(crate) fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives one level below the workspace root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives one level below the workspace root").to_path_buf()
 }
 
 /// `cargo` as invoked by the user (the toolchain the workspace builds with).

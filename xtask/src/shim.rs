@@ -51,8 +51,7 @@ impl LinkPlan {
             if arg == "-o" {
                 plan.output = it.next().ok_or("-o without a path")?.clone();
             } else if let Some(script) = arg.strip_prefix("-Wl,--version-script=") {
-                let text = fs::read_to_string(script)
-                    .map_err(|e| format!("cannot read version script {script}: {e}"))?;
+                let text = fs::read_to_string(script).map_err(|e| format!("cannot read version script {script}: {e}"))?;
                 plan.exports = exported_symbols(&text);
             } else if is_bitcode_input(arg) {
                 plan.inputs.push(arg.clone());
@@ -133,12 +132,6 @@ mod tests {
         .to_vec();
         let plan = LinkPlan::from_args(&args).unwrap();
         assert_eq!(plan.output, "/t/deps/libsplitter_ebpf.so");
-        assert_eq!(
-            plan.inputs,
-            [
-                "/t/deps/splitter_ebpf.splitter_ebpf.abc-cgu.0.rcgu.o",
-                "/t/deps/libaya_ebpf-123.rlib"
-            ]
-        );
+        assert_eq!(plan.inputs, ["/t/deps/splitter_ebpf.splitter_ebpf.abc-cgu.0.rcgu.o", "/t/deps/libaya_ebpf-123.rlib"]);
     }
 }

@@ -132,7 +132,11 @@ impl<D: Dataplane> Controller<D> {
             // What a manual `rollback` returns to: the weights before the rollout.
             self.push_history(&name, rollout.stable_weights.clone());
             self.events.push(&name, "rollout", rollout.started_message());
-            self.events.push(&name, "weights", format!("{} ({reason}, canary step 1/{})", describe_weights(&live), rollout.spec.steps.len()));
+            self.events.push(
+                &name,
+                "weights",
+                format!("{} ({reason}, canary step 1/{})", describe_weights(&live), rollout.spec.steps.len()),
+            );
             self.reset_baseline(&name);
             let base = self.sample(&name, &rollout.spec.route);
             let message = rollout.entered(0, "first step".into(), base, now);

@@ -30,8 +30,8 @@ impl<D: Dataplane> Controller<D> {
                 Err(e) => Err(e.to_string()),
                 // A file applied before and unchanged since stays as it is live: a rollout
                 // may have moved its weights, and an edit of another file must not undo that.
-                Ok(_) if self.applied_texts.get(&file.path) == Some(&file.text)
-                    && names.iter().all(|n| self.configured.contains_key(n)) =>
+                Ok(_)
+                    if self.applied_texts.get(&file.path) == Some(&file.text) && names.iter().all(|n| self.configured.contains_key(n)) =>
                 {
                     Ok(())
                 }

@@ -49,14 +49,26 @@ pub enum Op {
     Get(String),
     /// Gateway documents (full or weights-only) from `origin`; with `path_name`, the
     /// documents must all be for that gateway (a PUT to its path).
-    Apply { origin: String, text: String, path_name: Option<String> },
+    Apply {
+        origin: String,
+        text: String,
+        path_name: Option<String>,
+    },
     Delete(String),
-    Promote { gateway: String, route: String },
-    Rollback { gateway: String, flush: bool },
+    Promote {
+        gateway: String,
+        route: String,
+    },
+    Rollback {
+        gateway: String,
+        flush: bool,
+    },
     Stats(Option<String>),
     Metrics,
     /// Events after this id.
-    Events { since: u64 },
+    Events {
+        since: u64,
+    },
     /// Re-read the configuration path now (SIGHUP).
     SyncConfig,
     Canary(CanaryOp),
@@ -74,7 +86,10 @@ pub enum CanaryOp {
 
 /// What the controller's inbox carries.
 pub enum Inbox {
-    Operator { op: Op, reply: oneshot::Sender<Result<Reply, ApiError>> },
+    Operator {
+        op: Op,
+        reply: oneshot::Sender<Result<Reply, ApiError>>,
+    },
     Health(HealthReport),
     /// The watcher saw the configuration files change.
     ConfigChanged,
@@ -174,8 +189,7 @@ impl<D: Dataplane> Controller<D> {
         }
         for gateway in gateways {
             let shares = gateway.weighted_targets();
-            let adopted = adopting
-                && saved.placements.get(&gateway.name).is_some_and(|p| self.dataplane.adopt(&gateway, &shares, p));
+            let adopted = adopting && saved.placements.get(&gateway.name).is_some_and(|p| self.dataplane.adopt(&gateway, &shares, p));
             if !adopted {
                 if let Err(e) = self.dataplane.apply(&gateway, &shares) {
                     warn!("saved gateway {} not restored: {e:#}", gateway.name);
@@ -239,6 +253,13 @@ impl<D: Dataplane> Controller<D> {
     /// Timed work: judges every progressing rollout.
     pub fn tick(&mut self, now: Instant) {
         self.advance_rollouts(now);
+    }
+
+    /// Saves the state as it is now (at start, so the state directory always holds the
+    /// agent's state once it is ready); a failure is logged and retried like any other.
+    pub fn save_now(&mut self) {
+        self.unsaved = true;
+        self.save_if_changed();
     }
 
     /// Saves the state when something changed since the last save. A failure (full or

@@ -27,7 +27,7 @@ impl<D: Dataplane> Controller<D> {
             Op::Apply { origin, text, path_name } => self.apply_text(&origin, &text, path_name.as_deref(), None),
             Op::Delete(name) => self.delete(&name).map(|()| Answer::Text(format!("deleted gateway {name}\n"))),
             Op::Promote { gateway, route } => self.promote(&gateway, &route),
-            Op::Rollback { gateway, flush } => self.rollback(&gateway, flush),
+            Op::Rollback { gateway, flush } => self.restore_previous_weights(&gateway, flush),
             Op::Stats(name) => self.stats(name.as_deref()).map(Answer::Stats),
             Op::Metrics => self.metrics().map(Answer::Metrics),
             Op::Events { since } => Ok(Answer::Events(self.events.since(since))),
@@ -41,7 +41,13 @@ impl<D: Dataplane> Controller<D> {
 
     /// Parses documents and applies them all, or none. `owner` marks the gateways as
     /// defined by that configuration file.
-    pub(super) fn apply_text(&mut self, origin: &str, text: &str, path_name: Option<&str>, owner: Option<&Path>) -> Result<Answer, ApiError> {
+    pub(super) fn apply_text(
+        &mut self,
+        origin: &str,
+        text: &str,
+        path_name: Option<&str>,
+        owner: Option<&Path>,
+    ) -> Result<Answer, ApiError> {
         let documents = gateway::parse_documents(origin, text).map_err(ApiError::invalid)?;
         if documents.is_empty() {
             return Err(ApiError::invalid(format!("{origin}: no gateway document")));
@@ -114,7 +120,7 @@ impl<D: Dataplane> Controller<D> {
 
     /// Back to the weights before the last change; `flush` also ends the established
     /// flows of the targets whose share went down.
-    fn rollback(&mut self, name: &str, flush: bool) -> Result<Answer, ApiError> {
+    fn restore_previous_weights(&mut self, name: &str, flush: bool) -> Result<Answer, ApiError> {
         if !self.configured.contains_key(name) {
             return Err(ApiError::no_gateway(name));
         }
@@ -133,12 +139,10 @@ impl<D: Dataplane> Controller<D> {
             return Ok(answer);
         }
         let after = self.dataplane.shares(name);
-        let lost: Vec<Target> = before
-            .iter()
-            .filter(|(t, share)| after.iter().find(|(a, _)| a == t).is_none_or(|(_, s)| s < share))
-            .map(|(t, _)| *t)
-            .collect();
-        let flows = self.dataplane.flush_flows(name, &lost).map_err(|e| ApiError::failed(format!("rolled back, but flushing failed: {e:#}")))?;
+        let lost: Vec<Target> =
+            before.iter().filter(|(t, share)| after.iter().find(|(a, _)| a == t).is_none_or(|(_, s)| s < share)).map(|(t, _)| *t).collect();
+        let flows =
+            self.dataplane.flush_flows(name, &lost).map_err(|e| ApiError::failed(format!("rolled back, but flushing failed: {e:#}")))?;
         info!("rollback of {name}: flushed {flows} established flow(s) from targets that lost weight");
         if let Answer::Gateways(g) = &mut answer {
             g.trailer.push(format!("flushed {flows} established flow(s)"));
@@ -201,7 +205,7 @@ impl<D: Dataplane> Controller<D> {
                 if !self.rollouts.contains_key(&g) {
                     return Err(no_rollout(&g));
                 }
-                self.roll_back(&g, "aborted by the operator".into());
+                self.roll_back_canary(&g, "aborted by the operator".into());
             }
             CanaryOp::Promote(g) => {
                 let r = self.rollouts.get(&g).ok_or_else(|| no_rollout(&g))?;

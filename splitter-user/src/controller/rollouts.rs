@@ -62,7 +62,7 @@ impl<D: Dataplane> Controller<D> {
                     self.unsaved = true;
                 }
                 Intent::Step { step, reason } => self.set_step(&gateway, step, reason),
-                Intent::RollBack(reason) => self.roll_back(&gateway, reason),
+                Intent::RollBack(reason) => self.roll_back_canary(&gateway, reason),
             }
         }
     }
@@ -76,7 +76,7 @@ impl<D: Dataplane> Controller<D> {
         let applied =
             next.and_then(|next| self.commit(vec![Planned::plain(next)], History::Skip, &format!("canary step {}/{count}", step + 1)));
         if let Err(e) = applied {
-            self.roll_back(gateway, format!("the weights of step {} could not be applied: {e}", step + 1));
+            self.roll_back_canary(gateway, format!("the weights of step {} could not be applied: {e}", step + 1));
             return;
         }
         let base = self.sample(gateway, &route);
@@ -88,7 +88,7 @@ impl<D: Dataplane> Controller<D> {
     }
 
     /// Back to the stable routes at once: the canary at 0%, its flows flushed if asked.
-    pub(super) fn roll_back(&mut self, gateway: &str, reason: String) {
+    pub(super) fn roll_back_canary(&mut self, gateway: &str, reason: String) {
         let (Some(r), Some(g)) = (self.rollouts.get(gateway), self.configured.get(gateway)) else { return };
         let (canary, flush) = (r.spec.route.clone(), r.spec.thresholds.flush_on_rollback);
         let next = with_weights(g, &step_weights(&route_names(g), &canary, 0, &r.stable_weights), "canary rolled back");

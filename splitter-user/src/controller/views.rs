@@ -79,11 +79,8 @@ impl<D: Dataplane> Controller<D> {
     pub(super) fn metrics(&self) -> Result<String, ApiError> {
         let failed = |e: anyhow::Error| ApiError::failed(format!("{e:#}"));
         let stats = self.stats(None)?;
-        let weights: BTreeMap<String, Vec<(String, u32)>> = self
-            .configured
-            .iter()
-            .map(|(n, g)| (n.clone(), g.routes.iter().map(|r| (r.name.clone(), r.weight)).collect()))
-            .collect();
+        let weights: BTreeMap<String, Vec<(String, u32)>> =
+            self.configured.iter().map(|(n, g)| (n.clone(), g.routes.iter().map(|r| (r.name.clone(), r.weight)).collect())).collect();
         let rollouts: Vec<(String, &'static str, u32)> =
             self.rollouts.values().map(|r| (r.gateway.clone(), r.state.name(), r.canary_weight())).collect();
         Ok(metrics::render(&metrics::Snapshot {
@@ -109,11 +106,9 @@ impl<D: Dataplane> Controller<D> {
         let error = result.as_ref().err().cloned();
         let message = match self.health.record(&gateway, target, result, (check.unhealthy_threshold, check.healthy_threshold)) {
             Transition::None => return,
-            Transition::BecameUnhealthy => format!(
-                "target {target} unhealthy after {} failed checks: {}",
-                check.unhealthy_threshold,
-                error.unwrap_or_default()
-            ),
+            Transition::BecameUnhealthy => {
+                format!("target {target} unhealthy after {} failed checks: {}", check.unhealthy_threshold, error.unwrap_or_default())
+            }
             Transition::BecameHealthy => format!("target {target} healthy again after {} passed checks", check.healthy_threshold),
         };
         if let Some(g) = self.configured.get(&gateway).cloned() {

@@ -20,8 +20,8 @@ use splitter_common::{
     conntrack::{flow_expired, Timeouts},
     map_names,
     maps::{
-        BucketTable, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, TargetCounters, TargetEntry,
-        GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY,
+        BucketTable, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, TargetCounters, TargetEntry, GATEWAY_DNAT,
+        GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY,
     },
     table::{build_bucket_table, TableTarget},
     ForwardEvent, PacketClass,
@@ -185,8 +185,7 @@ impl Dataplane for Datapath {
 
     fn flush_flows(&mut self, name: &str, targets: &[Target]) -> Result<usize> {
         let live = self.layout.gateways.get(name).with_context(|| format!("no gateway {name}"))?;
-        let slots: BTreeSet<u32> =
-            live.targets.iter().filter(|(t, _)| targets.contains(t)).map(|(_, slot)| *slot).collect();
+        let slots: BTreeSet<u32> = live.targets.iter().filter(|(t, _)| targets.contains(t)).map(|(_, slot)| *slot).collect();
         if slots.is_empty() {
             return Ok(0);
         }
@@ -243,8 +242,7 @@ impl Dataplane for Datapath {
                 self.zero_target_counters(*slot)?;
             }
         }
-        let table_targets: Vec<TableTarget> =
-            shares.iter().map(|(t, share)| TableTarget { key: t.table_key(), weight: *share }).collect();
+        let table_targets: Vec<TableTarget> = shares.iter().map(|(t, share)| TableTarget { key: t.table_key(), weight: *share }).collect();
         let table_slots = build_bucket_table(&table_targets);
 
         let (generation, last_switch) = match self.layout.gateways.get(&gateway.name) {
@@ -258,9 +256,7 @@ impl Dataplane for Datapath {
         }
         let table_index = id * 2 + (generation & 1) as u32;
         for (i, entry) in entries.iter().enumerate() {
-            self.targets_map
-                .set(table_index * MAX_TARGETS_PER_GATEWAY + i as u32, entry, 0)
-                .context("writing TARGETS")?;
+            self.targets_map.set(table_index * MAX_TARGETS_PER_GATEWAY + i as u32, entry, 0).context("writing TARGETS")?;
         }
         let target_count = if table_slots.is_empty() { 0 } else { entries.len() as u32 };
         if target_count > 0 {

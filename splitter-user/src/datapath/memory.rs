@@ -41,13 +41,7 @@ pub struct MemoryDataplane {
 
 impl MemoryDataplane {
     pub fn new(limits: Limits) -> Self {
-        Self {
-            layout: Layout::new(limits),
-            traffic: BTreeMap::new(),
-            unreachable: BTreeSet::new(),
-            failing: BTreeSet::new(),
-            switches: 0,
-        }
+        Self { layout: Layout::new(limits), traffic: BTreeMap::new(), unreachable: BTreeSet::new(), failing: BTreeSet::new(), switches: 0 }
     }
 
     /// Traffic of a target of a live gateway, to change as packets would.

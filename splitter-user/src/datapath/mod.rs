@@ -73,9 +73,5 @@ pub trait Dataplane {
 
 /// Weights for logs: `route=90% route=10%`.
 pub fn describe_weights(g: &Gateway) -> String {
-    g.routes
-        .iter()
-        .map(|r| format!("{}={}", r.name, crate::gateway::format_weight(r.weight)))
-        .collect::<Vec<_>>()
-        .join(" ")
+    g.routes.iter().map(|r| format!("{}={}", r.name, crate::gateway::format_weight(r.weight))).collect::<Vec<_>>().join(" ")
 }

@@ -6,10 +6,6 @@
 //! Per-target shares ([`Gateway::weighted_targets`]) are in parts per million, fine enough
 //! to split 80% evenly over 3 targets (266 667 ppm each) without visible rounding.
 
-// The agent, the control socket and the CLI client (other issues) consume most of this API;
-// until they all do, parts of it are used only by tests and `splitter validate`.
-#![allow(dead_code)]
-
 mod parse;
 pub mod policy;
 #[cfg(test)]
@@ -27,9 +23,7 @@ use std::{
 use serde::{Serialize, Serializer};
 use splitter_common::table::TableTarget;
 
-// `parse_weight` is for the CLI's `splitter weight GATEWAY ROUTE=PCT`.
-#[allow(unused_imports)]
-pub use parse::{format_weight, parse_weight};
+pub use parse::{check_name, format_weight, parse_weight, MAX_NAME_BYTES};
 
 /// 100% in the unit of route weights (hundredths of a percent).
 pub const FULL_WEIGHT: u32 = 10_000;
@@ -200,33 +194,15 @@ pub struct ConfigError {
 impl ConfigError {
     /// An error about the whole input, with no line or field.
     pub fn new(origin: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            origin: origin.into(),
-            line: None,
-            column: None,
-            field: None,
-            message: message.into(),
-        }
+        Self { origin: origin.into(), line: None, column: None, field: None, message: message.into() }
     }
 
     /// An error about one field, where no position is known.
-    pub fn for_field(
-        origin: impl Into<String>,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            field: Some(field.into()),
-            ..Self::new(origin, message)
-        }
+    pub fn for_field(origin: impl Into<String>, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: Some(field.into()), ..Self::new(origin, message) }
     }
 
-    fn at(
-        origin: &str,
-        position: Option<yaml::Position>,
-        field: &str,
-        message: impl Into<String>,
-    ) -> Self {
+    fn at(origin: &str, position: Option<yaml::Position>, field: &str, message: impl Into<String>) -> Self {
         Self {
             origin: origin.to_owned(),
             line: position.map(|p| p.line),
@@ -301,20 +277,13 @@ impl std::error::Error for ConfigError {}
 /// Parses and checks every document of a YAML stream (one document, or several separated
 /// by `---`). `origin` names the input in errors. Any error refuses the whole input.
 pub fn parse_documents(origin: &str, text: &str) -> Result<Vec<Document>, ConfigError> {
-    Ok(parse::parse_stream(origin, text)?
-        .into_iter()
-        .map(|parsed| parsed.document)
-        .collect())
+    Ok(parse::parse_stream(origin, text)?.into_iter().map(|parsed| parsed.document).collect())
 }
 
 /// Parses the documents of one configuration file, refusing a gateway that another file
 /// already defines (`defined`: gateway name -> that file). The file's gateways are added
 /// to `defined` only when the whole file is accepted.
-pub fn parse_config_file(
-    origin: &str,
-    text: &str,
-    defined: &mut BTreeMap<String, String>,
-) -> Result<Vec<Document>, ConfigError> {
+pub fn parse_config_file(origin: &str, text: &str, defined: &mut BTreeMap<String, String>) -> Result<Vec<Document>, ConfigError> {
     let parsed = parse::parse_stream(origin, text)?;
     let mut mine: BTreeMap<String, String> = BTreeMap::new();
     for document in &parsed {
@@ -343,26 +312,15 @@ impl Gateway {
     ///
     /// Errors carry the field path but no line (the update's text is not known here):
     /// [`ConfigError::locate_in`] adds it.
-    pub fn apply_weights(
-        &self,
-        update: &WeightUpdate,
-        origin: &str,
-    ) -> Result<Gateway, ConfigError> {
+    pub fn apply_weights(&self, update: &WeightUpdate, origin: &str) -> Result<Gateway, ConfigError> {
         if update.name != self.name {
             return Err(ConfigError::for_field(
                 origin,
                 "name",
-                format!(
-                    "this weights update is for gateway {}, not {}",
-                    update.name, self.name
-                ),
+                format!("this weights update is for gateway {}, not {}", update.name, self.name),
             ));
         }
-        let mut explicit: BTreeMap<&str, Option<u32>> = self
-            .routes
-            .iter()
-            .map(|route| (route.name.as_str(), None))
-            .collect();
+        let mut explicit: BTreeMap<&str, Option<u32>> = self.routes.iter().map(|route| (route.name.as_str(), None)).collect();
         let mut seen = Vec::new();
         for (route, weight) in &update.weights {
             let field = format!("routes.{route}");
@@ -371,11 +329,7 @@ impl Gateway {
                 return Err(ConfigError::for_field(
                     origin,
                     field,
-                    format!(
-                        "unknown route {route} in gateway {} (its routes: {})",
-                        self.name,
-                        known.join(", ")
-                    ),
+                    format!("unknown route {route} in gateway {} (its routes: {})", self.name, known.join(", ")),
                 ));
             };
             if seen.contains(&route) {
@@ -395,13 +349,10 @@ impl Gateway {
         }
         let names: Vec<&str> = explicit.keys().copied().collect();
         let weights: Vec<Option<u32>> = explicit.values().copied().collect();
-        let effective = parse::effective_weights(&names, &weights, true)
-            .map_err(|message| ConfigError::for_field(origin, "routes", message))?;
+        let effective =
+            parse::effective_weights(&names, &weights, true).map_err(|message| ConfigError::for_field(origin, "routes", message))?;
         // By name, so that a gateway built by hand with unsorted routes is updated right too.
-        let by_name: BTreeMap<&str, (u32, Option<u32>)> = names
-            .into_iter()
-            .zip(effective.into_iter().zip(weights))
-            .collect();
+        let by_name: BTreeMap<&str, (u32, Option<u32>)> = names.into_iter().zip(effective.into_iter().zip(weights)).collect();
         let mut gateway = self.clone();
         for route in &mut gateway.routes {
             if let Some(&(weight, explicit_weight)) = by_name.get(route.name.as_str()) {
@@ -495,13 +446,7 @@ impl Gateway {
     /// The input of [`splitter_common::table::build_bucket_table`]: the targets of
     /// [`Self::weighted_targets`] in the same order, with their shares as weights.
     pub fn table_targets(&self) -> Vec<TableTarget> {
-        self.weighted_targets()
-            .into_iter()
-            .map(|(target, share)| TableTarget {
-                key: target.table_key(),
-                weight: share,
-            })
-            .collect()
+        self.weighted_targets().into_iter().map(|(target, share)| TableTarget { key: target.table_key(), weight: share }).collect()
     }
 
     /// The gateway as a document that parses back to an equal gateway.
@@ -525,11 +470,7 @@ impl Gateway {
                     let _ = writeln!(out, "    weight: {}", format_weight(weight));
                 }
                 None => {
-                    let _ = writeln!(
-                        out,
-                        "    # no weight: takes {} (its share of the rest)",
-                        format_weight(route.weight)
-                    );
+                    let _ = writeln!(out, "    # no weight: takes {} (its share of the rest)", format_weight(route.weight));
                 }
             }
             let targets: Vec<String> = route.targets.iter().map(Target::to_string).collect();
@@ -540,7 +481,8 @@ impl Gateway {
             match check.protocol {
                 policy::CheckProtocol::Tcp => out.push_str("  protocol: tcp\n"),
                 policy::CheckProtocol::Http => {
-                    let _ = writeln!(out, "  protocol: http\n  path: {}\n  expected_status: {}", quoted(&check.path), check.expected_status);
+                    let _ =
+                        writeln!(out, "  protocol: http\n  path: {}\n  expected_status: {}", quoted(&check.path), check.expected_status);
                 }
             }
             if let Some(port) = check.port {

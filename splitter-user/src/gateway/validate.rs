@@ -50,8 +50,7 @@ fn validated_line(
 ) -> Result<()> {
     let line = match document {
         Document::Gateway(gateway) => {
-            let targets: usize =
-                gateway.routes.iter().map(|route| route.targets.len()).sum();
+            let targets: usize = gateway.routes.iter().map(|route| route.targets.len()).sum();
             let line = format!(
                 "{origin}: ok: gateway {} on {}:{}/{}, {} routes, {targets} targets",
                 gateway.name,
@@ -65,21 +64,10 @@ fn validated_line(
         }
         Document::Weights(update) => match gateways.get(&update.name) {
             Some(gateway) => {
-                let updated = gateway
-                    .apply_weights(&update, origin)
-                    .map_err(|err| err.locate_in(text))?;
-                let weights: Vec<String> = updated
-                    .routes
-                    .iter()
-                    .map(|route| {
-                        format!("{} {}", route.name, super::format_weight(route.weight))
-                    })
-                    .collect();
-                let line = format!(
-                    "{origin}: ok: weights update for {}: {}",
-                    update.name,
-                    weights.join(", ")
-                );
+                let updated = gateway.apply_weights(&update, origin).map_err(|err| err.locate_in(text))?;
+                let weights: Vec<String> =
+                    updated.routes.iter().map(|route| format!("{} {}", route.name, super::format_weight(route.weight))).collect();
+                let line = format!("{origin}: ok: weights update for {}: {}", update.name, weights.join(", "));
                 gateways.insert(updated.name.clone(), updated);
                 line
             }

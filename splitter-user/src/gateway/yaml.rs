@@ -15,10 +15,7 @@ pub struct Position {
 impl Position {
     fn of(span: Span) -> Self {
         // The parser counts lines from 1 and columns from 0.
-        Self {
-            line: span.start.line(),
-            column: span.start.col() + 1,
-        }
+        Self { line: span.start.line(), column: span.start.col() + 1 }
     }
 }
 
@@ -82,10 +79,7 @@ pub fn parse_stream(text: &str) -> Result<Vec<Node>, SyntaxError> {
     let mut builder = TreeBuilder::default();
     for event in Parser::new_from_str(text) {
         let (event, span) = event.map_err(|err| SyntaxError {
-            position: Position {
-                line: err.marker().line(),
-                column: err.marker().col() + 1,
-            },
+            position: Position { line: err.marker().line(), column: err.marker().col() + 1 },
             message: err.info().to_owned(),
         })?;
         builder.on_event(event, span)?;
@@ -95,15 +89,8 @@ pub fn parse_stream(text: &str) -> Result<Vec<Node>, SyntaxError> {
 
 /// A collection being read: its start and the children read so far.
 enum OpenCollection {
-    Sequence {
-        position: Position,
-        items: Vec<Node>,
-    },
-    Mapping {
-        position: Position,
-        entries: Vec<(Node, Node)>,
-        key: Option<Node>,
-    },
+    Sequence { position: Position, items: Vec<Node> },
+    Mapping { position: Position, entries: Vec<(Node, Node)>, key: Option<Node> },
 }
 
 #[derive(Default)]
@@ -122,67 +109,32 @@ impl TreeBuilder {
             Event::Scalar(text, style, anchor, _tag) => {
                 self.remember_anchor(anchor, position);
                 let quoted = style != ScalarStyle::Plain;
-                self.complete(Node {
-                    value: NodeValue::Scalar {
-                        text: text.into_owned(),
-                        quoted,
-                    },
-                    position,
-                });
+                self.complete(Node { value: NodeValue::Scalar { text: text.into_owned(), quoted }, position });
             }
             Event::SequenceStart(anchor, _tag) => {
                 self.remember_anchor(anchor, position);
-                self.open.push(OpenCollection::Sequence {
-                    position,
-                    items: Vec::new(),
-                });
+                self.open.push(OpenCollection::Sequence { position, items: Vec::new() });
             }
             Event::MappingStart(anchor, _tag) => {
                 self.remember_anchor(anchor, position);
-                self.open.push(OpenCollection::Mapping {
-                    position,
-                    entries: Vec::new(),
-                    key: None,
-                });
+                self.open.push(OpenCollection::Mapping { position, entries: Vec::new(), key: None });
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 let node = match self.open.pop() {
-                    Some(OpenCollection::Sequence {
-                        position, items, ..
-                    }) => Node {
-                        value: NodeValue::Sequence(items),
-                        position,
-                    },
-                    Some(OpenCollection::Mapping {
-                        position, entries, ..
-                    }) => Node {
-                        value: NodeValue::Mapping(entries),
-                        position,
-                    },
-                    None => {
-                        return Err(SyntaxError {
-                            position,
-                            message: "unbalanced collection end".to_owned(),
-                        })
-                    }
+                    Some(OpenCollection::Sequence { position, items, .. }) => Node { value: NodeValue::Sequence(items), position },
+                    Some(OpenCollection::Mapping { position, entries, .. }) => Node { value: NodeValue::Mapping(entries), position },
+                    None => return Err(SyntaxError { position, message: "unbalanced collection end".to_owned() }),
                 };
                 self.complete(node);
             }
             Event::Alias(anchor) => {
                 let message = match self.anchors.get(&anchor) {
-                    Some(anchored) => format!(
-                        "YAML aliases are not supported (this one refers to the anchor at line {})",
-                        anchored.line
-                    ),
+                    Some(anchored) => format!("YAML aliases are not supported (this one refers to the anchor at line {})", anchored.line),
                     None => "YAML aliases are not supported".to_owned(),
                 };
                 return Err(SyntaxError { position, message });
             }
-            Event::Nothing
-            | Event::StreamStart
-            | Event::StreamEnd
-            | Event::DocumentStart(_)
-            | Event::DocumentEnd => {}
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart(_) | Event::DocumentEnd => {}
         }
         Ok(())
     }
@@ -230,9 +182,7 @@ pub fn locate(root: &Node, path: &str) -> Option<Position> {
                 } else {
                     continue;
                 };
-                if best.is_none_or(|(best_key, _, _)| {
-                    best_key.scalar().map_or(0, str::len) < name.len()
-                }) {
+                if best.is_none_or(|(best_key, _, _)| best_key.scalar().map_or(0, str::len) < name.len()) {
                     best = Some((key, value, rest));
                 }
             }
@@ -262,28 +212,16 @@ mod tests {
         let docs = parse_stream("a: 1\nb:\n  - x\n  - {c: d}\n").unwrap();
         assert_eq!(docs.len(), 1);
         assert_eq!(locate(&docs[0], "b"), Some(Position { line: 2, column: 1 }));
-        assert_eq!(
-            locate(&docs[0], "b[0]"),
-            Some(Position { line: 3, column: 5 })
-        );
-        assert_eq!(
-            locate(&docs[0], "b[1].c"),
-            Some(Position { line: 4, column: 6 })
-        );
+        assert_eq!(locate(&docs[0], "b[0]"), Some(Position { line: 3, column: 5 }));
+        assert_eq!(locate(&docs[0], "b[1].c"), Some(Position { line: 4, column: 6 }));
         assert_eq!(locate(&docs[0], "missing"), None);
     }
 
     #[test]
     fn keys_with_dots_are_matched_whole() {
         let docs = parse_stream("routes:\n  a.b:\n    weight: 1\n  a:\n    weight: 2\n").unwrap();
-        assert_eq!(
-            locate(&docs[0], "routes.a.b.weight"),
-            Some(Position { line: 3, column: 5 })
-        );
-        assert_eq!(
-            locate(&docs[0], "routes.a.weight"),
-            Some(Position { line: 5, column: 5 })
-        );
+        assert_eq!(locate(&docs[0], "routes.a.b.weight"), Some(Position { line: 3, column: 5 }));
+        assert_eq!(locate(&docs[0], "routes.a.weight"), Some(Position { line: 5, column: 5 }));
     }
 
     #[test]
@@ -296,9 +234,7 @@ mod tests {
     #[test]
     fn quoted_null_is_a_string() {
         let docs = parse_stream("a: 'null'\nb: null\nc:\n").unwrap();
-        let NodeValue::Mapping(entries) = &docs[0].value else {
-            panic!("not a mapping")
-        };
+        let NodeValue::Mapping(entries) = &docs[0].value else { panic!("not a mapping") };
         assert_eq!(entries[0].1.scalar(), Some("null"));
         assert!(entries[1].1.is_null());
         assert!(entries[2].1.is_null());

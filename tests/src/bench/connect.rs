@@ -249,8 +249,8 @@ fn client_loop(sources: &[Ipv4Addr], target: SocketAddrV4, concurrency: usize, c
             libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev);
             Some(Conn { fd, start, reading: false })
         };
-        for slot in 0..concurrency {
-            conns[slot] = open(slot, &mut next_source);
+        for (slot, conn) in conns.iter_mut().enumerate().take(concurrency) {
+            *conn = open(slot, &mut next_source);
         }
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut buf = [0u8; 512];
@@ -265,9 +265,8 @@ fn client_loop(sources: &[Ipv4Addr], target: SocketAddrV4, concurrency: usize, c
                     let mut err: i32 = 0;
                     let mut len = std::mem::size_of::<i32>() as u32;
                     libc::getsockopt(conn.fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut i32).cast(), &mut len);
-                    if err != 0 {
-                        finished = Some(false);
-                    } else if libc::send(conn.fd, REQUEST.as_ptr().cast(), REQUEST.len(), libc::MSG_NOSIGNAL) != REQUEST.len() as isize {
+                    if err != 0 || libc::send(conn.fd, REQUEST.as_ptr().cast(), REQUEST.len(), libc::MSG_NOSIGNAL) != REQUEST.len() as isize
+                    {
                         finished = Some(false);
                     } else {
                         conn.reading = true;
@@ -307,19 +306,19 @@ fn client_loop(sources: &[Ipv4Addr], target: SocketAddrV4, concurrency: usize, c
             // Connections stuck for 3 s (a lost SYN retried twice) count as errors.
             if last_sweep.elapsed() > Duration::from_millis(200) {
                 last_sweep = Instant::now();
-                for slot in 0..concurrency {
-                    let stale = match &conns[slot] {
+                for (slot, conn) in conns.iter_mut().enumerate().take(concurrency) {
+                    let stale = match conn {
                         Some(c) => c.start.elapsed() > Duration::from_secs(3),
                         None => true,
                     };
                     if stale {
-                        if let Some(c) = conns[slot].take() {
+                        if let Some(c) = conn.take() {
                             libc::close(c.fd);
                             if Instant::now() >= count_from {
                                 load.errors += 1;
                             }
                         }
-                        conns[slot] = open(slot, &mut next_source);
+                        *conn = open(slot, &mut next_source);
                     }
                 }
             }

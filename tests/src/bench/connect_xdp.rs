@@ -133,10 +133,7 @@ impl Endpoints {
     fn new(bed: &Testbed) -> Result<Self> {
         let mut ebpf = helper_object()?;
         for name in ["bench_tcp_client", "bench_syn_gen"] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .with_context(|| format!("no program {name}"))?
-                .try_into()?;
+            let prog: &mut Xdp = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
         }
         let server = XdpAttachment::attach(&bed.backends, "bk0", "bench_tcp_server")?;
@@ -163,14 +160,8 @@ impl Endpoints {
     /// Attaches the client endpoint to the client's interface (detached when the object
     /// is dropped).
     fn attach_client(&mut self, bed: &Testbed) -> Result<()> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut("bench_tcp_client")
-            .context("no client program")?
-            .try_into()?;
-        bed.client
-            .enter(|| prog.attach("cli0", XdpMode::Driver))?
-            .context("attaching bench_tcp_client to cli0")?;
+        let prog: &mut Xdp = self.ebpf.program_mut("bench_tcp_client").context("no client program")?.try_into()?;
+        bed.client.enter(|| prog.attach("cli0", XdpMode::Driver))?.context("attaching bench_tcp_client to cli0")?;
         Ok(())
     }
 
@@ -179,11 +170,8 @@ impl Endpoints {
     /// just used).
     fn aim(&mut self, target: (Ipv4Addr, u16)) -> Result<()> {
         let cpus = nr_cpus().map_err(|(_, e)| e)?;
-        let mut map: PerCpuArray<_, GeneratorState> = PerCpuArray::try_from(
-            self.ebpf
-                .map_mut("BENCH_GENERATOR")
-                .context("BENCH_GENERATOR")?,
-        )?;
+        let mut map: PerCpuArray<_, GeneratorState> =
+            PerCpuArray::try_from(self.ebpf.map_mut("BENCH_GENERATOR").context("BENCH_GENERATOR")?)?;
         let values: Vec<GeneratorState> = (0..cpus)
             .map(|cpu| GeneratorState {
                 stride: cpus as u32,
@@ -205,32 +193,20 @@ impl Endpoints {
 
 /// The run's counts so far, all CPUs.
 fn counts(ebpf: &Ebpf) -> Result<ConnectionCounts> {
-    let map: PerCpuArray<_, ConnectionCounts> =
-        PerCpuArray::try_from(ebpf.map("BENCH_CONNECTIONS").context("BENCH_CONNECTIONS")?)?;
-    Ok(map
-        .get(&0, 0)?
-        .iter()
-        .fold(ConnectionCounts::default(), |sum, c| sum.plus(c)))
+    let map: PerCpuArray<_, ConnectionCounts> = PerCpuArray::try_from(ebpf.map("BENCH_CONNECTIONS").context("BENCH_CONNECTIONS")?)?;
+    Ok(map.get(&0, 0)?.iter().fold(ConnectionCounts::default(), |sum, c| sum.plus(c)))
 }
 
 /// Sends SYNs from this thread (in the client namespace, pinned to `cpu`) until `stop`;
 /// the generator keeps the window, and this thread sleeps while it is full.
-fn generate(
-    prog: &Xdp,
-    ifindex: u32,
-    cpu: usize,
-    window_full: &AtomicBool,
-    stop: &AtomicBool,
-) -> Result<()> {
+fn generate(prog: &Xdp, ifindex: u32, cpu: usize, window_full: &AtomicBool, stop: &AtomicBool) -> Result<()> {
     // Best effort: an unpinned generator still generates.
     let _ = pin_to_cpu(cpu);
     let frame = [0u8; FRAME_LEN];
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     let ctx: [u32; 6] = [0, FRAME_LEN as u32, 0, ifindex, 0, 0];
     // SAFETY: plain integers viewed as bytes.
-    let ctx_bytes = unsafe {
-        std::slice::from_raw_parts(ctx.as_ptr().cast::<u8>(), std::mem::size_of_val(&ctx))
-    };
+    let ctx_bytes = unsafe { std::slice::from_raw_parts(ctx.as_ptr().cast::<u8>(), std::mem::size_of_val(&ctx)) };
     while !stop.load(Ordering::Relaxed) {
         if window_full.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_micros(50));
@@ -249,13 +225,7 @@ fn generate(
 }
 
 /// Runs the generators for `warmup + duration` against the current setup.
-fn load(
-    endpoints: &mut Endpoints,
-    bed: &Testbed,
-    system: System,
-    warmup: Duration,
-    duration: Duration,
-) -> Result<Row> {
+fn load(endpoints: &mut Endpoints, bed: &Testbed, system: System, warmup: Duration, duration: Duration) -> Result<Row> {
     let cpus = nr_cpus().map_err(|(_, e)| e)?;
     let ifindex = endpoints.cli_ifindex;
     let Endpoints { ebpf, lost_map, .. } = endpoints;
@@ -265,10 +235,7 @@ fn load(
     lost_map.set(0, lost, 0)?;
     let window_full = AtomicBool::new(false);
     let stop = AtomicBool::new(false);
-    let prog: &Xdp = ebpf
-        .program("bench_syn_gen")
-        .context("no generator")?
-        .try_into()?;
+    let prog: &Xdp = ebpf.program("bench_syn_gen").context("no generator")?.try_into()?;
     let mut row = std::thread::scope(|scope| -> Result<Row> {
         let mut threads = Vec::new();
         for cpu in 0..cpus {
@@ -277,8 +244,7 @@ fn load(
         }
         let start = Instant::now();
         // (time, connections started by then), to find those older than GIVE_UP_AFTER.
-        let mut history: std::collections::VecDeque<(Instant, u64)> =
-            std::collections::VecDeque::new();
+        let mut history: std::collections::VecDeque<(Instant, u64)> = std::collections::VecDeque::new();
         let mut marks: Option<(Instant, CpuSample, ConnectionCounts, u64)> = None;
         let result = (|| -> Result<Row> {
             loop {
@@ -288,10 +254,7 @@ fn load(
                 // Connections end about in the order they started: those started before
                 // the cut-off and still not ended are lost.
                 let mut started_before = None;
-                while history
-                    .front()
-                    .is_some_and(|(at, _)| at.elapsed() > GIVE_UP_AFTER)
-                {
+                while history.front().is_some_and(|(at, _)| at.elapsed() > GIVE_UP_AFTER) {
                     started_before = history.pop_front().map(|(_, started)| started);
                 }
                 if let Some(started) = started_before {
@@ -301,10 +264,7 @@ fn load(
                         lost_map.set(0, lost, 0)?;
                     }
                 }
-                window_full.store(
-                    now.in_flight(lost) + u64::from(BATCH) >= u64::from(WINDOW),
-                    Ordering::Relaxed,
-                );
+                window_full.store(now.in_flight(lost) + u64::from(BATCH) >= u64::from(WINDOW), Ordering::Relaxed);
                 let elapsed = start.elapsed();
                 if marks.is_none() && elapsed >= warmup {
                     marks = Some((Instant::now(), CpuSample::take(), now, lost));
@@ -334,8 +294,7 @@ fn load(
         })();
         stop.store(true, Ordering::Relaxed);
         for t in threads {
-            t.join()
-                .map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
+            t.join().map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
         }
         result
     })?;
@@ -351,22 +310,17 @@ pub fn run(opts: Options) -> Result<Results> {
     let cpus = nr_cpus().map_err(|(_, e)| e)?;
     let mut bed = Testbed::with_queues(cpus)?;
     for addr in BACKENDS {
-        bed.backends
-            .ip(&["addr", "add", &format!("{addr}/24"), "dev", "bk0"])?;
+        bed.backends.ip(&["addr", "add", &format!("{addr}/24"), "dev", "bk0"])?;
     }
     for i in 1..CLIENTS {
         bed.add_client_addr(&format!("10.10.1.{}", 2 + i))?;
     }
-    bed.splitter
-        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    bed.splitter.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
     bed.detach_peer_programs();
     // Resolve the clients' and backends' addresses now (the endpoints pass ICMP and ARP
     // to their kernels), so no run starts by losing SYNs to neighbour resolution.
     for i in 0..CLIENTS {
-        bed.splitter.run(
-            "ping",
-            &["-c", "1", "-W", "1", &format!("10.10.1.{}", 2 + i)],
-        )?;
+        bed.splitter.run("ping", &["-c", "1", "-W", "1", &format!("10.10.1.{}", 2 + i)])?;
     }
     for addr in BACKENDS {
         bed.splitter.run("ping", &["-c", "1", "-W", "1", addr])?;
@@ -375,14 +329,9 @@ pub fn run(opts: Options) -> Result<Results> {
     let mut rows = Vec::new();
     for system in System::ALL {
         say(format!("connect-xdp: {}", system.short()));
-        let target = if system == System::Direct {
-            (BACKENDS[0].parse()?, BACKEND_PORT)
-        } else {
-            (VIP.parse()?, VIP_PORT)
-        };
+        let target = if system == System::Direct { (BACKENDS[0].parse()?, BACKEND_PORT) } else { (VIP.parse()?, VIP_PORT) };
         endpoints.aim(target)?;
-        let setup =
-            set_up(&mut bed, system).with_context(|| format!("setting up {}", system.short()))?;
+        let setup = set_up(&mut bed, system).with_context(|| format!("setting up {}", system.short()))?;
         if system == System::Nftables {
             // A reset connection stays in the kernel's conntrack for 10 s by default: at
             // these rates that fills its table (262 144 entries, not settable from a
@@ -395,20 +344,11 @@ pub fn run(opts: Options) -> Result<Results> {
         let passes = if matches!(system, System::SplitterFullNat | System::SplitterDnat) {
             Vec::new()
         } else {
-            vec![
-                XdpAttachment::attach(&bed.splitter, "spl-c", "xdp_pass")?,
-                XdpAttachment::attach(&bed.splitter, "spl-b", "xdp_pass")?,
-            ]
+            vec![XdpAttachment::attach(&bed.splitter, "spl-c", "xdp_pass")?, XdpAttachment::attach(&bed.splitter, "spl-b", "xdp_pass")?]
         };
         let middle = setup.pid(&bed, system);
         let middle_before = middle.map(super::process_time);
-        let mut result = load(
-            &mut endpoints,
-            &bed,
-            system,
-            Duration::from_millis(500),
-            Duration::from_secs_f64(seconds),
-        );
+        let mut result = load(&mut endpoints, &bed, system, Duration::from_millis(500), Duration::from_secs_f64(seconds));
         if let Ok(row) = &mut result {
             if let (Some(pid), Some(t0)) = (middle, middle_before) {
                 // Over warm-up and run alike: per connection started in both.
@@ -458,11 +398,7 @@ pub fn section(r: &Results) -> String {
     let direct = r.row(System::Direct).map_or(f64::NAN, |d| d.cpu_us);
     let mut rows = String::new();
     for row in &r.rows {
-        let above = if row.system == System::Direct {
-            "—".to_string()
-        } else {
-            format!("{:+.1}", row.cpu_us - direct)
-        };
+        let above = if row.system == System::Direct { "—".to_string() } else { format!("{:+.1}", row.cpu_us - direct) };
         rows.push_str(&format!(
             "| {} | {} | {:.2}x | {:.2}x | {:.1} | {} | {} | {} | {} |\n",
             row.system.label(),
@@ -471,8 +407,7 @@ pub fn section(r: &Results) -> String {
             row.rate() / nft,
             row.cpu_us,
             above,
-            row.process_us
-                .map_or("—".to_string(), |p| format!("{p:.1}")),
+            row.process_us.map_or("—".to_string(), |p| format!("{p:.1}")),
             row.reset,
             row.lost,
         ));

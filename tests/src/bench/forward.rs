@@ -62,7 +62,7 @@ impl System {
 /// What a system leaves set up while it is measured.
 enum Setup {
     Nothing,
-    Xdp(#[allow(dead_code)] XdpAttachment),
+    Xdp(#[expect(dead_code, reason = "held so the program stays attached until the setup is dropped")] XdpAttachment),
     Agent(Process),
     Nft,
 }

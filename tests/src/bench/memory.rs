@@ -34,10 +34,7 @@ fn map_memory(pid: u32) -> Result<BTreeMap<String, (u64, u64)>> {
     let mut out = BTreeMap::new();
     for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
         let Ok(text) = fs::read_to_string(entry.path()) else { continue };
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse::<u64>().unwrap_or(0)))
-        };
+        let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse::<u64>().unwrap_or(0)));
         let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) else { continue };
         let max_entries = field("max_entries:").unwrap_or(0);
         let name = aya::maps::MapInfo::from_id(id as u32)
@@ -70,8 +67,23 @@ pub fn run(opts: Options) -> Result<MemoryResults> {
         let agent = bed.mid.spawn(
             "taskset",
             &[
-                "-c", "1", &bin, "agent", "--iface", "spl-c", "--iface", "spl-b", "--config", &config_arg, "--socket", &socket,
-                "--state-dir", &state, "--ephemeral", "--max-gateways", &max,
+                "-c",
+                "1",
+                &bin,
+                "agent",
+                "--iface",
+                "spl-c",
+                "--iface",
+                "spl-b",
+                "--config",
+                &config_arg,
+                "--socket",
+                &socket,
+                "--state-dir",
+                &state,
+                "--ephemeral",
+                "--max-gateways",
+                &max,
             ],
         )?;
         agent.wait_for_line("ready", Duration::from_secs(60))?;

@@ -80,9 +80,7 @@ pub fn which(tool: &str) -> Option<std::path::PathBuf> {
 
 /// `/proc/loadavg`'s first three fields.
 pub fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
+    fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_else(|_| "?".into())
 }
 
 /// CPU time accounting: per-CPU busy time from /proc/stat, the time of reaped children

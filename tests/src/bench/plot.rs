@@ -22,11 +22,7 @@ fn escape(s: &str) -> String {
 fn panel(out: &mut String, y0: f64, title: &str, bars: &[Bar]) -> f64 {
     let max = bars.iter().map(|b| b.value).fold(0.0f64, f64::max).max(1e-9);
     let plot_w = WIDTH - LABEL_W - 130.0;
-    out.push_str(&format!(
-        "<text x=\"10\" y=\"{:.1}\" font-size=\"15\" font-weight=\"bold\">{}</text>\n",
-        y0 + 18.0,
-        escape(title)
-    ));
+    out.push_str(&format!("<text x=\"10\" y=\"{:.1}\" font-size=\"15\" font-weight=\"bold\">{}</text>\n", y0 + 18.0, escape(title)));
     let mut y = y0 + 30.0;
     for b in bars {
         let w = (b.value / max * plot_w).max(1.0);

@@ -20,8 +20,8 @@ use aya::{
 };
 use splitter_common::{
     maps::{
-        BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, FLOW_ESTABLISHED, FLOW_FROM_TARGET,
-        FLOW_TO_TARGET, GATEWAY_DNAT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
+        BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_TO_TARGET,
+        GATEWAY_DNAT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
     },
     table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE},
     PROGRAM_NAME,
@@ -333,14 +333,7 @@ pub fn section(r: &TestRunResults) -> String {
     let mut rows = String::new();
     for c in &r.cases {
         let base = if c.method == "repeat" { pass } else { pass_one };
-        rows.push_str(&format!(
-            "| {} | `{}` | {} | {:.0} | {:.1}x |\n",
-            c.name,
-            c.program,
-            action_name(c.action),
-            c.ns,
-            c.ns / base
-        ));
+        rows.push_str(&format!("| {} | `{}` | {} | {:.0} | {:.1}x |\n", c.name, c.program, action_name(c.action), c.ns, c.ns / base));
     }
     format!(
         "`BPF_PROG_TEST_RUN` on 60-byte frames (the kernel's own timing, mean ns per run). Repeated cases: \

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::{say, CpuDelta, CpuSample};
+use super::{CpuDelta, CpuSample};
 use splitter_tests::{
     process::Process,
     splitter_bin,
@@ -71,15 +71,7 @@ impl ForwardBed {
         let gen_mac = mac_of(&gen, "cli0")?;
         mid.ip(&["neigh", "replace", GEN_ADDR, "lladdr", &gen_mac, "dev", "spl-c", "nud", "permanent"])?;
         let sink_drop = XdpAttachment::attach(&sink, "bk0", "xdp_drop")?;
-        Ok(Self {
-            mid_in_mac: mac_of(&mid, "spl-c")?,
-            gen,
-            mid,
-            sink,
-            gen_mac,
-            run: TempDir::new("bench")?,
-            _sink_drop: sink_drop,
-        })
+        Ok(Self { mid_in_mac: mac_of(&mid, "spl-c")?, gen, mid, sink, gen_mac, run: TempDir::new("bench")?, _sink_drop: sink_drop })
     }
 
     /// Frames the sink has dropped in XDP so far (every frame that made it through).
@@ -118,7 +110,8 @@ impl ForwardBed {
     /// Starts trafgen pinned to CPU 0 (one worker), optionally at `rate` packets/s.
     pub fn spawn_trafgen(&self, config: &std::path::Path, rate: Option<u64>, count: Option<u64>) -> Result<Process> {
         let config = config.display().to_string();
-        let mut args = vec!["-c".to_string(), "0".into(), "trafgen".into(), "-o".into(), "cli0".into(), "-i".into(), config, "-P".into(), "1".into()];
+        let mut args =
+            vec!["-c".to_string(), "0".into(), "trafgen".into(), "-o".into(), "cli0".into(), "-i".into(), config, "-P".into(), "1".into()];
         if let Some(rate) = rate {
             args.extend(["-b".into(), format!("{rate}pps")]);
         }
@@ -175,8 +168,20 @@ impl ForwardBed {
         let config = config.display().to_string();
         let bin = splitter_bin().display().to_string();
         let mut args = vec![
-            "-c", cpus, &bin, "agent", "--iface", "spl-c", "--iface", "spl-b", "--config", &config, "--socket", &socket,
-            "--state-dir", &state,
+            "-c",
+            cpus,
+            &bin,
+            "agent",
+            "--iface",
+            "spl-c",
+            "--iface",
+            "spl-b",
+            "--config",
+            &config,
+            "--socket",
+            &socket,
+            "--state-dir",
+            &state,
         ];
         args.extend_from_slice(extra);
         let agent = self.mid.spawn("taskset", &args)?;
@@ -354,11 +359,4 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) ->
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
-}
-
-#[allow(dead_code)]
-fn log_lines(p: &Process) {
-    for line in p.lines() {
-        say(line);
-    }
 }

@@ -16,7 +16,7 @@
 
 use std::{
     net::Ipv4Addr,
-    os::fd::{FromRawFd, OwnedFd, RawFd, AsRawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     time::{Duration, Instant},
 };
 
@@ -130,7 +130,8 @@ fn probe_key(sport: u16) -> FlowKey {
         src_port: sport.to_be(),
         dst_port: UDP_PORT.to_be(),
         proto: PROTO_UDP,
-        _pad: 0, _pad_word: 0,
+        _pad: 0,
+        _pad_word: 0,
     }
 }
 
@@ -208,17 +209,16 @@ pub fn run(opts: Options) -> Result<WeightResults> {
     let min_spacing = Duration::from_millis(11);
     let bed = ForwardBed::new()?;
     let mut variants = Vec::new();
-    for (name, extra) in [
-        ("`--ephemeral`: nothing saved", &["--ephemeral"][..]),
-        ("default: state saved (fsync) after each change", &[][..]),
-    ] {
+    for (name, extra) in
+        [("`--ephemeral`: nothing saved", &["--ephemeral"][..]), ("default: state saved (fsync) after each change", &[][..])]
+    {
         say(format!("weights: {name}"));
         variants.push(run_variant(&bed, opts, name, extra, changes, rate, new_flow_rate, min_spacing)?);
     }
     Ok(WeightResults { variants, rate, new_flow_rate, min_spacing })
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "one benchmark variant is described by all of these")]
 fn run_variant(
     bed: &ForwardBed,
     opts: Options,
@@ -233,12 +233,7 @@ fn run_variant(
     let agent = bed.start_agent_on("0,1", &gateway_yaml("fullnat"), extra)?;
     let result = (|| -> Result<Variant> {
         let (program, gateways) = agent_objects(agent.pid())?;
-        let gateway_key = GatewayKey {
-            vip: ne(VIP.parse()?),
-            port: UDP_PORT.to_be(),
-            proto: PROTO_UDP,
-            _pad: 0,
-        };
+        let gateway_key = GatewayKey { vip: ne(VIP.parse()?), port: UDP_PORT.to_be(), proto: PROTO_UDP, _pad: 0 };
         let mut generation = live_generation(&gateways, &gateway_key).context("no live gateway")?;
         let mut control = Control::connect(&bed.socket())?;
         let established = bed.trafgen_config(VIP, 1000)?;
@@ -256,9 +251,7 @@ fn run_variant(
         };
         // The sink also counts the datagrams the agent sends to prime neighbour entries (one
         // per target per change): the middle namespace's own UDP output, subtracted.
-        let counters = || -> Result<(u64, u64)> {
-            Ok((bed.gen_sent()?, bed.sink_count()? - bed.mid.snmp("Udp", "OutDatagrams")?))
-        };
+        let counters = || -> Result<(u64, u64)> { Ok((bed.gen_sent()?, bed.sink_count()? - bed.mid.snmp("Udp", "OutDatagrams")?)) };
 
         // Control window: the same load, no changes.
         let (s0, r0) = counters()?;

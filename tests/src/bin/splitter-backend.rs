@@ -19,11 +19,7 @@ use std::{
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .unwrap_or_else(|| usage(&format!("missing {flag}")))
+        args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| usage(&format!("missing {flag}")))
     };
     let listen: SocketAddr = value("--listen").parse().unwrap_or_else(|e| usage(&format!("--listen: {e}")));
     let version = value("--version");

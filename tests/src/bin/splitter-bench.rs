@@ -223,7 +223,11 @@ fn summary(figures: &Figures, checks: &[bench::TargetCheck], load_before: &str, 
                 format!("context: {}", c.note)
             } else if c.met {
                 "met".to_string()
-            } else if c.note.is_empty() { "**missed**".to_string() } else { format!("**missed** ({})", c.note) }
+            } else if c.note.is_empty() {
+                "**missed**".to_string()
+            } else {
+                format!("**missed** ({})", c.note)
+            }
         ));
     }
     let plot = if figures.forward.is_some() || figures.connect.is_some() || figures.connect_xdp.is_some() {
@@ -287,8 +291,7 @@ fn table_build() -> Section {
         }
         let mut times = Vec::new();
         let start = Instant::now();
-        while times.len() < MIN_RUNS || (times.len() < MAX_RUNS && start.elapsed() < TIME_PER_SIZE)
-        {
+        while times.len() < MIN_RUNS || (times.len() < MAX_RUNS && start.elapsed() < TIME_PER_SIZE) {
             let run = Instant::now();
             black_box(build_bucket_table(black_box(&targets)));
             times.push(run.elapsed());
@@ -331,34 +334,23 @@ fn table_build() -> Section {
         TIME_PER_SIZE.as_millis(),
         provenance("table"),
     );
-    Section {
-        title: "Bucket table build",
-        body,
-    }
+    Section { title: "Bucket table build", body }
 }
 
 /// `count` targets at neighbouring addresses with weights that differ (parts per million of
 /// the gateway, as the agent passes them), from a fixed sequence so that runs compare.
 fn varied_targets(count: usize) -> Vec<TableTarget> {
-    let raw: Vec<u64> = (0..count as u64)
-        .map(|n| 1 + (n * 7919 + 13) % 97)
-        .collect();
+    let raw: Vec<u64> = (0..count as u64).map(|n| 1 + (n * 7919 + 13) % 97).collect();
     let total: u64 = raw.iter().sum();
     raw.iter()
         .zip(0u64..)
-        .map(|(&weight, n)| TableTarget {
-            key: (0x0a01_0000 + n) << 16 | 8080,
-            weight: (weight * 1_000_000 / total) as u32,
-        })
+        .map(|(&weight, n)| TableTarget { key: (0x0a01_0000 + n) << 16 | 8080, weight: (weight * 1_000_000 / total) as u32 })
         .collect()
 }
 
 /// The table with each slot's target key (comparable across target lists).
 fn keyed_table(targets: &[TableTarget]) -> Vec<u64> {
-    build_bucket_table(targets)
-        .iter()
-        .map(|&index| targets[usize::from(index)].key)
-        .collect()
+    build_bucket_table(targets).iter().map(|&index| targets[usize::from(index)].key).collect()
 }
 
 fn slots_moved(before: &[u64], after: &[u64]) -> usize {
@@ -406,23 +398,16 @@ fn cpu_model() -> String {
 
 /// Today's date (UTC) as YYYY-MM-DD.
 fn today() -> String {
-    let days = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs() / 86_400) as i64;
+    let days = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs() / 86_400) as i64;
     // Civil date from days since 1970-01-01, counting in 400-year eras from 0000-03-01.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}")
 }
@@ -449,12 +434,8 @@ fn write_section(section: &Section) -> std::io::Result<()> {
     let lines: Vec<&str> = current.lines().collect();
     let updated = match lines.iter().position(|line| line.trim_end() == heading) {
         Some(start) => {
-            let end = lines[start + 1..]
-                .iter()
-                .position(|line| line.starts_with("## "))
-                .map_or(lines.len(), |offset| start + 1 + offset);
-            let mut parts: Vec<String> =
-                lines[..start].iter().map(|line| line.to_string()).collect();
+            let end = lines[start + 1..].iter().position(|line| line.starts_with("## ")).map_or(lines.len(), |offset| start + 1 + offset);
+            let mut parts: Vec<String> = lines[..start].iter().map(|line| line.to_string()).collect();
             parts.push(block);
             if end < lines.len() {
                 parts.push(String::new());

@@ -260,8 +260,7 @@ impl Clock {
 // Gateway documents
 
 fn targets(addrs: &[&str], without: Option<&str>) -> String {
-    let list: Vec<String> =
-        addrs.iter().filter(|a| Some(**a) != without).map(|a| format!("{a}:{BACKEND_PORT}")).collect();
+    let list: Vec<String> = addrs.iter().filter(|a| Some(**a) != without).map(|a| format!("{a}:{BACKEND_PORT}")).collect();
     format!("[{}]", list.join(", "))
 }
 
@@ -295,10 +294,7 @@ health_check:
 
 /// A weights-only update (the Vamp tutorial's form).
 fn weights_yaml(weights: (&str, &str)) -> String {
-    format!(
-        "name: {GATEWAY}\nport: {PORT}/http\nroutes:\n  {STABLE}:\n    weight: {}\n  {CANARY}:\n    weight: {}\n",
-        weights.0, weights.1
-    )
+    format!("name: {GATEWAY}\nport: {PORT}/http\nroutes:\n  {STABLE}:\n    weight: {}\n  {CANARY}:\n    weight: {}\n", weights.0, weights.1)
 }
 
 /// The answer a backend at `addr` gives (`VERSION ADDR:PORT`), for every backend.
@@ -322,10 +318,7 @@ fn enter_netns(ns: &str) -> Result<()> {
 }
 
 fn is_reset(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
-    )
+    matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted)
 }
 
 /// One short HTTP/1.0 connection to the VIP, classified.
@@ -499,11 +492,7 @@ fn control_request(socket: &Path, method: &str, path: &str, body: &str) -> Resul
     let mut response = Vec::new();
     s.read_to_end(&mut response)?;
     let text = String::from_utf8_lossy(&response).into_owned();
-    let status: u16 = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no HTTP status in {text:?}"))?;
+    let status: u16 = text.split(' ').nth(1).and_then(|c| c.parse().ok()).with_context(|| format!("no HTTP status in {text:?}"))?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     // Chunked bodies keep their chunk sizes: fine for the one-line errors and metrics
     // parsing (sizes are hex lines that name no metric).
@@ -620,11 +609,9 @@ fn conntrack(pin: &Path) -> Result<Conntrack> {
     let data = MapData::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
     let map: BpfHashMap<MapData, FlowKey, FlowEntry> = BpfHashMap::try_from(Map::LruHashMap(data))?;
     let mut all: StdHashMap<FlowKey, FlowEntry> = StdHashMap::new();
-    for item in map.iter() {
-        // Entries removed between listing and lookup are skipped.
-        if let Ok((k, v)) = item {
-            all.insert(k, v);
-        }
+    // Entries removed between listing and lookup are skipped.
+    for (k, v) in map.iter().flatten() {
+        all.insert(k, v);
     }
     let mut c = Conntrack { entries: all.len(), ..Default::default() };
     for entry in all.values().filter(|e| e.flags & FLOW_TO_TARGET != 0) {
@@ -647,11 +634,8 @@ struct AgentProc {
 
 fn agent_proc(pid: u32) -> Option<AgentProc> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())?;
+    let rss_kib =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok())?;
     let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces, in parentheses).
@@ -773,13 +757,7 @@ struct Incarnation {
     program_id: Option<u64>,
 }
 
-fn take_sample(
-    clock: &Clock,
-    counters: &Counters,
-    bed: &Testbed,
-    incarnation: Option<&Incarnation>,
-    conntrack_pin: &Path,
-) -> Sample {
+fn take_sample(clock: &Clock, counters: &Counters, bed: &Testbed, incarnation: Option<&Incarnation>, conntrack_pin: &Path) -> Sample {
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let t = clock.secs();
     let agent_up = clock.agent_up.load(Ordering::SeqCst);
@@ -973,11 +951,7 @@ fn soak(opts: &Options) -> Result<Run> {
         handles.push(("load", thread::spawn(move || load_thread(ns, per, deadline, c, k))));
     }
     {
-        let setup = ControlSetup {
-            socket: bed.socket(),
-            config_file: config_file.clone(),
-            scratch: bed.run_dir.path().join("flap.yaml"),
-        };
+        let setup = ControlSetup { socket: bed.socket(), config_file: config_file.clone(), scratch: bed.run_dir.path().join("flap.yaml") };
         let (c, k, o) = (counters.clone(), clock.clone(), opts.clone());
         handles.push(("control", thread::spawn(move || control_thread(setup, o, deadline, c, k))));
     }
@@ -1243,12 +1217,7 @@ fn report(run: &Run) -> (String, bool) {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let _ = writeln!(r, "# Soak report\n");
-    let _ = writeln!(
-        r,
-        "`splitter-soak {}` (ended at unix time {unix}); kernel {}, {cpus} CPUs.\n",
-        run.command,
-        kernel.trim()
-    );
+    let _ = writeln!(r, "`splitter-soak {}` (ended at unix time {unix}); kernel {}, {cpus} CPUs.\n", run.command, kernel.trim());
     let _ = writeln!(
         r,
         "{:.0} s of load: {} connections/s target from {} client threads, {} long-lived connections \
@@ -1325,7 +1294,12 @@ fn report(run: &Run) -> (String, bool) {
     let _ = writeln!(r, "| control requests accepted | {} |", load(&c.ctl_ok));
     let _ = writeln!(r, "| control requests refused while the agent was down (expected) | {} |", load(&c.ctl_refused_down));
     let _ = writeln!(r, "| control requests failed while the agent was up | {} |", load(&c.ctl_errors));
-    let _ = writeln!(r, "| agent incarnations (kill -9 + restart) | {} ({}) |", run.incarnations.len(), run.incarnations.len().saturating_sub(1));
+    let _ = writeln!(
+        r,
+        "| agent incarnations (kill -9 + restart) | {} ({}) |",
+        run.incarnations.len(),
+        run.incarnations.len().saturating_sub(1)
+    );
     let last_dp = run.samples.iter().rev().find_map(|s| s.datapath);
     if let Some(d) = last_dp {
         let _ = writeln!(
@@ -1418,12 +1392,7 @@ fn report(run: &Run) -> (String, bool) {
         mark(memory_ok),
         if notes.is_empty() { String::new() } else { format!(": {}", notes.join("; ")) }
     );
-    let _ = writeln!(
-        r,
-        "- {}: every agent ran the same XDP program (ids {:?}: adopted, never reloaded)",
-        mark(program_ok),
-        ids
-    );
+    let _ = writeln!(r, "- {}: every agent ran the same XDP program (ids {:?}: adopted, never reloaded)", mark(program_ok), ids);
     match &run.stop_problem {
         None => {
             let _ = writeln!(r, "- PASS: the last agent stopped cleanly on SIGTERM");

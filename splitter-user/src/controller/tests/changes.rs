@@ -199,7 +199,9 @@ fn delete_forgets_the_gateway_its_history_and_rollout() {
 #[test]
 fn an_unhealthy_target_leaves_the_table_and_comes_back() {
     let mut c = controller();
-    let checked = format!("{SAVA}health_check:\n  protocol: tcp\n  interval: 1s\n  timeout: 500ms\n  unhealthy_threshold: 2\n  healthy_threshold: 1\n");
+    let checked = format!(
+        "{SAVA}health_check:\n  protocol: tcp\n  interval: 1s\n  timeout: 500ms\n  unhealthy_threshold: 2\n  healthy_threshold: 1\n"
+    );
     apply(&mut c, &checked).unwrap();
     let canary = target("10.1.0.21:8080");
     let report = |result: Result<(), String>| HealthReport { gateway: "sava".into(), target: canary, result };
@@ -217,7 +219,8 @@ fn an_unhealthy_target_leaves_the_table_and_comes_back() {
 #[test]
 fn gateways_beyond_the_limit_are_refused_whole() {
     let mut c = controller();
-    let docs: Vec<String> = (0..5).map(|i| OTHER.replace("name: other", &format!("name: g{i}")).replace("10.0.0.20", &format!("10.0.0.{}", 30 + i))).collect();
+    let docs: Vec<String> =
+        (0..5).map(|i| OTHER.replace("name: other", &format!("name: g{i}")).replace("10.0.0.20", &format!("10.0.0.{}", 30 + i))).collect();
     let err = apply(&mut c, &docs.join("---\n")).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Conflict);
     assert!(err.message.contains("--max-gateways 4"), "{}", err.message);

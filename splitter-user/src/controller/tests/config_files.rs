@@ -27,7 +27,12 @@ fn an_edited_file_is_applied_again_and_an_unedited_one_left_alone() {
     let mut c = synced(&dir);
     // A change made by hand to a file's gateway survives an edit of another file.
     apply(&mut c, &weight_doc("sava", &[("sava:1.1.0", "40%")])).unwrap();
-    dir.write("other.yaml", &OTHER.replace("weight: 50%\n    targets: [10.1.1.1:80]", "weight: 70%\n    targets: [10.1.1.1:80]").replace("weight: 50%", "weight: 30%"));
+    dir.write(
+        "other.yaml",
+        &OTHER
+            .replace("weight: 50%\n    targets: [10.1.1.1:80]", "weight: 70%\n    targets: [10.1.1.1:80]")
+            .replace("weight: 50%", "weight: 30%"),
+    );
     c.sync_config();
     assert_eq!(live_weights(&c, "other"), w(&[("a", 7000), ("b", 3000)]));
     assert_eq!(live_weights(&c, "sava")["sava:1.1.0"], 4000);

@@ -78,7 +78,9 @@ fn no_traffic_never_advances_a_step() {
         c.tick(after_an_interval());
     }
     assert_eq!((canary_weight(&c), state(&mut c)), (2000, RolloutState::Progressing));
-    assert!(event_messages(&c).iter().any(|e| e == "rollout: waiting at step 1: only 0 new canary flows in the window, 10 needed to judge"));
+    assert!(event_messages(&c)
+        .iter()
+        .any(|e| e == "rollout: waiting at step 1: only 0 new canary flows in the window, 10 needed to judge"));
 }
 
 #[test]
@@ -89,7 +91,12 @@ fn resets_above_the_error_rate_roll_back_within_the_window() {
     assert_eq!(state(&mut c), RolloutState::RolledBack);
     assert_eq!(live_weights(&c, "sava"), w(&[("sava:1.0.0", 10_000), (CANARY, 0)]));
     let events = event_messages(&c);
-    assert!(events.iter().any(|e| e.starts_with("rollout: rolled back: error rate 25% (5 resets from canary targets for 20 new flows) above 5%")), "{events:#?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("rollout: rolled back: error rate 25% (5 resets from canary targets for 20 new flows) above 5%")),
+        "{events:#?}"
+    );
 }
 
 #[test]
@@ -146,7 +153,9 @@ fn a_second_rollout_of_the_same_gateway_is_a_conflict() {
 fn a_start_with_bad_steps_is_refused_and_changes_nothing() {
     let mut c = controller();
     apply(&mut c, SAVA).unwrap();
-    for (steps, why) in [(vec![20, 10, 100], "canary.steps[1]: steps must increase"), (vec![20, 50], "canary.steps: the last step must be 100%")] {
+    for (steps, why) in
+        [(vec![20, 10, 100], "canary.steps[1]: steps must increase"), (vec![20, 50], "canary.steps: the last step must be 100%")]
+    {
         let err = c.handle(Op::Canary(CanaryOp::Start { gateway: "sava".into(), spec: spec(&steps) })).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Invalid);
         assert!(err.message.starts_with(why), "{}", err.message);

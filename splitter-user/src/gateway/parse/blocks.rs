@@ -1,0 +1,123 @@
+//! The `health_check:` and `canary:` blocks of a gateway document.
+
+use super::{
+    scalars::{parse_port_number, parse_weight},
+    Reader, CANARY_FIELDS, HEALTH_CHECK_FIELDS,
+};
+use crate::gateway::{
+    policy::{self, CanarySpec, CheckProtocol, HealthCheck, Thresholds},
+    yaml::{Node, NodeValue, Position},
+    ConfigError,
+};
+
+impl Reader<'_> {
+    pub(super) fn health_check(&self, node: &Node) -> Result<HealthCheck, ConfigError> {
+        let fields = self.fields(node, "health_check", HEALTH_CHECK_FIELDS, &[])?;
+        let mut check = HealthCheck::default();
+        if let Some(n) = fields.value("protocol") {
+            check.protocol = self.choice(n, "health_check.protocol", &[("tcp", CheckProtocol::Tcp), ("http", CheckProtocol::Http)])?;
+        }
+        if let Some(n) = fields.value("path") {
+            let path = self.scalar(n, "health_check.path", "an HTTP path like /health")?;
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(self.error(Some(n.position), "health_check.path", format!("`{path}` is not an HTTP path like /health")));
+            }
+            check.path = path.to_owned();
+        }
+        if let Some(n) = fields.value("expected_status") {
+            check.expected_status = self.number(n, "health_check.expected_status", 100, 599)? as u16;
+        }
+        if let Some(n) = fields.value("port") {
+            let text = self.scalar(n, "health_check.port", "a port number")?;
+            check.port = Some(parse_port_number(text.trim()).map_err(|why| self.error(Some(n.position), "health_check.port", why))?);
+        }
+        if let Some(n) = fields.value("interval") {
+            check.interval_ms = self.duration_us(n, "health_check.interval")?.div_ceil(1000);
+        }
+        if let Some(n) = fields.value("timeout") {
+            check.timeout_ms = self.duration_us(n, "health_check.timeout")?.div_ceil(1000);
+        }
+        if let Some(n) = fields.value("unhealthy_threshold") {
+            check.unhealthy_threshold = self.number(n, "health_check.unhealthy_threshold", 1, 100)? as u32;
+        }
+        if let Some(n) = fields.value("healthy_threshold") {
+            check.healthy_threshold = self.number(n, "health_check.healthy_threshold", 1, 100)? as u32;
+        }
+        if check.timeout_ms > check.interval_ms {
+            let position = fields.key_position("timeout").unwrap_or(node.position);
+            return Err(self.error(Some(position), "health_check.timeout", "the timeout is longer than the interval"));
+        }
+        Ok(check)
+    }
+
+    pub(super) fn canary(&self, node: &Node) -> Result<(CanarySpec, Position), ConfigError> {
+        let fields = self.fields(node, "canary", CANARY_FIELDS, &[])?;
+        let route_node =
+            fields.value("route").ok_or_else(|| self.error(Some(node.position), "canary.route", "missing: the route to roll out"))?;
+        let route = self.name(route_node, "canary.route")?;
+        let steps_node = fields
+            .value("steps")
+            .ok_or_else(|| self.error(Some(node.position), "canary.steps", "missing: the canary weights, like [5, 10, 25, 50, 100]"))?;
+        let NodeValue::Sequence(items) = &steps_node.value else {
+            return Err(self.error(
+                Some(steps_node.position),
+                "canary.steps",
+                format!("expected a list of weights like [5, 10, 25, 50, 100], found {}", steps_node.describe()),
+            ));
+        };
+        let mut steps = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let field = format!("canary.steps[{i}]");
+            let text = self.scalar(item, &field, "a weight like 10%")?;
+            steps.push(parse_weight(text).map_err(|why| self.error(Some(item.position), &field, why))?);
+        }
+        let interval_ms = match fields.value("interval") {
+            Some(n) => self.duration_us(n, "canary.interval")?.div_ceil(1000),
+            None => 30_000,
+        };
+        let mut thresholds = Thresholds::default();
+        if let Some(n) = fields.value("max_error_rate") {
+            let text = self.scalar(n, "canary.max_error_rate", "a percentage like 5%")?;
+            thresholds.max_error_rate = parse_weight(text).map_err(|why| self.error(Some(n.position), "canary.max_error_rate", why))?;
+        }
+        if let Some(n) = fields.value("max_failed_checks") {
+            thresholds.max_failed_checks = self.number(n, "canary.max_failed_checks", 0, 1000)? as u32;
+        }
+        if let Some(n) = fields.value("max_connect_latency") {
+            let text = self.scalar(n, "canary.max_connect_latency", "a duration like 50ms or a factor like 2x")?;
+            thresholds.max_connect_latency =
+                Some(policy::parse_latency_limit(text).map_err(|why| self.error(Some(n.position), "canary.max_connect_latency", why))?);
+        }
+        if let Some(n) = fields.value("min_flows") {
+            thresholds.min_flows = self.number(n, "canary.min_flows", 0, 1_000_000)? as u32;
+        }
+        if let Some(n) = fields.value("flush_on_rollback") {
+            thresholds.flush_on_rollback = self.choice(n, "canary.flush_on_rollback", &[("true", true), ("false", false)])?;
+        }
+        let spec = CanarySpec { route, steps, interval_ms, thresholds };
+        if let Err(problem) = spec.check() {
+            let position = match problem.field.strip_prefix("steps[").and_then(|i| i.trim_end_matches(']').parse::<usize>().ok()) {
+                Some(i) => items.get(i).map(|item| item.position),
+                None if problem.field == "steps" => Some(steps_node.position),
+                None => fields.key_position(&problem.field).or(Some(node.position)),
+            };
+            return Err(self.error(position, &format!("canary.{}", problem.field), problem.message));
+        }
+        Ok((spec, route_node.position))
+    }
+
+    /// An integer in `min..=max`.
+    fn number(&self, node: &Node, field: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+        let text = self.scalar(node, field, "a number")?;
+        text.trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| self.error(Some(node.position), field, format!("`{text}` is not a whole number from {min} to {max}")))
+    }
+
+    fn duration_us(&self, node: &Node, field: &str) -> Result<u64, ConfigError> {
+        let text = self.scalar(node, field, "a duration like 500ms or 30s")?;
+        policy::parse_duration_us(text).map_err(|why| self.error(Some(node.position), field, why))
+    }
+}
