@@ -138,10 +138,7 @@ fn fuzzer() -> &'static Fuzzer {
         for document in parse_documents("fuzz gateways", GATEWAYS).expect("the fuzz gateways parse") {
             let Document::Gateway(gateway) = document else { continue };
             datapath.apply(&gateway, &gateway.weighted_targets()).expect("the fuzz gateways apply");
-            let proto = match gateway.protocol {
-                splitter_user::gateway::Protocol::Tcp => TCP,
-                splitter_user::gateway::Protocol::Udp => UDP,
-            };
+            let proto = if gateway.protocol.is_udp() { UDP } else { TCP };
             vips.push((gateway.virtual_address, gateway.port, proto));
             for route in &gateway.routes {
                 targets.extend(route.targets.iter().map(|t| (t.addr, t.port)));

@@ -298,7 +298,7 @@ async fn ask(commands: &mpsc::Sender<Inbox>, op: Op) -> Option<Answer> {
 
 async fn print_stats(commands: &mpsc::Sender<Inbox>) {
     if let Some(answer) = ask(commands, Op::Stats(None)).await {
-        println!("splitter stats {}", answer.render(true).1);
+        println!("splitter stats {}", answer.render(crate::api::Format::Json).1);
         let _ = std::io::stdout().flush();
     }
 }

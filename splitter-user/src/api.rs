@@ -6,7 +6,18 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{gateway::Gateway, rollout::Rollout};
+use crate::{
+    gateway::{format_weight, Gateway, Sticky},
+    rollout::Rollout,
+};
+
+/// Vamp's `lookup_name`: a stable digest of a gateway's or route's name (informational; the
+/// same on every node).
+pub fn lookup_name(name: &str) -> String {
+    // FNV-1a, 64 bits, twice with different offsets for 128 bits of hex.
+    let fnv = |offset: u64| name.bytes().fold(offset, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{:016x}{:016x}", fnv(0xcbf2_9ce4_8422_2325), fnv(0x8422_2325_cbf2_9ce4))
+}
 
 /// Where the agent serves the control API unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/splitter/splitter.sock";
@@ -27,6 +38,8 @@ pub enum ErrorKind {
     Conflict,
     /// The agent could not do it (a map read or write failed).
     Failed,
+    /// Too many requests of this kind in a short time (external events); try later.
+    TooMany,
 }
 
 /// A refusal: one line saying what and where.
@@ -48,6 +61,9 @@ impl ApiError {
     }
     pub fn failed(message: impl fmt::Display) -> Self {
         Self { kind: ErrorKind::Failed, message: message.to_string() }
+    }
+    pub fn too_many(message: impl fmt::Display) -> Self {
+        Self { kind: ErrorKind::TooMany, message: message.to_string() }
     }
     pub fn no_gateway(name: &str) -> Self {
         Self::not_found(format!("no gateway {name}"))
@@ -101,17 +117,94 @@ pub struct GatewayStats {
     pub rollout: Option<String>,
 }
 
-/// One entry of the event log.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One entry of the event log, with Vamp's event fields beside the splitter's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Increasing from 1; `?since=ID` returns the events after it.
     pub id: u64,
     /// Milliseconds since the Unix epoch.
     pub time_ms: u64,
     pub gateway: String,
-    /// `weights`, `health`, `rollout`, `config`.
+    /// `weights`, `health`, `rollout`, `config`, or `external` (POSTed by a client).
     pub kind: String,
     pub message: String,
+    /// Vamp's tags: `gateways:NAME` and `splitter:KIND` for the agent's own events, as
+    /// given for external ones.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Vamp's event type (the kind, for the agent's own events).
+    #[serde(rename = "type", default)]
+    pub event_type: String,
+    /// Vamp's value (the message, for the agent's own events).
+    #[serde(default)]
+    pub value: serde_json::Value,
+    /// RFC 3339, as Vamp writes it.
+    #[serde(default)]
+    pub timestamp: String,
+    /// Who recorded it: `agent`, or the client that POSTed it.
+    #[serde(default)]
+    pub origin: String,
+}
+
+/// An event a client records with `POST /api/v1/events` (Vamp's `{tags, value, type}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalEvent {
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub value: serde_json::Value,
+    #[serde(rename = "type", default = "default_event_type")]
+    pub event_type: String,
+    /// Vamp's clients may send the time; the agent records its own.
+    #[serde(default, skip_serializing)]
+    pub timestamp: Option<serde_json::Value>,
+}
+
+fn default_event_type() -> String {
+    "event".into()
+}
+
+/// Limits of an external event: the log is the operator's, not a store for clients.
+pub const MAX_EVENT_TAGS: usize = 32;
+pub const MAX_EVENT_TAG_BYTES: usize = 256;
+pub const MAX_EVENT_TYPE_BYTES: usize = 128;
+pub const MAX_EVENT_VALUE_BYTES: usize = 8 << 10;
+
+impl ExternalEvent {
+    /// The event's fields within their limits, or what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        if self.tags.len() > MAX_EVENT_TAGS {
+            return Err(format!("tags: {} tags, at most {MAX_EVENT_TAGS}", self.tags.len()));
+        }
+        if let Some(tag) = self.tags.iter().find(|t| t.len() > MAX_EVENT_TAG_BYTES || t.chars().any(char::is_control)) {
+            return Err(format!("tags: a tag of {} bytes or with control characters (at most {MAX_EVENT_TAG_BYTES} bytes)", tag.len()));
+        }
+        if self.event_type.is_empty() || self.event_type.len() > MAX_EVENT_TYPE_BYTES || self.event_type.chars().any(char::is_control) {
+            return Err(format!("type: 1 to {MAX_EVENT_TYPE_BYTES} bytes without control characters"));
+        }
+        let value = self.value.to_string();
+        if value.len() > MAX_EVENT_VALUE_BYTES {
+            return Err(format!("value: {} bytes, at most {MAX_EVENT_VALUE_BYTES}", value.len()));
+        }
+        Ok(())
+    }
+}
+
+/// `GET /api/v1/info`: what runs, since when.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Info {
+    pub name: String,
+    pub message: String,
+    pub version: String,
+    /// RFC 3339.
+    pub started: String,
+    /// Like `1h 2m 3s`.
+    pub uptime: String,
+    pub uptime_seconds: u64,
+    pub gateways: usize,
+    /// The running XDP program's id.
+    pub program_id: u32,
 }
 
 /// What runs for a gateway besides its document.
@@ -132,8 +225,34 @@ pub struct GatewayView {
 }
 
 impl GatewayView {
-    fn to_json(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(&self.gateway).unwrap_or_default();
+    /// The gateway in Vamp's shape, as Vamp's clients read it: `port` as `9050/http`,
+    /// `routes` a map by route name, each `weight` a percent string (`"90%"`), and Vamp's
+    /// informational `lookup_name` and `deployed`. The splitter's own fields (`mode`,
+    /// `health_check`, `canary`, `status`) sit beside them, where Vamp clients ignore them;
+    /// the whole object, or it with new weights, can be PUT back as it is.
+    pub fn to_json(&self) -> serde_json::Value {
+        let g = &self.gateway;
+        // The document as written (every field as the parser reads it back), as JSON.
+        let mut value: serde_json::Value = serde_yaml::from_str(&g.to_yaml()).unwrap_or_default();
+        let mut routes = serde_json::Map::new();
+        for route in &g.routes {
+            let targets: Vec<String> = route.targets.iter().map(|t| t.to_string()).collect();
+            routes.insert(
+                route.name.clone(),
+                serde_json::json!({
+                    "lookup_name": lookup_name(&format!("{}/{}", g.name, route.name)),
+                    "weight": format_weight(route.weight),
+                    "targets": targets,
+                }),
+            );
+        }
+        value["routes"] = serde_json::Value::Object(routes);
+        value["lookup_name"] = lookup_name(&g.name).into();
+        value["deployed"] = true.into();
+        value["sticky"] = match g.sticky {
+            Sticky::Flow => serde_json::Value::Null,
+            Sticky::Client => "client".into(),
+        };
         value["status"] = serde_json::to_value(&self.status).unwrap_or_default();
         value
     }
@@ -174,13 +293,39 @@ pub enum Answer {
     Metrics(String),
     Events(Vec<Event>),
     Rollouts(Vec<Rollout>),
+    Info(Info),
+}
+
+/// How a client wants answers: JSON, YAML, or each answer's natural form (YAML documents
+/// for gateways, JSON for the rest, plain text for messages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Natural,
+    Json,
+    Yaml,
+}
+
+impl ApiError {
+    /// The refusal's body: one line of text, or Vamp's `{"message": ...}` in JSON or YAML.
+    pub fn render(&self, format: Format, status: u16) -> (&'static str, String) {
+        let value = serde_json::json!({ "message": self.message, "status": status });
+        match format {
+            Format::Natural => ("text/plain", format!("{}\n", self.message)),
+            Format::Json => ("application/json", value.to_string()),
+            Format::Yaml => ("application/yaml", serde_yaml::to_string(&value).unwrap_or_default()),
+        }
+    }
 }
 
 impl Answer {
-    /// Content type and body; `json` when the client asked for JSON.
-    pub fn render(&self, json: bool) -> (&'static str, String) {
+    /// Content type and body in the format the client asked for.
+    pub fn render(&self, format: Format) -> (&'static str, String) {
+        let structured = |json: String, yaml: String| match format {
+            Format::Yaml => ("application/yaml", yaml),
+            Format::Json | Format::Natural => ("application/json", json),
+        };
         match self {
-            Self::Gateways(g) if json => {
+            Self::Gateways(g) if format == Format::Json => {
                 let values: Vec<serde_json::Value> = g.views.iter().map(GatewayView::to_json).collect();
                 let body = match (g.single, values.first()) {
                     (true, Some(one)) => one.to_string(),
@@ -194,13 +339,24 @@ impl Answer {
                 body.extend(g.trailer.iter().map(|n| format!("# {n}\n")));
                 ("application/yaml", body)
             }
-            Self::Text(text) => ("text/plain", text.clone()),
+            Self::Text(text) => match format {
+                Format::Natural => ("text/plain", text.clone()),
+                _ => structured(
+                    serde_json::json!({ "message": text.trim_end() }).to_string(),
+                    serde_yaml::to_string(&serde_json::json!({ "message": text.trim_end() })).unwrap_or_default(),
+                ),
+            },
             Self::Metrics(text) => ("text/plain; version=0.0.4", text.clone()),
-            Self::Stats(stats) => ("application/json", json_text(stats)),
-            Self::Events(events) => ("application/json", json_text(events)),
-            Self::Rollouts(rollouts) => ("application/json", json_text(rollouts)),
+            Self::Stats(stats) => structured(json_text(stats), yaml_text(stats)),
+            Self::Events(events) => structured(json_text(events), yaml_text(events)),
+            Self::Rollouts(rollouts) => structured(json_text(rollouts), yaml_text(rollouts)),
+            Self::Info(info) => structured(json_text(info), yaml_text(info)),
         }
     }
+}
+
+fn yaml_text(value: &impl Serialize) -> String {
+    serde_yaml::to_string(value).unwrap_or_default()
 }
 
 fn json_text(value: &impl Serialize) -> String {

@@ -163,7 +163,12 @@ fn permission_denied(socket: &Path) -> String {
 /// the agent goes to stderr.
 fn success(answer: Response) -> Result<String> {
     if answer.status >= 400 {
-        bail!("{}", answer.body.trim_end());
+        // A refusal asked for as JSON (`-o json`) is Vamp's `{"message": ...}`.
+        let message = serde_json::from_str::<serde_json::Value>(&answer.body)
+            .ok()
+            .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
+            .unwrap_or_else(|| answer.body.trim_end().to_string());
+        bail!("{message}");
     }
     if let Some(warning) = &answer.warning {
         eprintln!("splitter: warning: {warning}");

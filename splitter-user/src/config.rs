@@ -84,6 +84,7 @@ pub fn fingerprint(path: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::FULL_WEIGHT;
 
     const GATEWAY: &str = "name: g\nport: 80/tcp\nvirtual_address: 10.0.0.1\nroutes:\n  r:\n    targets: [10.0.1.1:80]\n";
 
@@ -136,5 +137,58 @@ mod tests {
         fs::write(d.join("a.yaml"), format!("{GATEWAY}# edited\n")).unwrap();
         assert_ne!(before, fingerprint(&d));
         fs::remove_dir_all(d).unwrap();
+    }
+
+    fn config_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config")
+    }
+
+    /// Every document under `path`, or the first error.
+    fn load_path(path: &Path) -> Result<Vec<(PathBuf, Document)>, ConfigError> {
+        let mut out = Vec::new();
+        for file in scan(path, &mut BTreeMap::new())? {
+            for document in file.documents? {
+                out.push((file.path.clone(), document));
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn every_example_in_config_validates() {
+        let gateways = load_path(&config_dir()).unwrap_or_else(|err| panic!("{err}"));
+        let names: Vec<&str> = gateways.iter().map(|(_, document)| document.gateway_name()).collect();
+        for expected in ["sava/sava/port", "simpleservice/port", "qotm", "prod"] {
+            assert!(names.contains(&expected), "config/ has no gateway {expected}: {names:?}");
+        }
+        assert!(gateways.iter().all(|(_, document)| matches!(document, Document::Gateway(_))));
+
+        let updates = load_path(&config_dir().join("updates")).unwrap_or_else(|err| panic!("{err}"));
+        assert!(!updates.is_empty());
+        for (file, document) in updates {
+            let Document::Weights(update) = document else { panic!("{} is not a weights update", file.display()) };
+            let (_, target) = gateways
+                .iter()
+                .find(|(_, document)| document.gateway_name() == update.name)
+                .unwrap_or_else(|| panic!("{}: no gateway {} in config/", file.display(), update.name));
+            let Document::Gateway(target) = target else { unreachable!("checked above") };
+            let updated = target.apply_weights(&update, &file.display().to_string()).unwrap_or_else(|err| panic!("{err}"));
+            let total: u32 = updated.routes.iter().map(|route| route.weight).sum();
+            assert_eq!(total, FULL_WEIGHT);
+        }
+    }
+
+    #[test]
+    fn a_directory_with_a_gateway_defined_twice_is_refused() {
+        let dir = std::env::temp_dir().join(format!("splitter-config-dup-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), GATEWAY).unwrap();
+        std::fs::write(dir.join("b.yml"), GATEWAY).unwrap();
+        std::fs::write(dir.join("notes.txt"), "not a gateway").unwrap();
+        let err = load_path(&dir).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(err.line, Some(1));
+        assert!(err.origin.ends_with("b.yml"), "{err}");
+        assert!(err.message.contains("already defined in") && err.message.contains("a.yaml"), "{err}");
     }
 }

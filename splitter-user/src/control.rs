@@ -31,7 +31,7 @@ use tokio::{
 };
 
 use crate::{
-    api::{ApiError, ErrorKind, Reply, ORIGIN_HEADER, WARNING_HEADER},
+    api::{Answer, ApiError, ErrorKind, ExternalEvent, Format, Reply, ORIGIN_HEADER, WARNING_HEADER},
     controller::{CanaryOp, Inbox, Op},
 };
 
@@ -44,18 +44,26 @@ struct Response {
 }
 
 impl Response {
-    fn error(status: u16, message: impl std::fmt::Display) -> Self {
-        // One line, as on the command line.
-        Self { status, content_type: "text/plain", body: format!("{message}\n"), warning: None }
+    /// A refusal in the format the client asked for (one line of text by default).
+    fn refusal(status: u16, message: impl std::fmt::Display, format: Format) -> Self {
+        let (content_type, body) = ApiError { kind: ErrorKind::Invalid, message: message.to_string() }.render(format, status);
+        Self { status, content_type, body, warning: None }
     }
 
-    fn from_result(result: Result<Reply, ApiError>, json: bool) -> Self {
+    fn from_result(result: Result<Reply, ApiError>, format: Format, page: Option<Page>) -> Self {
         match result {
-            Ok(reply) => {
-                let (content_type, body) = reply.answer.render(json);
+            Ok(mut reply) => {
+                if let (Some(page), Answer::Gateways(list)) = (page, &mut reply.answer) {
+                    page.apply(&mut list.views);
+                }
+                let (content_type, body) = reply.answer.render(format);
                 Self { status: 200, content_type, body, warning: reply.warning }
             }
-            Err(e) => Self::error(status_of(e.kind), e.message),
+            Err(e) => {
+                let status = status_of(e.kind);
+                let (content_type, body) = e.render(format, status);
+                Self { status, content_type, body, warning: None }
+            }
         }
     }
 }
@@ -66,7 +74,55 @@ fn status_of(kind: ErrorKind) -> u16 {
         ErrorKind::Invalid => 400,
         ErrorKind::NotFound => 404,
         ErrorKind::Conflict => 409,
+        ErrorKind::TooMany => 429,
         ErrorKind::Failed => 500,
+    }
+}
+
+/// Vamp's paging of lists: `?page=N` (from 1) and `?per_page=M` (default 30).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Page {
+    page: usize,
+    per_page: usize,
+}
+
+impl Page {
+    const DEFAULT_PER_PAGE: usize = 30;
+    const MAX_PER_PAGE: usize = 1000;
+
+    /// The paging a query asks for; none when it names neither parameter.
+    fn from_query(query: &str) -> Result<Option<Self>, (u16, String)> {
+        let number = |key: &str| -> Result<Option<usize>, (u16, String)> {
+            query_value(query, key)
+                .map(|v| v.parse::<usize>().ok().filter(|n| *n >= 1).ok_or((400, format!("{key}: `{v}` is not a whole number from 1"))))
+                .transpose()
+        };
+        let (page, per_page) = (number("page")?, number("per_page")?);
+        if page.is_none() && per_page.is_none() {
+            return Ok(None);
+        }
+        let per_page = per_page.unwrap_or(Self::DEFAULT_PER_PAGE).min(Self::MAX_PER_PAGE);
+        Ok(Some(Self { page: page.unwrap_or(1), per_page }))
+    }
+
+    fn apply<T>(self, items: &mut Vec<T>) {
+        let start = (self.page - 1).saturating_mul(self.per_page).min(items.len());
+        items.drain(..start);
+        items.truncate(self.per_page);
+    }
+}
+
+/// The format a request asks for: `?output=json|yaml`, else its `Accept` header.
+fn format_of(query: &str, accept: Option<&str>) -> Format {
+    match query_value(query, "output").as_deref() {
+        Some("json") => return Format::Json,
+        Some("yaml") => return Format::Yaml,
+        _ => {}
+    }
+    match accept {
+        Some(a) if a.contains("json") => Format::Json,
+        Some(a) if a.contains("yaml") => Format::Yaml,
+        _ => Format::Natural,
     }
 }
 
@@ -170,13 +226,15 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Send
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
-    // The CLI names the file a body came from, so errors point at it.
-    let origin = req.headers().get(ORIGIN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("request body").to_string();
-    let json = query_value(&query, "output").as_deref() == Some("json")
-        || req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"));
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    // The CLI names the file a body came from, so errors point at it; other clients are
+    // named by their user agent in the events they record.
+    let origin = header(ORIGIN_HEADER).unwrap_or_else(|| "request body".into());
+    let client = header(ORIGIN_HEADER).or_else(|| header("user-agent")).unwrap_or_else(|| "api".into());
+    let format = format_of(&query, header("accept").as_deref());
     let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(req.into_body(), MAX_BODY_BYTES).collect()).await;
     let Ok(collected) = collected else {
-        return Ok(reply(error(408, format!("request body: not complete within {BODY_READ_TIMEOUT:?}"))));
+        return Ok(reply(Response::refusal(408, format!("request body: not complete within {BODY_READ_TIMEOUT:?}"), format)));
     };
     let body = match collected {
         Ok(collected) => collected.to_bytes(),
@@ -186,38 +244,51 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Send
             } else {
                 format!("request body: {e}")
             };
-            return Ok(reply(Response::error(413, message)));
+            return Ok(reply(Response::refusal(413, message, format)));
         }
     };
-    let op = match route(&method, &path, &query, &body, &origin) {
-        Ok(op) => op,
-        Err(response) => return Ok(reply(response)),
+    let page = match (&method, path.as_str()) {
+        (&Method::GET, "/api/v1/gateways" | "/api/v1/gateways/") => Page::from_query(&query),
+        _ => Ok(None),
+    };
+    let routed = page.and_then(|page| route(&method, &path, &query, &body, &origin, &client).map(|op| (op, page)));
+    let (op, page) = match routed {
+        Ok(routed) => routed,
+        Err((status, message)) => return Ok(reply(Response::refusal(status, message, format))),
     };
     let (tx, rx) = oneshot::channel();
     if commands.send(Inbox::Operator { op, reply: tx }).is_err() {
-        return Ok(reply(error(503, "the agent is shutting down")));
+        return Ok(reply(Response::refusal(503, "the agent is shutting down", format)));
     }
     Ok(reply(match rx.await {
-        Ok(result) => Response::from_result(result, json),
-        Err(_) => error(500, "the agent dropped the request"),
+        Ok(result) => Response::from_result(result, format, page),
+        Err(_) => Response::refusal(500, "the agent dropped the request", format),
     }))
 }
 
-/// Maps method and path to an operator request.
-fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str) -> Result<Op, Response> {
+/// Maps method and path to an operator request, or a refusal (status and one line).
+fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str, client: &str) -> Result<Op, (u16, String)> {
     let text = || String::from_utf8(body.to_vec()).map_err(|_| error(400, "request body: not UTF-8"));
     let name_in = |prefix: &str| path.strip_prefix(prefix).filter(|n| !n.is_empty()).map(str::to_string);
+    let validate_only = matches!(query_value(query, "validate_only").as_deref(), Some("true" | "1" | "yes"));
     match (method, path) {
         (&Method::GET, "/metrics") => Ok(Op::Metrics),
+        (&Method::GET, "/api/v1/info" | "/api/v1/info/") => Ok(Op::Info),
         (&Method::GET, "/api/v1/gateways" | "/api/v1/gateways/") => Ok(Op::List),
         (&Method::POST, "/api/v1/gateways" | "/api/v1/gateways/") => {
-            Ok(Op::Apply { origin: origin.into(), text: text()?, path_name: None })
+            Ok(Op::Apply { origin: origin.into(), text: text()?, path_name: None, validate_only })
         }
         (&Method::GET, "/api/v1/stats" | "/api/v1/stats/") => Ok(Op::Stats(None)),
         (&Method::GET, p) if p.starts_with("/api/v1/stats/") => Ok(Op::Stats(name_in("/api/v1/stats/"))),
-        (&Method::GET, "/api/v1/events") => {
+        (&Method::GET, "/api/v1/events" | "/api/v1/events/") => {
             let since = query_value(query, "since").and_then(|v| v.parse().ok()).unwrap_or(0);
-            Ok(Op::Events { since })
+            let tags = query_values(query, "tag");
+            Ok(Op::Events { since, tags, event_type: query_value(query, "type") })
+        }
+        (&Method::POST, "/api/v1/events" | "/api/v1/events/") => {
+            let event: ExternalEvent = serde_json::from_slice(body)
+                .map_err(|e| error(400, format!("{origin}: not an event (JSON with tags, value and type): {e}")))?;
+            Ok(Op::RecordEvent { event, origin: client.into() })
         }
         (&Method::GET, "/api/v1/canary" | "/api/v1/canary/") => Ok(Op::Canary(CanaryOp::Status(None))),
         (&Method::POST, p) if p.starts_with("/api/v1/canary/") => {
@@ -244,7 +315,7 @@ fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str) ->
             let name = name_in("/api/v1/gateways/").ok_or_else(|| error(404, "no gateway name in the path"))?;
             match *m {
                 Method::GET => Ok(Op::Get(name)),
-                Method::PUT | Method::POST => Ok(Op::Apply { origin: origin.into(), text: text()?, path_name: Some(name) }),
+                Method::PUT | Method::POST => Ok(Op::Apply { origin: origin.into(), text: text()?, path_name: Some(name), validate_only }),
                 Method::DELETE => Ok(Op::Delete(name)),
                 _ => Err(error(405, format!("{m} is not allowed on {p}"))),
             }
@@ -261,6 +332,17 @@ fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str) ->
         }
         (m, p) => Err(error(404, format!("no such endpoint: {m} {p}"))),
     }
+}
+
+/// Every decoded value of `key` in a query string (`?tag=a&tag=b`).
+pub fn query_values(query: &str, key: &str) -> Vec<String> {
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == key).then(|| percent_decode(v))
+        })
+        .collect()
 }
 
 /// The decoded value of `key` in a query string.
@@ -294,8 +376,8 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn error(status: u16, message: impl std::fmt::Display) -> Response {
-    Response::error(status, message)
+fn error(status: u16, message: impl std::fmt::Display) -> (u16, String) {
+    (status, message.to_string())
 }
 
 fn reply(r: Response) -> HttpReply {
@@ -334,12 +416,12 @@ mod tests {
 
     #[test]
     fn gateway_names_keep_their_slashes() {
-        match route(&Method::GET, "/api/v1/gateways/sava/sava/port", "", b"", "t") {
+        match route(&Method::GET, "/api/v1/gateways/sava/sava/port", "", b"", "t", "t") {
             Ok(Op::Get(name)) => assert_eq!(name, "sava/sava/port"),
             _ => panic!("expected a get"),
         }
-        match route(&Method::DELETE, "/api/v1/gateways/", "", b"", "t") {
-            Err(r) => assert_eq!(r.status, 404),
+        match route(&Method::DELETE, "/api/v1/gateways/", "", b"", "t", "t") {
+            Err((status, _)) => assert_eq!(status, 404),
             Ok(_) => panic!("expected an error"),
         }
     }

@@ -10,6 +10,7 @@ use std::{
 use log::info;
 
 pub use crate::api::Event;
+use crate::api::ExternalEvent;
 
 pub const CAPACITY: usize = 10_000;
 
@@ -20,20 +21,75 @@ pub struct EventLog {
 }
 
 impl EventLog {
+    /// One of the agent's own events.
     pub fn push(&mut self, gateway: &str, kind: &str, message: impl Into<String>) {
-        self.last_id += 1;
         let message = message.into();
         info!("event {kind} {gateway}: {message}");
-        let time_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        self.events.push_back(Event { id: self.last_id, time_ms, gateway: gateway.to_string(), kind: kind.to_string(), message });
+        let mut tags = Vec::new();
+        if !gateway.is_empty() {
+            tags.push(format!("gateways:{gateway}"));
+        }
+        tags.push(format!("splitter:{kind}"));
+        let value = serde_json::Value::String(message.clone());
+        self.record(gateway, kind, message, tags, kind.to_string(), value, "agent");
+    }
+
+    /// An event a client recorded (`POST /api/v1/events`): its gateway is the one its
+    /// `gateways:NAME` tag names, if any.
+    pub fn push_external(&mut self, event: ExternalEvent, origin: &str) {
+        let gateway = event.tags.iter().find_map(|t| t.strip_prefix("gateways:")).unwrap_or("").to_string();
+        let value = match &event.value {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let message = format!("{}: {value} (tags: {}; from {origin})", event.event_type, event.tags.join(", "));
+        info!("event external {gateway}: {message}");
+        self.record(&gateway, "external", message, event.tags, event.event_type, event.value, origin);
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "every field of an event, filled by the two kinds of push")]
+    fn record(
+        &mut self,
+        gateway: &str,
+        kind: &str,
+        message: String,
+        tags: Vec<String>,
+        event_type: String,
+        value: serde_json::Value,
+        origin: &str,
+    ) {
+        self.last_id += 1;
+        let now = SystemTime::now();
+        let time_ms = now.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.events.push_back(Event {
+            id: self.last_id,
+            time_ms,
+            gateway: gateway.to_string(),
+            kind: kind.to_string(),
+            message,
+            tags,
+            event_type,
+            value,
+            timestamp: humantime::format_rfc3339_millis(now).to_string(),
+            origin: origin.to_string(),
+        });
         while self.events.len() > CAPACITY {
             self.events.pop_front();
         }
     }
 
-    /// Events after `since`, oldest first.
+    /// Events after `since`, oldest first, that carry every tag of `tags` and, if given,
+    /// have the type `event_type` (Vamp's filters).
     pub fn since(&self, since: u64) -> Vec<Event> {
-        self.events.iter().filter(|e| e.id > since).cloned().collect()
+        self.matching(since, &[], None)
+    }
+
+    pub fn matching(&self, since: u64, tags: &[String], event_type: Option<&str>) -> Vec<Event> {
+        self.events
+            .iter()
+            .filter(|e| e.id > since && tags.iter().all(|t| e.tags.contains(t)) && event_type.is_none_or(|t| e.event_type == t))
+            .cloned()
+            .collect()
     }
 
     /// Every event kept, oldest first (what tests compare).
@@ -55,5 +111,24 @@ mod tests {
         let after_first: Vec<u64> = log.since(1).iter().map(|e| e.id).collect();
         assert_eq!(after_first, vec![2]);
         assert!(log.since(2).is_empty());
+    }
+
+    #[test]
+    fn external_events_carry_their_tags_and_filter_by_them() {
+        let mut log = EventLog::default();
+        log.push("sava", "weights", "a=90% b=10%");
+        let event = ExternalEvent {
+            tags: vec!["gateways:sava".into(), "canary".into()],
+            value: serde_json::json!({"step": 2}),
+            event_type: "progress".into(),
+            timestamp: None,
+        };
+        log.push_external(event, "vamp-runner");
+        let external = log.matching(0, &["canary".into()], None);
+        assert_eq!(external.len(), 1);
+        assert_eq!((external[0].gateway.as_str(), external[0].kind.as_str()), ("sava", "external"));
+        assert_eq!(external[0].message, r#"progress: {"step":2} (tags: gateways:sava, canary; from vamp-runner)"#);
+        assert_eq!(log.matching(0, &["gateways:sava".into()], None).len(), 2);
+        assert_eq!(log.matching(0, &[], Some("weights")).len(), 1);
     }
 }

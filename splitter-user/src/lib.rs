@@ -1,9 +1,9 @@
 //! The agent and CLI as a library: the `splitter` binary is a thin front end, and the
 //! fuzz targets (`fuzz/`) drive the same parser, request router and controller.
 //!
-//! Modules depend one way, roughly bottom to top:
-//! `gateway` (documents) <- `rollout`, `health`, `config`, `state`, `events` <- `api` <-
-//! `datapath` <- `controller` <- `control` (HTTP server), `client` (CLI) <- `agent`.
+//! Modules depend one way (docs/ARCHITECTURE.md has the map): `gateway` <- `rollout`,
+//! `health`, `config` <- `api` <- `events`, `datapath` <- `state`, `metrics` <-
+//! `controller` <- `control` (HTTP server), `client` (CLI), `validate` <- `agent`.
 
 pub mod agent;
 pub mod api;
@@ -20,3 +20,4 @@ pub mod pin;
 pub mod rollout;
 pub mod state;
 pub mod system;
+pub mod validate;

@@ -1,7 +1,7 @@
 //! `splitter`: the agent (privileged daemon) and the operator's CLI.
 
 use clap::{Parser, Subcommand};
-use splitter_user::{agent, client, gateway};
+use splitter_user::{agent, client, validate};
 
 /// XDP canary traffic splitter: weighted, connection-preserving splits of new flows
 /// across versioned backends.
@@ -18,7 +18,7 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Check gateway files offline (no agent, no privileges): one "ok" line per document,
     /// or the first error as one line naming file, line, column and field.
-    Validate(gateway::validate::ValidateArgs),
+    Validate(validate::ValidateArgs),
     /// Create or update gateways from files (full gateways or weights-only updates).
     Apply(client::ApplyArgs),
     /// Show gateways: routes, weights, targets (YAML, or `-o json`).
@@ -47,7 +47,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(args) => agent::run(args),
-        Command::Validate(args) => gateway::validate::run(args),
+        Command::Validate(args) => validate::run(args),
         Command::Apply(args) => client::apply(args),
         Command::Get(args) => client::get(args),
         Command::Delete(args) => client::delete(args),

@@ -76,10 +76,8 @@ impl<D: Dataplane> Controller<D> {
     /// Makes the planned gateways live, all or none; on success gives the change its
     /// effects. `reason` goes into the weight events.
     pub(super) fn commit(&mut self, plan: Vec<Planned>, history: History, reason: &str) -> Result<(), ApiError> {
+        self.check_plan(&plan)?;
         let batch: Vec<Gateway> = plan.iter().map(|p| p.live.clone()).collect();
-        for g in &batch {
-            self.dataplane.check(g, &self.shares(g), &batch).map_err(|e| ApiError::conflict(format!("{e:#}")))?;
-        }
         let mut switched: Vec<&Gateway> = Vec::new();
         for g in &batch {
             if let Err(e) = self.dataplane.apply(g, &self.shares(g)) {
@@ -94,6 +92,15 @@ impl<D: Dataplane> Controller<D> {
         }
         self.update_health_checks();
         self.unsaved = true;
+        Ok(())
+    }
+
+    /// Whether the datapath would take every planned gateway, changing nothing.
+    pub(super) fn check_plan(&self, plan: &[Planned]) -> Result<(), ApiError> {
+        let batch: Vec<Gateway> = plan.iter().map(|p| p.live.clone()).collect();
+        for g in &batch {
+            self.dataplane.check(g, &self.shares(g), &batch).map_err(|e| ApiError::conflict(format!("{e:#}")))?;
+        }
         Ok(())
     }
 

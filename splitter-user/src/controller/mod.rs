@@ -26,7 +26,7 @@ use splitter_common::conntrack::Timeouts;
 use tokio::sync::oneshot;
 
 use crate::{
-    api::{ApiError, Reply},
+    api::{ApiError, ExternalEvent, Reply},
     datapath::Dataplane,
     events::EventLog,
     gateway::{policy::CanarySpec, Gateway, Target},
@@ -48,11 +48,13 @@ pub enum Op {
     List,
     Get(String),
     /// Gateway documents (full or weights-only) from `origin`; with `path_name`, the
-    /// documents must all be for that gateway (a PUT to its path).
+    /// documents must all be for that gateway (a PUT to its path). `validate_only`
+    /// answers as if applied and changes nothing (Vamp's `validate_only=true`).
     Apply {
         origin: String,
         text: String,
         path_name: Option<String>,
+        validate_only: bool,
     },
     Delete(String),
     Promote {
@@ -65,10 +67,19 @@ pub enum Op {
     },
     Stats(Option<String>),
     Metrics,
-    /// Events after this id.
+    /// Events after `since` carrying every tag of `tags` (and of `event_type`, if given).
     Events {
         since: u64,
+        tags: Vec<String>,
+        event_type: Option<String>,
     },
+    /// An event a client records (Vamp's `POST /api/v1/events`), from `origin`.
+    RecordEvent {
+        event: ExternalEvent,
+        origin: String,
+    },
+    /// What runs, since when (`GET /api/v1/info`).
+    Info,
     /// Re-read the configuration path now (SIGHUP).
     SyncConfig,
     Canary(CanaryOp),
@@ -135,6 +146,8 @@ pub struct Controller<D: Dataplane> {
     state_save_errors: u64,
     /// Successful saves since the agent started.
     state_saves: u64,
+    /// External events a client may still record now (refilled over time).
+    event_budget: EventBudget,
     started: Instant,
 }
 
@@ -157,6 +170,7 @@ impl<D: Dataplane> Controller<D> {
             state_error: None,
             state_save_errors: 0,
             state_saves: 0,
+            event_budget: EventBudget::new(Instant::now()),
             started: Instant::now(),
         }
     }
@@ -336,6 +350,34 @@ impl<D: Dataplane> Controller<D> {
         if let Some(g) = stats.iter().find(|g| g.name == name) {
             self.baselines.insert(name.to_string(), g.targets.iter().map(|t| (t.target.clone(), t.new_flows)).collect());
         }
+    }
+}
+
+/// How many external events clients may record: a burst, then a steady rate, so that a
+/// client looping on `POST /api/v1/events` cannot push the operator's own events out.
+pub struct EventBudget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl EventBudget {
+    pub const BURST: f64 = 100.0;
+    pub const PER_SECOND: f64 = 20.0;
+
+    fn new(now: Instant) -> Self {
+        Self { tokens: Self::BURST, at: now }
+    }
+
+    /// Takes one event's worth, if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * Self::PER_SECOND;
+        self.tokens = (self.tokens + refill).min(Self::BURST);
+        self.at = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
     }
 }
 

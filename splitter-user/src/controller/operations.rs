@@ -1,7 +1,11 @@
 //! Operator requests: each planned, committed through [`Controller::commit`], answered
 //! with a typed [`Answer`] or an [`ApiError`].
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant, SystemTime},
+};
 
 use log::info;
 
@@ -10,7 +14,7 @@ use super::{
     CanaryOp, Controller, Op,
 };
 use crate::{
-    api::{Answer, ApiError, GatewaysAnswer},
+    api::{Answer, ApiError, ExternalEvent, GatewaysAnswer, Info},
     datapath::Dataplane,
     gateway::{self, Document, Gateway, Target, WeightUpdate},
     rollout::RolloutState,
@@ -24,13 +28,16 @@ impl<D: Dataplane> Controller<D> {
                 let g = self.configured.get(&name).ok_or_else(|| ApiError::no_gateway(&name))?;
                 Ok(Answer::Gateways(GatewaysAnswer { views: vec![self.view(g)], single: true, ..Default::default() }))
             }
-            Op::Apply { origin, text, path_name } => self.apply_text(&origin, &text, path_name.as_deref(), None),
+            Op::Apply { origin, text, path_name, validate_only: false } => self.apply_text(&origin, &text, path_name.as_deref(), None),
+            Op::Apply { origin, text, path_name, validate_only: true } => self.validate_text(&origin, &text, path_name.as_deref()),
             Op::Delete(name) => self.delete(&name).map(|()| Answer::Text(format!("deleted gateway {name}\n"))),
             Op::Promote { gateway, route } => self.promote(&gateway, &route),
             Op::Rollback { gateway, flush } => self.restore_previous_weights(&gateway, flush),
             Op::Stats(name) => self.stats(name.as_deref()).map(Answer::Stats),
             Op::Metrics => self.metrics().map(Answer::Metrics),
-            Op::Events { since } => Ok(Answer::Events(self.events.since(since))),
+            Op::Events { since, tags, event_type } => Ok(Answer::Events(self.events.matching(since, &tags, event_type.as_deref()))),
+            Op::RecordEvent { event, origin } => self.record_event(event, &origin),
+            Op::Info => Ok(Answer::Info(self.info())),
             Op::SyncConfig => {
                 self.sync_config();
                 Ok(Answer::Text("configuration synchronised\n".into()))
@@ -48,6 +55,24 @@ impl<D: Dataplane> Controller<D> {
         path_name: Option<&str>,
         owner: Option<&Path>,
     ) -> Result<Answer, ApiError> {
+        let changed = self.staged(origin, text, path_name)?;
+        self.apply_changed(origin, changed, owner)
+    }
+
+    /// What applying the documents would do, checked against the datapath like a real
+    /// change, with nothing changed: the answer a real apply would give.
+    fn validate_text(&mut self, origin: &str, text: &str, path_name: Option<&str>) -> Result<Answer, ApiError> {
+        let changed = self.staged(origin, text, path_name)?;
+        let plan: Vec<Planned> = changed.iter().cloned().map(|g| self.plan(g)).collect();
+        self.check_plan(&plan).map_err(|e| ApiError { message: format!("{origin}: {}", e.message), ..e })?;
+        let views = plan.iter().map(|p| self.view(&p.live)).collect();
+        let trailer = vec![if changed.is_empty() { "unchanged" } else { "validated only: nothing was changed" }.to_string()];
+        Ok(Answer::Gateways(GatewaysAnswer { views, trailer, ..Default::default() }))
+    }
+
+    /// The gateways that the documents change, as they would be, built without changing
+    /// anything (weights-only documents merged into what is configured).
+    fn staged(&self, origin: &str, text: &str, path_name: Option<&str>) -> Result<Vec<Gateway>, ApiError> {
         let documents = gateway::parse_documents(origin, text).map_err(ApiError::invalid)?;
         if documents.is_empty() {
             return Err(ApiError::invalid(format!("{origin}: no gateway document")));
@@ -70,7 +95,10 @@ impl<D: Dataplane> Controller<D> {
             };
             staged.insert(name, next);
         }
-        let changed: Vec<Gateway> = staged.into_values().filter(|g| self.configured.get(&g.name) != Some(g)).collect();
+        Ok(staged.into_values().filter(|g| self.configured.get(&g.name).is_none_or(|c| !c.same_as(g))).collect())
+    }
+
+    fn apply_changed(&mut self, origin: &str, changed: Vec<Gateway>, owner: Option<&Path>) -> Result<Answer, ApiError> {
         // Rollouts running before this change are taken over by it (one it starts is not).
         let running_before: Vec<String> =
             self.rollouts.values().filter(|r| r.state == RolloutState::Progressing).map(|r| r.gateway.clone()).collect();
@@ -214,5 +242,34 @@ impl<D: Dataplane> Controller<D> {
             }
         }
         Ok(Answer::Rollouts(self.rollouts.values().cloned().collect()))
+    }
+
+    /// Records a client's event (bounded in size and rate).
+    fn record_event(&mut self, event: ExternalEvent, origin: &str) -> Result<Answer, ApiError> {
+        event.check().map_err(ApiError::invalid)?;
+        if !self.event_budget.take(Instant::now()) {
+            return Err(ApiError::too_many(format!(
+                "more than {} external events a second: try again later",
+                super::EventBudget::PER_SECOND
+            )));
+        }
+        self.events.push_external(event, origin);
+        let recorded = self.events.all().last().cloned().into_iter().collect();
+        Ok(Answer::Events(recorded))
+    }
+
+    fn info(&self) -> Info {
+        let uptime = Duration::from_secs(self.started.elapsed().as_secs());
+        let started = SystemTime::now() - self.started.elapsed();
+        Info {
+            name: "splitter".into(),
+            message: "splitter agent: XDP canary traffic splitter".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started: humantime::format_rfc3339_seconds(started).to_string(),
+            uptime: humantime::format_duration(uptime).to_string(),
+            uptime_seconds: uptime.as_secs(),
+            gateways: self.configured.len(),
+            program_id: self.settings.program_id,
+        }
     }
 }

@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use splitter_common::maps::{GatewayKey, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP, PROTO_UDP};
 
 use super::{Limits, Placement};
-use crate::gateway::{Gateway, Protocol, Target};
+use crate::gateway::{Gateway, Target};
 
 /// A gateway as the datapath holds it.
 #[derive(Clone, Debug)]
@@ -174,10 +174,7 @@ pub fn gateway_key(gateway: &Gateway) -> GatewayKey {
     GatewayKey {
         vip: u32::from_ne_bytes(gateway.virtual_address.octets()),
         port: gateway.port.to_be(),
-        proto: match gateway.protocol {
-            Protocol::Tcp => PROTO_TCP,
-            Protocol::Udp => PROTO_UDP,
-        },
+        proto: if gateway.protocol.is_udp() { PROTO_UDP } else { PROTO_TCP },
         _pad: 0,
     }
 }

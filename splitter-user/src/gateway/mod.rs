@@ -10,7 +10,6 @@ mod parse;
 pub mod policy;
 #[cfg(test)]
 mod tests;
-pub mod validate;
 mod yaml;
 
 use std::{
@@ -35,11 +34,13 @@ pub const FULL_SHARE_PPM: u32 = 1_000_000;
 /// `splitter validate` refuses exactly what the agent would.
 pub const MAX_TARGETS_PER_GATEWAY: usize = splitter_common::maps::MAX_TARGETS_PER_GATEWAY as usize;
 
-/// Transport protocol of a gateway's port. Vamp's `http` is TCP at L4.
+/// Protocol of a gateway's port, as written. Vamp's `http` is TCP at L4; it is kept so that
+/// what reads the gateway back (and the canary analysis) knows the service speaks HTTP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
+    Http,
     Udp,
 }
 
@@ -47,8 +48,14 @@ impl Protocol {
     pub fn name(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
+            Self::Http => "http",
             Self::Udp => "udp",
         }
+    }
+
+    /// The transport the datapath sees: TCP for `tcp` and `http`.
+    pub fn is_udp(self) -> bool {
+        self == Self::Udp
     }
 }
 
@@ -447,6 +454,20 @@ impl Gateway {
     /// [`Self::weighted_targets`] in the same order, with their shares as weights.
     pub fn table_targets(&self) -> Vec<TableTarget> {
         self.weighted_targets().into_iter().map(|(target, share)| TableTarget { key: target.table_key(), weight: share }).collect()
+    }
+
+    /// The same gateway in effect: equal but for which route weights were written and which
+    /// were the rest shared out (a client that writes every weight back, as Vamp's do,
+    /// changes nothing when they are the weights in effect).
+    pub fn same_as(&self, other: &Gateway) -> bool {
+        let unwritten = |g: &Gateway| {
+            let mut g = g.clone();
+            for route in &mut g.routes {
+                route.explicit_weight = None;
+            }
+            g
+        };
+        unwritten(self) == unwritten(other)
     }
 
     /// The gateway as a document that parses back to an equal gateway.

@@ -52,7 +52,9 @@ fn a_document_that_does_not_parse_is_invalid_with_one_line() {
 #[test]
 fn a_put_to_one_gateway_refuses_a_document_for_another() {
     let mut c = controller();
-    let err = c.handle(Op::Apply { origin: "body".into(), text: SAVA.into(), path_name: Some("other".into()) }).unwrap_err();
+    let err = c
+        .handle(Op::Apply { origin: "body".into(), text: SAVA.into(), path_name: Some("other".into()), validate_only: false })
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Invalid);
     assert!(err.message.contains("the document is for gateway sava, not other"), "{}", err.message);
     assert!(c.dataplane().names().is_empty());

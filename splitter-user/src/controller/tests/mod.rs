@@ -5,6 +5,7 @@
 mod changes;
 mod config_files;
 mod rollouts;
+mod vamp;
 
 use std::{
     collections::BTreeMap,
@@ -88,7 +89,7 @@ impl Drop for TempDir {
 }
 
 pub(super) fn apply(c: &mut TestController, text: &str) -> Result<Reply, ApiError> {
-    c.handle(Op::Apply { origin: "test.yaml".into(), text: text.into(), path_name: None })
+    c.handle(Op::Apply { origin: "test.yaml".into(), text: text.into(), path_name: None, validate_only: false })
 }
 
 pub(super) fn weight_doc(gateway: &str, weights: &[(&str, &str)]) -> String {
@@ -133,7 +134,7 @@ pub(super) fn kind(result: Result<Reply, ApiError>) -> ErrorKind {
 }
 
 pub(super) fn yaml(reply: &Reply) -> String {
-    reply.answer.render(false).1
+    reply.answer.render(crate::api::Format::Natural).1
 }
 
 pub(super) fn saved_text(dir: &Path) -> Option<String> {

@@ -1,6 +1,7 @@
 //! Reading gateway documents from the YAML node tree, with the weight rules.
 
 mod blocks;
+mod blueprint;
 mod scalars;
 
 pub use scalars::{check_name, format_weight, parse_weight, MAX_NAME_BYTES};
@@ -29,7 +30,8 @@ const HEALTH_CHECK_FIELDS: &[&str] =
 const CANARY_FIELDS: &[&str] =
     &["route", "steps", "interval", "max_error_rate", "max_failed_checks", "max_connect_latency", "min_flows", "flush_on_rollback"];
 /// Fields of Vamp's gateway export that say nothing the splitter acts on: accepted, ignored.
-const GATEWAY_EXPORT_FIELDS: &[&str] = &["kind", "metadata", "lookup_name", "internal", "deployed", "virtual_hosts"];
+/// `status` is the splitter's own live status in its JSON, read back in a round trip.
+const GATEWAY_EXPORT_FIELDS: &[&str] = &["kind", "metadata", "lookup_name", "internal", "deployed", "virtual_hosts", "status"];
 const ROUTE_FIELDS: &[&str] = &["weight", "targets", "instances", "filters"];
 /// Route fields of Vamp's export; `condition` and `rewrites` are L7 and must be empty.
 const ROUTE_EXPORT_FIELDS: &[&str] = &["lookup_name", "balance", "condition", "condition_strength", "rewrites"];
@@ -106,6 +108,9 @@ impl<'a> Reader<'a> {
                 format!("a gateway document is a mapping with name, port and routes, found {}", root.describe()),
             ));
         }
+        if let Some(err) = self.blueprint_error(root) {
+            return Err(err);
+        }
         let fields = self.fields(root, "", GATEWAY_FIELDS, GATEWAY_EXPORT_FIELDS)?;
 
         let name_node =
@@ -133,6 +138,8 @@ impl<'a> Reader<'a> {
         };
         let sticky = match fields.value("sticky") {
             None => None,
+            // Vamp writes `sticky: null` for no stickiness.
+            Some(node) if node.is_null() => Some(Sticky::Flow),
             Some(node) => Some(self.choice(
                 node,
                 "sticky",

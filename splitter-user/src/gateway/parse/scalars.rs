@@ -117,7 +117,8 @@ pub(super) fn parse_port_spec(text: &str) -> Result<(u16, Protocol), String> {
     };
     let port = parse_port_number(number.trim()).map_err(|why| format!("{why} (expected PORT or PORT/PROTO like 9050/http)"))?;
     let protocol = match protocol.map(str::trim) {
-        None | Some("tcp") | Some("http") => Protocol::Tcp,
+        None | Some("tcp") => Protocol::Tcp,
+        Some("http") => Protocol::Http,
         Some("udp") => Protocol::Udp,
         Some(other) => return Err(format!("unknown protocol `{other}`: expected tcp, udp or http")),
     };

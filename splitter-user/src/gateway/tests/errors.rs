@@ -269,16 +269,86 @@ fn bad_documents_give_one_line_errors_with_their_position() {
     assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }
 
+const SIMPLESERVICE_BLUEPRINT: &str = "---
+name: simpleservice
+gateways:
+  10099: simpleservice/port
+clusters:
+  simpleservice:
+   gateways:
+      routes:
+        simpleservice:0.9:
+          weight: 80%
+        simpleservice:1.0:
+          weight: 20%
+   services:
+      -
+        breed:
+          name: simpleservice:0.9
+          deployable: mesosphere/simpleservice:1.0
+          ports:
+            port: 0/http
+        scale:
+          instances: 3
+      -
+        breed:
+          name: simpleservice:1.0
+          deployable: mesosphere/simpleservice:1.0
+          ports:
+            port: 0/http
+        scale:
+          instances: 1
+";
+
+const SAVA_DEPLOYMENT: &str = "---
+name: sava:1.0
+clusters:
+  sava:
+    services:
+      -
+        breed:
+          name: sava:1.0.0
+          deployable: magneticio/sava:1.0.0
+          ports:
+            port: 8080/http
+";
+
+/// The one-line suggestion of a blueprint error, with its placeholders filled in.
+fn suggested_gateway(err: &ConfigError) -> Gateway {
+    let (_, suggestion) = err
+        .message
+        .split_once("write instead (one document per gateway, HOST:PORT for each instance, VIP the address clients use): ")
+        .unwrap();
+    let mut n = 0;
+    let filled: String = suggestion
+        .replace("VIP", "10.0.0.1")
+        .split("HOST:PORT")
+        .enumerate()
+        .map(|(i, part)| {
+            n += 1;
+            if i == 0 {
+                part.to_string()
+            } else {
+                format!("10.2.0.{n}:80{part}")
+            }
+        })
+        .collect();
+    gateway(&filled.replace("PORT/http", "9050/http"))
+}
+
 #[test]
-fn a_directory_with_a_gateway_defined_twice_is_refused() {
-    let dir = std::env::temp_dir().join(format!("splitter-gateway-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("a.yaml"), SAVA).unwrap();
-    std::fs::write(dir.join("b.yml"), SAVA).unwrap();
-    std::fs::write(dir.join("notes.txt"), "not a gateway").unwrap();
-    let err = load_path(&dir).unwrap_err();
-    std::fs::remove_dir_all(&dir).unwrap();
-    assert_eq!(err.line, Some(1));
-    assert!(err.origin.ends_with("b.yml"), "{err}");
-    assert!(err.message.contains("already defined in") && err.message.contains("a.yaml"), "{err}");
+fn a_blueprint_is_named_and_the_gateway_to_write_instead_is_given() {
+    let err = parse_documents("simpleservice-blueprint.yaml", SIMPLESERVICE_BLUEPRINT).unwrap_err();
+    let line = err.to_string();
+    assert!(!line.contains('\n'), "one line: {line}");
+    assert!(line.starts_with("simpleservice-blueprint.yaml:3:1: gateways: this is a Vamp blueprint or deployment"), "{line}");
+    let g = suggested_gateway(&err);
+    assert_eq!((g.name.as_str(), g.port, g.protocol), ("simpleservice/port", 10099, Protocol::Http));
+    assert_eq!(route(&g, "simpleservice:0.9").weight, 8000);
+    assert_eq!((route(&g, "simpleservice:0.9").targets.len(), route(&g, "simpleservice:1.0").targets.len()), (3, 1), "one per instance");
+
+    let err = parse_documents("deployment", SAVA_DEPLOYMENT).unwrap_err();
+    let g = suggested_gateway(&err);
+    assert_eq!(g.name, "sava:1.0/sava/port", "Vamp's internal gateway name: deployment/cluster/port");
+    assert_eq!((g.routes.len(), route(&g, "sava:1.0.0").targets.len()), (1, 1));
 }

