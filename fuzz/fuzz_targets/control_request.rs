@@ -41,7 +41,7 @@ fn agent() -> &'static Agent {
         splitter_fuzz::ip(&["link", "set", "fz1", "up"]);
         splitter_fuzz::ip(&["route", "add", "default", "dev", "fz0"]);
         let (ebpf, maps) = splitter_fuzz::load();
-        let settings = Settings { state_dir: None, config: None, timeouts: Timeouts::DEFAULT, program_id: 0 };
+        let settings = Settings { state_dir: None, config: None, timeouts: Timeouts::DEFAULT, program_id: 0, build: "fuzz".into() };
         let controller = Controller::new(Datapath::new(maps, splitter_fuzz::LIMITS), settings);
         let (commands, inbox) = mpsc::channel();
         // Started after `isolate_network`: the thread is in the fuzzer's namespace.

@@ -7,7 +7,7 @@ use aya::Ebpf;
 use splitter_user::datapath::{load_object, Limits, Maps};
 
 /// Map sizes for fuzzing: small, so a full map is reached and its errors are exercised.
-pub const LIMITS: Limits = Limits { max_gateways: 8, conntrack_entries: 4096 };
+pub const LIMITS: Limits = Limits { max_gateways: 8, conntrack_entries: 4096, half_open_entries: 4096, ..Limits::DEFAULT };
 
 /// Moves this thread (and the programs it starts) into a new, anonymous network
 /// namespace: interfaces made here vanish with the process, whatever way it exits, and
@@ -59,7 +59,7 @@ pub fn ebpf_object() -> Vec<u8> {
 /// Loads the object (maps created in the kernel) and takes the datapath maps out of it.
 pub fn load() -> (Ebpf, Maps) {
     let object = ebpf_object();
-    let mut ebpf = match load_object(&object, LIMITS, 0) {
+    let mut ebpf = match load_object(&object, LIMITS, 0, None) {
         Ok(ebpf) => ebpf,
         Err(e) => {
             eprintln!("fuzz: {e:#}");

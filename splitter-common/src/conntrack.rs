@@ -84,6 +84,57 @@ pub const fn port_reusable(reply: &FlowEntry, forward: Option<&FlowEntry>, now_n
     (age >= PORT_REUSE_AFTER_NS && age < PORT_REUSE_BEFORE_NS) || age >= PORT_REUSE_ABANDONED_NS
 }
 
+/// How long a TCP flow whose handshake has not completed keeps its state and its full-NAT
+/// source port, unless the agent is told otherwise (`--half-open-timeout`): long enough
+/// for a SYN retransmitted twice (1 s, then 2 s), short enough that a SYN flood's spoofed
+/// flows give their ports back within seconds.
+pub const DEFAULT_HALF_OPEN_TIMEOUT_NS: u64 = 3_000_000_000;
+
+/// A half-open flow at least this old may lose its source port to a new flow when every
+/// candidate port is held (a flood's pressure): a handshake completes within a round
+/// trip, so a flow that has waited this long is most likely spoofed.
+pub const HALF_OPEN_TAKEOVER_AGE_NS: u64 = 100_000_000;
+
+const _: () = assert!(HALF_OPEN_TAKEOVER_AGE_NS < DEFAULT_HALF_OPEN_TIMEOUT_NS);
+
+/// True when a half-open flow created at `created_ns` has expired at `now_ns`.
+#[inline(always)]
+pub const fn half_open_expired(created_ns: u64, now_ns: u64, timeout_ns: u64) -> bool {
+    now_ns.saturating_sub(created_ns) >= timeout_ns
+}
+
+/// True when a new flow may take the source port of a half-open flow created at
+/// `created_ns` because no candidate port was free.
+#[inline(always)]
+pub const fn half_open_port_takeable(created_ns: u64, now_ns: u64) -> bool {
+    now_ns.saturating_sub(created_ns) >= HALF_OPEN_TAKEOVER_AGE_NS
+}
+
+/// What a packet of a half-open TCP flow does to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HalfOpenVerdict {
+    /// Forward it; the flow stays half-open (a retransmitted SYN, the target's SYN-ACK).
+    Keep,
+    /// The client's ACK (or data) completed the handshake: the flow moves to conntrack.
+    Promote,
+    /// A reset from either side: forward it and forget the flow.
+    Close,
+}
+
+/// Decides the effect of a packet with `tcp_flags` on a half-open flow, arriving in the
+/// direction of the entry with `entry_flags`.
+#[inline(always)]
+pub const fn half_open_verdict(entry_flags: u32, tcp_flags: u8) -> HalfOpenVerdict {
+    if tcp_flags & TCP_RST != 0 {
+        return HalfOpenVerdict::Close;
+    }
+    let from_client = entry_flags & FLOW_FROM_TARGET == 0;
+    if from_client && tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0 {
+        return HalfOpenVerdict::Promote;
+    }
+    HalfOpenVerdict::Keep
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// A UDP flow with no packet in either direction for this long is forgotten.
@@ -124,6 +175,26 @@ pub fn flow_expired(a: &FlowEntry, b: &FlowEntry, now_ns: u64, t: &Timeouts) -> 
 mod tests {
     use super::*;
     use crate::maps::{FlowKey, FLOW_TO_TARGET, PROTO_UDP};
+
+    #[test]
+    fn half_open_flows_promote_on_the_clients_ack_only() {
+        assert_eq!(half_open_verdict(FLOW_TO_TARGET, TCP_ACK), HalfOpenVerdict::Promote);
+        assert_eq!(half_open_verdict(FLOW_TO_TARGET, TCP_ACK | 0x08), HalfOpenVerdict::Promote, "ACK with data (PSH)");
+        assert_eq!(half_open_verdict(FLOW_TO_TARGET, TCP_SYN), HalfOpenVerdict::Keep, "a retransmitted SYN");
+        assert_eq!(half_open_verdict(FLOW_FROM_TARGET, TCP_SYN | TCP_ACK), HalfOpenVerdict::Keep, "the target's SYN-ACK");
+        assert_eq!(half_open_verdict(FLOW_FROM_TARGET, TCP_ACK), HalfOpenVerdict::Keep, "only the client's ACK promotes");
+        assert_eq!(half_open_verdict(FLOW_FROM_TARGET, TCP_RST), HalfOpenVerdict::Close);
+        assert_eq!(half_open_verdict(FLOW_TO_TARGET, TCP_RST | TCP_ACK), HalfOpenVerdict::Close);
+    }
+
+    #[test]
+    fn half_open_flows_expire_and_give_ports_up_under_pressure() {
+        let s = 1_000_000_000u64;
+        assert!(!half_open_expired(10 * s, 12 * s, DEFAULT_HALF_OPEN_TIMEOUT_NS));
+        assert!(half_open_expired(10 * s, 13 * s, DEFAULT_HALF_OPEN_TIMEOUT_NS));
+        assert!(!half_open_port_takeable(10 * s, 10 * s + HALF_OPEN_TAKEOVER_AGE_NS - 1));
+        assert!(half_open_port_takeable(10 * s, 10 * s + HALF_OPEN_TAKEOVER_AGE_NS));
+    }
 
     #[test]
     fn rst_closes_from_either_side() {

@@ -77,6 +77,42 @@ impl ForwardEvent {
     }
 }
 
+/// Index of a flow-state event in the per-CPU `FLOW_EVENTS` array (host-order `u32` map
+/// keys): what happened to half-open TCP flows and to flows the datapath lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct FlowEvent(pub u32);
+
+impl FlowEvent {
+    /// A SYN started a half-open flow.
+    pub const HALF_OPEN_STARTED: Self = Self(0);
+    /// The client's ACK completed a handshake: the flow moved to conntrack.
+    pub const HALF_OPEN_PROMOTED: Self = Self(1);
+    /// A half-open flow was found past its timeout and forgotten (its port given back).
+    pub const HALF_OPEN_EXPIRED: Self = Self(2);
+    /// A new flow took the source port of a half-open flow because every candidate port
+    /// was held (a SYN flood's pressure).
+    pub const HALF_OPEN_TAKEN_OVER: Self = Self(3);
+    /// A TCP packet other than a SYN found no state: its flow was evicted (or is older than
+    /// the datapath) and is placed again by the table.
+    pub const ESTABLISHED_MISSED: Self = Self(4);
+
+    pub const COUNT: u32 = 5;
+    pub const ALL: [Self; Self::COUNT as usize] =
+        [Self::HALF_OPEN_STARTED, Self::HALF_OPEN_PROMOTED, Self::HALF_OPEN_EXPIRED, Self::HALF_OPEN_TAKEN_OVER, Self::ESTABLISHED_MISSED];
+
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "half_open_started",
+            1 => "half_open_promoted",
+            2 => "half_open_expired",
+            3 => "half_open_taken_over",
+            4 => "established_missed",
+            _ => "unknown",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,5 +124,9 @@ mod tests {
             assert_ne!(class.name(), "unknown");
         }
         assert_eq!(PacketClass(PacketClass::COUNT).name(), "unknown");
+        for (i, event) in FlowEvent::ALL.iter().enumerate() {
+            assert_eq!(event.0 as usize, i);
+            assert_ne!(event.name(), "unknown");
+        }
     }
 }

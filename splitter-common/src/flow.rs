@@ -52,11 +52,28 @@ pub const SNAT_PORT_TRIES: u32 = 32;
 /// hash-chosen start and a stride that is coprime with the range, so attempts differ.
 #[inline(always)]
 pub const fn snat_port(hash: u32, attempt: u32) -> u16 {
-    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    snat_port_in(hash, attempt, SNAT_PORT_MIN, SNAT_PORT_MAX - SNAT_PORT_MIN + 1)
+}
+
+const _: () = assert!(!((SNAT_PORT_MAX - SNAT_PORT_MIN + 1) as u32).is_multiple_of(4099));
+
+/// [`snat_port`] within `port_count` ports from `port_min` (a gateway's own range). The
+/// stride 4099 is prime, so candidates differ unless the range is a multiple of it.
+#[inline(always)]
+pub const fn snat_port_in(hash: u32, attempt: u32, port_min: u16, port_count: u16) -> u16 {
+    let range = if port_count == 0 { 1 } else { port_count as u32 };
     let start = (hash >> 8) % range;
-    // 4099 is prime and does not divide the range, so the stride is coprime with it.
-    const _: () = assert!(!((SNAT_PORT_MAX - SNAT_PORT_MIN + 1) as u32).is_multiple_of(4099));
-    SNAT_PORT_MIN + ((start + attempt * 4099) % range) as u16
+    port_min.wrapping_add(((start + attempt * 4099) % range) as u16)
+}
+
+/// Which of a pool's `count` source addresses candidate `attempt` of a flow uses: spread
+/// by the hash's low bits (the port takes the high ones), the same for the same flow.
+#[inline(always)]
+pub const fn snat_address_index(hash: u32, attempt: u32, count: u32) -> u32 {
+    if count == 0 {
+        return 0;
+    }
+    ((hash & 0xff) + attempt) % count
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ pub mod flow;
 pub mod maps;
 pub mod table;
 
-pub use counters::{ForwardEvent, PacketClass};
+pub use counters::{FlowEvent, ForwardEvent, PacketClass};
 
 /// Name of the XDP program inside the object.
 pub const PROGRAM_NAME: &str = "splitter";
@@ -50,9 +50,38 @@ pub mod map_names {
     pub const PACKET_COUNTERS: &str = "PACKET_COUNTERS";
     /// Forwarding outcomes; written by the program, read by the agent.
     pub const FORWARD_EVENTS: &str = "FORWARD_EVENTS";
-    /// Every map the agent pins and adopts.
-    pub const PINNED: [&str; 8] =
+    /// Flows whose TCP handshake has not completed; written by the program (the agent
+    /// only reads it), promoted to `CONNTRACK` by the client's ACK, forgotten after the
+    /// half-open timeout. A flood of SYNs evicts only these, never an established flow.
+    pub const HALF_OPEN: &str = "HALF_OPEN";
+    /// Flow-state events (half-open flows started, promoted, expired, ports taken over),
+    /// per CPU; written by the program, read by the agent.
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    /// Full-NAT source addresses and ports per gateway; written by the agent, read by the program.
+    pub const SOURCE_POOLS: &str = "SOURCE_POOLS";
+    /// What runs: layout version and build of the program; written by the agent, read by
+    /// the next agent (to adopt, upgrade or refuse).
+    pub const DATAPATH_INFO: &str = "DATAPATH_INFO";
+    /// The maps every datapath of this layout version has had since its first release: pins
+    /// holding these (and a program and links) are a datapath to adopt or upgrade; maps
+    /// added since are created when missing.
+    pub const CORE: [&str; 8] =
         [GATEWAYS, BUCKET_TABLES, TARGETS, CONNTRACK, TARGET_COUNTERS, GATEWAY_COUNTERS, PACKET_COUNTERS, FORWARD_EVENTS];
+    /// Every map the agent pins and adopts.
+    pub const PINNED: [&str; 12] = [
+        GATEWAYS,
+        BUCKET_TABLES,
+        TARGETS,
+        CONNTRACK,
+        TARGET_COUNTERS,
+        GATEWAY_COUNTERS,
+        PACKET_COUNTERS,
+        FORWARD_EVENTS,
+        HALF_OPEN,
+        FLOW_EVENTS,
+        SOURCE_POOLS,
+        DATAPATH_INFO,
+    ];
 }
 
 /// Asserts at compile time that a shared type has the size the other side expects.

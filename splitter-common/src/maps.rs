@@ -14,6 +14,10 @@ pub const MAX_TARGETS_PER_GATEWAY: u32 = 256;
 pub const DEFAULT_MAX_GATEWAYS: u32 = 64;
 /// Default conntrack capacity in entries; each flow takes two (`--conntrack-size`).
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+/// Default capacity of the half-open table in entries; each flow takes two
+/// (`--half-open-size`). A flood evicts the oldest half-open flows first, so the table
+/// needs to hold only what arrives within a handshake's round trip.
+pub const DEFAULT_HALF_OPEN_ENTRIES: u32 = 262_144;
 /// Per-target counter slots (one per gateway target, stable across weight changes).
 pub const MAX_TARGET_COUNTERS: u32 = 4096;
 
@@ -190,6 +194,40 @@ pub struct GatewayCounters {
 }
 assert_size!(GatewayCounters, 32);
 
+/// What the pinned datapath is, for the next agent: the layout version of its maps and a
+/// digest of the program (build id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DatapathInfo {
+    /// `LAYOUT_VERSION` of the agent that created the maps (host order).
+    pub layout_version: u32,
+    pub _pad: u32,
+    /// Digest of the eBPF object the running program was loaded from (host order).
+    pub build_id: u64,
+}
+assert_size!(DatapathInfo, 16);
+
+/// Most source addresses one gateway's full NAT may use.
+pub const MAX_SOURCE_ADDRESSES: usize = 16;
+
+/// The full-NAT source addresses and port range of a gateway, at its `gateway_id`; with no
+/// address, each target's `snat_addr` (the node's address towards it) is used, and with
+/// no port count, the default range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SourcePool {
+    /// Source addresses, network byte order; the first `count` are used.
+    pub addrs: [u32; MAX_SOURCE_ADDRESSES],
+    /// Addresses in use (host order).
+    pub count: u32,
+    /// First source port (host order).
+    pub port_min: u16,
+    /// Ports from `port_min` on (host order; 0 means the default range). At most
+    /// 65535 - port_min + 1.
+    pub port_count: u16,
+}
+assert_size!(SourcePool, 72);
+
 #[cfg(feature = "user")]
 mod pod_impls {
     // SAFETY (for each): the types are `#[repr(C)]`, have no padding (size assertions
@@ -202,4 +240,6 @@ mod pod_impls {
     unsafe impl aya::Pod for super::FlowEntry {}
     unsafe impl aya::Pod for super::TargetCounters {}
     unsafe impl aya::Pod for super::GatewayCounters {}
+    unsafe impl aya::Pod for super::SourcePool {}
+    unsafe impl aya::Pod for super::DatapathInfo {}
 }

@@ -14,7 +14,7 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
-    helpers::{bpf_fib_lookup, bpf_jiffies64, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_jiffies64, bpf_ktime_get_ns, bpf_loop, bpf_redirect},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -29,15 +29,18 @@ use network_types::{
     udp::UdpHdr,
 };
 use splitter_common::{
-    conntrack::{port_reusable, tcp_verdict, TcpVerdict, TCP_ACK, TCP_SYN},
-    csum::CsumDelta,
-    flow::{bucket_slot, client_hash, flow_hash, snat_port, SNAT_PORT_TRIES},
-    maps::{
-        BucketTable, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, TargetCounters, TargetEntry, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_MAX_GATEWAYS, FLOW_FROM_TARGET, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY,
-        MAX_TARGET_COUNTERS, PROTO_TCP,
+    conntrack::{
+        half_open_expired, half_open_port_takeable, half_open_verdict, port_reusable, tcp_verdict, HalfOpenVerdict, TcpVerdict,
+        DEFAULT_HALF_OPEN_TIMEOUT_NS, TCP_ACK, TCP_SYN,
     },
-    ForwardEvent, PacketClass,
+    csum::CsumDelta,
+    flow::{bucket_slot, client_hash, flow_hash, snat_address_index, snat_port_in, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
+    maps::{
+        BucketTable, DatapathInfo, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool, TargetCounters, TargetEntry,
+        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_HALF_OPEN_ENTRIES, DEFAULT_MAX_GATEWAYS, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_TO_TARGET,
+        GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
+    },
+    FlowEvent, ForwardEvent, PacketClass,
 };
 
 /// Packets seen, per CPU, indexed by [`PacketClass`].
@@ -70,6 +73,33 @@ static TARGETS: Array<TargetEntry> = Array::with_max_entries(2 * DEFAULT_MAX_GAT
 /// (expiry sweep, flush). Read by: both.
 #[map]
 static CONNTRACK: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// TCP flows whose handshake has not completed, keyed like `CONNTRACK` (both directions).
+/// A SYN flood fills and evicts only this map; the client's ACK moves a flow to
+/// `CONNTRACK`; an entry past the half-open timeout counts as gone (its full-NAT port is
+/// free). Written by: this program. Read by: this program (the agent only counts it).
+#[map]
+static HALF_OPEN: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_HALF_OPEN_ENTRIES, 0);
+
+/// Flow-state events, per CPU, indexed by [`FlowEvent`].
+/// Written by: this program. Read by: the agent.
+#[map]
+static FLOW_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FlowEvent::COUNT, 0);
+
+/// Full-NAT source addresses and port range of each gateway, at `GatewayState.gateway_id`.
+/// Written by: the agent (before the gateway's state names it). Read by: this program.
+#[map]
+static SOURCE_POOLS: Array<SourcePool> = Array::with_max_entries(DEFAULT_MAX_GATEWAYS, 0);
+
+/// The layout version and build of what runs, for the next agent.
+/// Written by: the agent. Read by: the agent (never this program).
+#[map]
+static DATAPATH_INFO: Array<DatapathInfo> = Array::with_max_entries(1, 0);
+
+/// How long a half-open flow lives, nanoseconds; set by the agent at load
+/// (`--half-open-timeout`).
+#[unsafe(no_mangle)]
+static HALF_OPEN_TIMEOUT_NS: u64 = DEFAULT_HALF_OPEN_TIMEOUT_NS;
 
 /// Per-target counters, per CPU, at `TargetEntry.counter_index`.
 /// Written by: this program. Read by: the agent.
@@ -198,6 +228,20 @@ fn count(class: PacketClass) {
 }
 
 #[inline(always)]
+fn count_flow_event(event: FlowEvent) {
+    if let Some(counter) = FLOW_EVENTS.get_ptr_mut(event.0) {
+        // SAFETY: as in `count`.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn half_open_timeout_ns() -> u64 {
+    // SAFETY: a global the loader may have overridden; read as it is in the object's data.
+    unsafe { core::ptr::read_volatile(&HALF_OPEN_TIMEOUT_NS) }
+}
+
+#[inline(always)]
 fn count_event(event: ForwardEvent) {
     if let Some(counter) = FORWARD_EVENTS.get_ptr_mut(event.0) {
         // SAFETY: as in `count`.
@@ -266,6 +310,14 @@ fn try_splitter(ctx: &XdpContext) -> Result<u32, Error> {
             return Ok(action);
         }
         // A new SYN reusing a closed flow's 5-tuple: start a new flow below.
+    }
+    if packet.key().proto == PROTO_TCP {
+        if let Some(entry) = HALF_OPEN.get_ptr_mut(packet.key()) {
+            if let Some(action) = half_open(ctx, &packet, entry)? {
+                return Ok(action);
+            }
+            // Expired: a new flow below (or a miss, for anything but a SYN).
+        }
     }
     let gateway_key = GatewayKey { vip: packet.key().dst_addr, port: packet.key().dst_port, proto: packet.key().proto, _pad: 0 };
     // SAFETY: the value is copied out at once; the agent replaces values whole.
@@ -417,8 +469,90 @@ fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Resu
     Ok(Some(forward(ctx, packet, &flow.rewritten)))
 }
 
+/// A packet of a half-open TCP flow (in either direction). Returns `None` when the flow
+/// expired: the caller treats the packet as the first of a new flow.
+#[inline(always)]
+fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result<Option<u32>, Error> {
+    // SAFETY: `entry` points at a live half-open value; it is copied, then single fields
+    // are written through the pointer.
+    let flow = unsafe { *entry };
+    let to_target = flow.flags & FLOW_TO_TARGET != 0;
+    // The client's key and the target's (reply) key of the flow.
+    let (client_key, reply_key) =
+        if to_target { (*packet.key(), flow.rewritten.reversed()) } else { (flow.rewritten.reversed(), *packet.key()) };
+    let now = now_ns();
+    if half_open_expired(flow.created_ns, now, half_open_timeout_ns()) {
+        let _ = HALF_OPEN.remove(&client_key);
+        let _ = HALF_OPEN.remove(&reply_key);
+        count_flow_event(FlowEvent::HALF_OPEN_EXPIRED);
+        return Ok(None);
+    }
+    let counters = TARGET_COUNTERS.get_ptr_mut(flow.counter_index);
+    match half_open_verdict(flow.flags, packet.tcp_flags) {
+        HalfOpenVerdict::Promote => {
+            // The target's entry as the handshake left it (its SYN-ACK marked it), or as it
+            // would be, should the LRU have dropped it.
+            let reply = half_open_copy(&reply_key).unwrap_or(FlowEntry {
+                rewritten: client_key.reversed(),
+                counter_index: flow.counter_index,
+                flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED,
+                last_seen_ns: now,
+                created_ns: flow.created_ns,
+            });
+            if CONNTRACK.insert(&reply_key, &reply, u64::from(BPF_ANY)).is_err()
+                || CONNTRACK.insert(&client_key, &flow, u64::from(BPF_ANY)).is_err()
+            {
+                // Conntrack refused (it cannot be full: it is an LRU): keep it half-open.
+                let _ = CONNTRACK.remove(&reply_key);
+            } else {
+                let _ = HALF_OPEN.remove(&client_key);
+                let _ = HALF_OPEN.remove(&reply_key);
+                count_flow_event(FlowEvent::HALF_OPEN_PROMOTED);
+            }
+        }
+        HalfOpenVerdict::Close => {
+            let _ = HALF_OPEN.remove(&client_key);
+            let _ = HALF_OPEN.remove(&reply_key);
+            if let (false, Some(c)) = (to_target, counters) {
+                // SAFETY: a per-CPU slot of this CPU.
+                unsafe { (*c).resets_from_target += 1 };
+            }
+        }
+        HalfOpenVerdict::Keep => {
+            let syn_ack = packet.tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK);
+            if !to_target && syn_ack && flow.flags & FLOW_ESTABLISHED == 0 {
+                // SAFETY: see above.
+                unsafe { (*entry).flags = flow.flags | FLOW_ESTABLISHED };
+                if let Some(c) = counters {
+                    // SAFETY: a per-CPU slot of this CPU.
+                    unsafe {
+                        (*c).connects += 1;
+                        (*c).connect_ns_total += now.saturating_sub(flow.created_ns);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(c) = counters {
+        let bytes = u64::from(packet.ip_len);
+        // SAFETY: a per-CPU slot of this CPU.
+        unsafe {
+            if to_target {
+                (*c).packets_to_target += 1;
+                (*c).bytes_to_target += bytes;
+            } else {
+                (*c).packets_from_target += 1;
+                (*c).bytes_from_target += bytes;
+            }
+        }
+    }
+    rewrite(ctx, packet, &flow.rewritten)?;
+    Ok(Some(forward(ctx, packet, &flow.rewritten)))
+}
+
 /// The first packet of a flow to a gateway: pick a target, record the translation both
-/// ways, then forward like any packet of the flow.
+/// ways, then forward like any packet of the flow. A TCP SYN starts a half-open flow (in
+/// `HALF_OPEN`, until the client's ACK); anything else goes to `CONNTRACK` at once.
 #[inline(always)]
 fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result<u32, Error> {
     let key = packet.key();
@@ -426,10 +560,12 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         count_gateway(gateway.gateway_id, |c| &mut c.no_target);
         return Err(Error::Pass);
     }
-    if key.proto == PROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    let syn = key.proto == PROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if key.proto == PROTO_TCP && !syn {
         // Mid-stream packet of a flow we do not know (evicted, or older than the agent):
         // re-create it; the same table gives the same target.
         count_gateway(gateway.gateway_id, |c| &mut c.conntrack_miss);
+        count_flow_event(FlowEvent::ESTABLISHED_MISSED);
     }
     let hash = flow_hash(key);
     let slot_hash = if gateway.flags & GATEWAY_STICKY_CLIENT != 0 { client_hash(key.src_addr) } else { hash };
@@ -464,41 +600,23 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     if full_nat {
         to_target.src_addr = target.snat_addr;
     }
-    // Claim the reply direction's key atomically: with full NAT, each candidate source
-    // port is one attempt, so two CPUs never hand out the same port to two flows.
-    let attempts = if full_nat { SNAT_PORT_TRIES } else { 1 };
-    let mut claimed = false;
-    // The first candidate held by a flow closed long enough ago to give its port up: used
-    // only if no candidate is free, since the target may still hold that connection in
-    // TIME_WAIT and refuse a new one on the same port.
-    let mut reusable: Option<u32> = None;
-    for attempt in 0..attempts {
-        if full_nat {
-            to_target.src_port = snat_port(hash, attempt).to_be();
-        }
-        let reply_key = to_target.reversed();
-        if CONNTRACK.insert(&reply_key, &from_target, u64::from(BPF_NOEXIST)).is_ok() {
-            claimed = true;
-            break;
-        }
-        // Taken: by this very flow (its forward entry was evicted, or another CPU got
-        // its first packet too), or by another flow, then try the next port.
-        let Some(existing) = conntrack_copy(&reply_key) else { continue };
-        if existing.rewritten == from_target.rewritten {
-            claimed = true;
-            break;
-        }
-        if reusable.is_none() {
-            let holder_forward = conntrack_copy(&existing.rewritten.reversed());
-            if port_reusable(&existing, holder_forward.as_ref(), now) {
-                reusable = Some(attempt);
-            }
-        }
-    }
-    if let (false, Some(attempt)) = (claimed, reusable) {
-        to_target.src_port = snat_port(hash, attempt).to_be();
-        claimed = take_over_port(&to_target.reversed(), &from_target, now);
-    }
+    let mut claim = Claim {
+        to: to_target,
+        from_target,
+        now,
+        timeout: half_open_timeout_ns(),
+        oldest_created: 0,
+        node_addr: to_target.src_addr,
+        hash,
+        gateway_id: gateway.gateway_id,
+        full_nat: u32::from(full_nat),
+        claimed: 0,
+        reusable: 0,
+        oldest: 0,
+        _pad: 0,
+    };
+    let claimed = if syn { claim_half_open(&mut claim) } else { claim_conntrack(&mut claim) };
+    let to_target = claim.to;
     if !claimed {
         // Dropped, not passed: the kernel would answer the VIP with "unreachable", while
         // a dropped SYN is retried by the client a second later.
@@ -507,10 +625,14 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     }
     let flow =
         FlowEntry { rewritten: to_target, counter_index: target.counter_index, flags: FLOW_TO_TARGET, last_seen_ns: now, created_ns: now };
-    if CONNTRACK.insert(key, &flow, u64::from(BPF_ANY)).is_err() {
-        let _ = CONNTRACK.remove(&to_target.reversed());
+    let table = if syn { &HALF_OPEN } else { &CONNTRACK };
+    if table.insert(key, &flow, u64::from(BPF_ANY)).is_err() {
+        let _ = table.remove(&to_target.reversed());
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
         return Ok(xdp_action::XDP_DROP);
+    }
+    if syn {
+        count_flow_event(FlowEvent::HALF_OPEN_STARTED);
     }
     count_gateway(gateway.gateway_id, |c| &mut c.new_flows);
     if let Some(c) = TARGET_COUNTERS.get_ptr_mut(target.counter_index) {
@@ -525,6 +647,222 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     debug!(ctx, "new flow to target index {} (table {})", index, gateway.table_index);
     rewrite(ctx, packet, &to_target)?;
     Ok(forward(ctx, packet, &to_target))
+}
+
+
+/// The pool of a gateway whose pool slot cannot be read (none is configured then either).
+static NO_SOURCE_POOL: SourcePool = SourcePool { addrs: [0; MAX_SOURCE_ADDRESSES], count: 0, port_min: 0, port_count: 0 };
+
+/// A search for a free source among a new flow's candidates, run by `bpf_loop` one
+/// candidate per call (the verifier checks the callback once, not each iteration), with
+/// what it found kept here. Values, not pointers: the callback sees only this struct.
+#[repr(C)]
+struct Claim {
+    /// The flow's key towards the target; its source is each candidate in turn, and the
+    /// claimed one at the end.
+    to: FlowKey,
+    /// The reply direction's entry, claimed under the reply key.
+    from_target: FlowEntry,
+    now: u64,
+    timeout: u64,
+    /// `created_ns` of the oldest half-open holder that may lose its port.
+    oldest_created: u64,
+    node_addr: u32,
+    hash: u32,
+    gateway_id: u32,
+    /// 1 for full NAT (candidates from the pool), 0 for DNAT (the client's own tuple).
+    full_nat: u32,
+    /// 1 once a candidate is claimed.
+    claimed: u32,
+    /// Candidate index + 1 of the first port a closed flow may give up (0: none).
+    reusable: u32,
+    /// Candidate index + 1 of the oldest half-open holder that may lose its port (0: none).
+    oldest: u32,
+    _pad: u32,
+}
+
+impl Claim {
+    /// The gateway's pool (read in place; a copy would not fit the stack).
+    #[inline(always)]
+    fn pool(&self) -> &'static SourcePool {
+        SOURCE_POOLS.get(self.gateway_id).unwrap_or(&NO_SOURCE_POOL)
+    }
+
+    /// Makes candidate `attempt` the key's source (full NAT only).
+    #[inline(always)]
+    fn candidate(&mut self, attempt: u32) {
+        if self.full_nat != 0 {
+            let pool = self.pool();
+            set_source(&mut self.to, self.hash, attempt, pool, self.node_addr);
+        }
+    }
+
+    fn attempts(&self) -> u32 {
+        if self.full_nat != 0 { SNAT_PORT_TRIES } else { 1 }
+    }
+}
+
+/// Sets the full-NAT source of candidate `attempt` of a flow: a port of the gateway's
+/// range and, with a pool, one of its addresses (else the node's address towards the
+/// target).
+#[inline(always)]
+fn set_source(to: &mut FlowKey, hash: u32, attempt: u32, pool: &SourcePool, node_addr: u32) {
+    let (port_min, port_count) =
+        if pool.port_count == 0 { (SNAT_PORT_MIN, SNAT_PORT_MAX - SNAT_PORT_MIN + 1) } else { (pool.port_min, pool.port_count) };
+    to.src_port = snat_port_in(hash, attempt, port_min, port_count).to_be();
+    to.src_addr = node_addr;
+    if pool.count > 0 {
+        let i = snat_address_index(hash, attempt, pool.count) as usize;
+        if let Some(addr) = pool.addrs.get(i & (MAX_SOURCE_ADDRESSES - 1)) {
+            to.src_addr = *addr;
+        }
+    }
+}
+
+/// One candidate of a half-open flow's search (a `bpf_loop` callback): claimed in
+/// `HALF_OPEN` when no established flow and no live half-open flow holds it; a holder past
+/// the half-open timeout gives it up at once; otherwise the best fallbacks are noted.
+/// Returns 1 to stop the loop.
+extern "C" fn half_open_candidate(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `Claim` on `claim_half_open`'s stack, passed to bpf_loop.
+    let claim = unsafe { &mut *ctx.cast::<Claim>() };
+    let attempt = index as u32;
+    claim.candidate(attempt);
+    let reply_key = claim.to.reversed();
+    // SAFETY: a map value read in place.
+    if let Some(held) = unsafe { CONNTRACK.get(&reply_key) } {
+        if claim.reusable == 0 && port_reusable(held, conntrack_copy(&held.rewritten.reversed()).as_ref(), claim.now) {
+            claim.reusable = attempt + 1;
+        }
+        return 0;
+    }
+    if HALF_OPEN.insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
+        claim.claimed = 1;
+        return 1;
+    }
+    let Some(holder) = half_open_copy(&reply_key) else { return 0 };
+    if holder.rewritten == claim.from_target.rewritten {
+        // This very flow: a SYN again, its own entry evicted meanwhile.
+        claim.claimed = 1;
+        return 1;
+    }
+    if half_open_expired(holder.created_ns, claim.now, claim.timeout) {
+        let _ = HALF_OPEN.remove(&holder.rewritten.reversed());
+        let _ = HALF_OPEN.remove(&reply_key);
+        count_flow_event(FlowEvent::HALF_OPEN_EXPIRED);
+        if HALF_OPEN.insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
+            claim.claimed = 1;
+            return 1;
+        }
+        return 0;
+    }
+    if half_open_port_takeable(holder.created_ns, claim.now) && (claim.oldest == 0 || holder.created_ns < claim.oldest_created) {
+        claim.oldest = attempt + 1;
+        claim.oldest_created = holder.created_ns;
+    }
+    0
+}
+
+/// Claims the reply key of a new half-open flow in `HALF_OPEN`, atomically across CPUs: a
+/// candidate source no established flow holds and no live half-open flow holds. When every
+/// candidate is held, a closed flow's port is taken as in [`claim_conntrack`], else the
+/// oldest half-open holder old enough ([`half_open_port_takeable`]) loses its port (a SYN
+/// flood's pressure). With DNAT there is one candidate, the client's own tuple.
+#[inline(always)]
+fn claim_half_open(claim: &mut Claim) -> bool {
+    // SAFETY: the callback is a static function of this program; `claim` outlives the call.
+    unsafe { bpf_loop(claim.attempts(), half_open_candidate as *mut _, (claim as *mut Claim).cast(), 0) };
+    if claim.claimed != 0 {
+        return true;
+    }
+    if claim.full_nat == 0 {
+        return false;
+    }
+    if claim.reusable != 0 {
+        claim.candidate(claim.reusable - 1);
+        let reply_key = claim.to.reversed();
+        if let Some(held) = conntrack_copy(&reply_key) {
+            let old_forward = held.rewritten.reversed();
+            if port_reusable(&held, conntrack_copy(&old_forward).as_ref(), claim.now) {
+                let _ = CONNTRACK.remove(&old_forward);
+                let _ = CONNTRACK.remove(&reply_key);
+                if HALF_OPEN.insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
+                    return true;
+                }
+            }
+        }
+    }
+    if claim.oldest != 0 {
+        claim.candidate(claim.oldest - 1);
+        let reply_key = claim.to.reversed();
+        if let Some(holder) = half_open_copy(&reply_key) {
+            if holder.created_ns == claim.oldest_created {
+                let _ = HALF_OPEN.remove(&holder.rewritten.reversed());
+                let _ = HALF_OPEN.remove(&reply_key);
+                count_flow_event(FlowEvent::HALF_OPEN_TAKEN_OVER);
+            }
+        }
+        return HALF_OPEN.insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok();
+    }
+    false
+}
+
+/// One candidate of a conntrack flow's search (a `bpf_loop` callback): claimed in
+/// `CONNTRACK` unless a live half-open flow or another flow holds it. Returns 1 to stop.
+extern "C" fn conntrack_candidate(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `Claim` on `claim_conntrack`'s stack, passed to bpf_loop.
+    let claim = unsafe { &mut *ctx.cast::<Claim>() };
+    let attempt = index as u32;
+    claim.candidate(attempt);
+    let reply_key = claim.to.reversed();
+    if claim.to.proto == PROTO_TCP {
+        if let Some(holder) = half_open_copy(&reply_key) {
+            if holder.rewritten != claim.from_target.rewritten && !half_open_expired(holder.created_ns, claim.now, claim.timeout) {
+                return 0;
+            }
+        }
+    }
+    if CONNTRACK.insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
+        claim.claimed = 1;
+        return 1;
+    }
+    // Taken: by this very flow (its forward entry was evicted, or another CPU got its first
+    // packet too), or by another flow, then try the next port.
+    let Some(existing) = conntrack_copy(&reply_key) else { return 0 };
+    if existing.rewritten == claim.from_target.rewritten {
+        claim.claimed = 1;
+        return 1;
+    }
+    if claim.reusable == 0 && port_reusable(&existing, conntrack_copy(&existing.rewritten.reversed()).as_ref(), claim.now) {
+        claim.reusable = attempt + 1;
+    }
+    0
+}
+
+/// Claims the reply key of a flow that goes straight to `CONNTRACK` (UDP, or a TCP flow
+/// seen mid-stream), atomically across CPUs: with full NAT, each candidate source is one
+/// attempt, so two CPUs never hand out the same one. The first candidate held by a flow
+/// closed long enough ago is used only if none is free, since the target may still hold
+/// that connection in TIME_WAIT and refuse a new one on the same port.
+#[inline(always)]
+fn claim_conntrack(claim: &mut Claim) -> bool {
+    // SAFETY: as in `claim_half_open`.
+    unsafe { bpf_loop(claim.attempts(), conntrack_candidate as *mut _, (claim as *mut Claim).cast(), 0) };
+    if claim.claimed != 0 {
+        return true;
+    }
+    if claim.full_nat != 0 && claim.reusable != 0 {
+        claim.candidate(claim.reusable - 1);
+        return take_over_port(&claim.to.reversed(), &claim.from_target, claim.now);
+    }
+    false
+}
+
+/// A copy of the half-open entry of `key`, if any.
+#[inline(always)]
+fn half_open_copy(key: &FlowKey) -> Option<FlowEntry> {
+    // SAFETY: the value is copied out at once.
+    unsafe { HALF_OPEN.get(key) }.copied()
 }
 
 /// A copy of the conntrack entry of `key`, if any.

@@ -9,16 +9,12 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::{
-    programs::{links::FdLink, ProgramInfo, Xdp, XdpMode},
-    Ebpf,
-};
+use aya::programs::XdpMode;
 use clap::{Args, ValueEnum};
 use log::{info, warn};
 use splitter_common::{
     conntrack::Timeouts,
-    maps::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_GATEWAYS},
-    PROGRAM_NAME,
+    maps::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_HALF_OPEN_ENTRIES, DEFAULT_MAX_GATEWAYS},
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -28,9 +24,9 @@ use tokio::{
 
 use crate::{
     api::{Answer, DEFAULT_SOCKET},
-    config, control,
+    attach, config, control,
     controller::{Controller, Inbox, Op, Settings},
-    datapath::{Datapath, Limits, Maps},
+    datapath::{Datapath, Limits},
     health::{self, HealthReport},
     pin::Pins,
     state, system,
@@ -91,6 +87,18 @@ pub struct AgentArgs {
     /// Seconds after which an idle UDP flow is forgotten.
     #[arg(long, default_value_t = 30)]
     udp_timeout: u64,
+    /// Half-open table capacity in entries (two per TCP flow still in its handshake); a SYN
+    /// flood evicts only these, never an established flow.
+    #[arg(long, default_value_t = DEFAULT_HALF_OPEN_ENTRIES)]
+    half_open_size: u32,
+    /// How long a TCP flow may take to complete its handshake before its state and its
+    /// full-NAT port are given back (e.g. 3s, 500ms).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    half_open_timeout: Duration,
+    /// Load this eBPF object instead of the one built into the binary (upgrade tests, or a
+    /// datapath fix without rebuilding the agent).
+    #[arg(long, value_name = "PATH", hide = true)]
+    ebpf_object: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -142,28 +150,38 @@ fn cleanup(bpffs: &Path) -> Result<()> {
     Ok(())
 }
 
-/// What keeps the datapath attached while the agent runs.
-enum Attachment {
-    /// Loaded by this agent; links owned by the program (ephemeral) or pinned.
-    Loaded { _ebpf: Ebpf },
-    /// Adopted from pins left by an earlier agent.
-    Adopted,
-}
-
 async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
-    let limits = Limits { max_gateways: args.max_gateways.max(1), conntrack_entries: args.conntrack_size.max(2) };
+    let limits = Limits {
+        max_gateways: args.max_gateways.max(1),
+        conntrack_entries: args.conntrack_size.max(2),
+        half_open_entries: args.half_open_size.max(2),
+        half_open_timeout_ns: args.half_open_timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
+    };
     let pins = if args.ephemeral { None } else { Some(Pins::open(&args.bpffs)?) };
-    let adopting = pins.as_ref().is_some_and(|p| p.has_datapath(&args.ifaces));
-
-    let (maps, attachment, program_id) = if adopting {
-        let pins = pins.as_ref().unwrap();
-        let maps = Maps::open_pinned(pins)?;
-        let program_id = ProgramInfo::from_pin(pins.program()).map(|i| i.id()).unwrap_or(0);
-        spawn_kernel_logger(aya_log::EbpfLogger::init_from_id(program_id));
-        info!("adopting the datapath pinned under {} (program id {program_id})", pins.dir().display());
-        (maps, Attachment::Adopted, program_id)
-    } else {
-        load_and_attach(&args, limits, pins.as_ref())?
+    let object = match &args.ebpf_object {
+        Some(path) => std::fs::read(path).with_context(|| format!("reading the eBPF object {}", path.display()))?,
+        None => EBPF_OBJECT.to_vec(),
+    };
+    // Kernel log statements at or below the agent's own level are kept; the rest are
+    // skipped in the kernel at the cost of one load.
+    let kernel_log_level = log::max_level() as u8;
+    let running = attach::run(&object, &args.ifaces, args.xdp_mode.mode(), limits, pins.as_ref(), kernel_log_level)
+        .with_context(|| format!("starting the datapath ({} mode)", args.xdp_mode.name()))?;
+    let attach::Running { maps, program_id, build_id, how, ebpf } = running;
+    let mut ebpf = ebpf;
+    match ebpf.as_mut() {
+        Some(ebpf) => spawn_kernel_logger(aya_log::EbpfLogger::init(ebpf)),
+        None => spawn_kernel_logger(aya_log::EbpfLogger::init_from_id(program_id)),
+    }
+    let adopting = how != attach::How::Attached;
+    let build = attach::describe_build(build_id);
+    let how_line = match &how {
+        attach::How::Attached => "attached to".to_string(),
+        attach::How::Adopted => "adopted on".to_string(),
+        attach::How::Upgraded { from_build, from_program } => format!(
+            "upgraded (program {from_program}, build {}, replaced; flows kept) on",
+            from_build.map_or("unknown".into(), attach::describe_build)
+        ),
     };
 
     let datapath = Datapath::new(maps, limits);
@@ -173,7 +191,7 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
         None => None,
     };
     let timeouts = Timeouts { udp_idle_ns: args.udp_timeout.saturating_mul(1_000_000_000), ..Timeouts::DEFAULT };
-    let settings = Settings { state_dir, config: args.config.clone(), timeouts, program_id };
+    let settings = Settings { state_dir, config: args.config.clone(), timeouts, program_id, build: build.clone() };
     let mut controller = Controller::new(datapath, settings);
     if let Some(saved) = &saved {
         controller.restore(saved, adopting);
@@ -196,8 +214,7 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut sigusr1 = signal(SignalKind::user_defined1())?;
     println!(
-        "splitter agent ready: XDP {} {} ({} mode), control socket {}",
-        if adopting { "adopted on" } else { "attached to" },
+        "splitter agent ready: XDP {how_line} {} ({} mode), program {program_id} build {build}, control socket {}",
         args.ifaces.join(","),
         args.xdp_mode.name(),
         args.socket.display()
@@ -241,9 +258,9 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
         warn!("a control connection is still open; stopping without waiting for it");
     }
     let _ = std::fs::remove_file(&args.socket);
-    match attachment {
-        Attachment::Loaded { _ebpf } if args.ephemeral => {
-            drop(_ebpf);
+    match ebpf {
+        Some(ebpf) if args.ephemeral => {
+            drop(ebpf);
             println!("splitter agent stopped: XDP detached; packet counters {packets}");
         }
         _ => println!(
@@ -252,41 +269,6 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
         ),
     }
     Ok(())
-}
-
-/// Loads the object, pins its maps (unless ephemeral), attaches the program to every
-/// interface and pins the links.
-fn load_and_attach(args: &AgentArgs, limits: Limits, pins: Option<&Pins>) -> Result<(Maps, Attachment, u32)> {
-    if let Some(pins) = pins {
-        // Leftovers of an earlier datapath that cannot be adopted (say, on other
-        // interfaces) would block the new pins.
-        pins.remove_all()?;
-    }
-    // Kernel log statements at or below the agent's own level are kept; the rest are
-    // skipped in the kernel at the cost of one load.
-    let kernel_log_level = log::max_level() as u8;
-    let mut ebpf = crate::datapath::load_object(EBPF_OBJECT, limits, kernel_log_level)?;
-    spawn_kernel_logger(aya_log::EbpfLogger::init(&mut ebpf));
-    if let Some(pins) = pins {
-        pins.pin_maps(&ebpf)?;
-    }
-    let maps = Maps::take(&mut ebpf)?;
-    let program: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).context("the eBPF object has no XDP program named splitter")?.try_into()?;
-    program.load().context("loading the XDP program into the kernel")?;
-    let program_id = program.info().map(|i| i.id()).unwrap_or(0);
-    if let Some(pins) = pins {
-        program.pin(pins.program()).context("pinning the program")?;
-    }
-    for iface in &args.ifaces {
-        let link_id = program
-            .attach(iface, args.xdp_mode.mode())
-            .with_context(|| format!("attaching XDP ({} mode) to {iface}", args.xdp_mode.name()))?;
-        if let Some(pins) = pins {
-            let link: FdLink = program.take_link(link_id)?.try_into().context("the XDP link is not a bpf_link")?;
-            link.pin(pins.link(iface)).with_context(|| format!("pinning the link of {iface}"))?;
-        }
-    }
-    Ok((maps, Attachment::Loaded { _ebpf: ebpf }, program_id))
 }
 
 /// Sends a request to the controller and waits for its answer (none once it stopped).

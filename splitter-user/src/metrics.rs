@@ -13,6 +13,13 @@ pub struct Snapshot<'a> {
     pub packets: &'a [(&'static str, u64)],
     pub conntrack_entries: usize,
     pub conntrack_capacity: u32,
+    pub half_open_entries: usize,
+    pub half_open_capacity: u32,
+    /// Flow-state events by name (half-open flows started, promoted, expired, taken over;
+    /// established flows missed).
+    pub flow_events: &'a [(&'static str, u64)],
+    /// Build id of the running program.
+    pub build: &'a str,
     pub program_id: u32,
     /// Automated rollouts: gateway, state, canary weight (hundredths of a percent).
     pub rollouts: &'a [(String, &'static str, u32)],
@@ -214,6 +221,34 @@ pub fn render(s: &Snapshot<'_>) -> String {
         &[],
         s.conntrack_capacity,
     );
+    Family::new(&mut out, "splitter_half_open_entries", "gauge", "Half-open table entries in use (two per TCP flow in its handshake).")
+        .sample("splitter_half_open_entries", &[], s.half_open_entries);
+    Family::new(&mut out, "splitter_half_open_capacity", "gauge", "Half-open table capacity in entries.").sample(
+        "splitter_half_open_capacity",
+        &[],
+        s.half_open_capacity,
+    );
+    {
+        let name = "splitter_flow_events_total";
+        let mut f = Family::new(
+            &mut out,
+            name,
+            "counter",
+            "Flow-state events: half_open_started (a SYN), half_open_promoted (handshake completed), half_open_expired (timed out, \
+             port given back), half_open_taken_over (port taken under a flood's pressure), established_missed (a non-SYN TCP packet \
+             found no state: an evicted established flow, re-created by the table).",
+        );
+        for (event, value) in s.flow_events {
+            f.sample(name, &[("event", event)], value);
+        }
+    }
+    Family::new(
+        &mut out,
+        "splitter_datapath_info",
+        "gauge",
+        "The running datapath: its program's build id and map layout version (always 1).",
+    )
+    .sample("splitter_datapath_info", &[("build", s.build), ("layout", &splitter_common::LAYOUT_VERSION.to_string())], 1);
     Family::new(&mut out, "splitter_program_id", "gauge", "Kernel id of the attached XDP program (changes when the program is reloaded).")
         .sample("splitter_program_id", &[], s.program_id);
     Family::new(&mut out, "splitter_config_errors", "gauge", "Configuration files that failed to load and were not applied.").sample(

@@ -63,7 +63,9 @@ impl Pins {
 
     /// True when a previous agent left a datapath here attached to every `iface`.
     pub fn has_datapath(&self, ifaces: &[String]) -> bool {
-        self.program().exists() && PINNED_MAPS.iter().all(|m| self.map(m).exists()) && ifaces.iter().all(|i| self.link(i).exists())
+        self.program().exists()
+            && splitter_common::map_names::CORE.iter().all(|m| self.map(m).exists())
+            && ifaces.iter().all(|i| self.link(i).exists())
     }
 
     /// Pins every datapath map of a freshly loaded object.

@@ -9,7 +9,7 @@
 use std::net::Ipv4Addr;
 
 use aya::{
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::Xdp,
     Ebpf, EbpfLoader,
 };
@@ -20,7 +20,7 @@ use splitter_common::{
         FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
     },
     table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE},
-    PROGRAM_NAME,
+    FlowEvent, PROGRAM_NAME,
 };
 use splitter_tests::{
     ebpf_object,
@@ -130,8 +130,32 @@ impl Bench {
     }
 
     fn conntrack_len(&self) -> usize {
-        let ct: HashMap<&MapData, FlowKey, FlowEntry> = HashMap::try_from(self.ebpf.map("CONNTRACK").unwrap()).unwrap();
-        ct.keys().count()
+        self.len_of("CONNTRACK")
+    }
+
+    fn half_open_len(&self) -> usize {
+        self.len_of("HALF_OPEN")
+    }
+
+    fn len_of(&self, map: &str) -> usize {
+        let m: HashMap<&MapData, FlowKey, FlowEntry> = HashMap::try_from(self.ebpf.map(map).unwrap()).unwrap();
+        m.keys().count()
+    }
+
+    fn half_open_has(&self, key: &FlowKey) -> bool {
+        let m: HashMap<&MapData, FlowKey, FlowEntry> = HashMap::try_from(self.ebpf.map("HALF_OPEN").unwrap()).unwrap();
+        m.get(key, 0).is_ok()
+    }
+
+    fn half_open_insert(&mut self, key: FlowKey, entry: FlowEntry) {
+        let mut m: HashMap<&mut MapData, FlowKey, FlowEntry> = HashMap::try_from(self.ebpf.map_mut("HALF_OPEN").unwrap()).unwrap();
+        m.insert(key, entry, 0).unwrap();
+    }
+
+    /// A flow-state event's count (summed over CPUs).
+    fn flow_event(&self, event: FlowEvent) -> u64 {
+        let m: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.ebpf.map("FLOW_EVENTS").unwrap()).unwrap();
+        m.get(&event.0, 0).unwrap().iter().sum()
     }
 
     /// Runs the program on `frame` inside the namespace.
@@ -186,7 +210,7 @@ fn full_nat_translates_both_ways_with_valid_checksums() {
     assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&snat_port));
     assert!(frames::checksums_valid(&out), "IP and TCP checksums recomputed from scratch match");
     assert_eq!(out[0..6], NEIGH_MAC, "next-hop MAC from the FIB");
-    assert_eq!(bench.conntrack_len(), 2, "one entry per direction");
+    assert_eq!((bench.half_open_len(), bench.conntrack_len()), (2, 0), "half-open, one entry per direction, until the client's ACK");
 
     let syn_ack = tcp_frame(want.0, want.1, SNAT, snat_port, TCP_SYN | TCP_ACK, b"");
     let (action, back) = bench.run(&syn_ack);
@@ -195,9 +219,13 @@ fn full_nat_translates_both_ways_with_valid_checksums() {
     assert_eq!((ip_dst(&back), dport(&back)), (CLIENT, 40000));
     assert!(frames::checksums_valid(&back));
 
-    // Data with a payload of odd length, both ways.
+    assert_eq!(bench.half_open_len(), 2, "the target's SYN-ACK does not complete the handshake");
+
+    // Data with a payload of odd length, both ways: the client's ACK promotes the flow.
     let data = tcp_frame(CLIENT, 40000, VIP, 9050, TCP_ACK, b"GET / HTTP/1.0\r\n\r\n!");
     let (_, out2) = bench.run(&data);
+    assert_eq!((bench.half_open_len(), bench.conntrack_len()), (0, 2), "established: both entries moved to conntrack");
+    assert_eq!((bench.flow_event(FlowEvent::HALF_OPEN_STARTED), bench.flow_event(FlowEvent::HALF_OPEN_PROMOTED)), (1, 1));
     assert_eq!((ip_src(&out2), sport(&out2), ip_dst(&out2), dport(&out2)), (SNAT, snat_port, want.0, want.1));
     assert!(frames::checksums_valid(&out2));
 
@@ -377,6 +405,7 @@ fn full_nat_prefers_a_free_port_to_a_recently_closed_flows() {
     assert_eq!((ip_dst(&out), dport(&out)), (taddr, tport));
     assert_eq!(sport(&out), snat_port(hash, 1), "the next candidate, free");
     assert!(bench.conntrack_has(&held) && bench.conntrack_has(&holder), "the closed flow keeps its port");
+    assert!(bench.half_open_has(&first), "the new flow is half-open");
 
     // Every candidate of another flow is held: its first by a flow closed 2 s ago, the
     // rest by live flows. The closed flow's port is taken over.
@@ -398,6 +427,70 @@ fn full_nat_prefers_a_free_port_to_a_recently_closed_flows() {
     assert_eq!(action, XDP_REDIRECT);
     assert_eq!(sport(&out), snat_port(hash, 0), "no candidate free: the closed flow's port");
     assert!(!bench.conntrack_has(&holder), "the closed flow's forward entry is gone");
-    assert!(bench.conntrack_has(&held), "its reply key now belongs to the new flow");
-    assert!(bench.conntrack_has(&second));
+    assert!(!bench.conntrack_has(&held) && bench.half_open_has(&held), "its reply key now belongs to the new (half-open) flow");
+    assert!(bench.half_open_has(&second));
+}
+
+/// A SYN flood's spoofed flows never complete their handshake: they live in the half-open
+/// table only (an established flow's entries are never touched), give their port back after
+/// the half-open timeout, and under pressure lose it to a new flow once old enough.
+#[test]
+fn half_open_flows_never_touch_established_ones_and_give_their_ports_back() {
+    if !privileged("half_open_flows_never_touch_established_ones_and_give_their_ports_back") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, 0, 0, [1_000_000, 0]);
+    let (taddr, tport) = TARGETS[0];
+    // An established flow: handshake completed.
+    let (_, out) = bench.run(&tcp_frame(CLIENT, 41000, VIP, 9050, TCP_SYN, b""));
+    let established_port = sport(&out);
+    bench.run(&tcp_frame(taddr, tport, SNAT, established_port, TCP_SYN | TCP_ACK, b""));
+    bench.run(&tcp_frame(CLIENT, 41000, VIP, 9050, TCP_ACK, b""));
+    assert_eq!(bench.conntrack_len(), 2);
+
+    // 2000 spoofed SYNs from other clients: half-open only.
+    for i in 0..2000u32 {
+        let spoofed = Ipv4Addr::new(10, 92, (i >> 8) as u8, i as u8);
+        let (action, _) = bench.run(&tcp_frame(spoofed, 1024 + (i % 60000) as u16, VIP, 9050, TCP_SYN, b""));
+        assert_eq!(action, XDP_REDIRECT, "SYN {i} forwarded");
+    }
+    assert_eq!(bench.conntrack_len(), 2, "the flood never entered conntrack");
+    assert_eq!(bench.half_open_len(), 4000);
+    // The established flow still translates its data.
+    let (action, out) = bench.run(&tcp_frame(CLIENT, 41000, VIP, 9050, TCP_ACK, b"data"));
+    assert_eq!((action, sport(&out)), (XDP_REDIRECT, established_port));
+
+    // A half-open holder past its timeout (3 s) gives its port up to a new flow at once.
+    let now = monotonic_ns();
+    let newcomer = flow_key(CLIENT, 42000, VIP, 9050, PROTO_TCP);
+    let hash = flow_hash(&newcomer);
+    let expired_client = flow_key(Ipv4Addr::new(10, 93, 0, 1), 999, VIP, 9050, PROTO_TCP);
+    let port0 = flow_key(taddr, tport, SNAT, snat_port(hash, 0), PROTO_TCP);
+    let stale =
+        |rewritten, flags, age: u64| FlowEntry { rewritten, counter_index: 0, flags, last_seen_ns: now - age, created_ns: now - age };
+    bench.half_open_insert(port0, stale(expired_client.reversed(), FLOW_FROM_TARGET, 4_000_000_000));
+    bench.half_open_insert(expired_client, stale(port0.reversed(), FLOW_TO_TARGET, 4_000_000_000));
+    let expired_before = bench.flow_event(FlowEvent::HALF_OPEN_EXPIRED);
+    let (_, out) = bench.run(&tcp_frame(CLIENT, 42000, VIP, 9050, TCP_SYN, b""));
+    assert_eq!(sport(&out), snat_port(hash, 0), "the expired flow's port, the first candidate");
+    assert!(!bench.half_open_has(&expired_client), "the expired flow is forgotten");
+    assert_eq!(bench.flow_event(FlowEvent::HALF_OPEN_EXPIRED), expired_before + 1);
+
+    // Under pressure: every candidate of a new flow held by live half-open flows, one of
+    // them 200 ms old (the rest fresh): that one loses its port.
+    let pressed = flow_key(CLIENT, 43000, VIP, 9050, PROTO_TCP);
+    let hash = flow_hash(&pressed);
+    for attempt in 0..SNAT_PORT_TRIES {
+        let holder = flow_key(Ipv4Addr::new(10, 94, 0, attempt as u8), 1000, VIP, 9050, PROTO_TCP);
+        let reply = flow_key(taddr, tport, SNAT, snat_port(hash, attempt), PROTO_TCP);
+        let age = if attempt == 7 { 200_000_000 } else { 0 };
+        bench.half_open_insert(reply, stale(holder.reversed(), FLOW_FROM_TARGET, age));
+        bench.half_open_insert(holder, stale(reply.reversed(), FLOW_TO_TARGET, age));
+    }
+    let (action, out) = bench.run(&tcp_frame(CLIENT, 43000, VIP, 9050, TCP_SYN, b""));
+    assert_eq!((action, sport(&out)), (XDP_REDIRECT, snat_port(hash, 7)), "the oldest half-open holder's port");
+    assert_eq!(bench.flow_event(FlowEvent::HALF_OPEN_TAKEN_OVER), 1);
+    assert!(!bench.half_open_has(&flow_key(Ipv4Addr::new(10, 94, 0, 7), 1000, VIP, 9050, PROTO_TCP)));
+    assert_eq!(bench.conntrack_len(), 2, "still only the established flow in conntrack");
 }

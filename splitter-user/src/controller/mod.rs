@@ -116,6 +116,8 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// The running XDP program's id, for `/metrics`.
     pub program_id: u32,
+    /// The running program's build id (a digest of its object), for `get` and `/metrics`.
+    pub build: String,
 }
 
 pub struct Controller<D: Dataplane> {

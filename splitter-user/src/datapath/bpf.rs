@@ -20,11 +20,11 @@ use splitter_common::{
     conntrack::{flow_expired, Timeouts},
     map_names,
     maps::{
-        BucketTable, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, TargetCounters, TargetEntry, GATEWAY_DNAT,
-        GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY,
+        BucketTable, DatapathInfo, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool, TargetCounters, TargetEntry,
+        GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY,
     },
     table::{build_bucket_table, TableTarget},
-    ForwardEvent, PacketClass,
+    FlowEvent, ForwardEvent, PacketClass,
 };
 
 use super::{
@@ -48,10 +48,14 @@ pub struct Maps {
     pub tables: Array<MapData, BucketTable>,
     pub targets: Array<MapData, TargetEntry>,
     pub conntrack: HashMap<MapData, FlowKey, FlowEntry>,
+    pub half_open: HashMap<MapData, FlowKey, FlowEntry>,
     pub target_counters: PerCpuArray<MapData, TargetCounters>,
     pub gateway_counters: PerCpuArray<MapData, GatewayCounters>,
     pub packet_counters: PerCpuArray<MapData, u64>,
     pub forward_events: PerCpuArray<MapData, u64>,
+    pub flow_events: PerCpuArray<MapData, u64>,
+    pub source_pools: Array<MapData, SourcePool>,
+    pub datapath_info: Array<MapData, DatapathInfo>,
 }
 
 impl Maps {
@@ -62,29 +66,20 @@ impl Maps {
             tables: take(ebpf, map_names::BUCKET_TABLES)?,
             targets: take(ebpf, map_names::TARGETS)?,
             conntrack: take(ebpf, map_names::CONNTRACK)?,
+            half_open: take(ebpf, map_names::HALF_OPEN)?,
             target_counters: take(ebpf, map_names::TARGET_COUNTERS)?,
             gateway_counters: take(ebpf, map_names::GATEWAY_COUNTERS)?,
             packet_counters: take(ebpf, map_names::PACKET_COUNTERS)?,
             forward_events: take(ebpf, map_names::FORWARD_EVENTS)?,
+            flow_events: take(ebpf, map_names::FLOW_EVENTS)?,
+            source_pools: take(ebpf, map_names::SOURCE_POOLS)?,
+            datapath_info: take(ebpf, map_names::DATAPATH_INFO)?,
         })
     }
 
-    /// Opens the maps a previous agent pinned.
-    pub fn open_pinned(pins: &crate::pin::Pins) -> Result<Self> {
-        use aya::maps::Map;
-        fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(m: Map, name: &str) -> Result<T> {
-            T::try_from(m).with_context(|| format!("pinned map {name} has an unexpected type"))
-        }
-        Ok(Self {
-            gateways: typed(pins.open_map(map_names::GATEWAYS, Map::HashMap)?, map_names::GATEWAYS)?,
-            tables: typed(pins.open_map(map_names::BUCKET_TABLES, Map::Array)?, map_names::BUCKET_TABLES)?,
-            targets: typed(pins.open_map(map_names::TARGETS, Map::Array)?, map_names::TARGETS)?,
-            conntrack: typed(pins.open_map(map_names::CONNTRACK, Map::LruHashMap)?, map_names::CONNTRACK)?,
-            target_counters: typed(pins.open_map(map_names::TARGET_COUNTERS, Map::PerCpuArray)?, map_names::TARGET_COUNTERS)?,
-            gateway_counters: typed(pins.open_map(map_names::GATEWAY_COUNTERS, Map::PerCpuArray)?, map_names::GATEWAY_COUNTERS)?,
-            packet_counters: typed(pins.open_map(map_names::PACKET_COUNTERS, Map::PerCpuArray)?, map_names::PACKET_COUNTERS)?,
-            forward_events: typed(pins.open_map(map_names::FORWARD_EVENTS, Map::PerCpuArray)?, map_names::FORWARD_EVENTS)?,
-        })
+    /// Records what runs, for the next agent.
+    pub fn record_datapath(&mut self, info: DatapathInfo) -> Result<()> {
+        self.datapath_info.set(0, info, 0).context("writing DATAPATH_INFO")
     }
 }
 
@@ -93,25 +88,38 @@ pub struct Datapath {
     tables: Array<MapData, BucketTable>,
     targets_map: Array<MapData, TargetEntry>,
     conntrack: HashMap<MapData, FlowKey, FlowEntry>,
+    half_open: HashMap<MapData, FlowKey, FlowEntry>,
     target_counters: PerCpuArray<MapData, TargetCounters>,
     gateway_counters: PerCpuArray<MapData, GatewayCounters>,
     packet_counters: PerCpuArray<MapData, u64>,
     forward_events: PerCpuArray<MapData, u64>,
+    flow_events: PerCpuArray<MapData, u64>,
+    source_pools: Array<MapData, SourcePool>,
     layout: Layout,
 }
 
 /// Loads the eBPF object (maps created, programs not yet loaded) with maps sized for
-/// `limits`; `kernel_log_level` is the highest aya-log level the kernel side emits.
-pub fn load_object(object: &[u8], limits: Limits, kernel_log_level: u8) -> Result<Ebpf> {
-    aya::EbpfLoader::new()
+/// `limits`; `kernel_log_level` is the highest aya-log level the kernel side emits. With
+/// `pins`, every datapath map is the one pinned there if there is one (a running
+/// datapath's, whatever the sizes asked), else created and pinned there.
+pub fn load_object(object: &[u8], limits: Limits, kernel_log_level: u8, pins: Option<&crate::pin::Pins>) -> Result<Ebpf> {
+    let mut loader = aya::EbpfLoader::new();
+    loader
         .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
+        .override_global("HALF_OPEN_TIMEOUT_NS", &limits.half_open_timeout_ns, false)
         .map_max_entries(map_names::GATEWAYS, limits.max_gateways)
         .map_max_entries(map_names::GATEWAY_COUNTERS, limits.max_gateways)
+        .map_max_entries(map_names::SOURCE_POOLS, limits.max_gateways)
         .map_max_entries(map_names::BUCKET_TABLES, 2 * limits.max_gateways)
         .map_max_entries(map_names::TARGETS, 2 * limits.max_gateways * MAX_TARGETS_PER_GATEWAY)
         .map_max_entries(map_names::CONNTRACK, limits.conntrack_entries)
-        .load(object)
-        .context("loading the eBPF object")
+        .map_max_entries(map_names::HALF_OPEN, limits.half_open_entries);
+    if let Some(pins) = pins {
+        for name in map_names::PINNED {
+            loader.map_pin_path(name, pins.map(name));
+        }
+    }
+    loader.load(object).context("loading the eBPF object")
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
@@ -126,10 +134,13 @@ impl Datapath {
             tables: maps.tables,
             targets_map: maps.targets,
             conntrack: maps.conntrack,
+            half_open: maps.half_open,
             target_counters: maps.target_counters,
             gateway_counters: maps.gateway_counters,
             packet_counters: maps.packet_counters,
             forward_events: maps.forward_events,
+            flow_events: maps.flow_events,
+            source_pools: maps.source_pools,
             layout: Layout::new(limits),
         }
     }
@@ -271,6 +282,8 @@ impl Dataplane for Datapath {
         if gateway.sticky == Sticky::Client {
             flags |= GATEWAY_STICKY_CLIENT;
         }
+        // The gateway's source pool before its state can name a table that uses it.
+        self.source_pools.set(id, source_pool(gateway), 0).context("writing SOURCE_POOLS")?;
         let state = GatewayState { gateway_id: id, table_index, target_count, flags, generation };
         // The switch: one update of the gateway's value.
         self.gateways_map.insert(key, state, 0).context("writing GATEWAYS")?;
@@ -352,11 +365,28 @@ impl Dataplane for Datapath {
         for event in ForwardEvent::ALL {
             out.push((event.name(), self.forward_events.get(&event.0, 0)?.iter().sum()));
         }
+
         Ok(out)
     }
 
     fn conntrack_entries(&self) -> usize {
         self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    fn half_open_entries(&self) -> usize {
+        self.half_open.keys().filter(Result::is_ok).count()
+    }
+
+    fn half_open_capacity(&self) -> u32 {
+        self.layout.limits.half_open_entries
+    }
+
+    fn flow_events(&self) -> Result<Vec<(&'static str, u64)>> {
+        let mut out = Vec::new();
+        for event in FlowEvent::ALL {
+            out.push((event.name(), self.flow_events.get(&event.0, 0)?.iter().sum()));
+        }
+        Ok(out)
     }
 
     /// Forgets flows whose close completed or that sat idle past their timeout.
@@ -397,6 +427,22 @@ impl Dataplane for Datapath {
         }
         Ok(removed)
     }
+}
+
+/// A gateway's full-NAT source addresses and ports as the program reads them.
+fn source_pool(gateway: &Gateway) -> SourcePool {
+    let mut pool = SourcePool::default();
+    for (slot, addr) in pool.addrs.iter_mut().zip(&gateway.source.addresses) {
+        *slot = u32::from_ne_bytes(addr.octets());
+    }
+    pool.count = gateway.source.addresses.len().min(pool.addrs.len()) as u32;
+    if let Some((first, last)) = gateway.source.ports {
+        pool.port_min = first;
+        // At most 65535 - first + 1 ports, which fits unless the range is 0-65535 (refused:
+        // ranges start at 1024).
+        pool.port_count = (u32::from(last) - u32::from(first) + 1).min(u32::from(u16::MAX)) as u16;
+    }
+    pool
 }
 
 /// The address this node uses as source towards `target` (what the kernel's routing

@@ -170,6 +170,18 @@ impl Dataplane for MemoryDataplane {
         self.traffic.values().map(|t| 2 * t.established as usize).sum()
     }
 
+    fn half_open_entries(&self) -> usize {
+        0
+    }
+
+    fn half_open_capacity(&self) -> u32 {
+        self.layout.limits.half_open_entries
+    }
+
+    fn flow_events(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(splitter_common::FlowEvent::ALL.iter().map(|e| (e.name(), 0)).collect())
+    }
+
     fn conntrack_capacity(&self) -> u32 {
         self.layout.limits.conntrack_entries
     }

@@ -22,11 +22,22 @@ use crate::{
     gateway::{Gateway, Target},
 };
 
-/// Sizes of the datapath's maps, fixed at load time.
+/// Sizes of the datapath's maps and its half-open timeout, fixed at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_gateways: u32,
     pub conntrack_entries: u32,
+    pub half_open_entries: u32,
+    pub half_open_timeout_ns: u64,
+}
+
+impl Limits {
+    pub const DEFAULT: Self = Self {
+        max_gateways: splitter_common::maps::DEFAULT_MAX_GATEWAYS,
+        conntrack_entries: splitter_common::maps::DEFAULT_CONNTRACK_ENTRIES,
+        half_open_entries: splitter_common::maps::DEFAULT_HALF_OPEN_ENTRIES,
+        half_open_timeout_ns: splitter_common::conntrack::DEFAULT_HALF_OPEN_TIMEOUT_NS,
+    };
 }
 
 /// Where a gateway lives in the maps; saved with the state so a restarted agent can
@@ -66,6 +77,11 @@ pub trait Dataplane {
     fn packet_counters(&self) -> Result<Vec<(&'static str, u64)>>;
     /// Conntrack entries in use (each flow has two), and the capacity.
     fn conntrack_entries(&self) -> usize;
+    /// Half-open entries in use (each half-open flow has two), and the capacity.
+    fn half_open_entries(&self) -> usize;
+    fn half_open_capacity(&self) -> u32;
+    /// Flow-state events by name.
+    fn flow_events(&self) -> Result<Vec<(&'static str, u64)>>;
     fn conntrack_capacity(&self) -> u32;
     /// Forgets flows whose close completed or that sat idle past their timeout.
     fn sweep_conntrack(&mut self, timeouts: &Timeouts) -> Result<usize>;

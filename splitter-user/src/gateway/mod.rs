@@ -153,6 +153,8 @@ pub struct Gateway {
     pub health_check: Option<policy::HealthCheck>,
     /// An automated rollout to start when the gateway is applied.
     pub canary: Option<policy::CanarySpec>,
+    /// Full-NAT source addresses and ports (`source:`).
+    pub source: policy::SourceSpec,
 }
 
 /// A weights-only document: new weights for an existing gateway's routes, targets untouched.
@@ -513,6 +515,16 @@ impl Gateway {
             let _ = writeln!(out, "  timeout: {}", policy::format_duration_us(check.timeout_ms * 1000));
             let _ = writeln!(out, "  unhealthy_threshold: {}", check.unhealthy_threshold);
             let _ = writeln!(out, "  healthy_threshold: {}", check.healthy_threshold);
+        }
+        if !self.source.is_empty() {
+            out.push_str("source:\n");
+            if !self.source.addresses.is_empty() {
+                let addrs: Vec<String> = self.source.addresses.iter().map(Ipv4Addr::to_string).collect();
+                let _ = writeln!(out, "  addresses: [{}]", addrs.join(", "));
+            }
+            if let Some((first, last)) = self.source.ports {
+                let _ = writeln!(out, "  ports: {first}-{last}");
+            }
         }
         if let Some(canary) = &self.canary {
             let steps: Vec<String> = canary.steps.iter().map(|s| format_weight(*s)).collect();

@@ -22,7 +22,7 @@
 //!   flush_on_rollback: false
 //! ```
 
-use std::fmt;
+use std::{fmt, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +111,36 @@ pub struct CanarySpec {
     pub steps: Vec<u32>,
     pub interval_ms: u64,
     pub thresholds: Thresholds,
+}
+
+/// Where full NAT takes its source addresses and ports (`source:`): capacity is
+/// addresses x ports per target. No address: the node's own address towards each target;
+/// no ports: the default range, clear of the node's ephemeral ports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SourceSpec {
+    pub addresses: Vec<Ipv4Addr>,
+    /// First and last port.
+    pub ports: Option<(u16, u16)>,
+}
+
+impl SourceSpec {
+    pub fn is_empty(&self) -> bool {
+        self.addresses.is_empty() && self.ports.is_none()
+    }
+}
+
+/// Lowest full-NAT source port a gateway may configure (below are well-known services).
+pub const MIN_SOURCE_PORT: u16 = 1024;
+
+/// Parses a port range `A-B`.
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (a, b) = text.trim().split_once('-').ok_or_else(|| format!("`{text}` is not a port range like 20000-29999"))?;
+    let port = |t: &str| t.trim().parse::<u16>().map_err(|_| format!("`{t}` is not a port number"));
+    let (a, b) = (port(a)?, port(b)?);
+    if a < MIN_SOURCE_PORT || a > b {
+        return Err(format!("`{text}`: the range must start at {MIN_SOURCE_PORT} or above and not end before it starts"));
+    }
+    Ok((a, b))
 }
 
 /// Largest `min_flows` and `max_failed_checks` a canary may ask for.

@@ -56,8 +56,11 @@ pub(super) fn controller() -> TestController {
 }
 
 pub(super) fn controller_with(state_dir: Option<PathBuf>, config: Option<PathBuf>) -> TestController {
-    let limits = Limits { max_gateways: 4, conntrack_entries: 1024 };
-    Controller::new(MemoryDataplane::new(limits), Settings { state_dir, config, timeouts: Timeouts::DEFAULT, program_id: 7 })
+    let limits = Limits { max_gateways: 4, conntrack_entries: 1024, ..Limits::DEFAULT };
+    Controller::new(
+        MemoryDataplane::new(limits),
+        Settings { state_dir, config, timeouts: Timeouts::DEFAULT, program_id: 7, build: "test".into() },
+    )
 }
 
 /// A directory of its own under the system's temporary directory, removed on drop.

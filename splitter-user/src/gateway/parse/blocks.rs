@@ -1,16 +1,58 @@
 //! The `health_check:` and `canary:` blocks of a gateway document.
 
+use std::net::Ipv4Addr;
+
+use splitter_common::maps::MAX_SOURCE_ADDRESSES;
+
 use super::{
-    scalars::{parse_port_number, parse_weight},
+    scalars::{check_unicast, parse_port_number, parse_weight},
     Reader, CANARY_FIELDS, HEALTH_CHECK_FIELDS,
 };
 use crate::gateway::{
-    policy::{self, CanarySpec, CheckProtocol, HealthCheck, Thresholds},
+    policy::{self, CanarySpec, CheckProtocol, HealthCheck, SourceSpec, Thresholds},
     yaml::{Node, NodeValue, Position},
     ConfigError,
 };
 
 impl Reader<'_> {
+    /// The `source:` block: full-NAT source addresses and port range.
+    pub(super) fn source(&self, node: &Node) -> Result<SourceSpec, ConfigError> {
+        let fields = self.fields(node, "source", &["addresses", "ports"], &[])?;
+        let mut spec = SourceSpec::default();
+        if let Some(list) = fields.value("addresses") {
+            let NodeValue::Sequence(items) = &list.value else {
+                return Err(self.error(
+                    Some(list.position),
+                    "source.addresses",
+                    format!("expected a list of IPv4 addresses, found {}", list.describe()),
+                ));
+            };
+            if items.len() > MAX_SOURCE_ADDRESSES {
+                return Err(self.error(
+                    Some(list.position),
+                    "source.addresses",
+                    format!("{} addresses: at most {MAX_SOURCE_ADDRESSES}", items.len()),
+                ));
+            }
+            for (i, item) in items.iter().enumerate() {
+                let field = format!("source.addresses[{i}]");
+                let text = self.scalar(item, &field, "an IPv4 address")?;
+                let addr: Ipv4Addr =
+                    text.trim().parse().map_err(|_| self.error(Some(item.position), &field, format!("`{text}` is not an IPv4 address")))?;
+                check_unicast(addr).map_err(|why| self.error(Some(item.position), &field, why))?;
+                if spec.addresses.contains(&addr) {
+                    return Err(self.error(Some(item.position), &field, format!("{addr} listed twice")));
+                }
+                spec.addresses.push(addr);
+            }
+        }
+        if let Some(n) = fields.value("ports") {
+            let text = self.scalar(n, "source.ports", "a port range like 20000-29999")?;
+            spec.ports = Some(policy::parse_port_range(text).map_err(|why| self.error(Some(n.position), "source.ports", why))?);
+        }
+        Ok(spec)
+    }
+
     pub(super) fn health_check(&self, node: &Node) -> Result<HealthCheck, ConfigError> {
         let fields = self.fields(node, "health_check", HEALTH_CHECK_FIELDS, &[])?;
         let mut check = HealthCheck::default();

@@ -11,7 +11,7 @@ pub(in crate::gateway) use scalars::{effective_weights, parse_target};
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::{
-    policy::{CanarySpec, HealthCheck},
+    policy::{CanarySpec, HealthCheck, SourceSpec},
     yaml::{self, Node, NodeValue, Position},
     ConfigError, Document, Gateway, Mode, Protocol, Route, Sticky, Target, WeightUpdate, MAX_TARGETS_PER_GATEWAY,
 };
@@ -24,7 +24,7 @@ pub(super) struct ParsedDocument {
 
 /// Top-level fields of a gateway document.
 const GATEWAY_FIELDS: &[&str] =
-    &["name", "port", "virtual_address", "sticky", "mode", "active", "filters", "routes", "health_check", "canary"];
+    &["name", "port", "virtual_address", "sticky", "mode", "active", "filters", "routes", "health_check", "canary", "source"];
 const HEALTH_CHECK_FIELDS: &[&str] =
     &["protocol", "path", "expected_status", "port", "interval", "timeout", "unhealthy_threshold", "healthy_threshold"];
 const CANARY_FIELDS: &[&str] =
@@ -153,6 +153,14 @@ impl<'a> Reader<'a> {
         self.refuse_l7(fields.value("filters"), "filters")?;
         let health_check = fields.value("health_check").map(|n| self.health_check(n)).transpose()?;
         let canary = fields.value("canary").map(|n| self.canary(n)).transpose()?;
+        let source = fields.value("source").map(|n| self.source(n)).transpose()?;
+        if let (Some(Mode::Dnat), Some(node)) = (mode, fields.value("source")) {
+            return Err(self.error(
+                Some(node.position),
+                "source",
+                "only full NAT rewrites the source: mode dnat keeps the client's address",
+            ));
+        }
 
         let routes_node = fields.value("routes").ok_or_else(|| {
             let position = fields.key_position("routes").unwrap_or(root.position);
@@ -163,11 +171,12 @@ impl<'a> Reader<'a> {
 
         let has_targets = routes.iter().any(|route| route.targets.is_some());
         let document = if has_targets {
-            self.gateway(root, &fields, name, port, virtual_address, sticky, mode, routes, routes_position, health_check, canary)?
+            let policies = (health_check, canary, source.unwrap_or_default());
+            self.gateway(root, &fields, name, port, virtual_address, sticky, mode, routes, routes_position, policies)?
         } else {
             // A weights-only update: it may repeat the port (Vamp's own update does) but must
             // not look like it changes what only a full definition sets.
-            for field in ["virtual_address", "sticky", "mode", "health_check", "canary"] {
+            for field in ["virtual_address", "sticky", "mode", "health_check", "canary", "source"] {
                 if fields.value(field).is_some() {
                     return Err(self.error(
                         fields.key_position(field),
@@ -199,9 +208,9 @@ impl<'a> Reader<'a> {
         mode: Option<Mode>,
         routes: Vec<RouteDocument<'_>>,
         routes_position: Option<Position>,
-        health_check: Option<HealthCheck>,
-        canary: Option<(CanarySpec, Position)>,
+        policies: (Option<HealthCheck>, Option<(CanarySpec, Position)>, SourceSpec),
     ) -> Result<Document, ConfigError> {
+        let (health_check, canary, source) = policies;
         let (port, protocol) = port.ok_or_else(|| {
             self.error(
                 fields.key_position("port").or(Some(root.position)),
@@ -285,6 +294,7 @@ impl<'a> Reader<'a> {
             routes,
             health_check,
             canary,
+            source,
         }))
     }
 

@@ -24,7 +24,7 @@ fn bad_documents_give_one_line_errors_with_their_position() {
             "unknown top-level field",
             sava_with(3, "virtual_adress: 10.0.0.10"),
             "bad.yaml:3:1: virtual_adress: unknown field `virtual_adress`, expected one of: name, port, \
-             virtual_address, sticky, mode, active, filters, routes, health_check, canary"
+             virtual_address, sticky, mode, active, filters, routes, health_check, canary, source"
                 .to_owned(),
         ),
         (
