@@ -93,7 +93,7 @@ pub const DEFAULT_HALF_OPEN_TIMEOUT_NS: u64 = 3_000_000_000;
 /// A half-open flow at least this old may lose its source port to a new flow when every
 /// candidate port is held (a flood's pressure): a handshake completes within a round
 /// trip, so a flow that has waited this long is most likely spoofed.
-pub const HALF_OPEN_TAKEOVER_AGE_NS: u64 = 100_000_000;
+pub const HALF_OPEN_TAKEOVER_AGE_NS: u64 = 500_000_000;
 
 const _: () = assert!(HALF_OPEN_TAKEOVER_AGE_NS < DEFAULT_HALF_OPEN_TIMEOUT_NS);
 

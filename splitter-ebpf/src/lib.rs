@@ -560,8 +560,8 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         count_gateway(gateway.gateway_id, |c| &mut c.no_target);
         return Err(Error::Pass);
     }
-    let syn = key.proto == PROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if key.proto == PROTO_TCP && !syn {
+    let syn = !cfg!(feature = "legacy-syn") && key.proto == PROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if key.proto == PROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         // Mid-stream packet of a flow we do not know (evicted, or older than the agent):
         // re-create it; the same table gives the same target.
         count_gateway(gateway.gateway_id, |c| &mut c.conntrack_miss);

@@ -9,6 +9,7 @@ pub mod frames;
 pub mod netns;
 pub mod process;
 pub mod testbed;
+pub mod traffic;
 
 use std::{
     env,

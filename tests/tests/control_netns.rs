@@ -5,17 +5,15 @@
 use std::{
     collections::BTreeMap,
     process::Command,
-    sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
+    sync::atomic::Ordering,
     thread,
     time::{Duration, Instant},
 };
 
 use splitter_tests::{
     privileged, splitter_bin,
-    testbed::{http_get, sava_gateway, LineClient, TempDir, Testbed, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
+    testbed::{http_get, sava_gateway, LineClient, Testbed, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
+    traffic::{Bpffs, HttpTraffic},
 };
 
 const GATEWAY: &str = "sava";
@@ -26,58 +24,6 @@ fn sava_yaml(stable: &str, canary: &str) -> String {
 
 fn sava_bed(extra_agent_args: &[&str]) -> Testbed {
     Testbed::sava(extra_agent_args, "90%", "10%").unwrap()
-}
-
-/// Client traffic in the background: new HTTP connections one after another, each
-/// answer recorded; every failure counted with its error.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failures: Arc<Mutex<Vec<String>>>,
-    handle: Option<thread::JoinHandle<()>>,
-}
-
-impl Traffic {
-    fn start(bed: &Testbed) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let ns = bed.client.name().to_string();
-        let (s, o, f) = (stop.clone(), ok.clone(), failures.clone());
-        let handle = thread::spawn(move || {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            // SAFETY: a namespace descriptor; setns moves only this thread.
-            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) }, 0);
-            let started = Instant::now();
-            // Bounded: at most 5 minutes or 200k requests, whichever comes first.
-            let deadline = Instant::now() + Duration::from_secs(300);
-            for _ in 0..200_000 {
-                if s.load(Ordering::Relaxed) || Instant::now() > deadline {
-                    break;
-                }
-                match http_get(&format!("{VIP}:9050"), None) {
-                    Ok(_) => {
-                        o.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => f.lock().unwrap().push(format!("{:?} after start: {e:#}", started.elapsed())),
-                }
-            }
-        });
-        Self { stop, ok, failures, handle: Some(handle) }
-    }
-
-    /// Stops the traffic; returns (successful requests, failures).
-    fn finish(mut self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.take().unwrap().join().unwrap();
-        (self.ok.load(Ordering::Relaxed), self.failures.lock().unwrap().clone())
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
 }
 
 /// Versions answering `n` new connections.
@@ -104,7 +50,7 @@ fn cli_and_curl_change_weights_under_traffic_without_failures() {
         return;
     }
     let bed = sava_bed(&[]);
-    let traffic = Traffic::start(&bed);
+    let traffic = HttpTraffic::start(&bed.client);
     thread::sleep(Duration::from_millis(300));
 
     // CLI: apply a file (a weights-only update, as in the Vamp tutorial).
@@ -235,27 +181,6 @@ fn bad_requests_change_nothing() {
     assert!(err.contains("cannot reach the agent"), "{err}");
 }
 
-/// A BPF filesystem mounted by the test (outside the agent's `ip netns exec`, so pins
-/// outlive the agent), unmounted on drop.
-struct Bpffs {
-    dir: TempDir,
-}
-
-impl Bpffs {
-    fn mount() -> Self {
-        let dir = TempDir::new("bpffs").unwrap();
-        let status = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).status().unwrap();
-        assert!(status.success(), "mounting a bpffs");
-        Self { dir }
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
 #[test]
 fn kill_9_keeps_traffic_flowing_and_a_restarted_agent_adopts_it() {
     if !privileged("kill_9_keeps_traffic_flowing_and_a_restarted_agent_adopts_it") {
@@ -276,7 +201,7 @@ fn kill_9_keeps_traffic_flowing_and_a_restarted_agent_adopts_it() {
                 .collect()
         })
         .unwrap();
-    let traffic = Traffic::start(&bed);
+    let traffic = HttpTraffic::start(&bed.client);
     let traffic_started = Instant::now();
     thread::sleep(Duration::from_millis(500));
     let stats_before: serde_json::Value = serde_json::from_str(&bed.cli_ok(&["stats", "-o", "json"]).unwrap()).unwrap();

@@ -478,13 +478,13 @@ fn half_open_flows_never_touch_established_ones_and_give_their_ports_back() {
     assert_eq!(bench.flow_event(FlowEvent::HALF_OPEN_EXPIRED), expired_before + 1);
 
     // Under pressure: every candidate of a new flow held by live half-open flows, one of
-    // them 200 ms old (the rest fresh): that one loses its port.
+    // them 600 ms old (the rest fresh): that one loses its port.
     let pressed = flow_key(CLIENT, 43000, VIP, 9050, PROTO_TCP);
     let hash = flow_hash(&pressed);
     for attempt in 0..SNAT_PORT_TRIES {
         let holder = flow_key(Ipv4Addr::new(10, 94, 0, attempt as u8), 1000, VIP, 9050, PROTO_TCP);
         let reply = flow_key(taddr, tport, SNAT, snat_port(hash, attempt), PROTO_TCP);
-        let age = if attempt == 7 { 200_000_000 } else { 0 };
+        let age = if attempt == 7 { 600_000_000 } else { 0 };
         bench.half_open_insert(reply, stale(holder.reversed(), FLOW_FROM_TARGET, age));
         bench.half_open_insert(holder, stale(reply.reversed(), FLOW_TO_TARGET, age));
     }

@@ -28,6 +28,8 @@ pub enum Route {
 
 pub struct Options {
     route: Route,
+    /// Also build the legacy eBPF object (for the upgrade tests).
+    pub legacy: bool,
 }
 
 impl Options {
@@ -58,13 +60,16 @@ impl Options {
                 _ => rest.push(arg),
             }
         }
-        Ok((Self { route }, rest))
+        Ok((Self { route, legacy: false }, rest))
     }
 }
 
 /// What a build produced; passed to tests, demo and bench through the environment.
 pub struct Artifacts {
     pub object: PathBuf,
+    /// The datapath as it was before half-open flows (feature `legacy-syn`), for the
+    /// live-upgrade test; built only for `test`.
+    pub legacy_object: Option<PathBuf>,
     pub splitter: PathBuf,
     pub route: &'static str,
 }
@@ -75,6 +80,7 @@ impl Artifacts {
             ("SPLITTER_EBPF_OBJ", self.object.display().to_string()),
             ("SPLITTER_BIN", self.splitter.display().to_string()),
             ("SPLITTER_EBPF_ROUTE", self.route.to_string()),
+            ("SPLITTER_EBPF_LEGACY_OBJ", self.legacy_object.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
         ]
     }
 }
@@ -98,8 +104,8 @@ pub fn build_all(opts: &Options) -> Result<Artifacts> {
         }
     };
     let (built, name) = match route {
-        Route::Standard => (build_ebpf_standard(&root)?, "standard"),
-        _ => (build_ebpf_host(&root)?, "host"),
+        Route::Standard => (build_ebpf_standard(&root, &[], "ebpf")?, "standard"),
+        _ => (build_ebpf_host(&root, &[], "ebpf-host")?, "host"),
     };
     fs::copy(&built, &object).with_context(|| format!("copying {}", built.display()))?;
     check_sections(&object)?;
@@ -110,20 +116,34 @@ pub fn build_all(opts: &Options) -> Result<Artifacts> {
     status(&mut cmd, "cargo build -p splitter-user")?;
     let splitter = root.join("target/release/splitter");
     eprintln!("xtask: built {} (eBPF route: {name})", splitter.display());
-    Ok(Artifacts { object, splitter, route: name })
+    let legacy_object = if opts.legacy {
+        let built = match route {
+            Route::Standard => build_ebpf_standard(&root, &["legacy-syn"], "ebpf-legacy")?,
+            _ => build_ebpf_host(&root, &["legacy-syn"], "ebpf-host-legacy")?,
+        };
+        let legacy = out_dir.join("splitter-legacy.bpf.o");
+        fs::copy(&built, &legacy).with_context(|| format!("copying {}", built.display()))?;
+        check_sections(&legacy)?;
+        eprintln!("xtask: the legacy eBPF object (upgrade tests): {}", legacy.display());
+        Some(legacy)
+    } else {
+        None
+    };
+    Ok(Artifacts { object, legacy_object, splitter, route: name })
 }
 
 /// Standard route: nightly, rust-src, `-Z build-std=core`, target `bpfel-unknown-none`.
-fn build_ebpf_standard(root: &Path) -> Result<PathBuf> {
+fn build_ebpf_standard(root: &Path, features: &[&str], target_subdir: &str) -> Result<PathBuf> {
     let linker = ensure_bpf_linker(NIGHTLY)?;
     eprintln!("xtask: building the eBPF object: standard route ({NIGHTLY} + rust-src + build-std, bpfel-unknown-none)");
     eprintln!("xtask: (rustc warns that `allows-misaligned-mem-access` is unstable: expected, see xtask/src/build.rs)");
-    let target_dir = root.join("target/ebpf");
+    let target_dir = root.join("target").join(target_subdir);
+    let features = [&["log"], features].concat().join(",");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root.join("splitter-ebpf"))
         .arg(format!("+{NIGHTLY}"))
         .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .args(["--features", "log", "--target-dir"])
+        .args(["--features", &features, "--target-dir"])
         .arg(&target_dir)
         .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker)
         // Misaligned loads and stores: LLVM otherwise splits every access to packet data
@@ -142,10 +162,10 @@ fn build_ebpf_standard(root: &Path) -> Result<PathBuf> {
 /// Host route: stable rustc emits x86_64 bitcode for a `cdylib`; this xtask binary,
 /// invoked as the linker, hands it to bpf-linker which retargets it to BPF. Kernel
 /// logging is left out: aya-log-ebpf only declares its ring buffer map for BPF targets.
-fn build_ebpf_host(root: &Path) -> Result<PathBuf> {
+fn build_ebpf_host(root: &Path, features: &[&str], target_subdir: &str) -> Result<PathBuf> {
     let linker = ensure_bpf_linker(STABLE)?;
     eprintln!("xtask: building the eBPF object: host route ({STABLE}, x86_64 bitcode linked for BPF by bpf-linker; no kernel logging)");
-    let target_dir = root.join("target/ebpf-host");
+    let target_dir = root.join("target").join(target_subdir);
     let shim = env::current_exe().context("locating the xtask binary for the linker shim")?;
     let flags = [format!("-Clinker={}", shim.display()), "-Clinker-plugin-lto".into(), "-Cpanic=abort".into(), "-Cdebuginfo=2".into()];
     let mut cmd = Command::new("cargo");
@@ -154,6 +174,7 @@ fn build_ebpf_host(root: &Path) -> Result<PathBuf> {
         // An explicit --target keeps these flags off build scripts and proc macros.
         .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
         .arg(&target_dir)
+        .args(["--features", &features.join(",")])
         .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"))
         .env(shim::LINKER_ENV, &linker);
     clear_toolchain_env(&mut cmd);

@@ -63,6 +63,8 @@ fn run() -> Result<()> {
             build::build_all(&opts)?;
         }
         "test" => {
+            let mut opts = opts;
+            opts.legacy = true;
             let art = build::build_all(&opts)?;
             test(&art, &rest)?;
         }

@@ -39,6 +39,8 @@ use crate::{
 pub const TICK: Duration = Duration::from_millis(250);
 /// Conntrack expiry (and a retry of a failed save) runs every this many ticks (2 s).
 const SWEEP_EVERY_TICKS: u32 = 8;
+/// Port exhaustion is logged at most this often per gateway.
+const EXHAUSTION_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// Weight sets remembered per gateway for `rollback`.
 pub const HISTORY_DEPTH: usize = 32;
 
@@ -150,6 +152,8 @@ pub struct Controller<D: Dataplane> {
     state_saves: u64,
     /// External events a client may still record now (refilled over time).
     event_budget: EventBudget,
+    /// Per gateway, the failed claims counted at the last exhaustion report, and when.
+    exhaustion_reported: BTreeMap<String, (u64, Instant)>,
     started: Instant,
 }
 
@@ -173,6 +177,7 @@ impl<D: Dataplane> Controller<D> {
             state_save_errors: 0,
             state_saves: 0,
             event_budget: EventBudget::new(Instant::now()),
+            exhaustion_reported: BTreeMap::new(),
             started: Instant::now(),
         }
     }
@@ -250,6 +255,7 @@ impl<D: Dataplane> Controller<D> {
                         if self.state_error.is_some() {
                             self.unsaved = true;
                         }
+                        self.report_exhaustion(Instant::now());
                     }
                     self.save_if_changed();
                 }
@@ -343,6 +349,37 @@ impl<D: Dataplane> Controller<D> {
         self.health.retain(&specs);
         if let Some(tx) = &self.health_checks {
             let _ = tx.send(specs);
+        }
+    }
+
+    /// Logs, at most once per [`EXHAUSTION_REPORT_INTERVAL`] and gateway, new flows that got
+    /// no source port or conntrack entry since the last report (dropped; clients retry):
+    /// the gateway's full-NAT capacity is too small for its traffic (or a flood).
+    fn report_exhaustion(&mut self, now: Instant) {
+        let Ok(stats) = self.dataplane.stats() else { return };
+        for g in stats {
+            let (seen, at) = self.exhaustion_reported.get(&g.name).copied().unwrap_or((0, now - EXHAUSTION_REPORT_INTERVAL));
+            if g.alloc_failed <= seen || now.duration_since(at) < EXHAUSTION_REPORT_INTERVAL {
+                continue;
+            }
+            let source = self.configured.get(&g.name).map(|c| {
+                let addresses = c.source.addresses.len().max(1);
+                let ports = c
+                    .source
+                    .ports
+                    .map_or(u32::from(splitter_common::flow::SNAT_PORT_MAX - splitter_common::flow::SNAT_PORT_MIN) + 1, |(a, b)| {
+                        u32::from(b - a) + 1
+                    });
+                format!("{addresses} source address(es) x {ports} ports per target")
+            });
+            warn!(
+                "gateway {}: {} new flows got no source port or conntrack entry in the last {}s and were dropped (capacity: {}); add source addresses or ports (`source:`) if this is not a flood",
+                g.name,
+                g.alloc_failed - seen,
+                now.duration_since(at).as_secs(),
+                source.unwrap_or_default()
+            );
+            self.exhaustion_reported.insert(g.name.clone(), (g.alloc_failed, now));
         }
     }
 

@@ -6,12 +6,13 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr, UdpSocket},
+    os::fd::AsFd,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, PerCpuValues},
     util::nr_cpus,
     Ebpf,
 };
@@ -370,11 +371,11 @@ impl Dataplane for Datapath {
     }
 
     fn conntrack_entries(&self) -> usize {
-        self.conntrack.keys().filter(Result::is_ok).count()
+        super::batch::lookup_all::<FlowKey, FlowEntry>(self.conntrack.map().fd().as_fd()).map_or(0, |e| e.len())
     }
 
     fn half_open_entries(&self) -> usize {
-        self.half_open.keys().filter(Result::is_ok).count()
+        super::batch::lookup_all::<FlowKey, FlowEntry>(self.half_open.map().fd().as_fd()).map_or(0, |e| e.len())
     }
 
     fn half_open_capacity(&self) -> u32 {
@@ -392,15 +393,17 @@ impl Dataplane for Datapath {
     /// Forgets flows whose close completed or that sat idle past their timeout.
     fn sweep_conntrack(&mut self, timeouts: &Timeouts) -> Result<usize> {
         let now = monotonic_ns();
+        // The whole table in a few system calls, judged in memory.
+        let entries: std::collections::HashMap<FlowKey, FlowEntry> =
+            super::batch::lookup_all(self.conntrack.map().fd().as_fd()).context("reading CONNTRACK")?.into_iter().collect();
         // Each expired key with the value it was judged on (None: the peer was missing).
         let mut expired: Vec<(FlowKey, Option<FlowEntry>)> = Vec::new();
-        for item in self.conntrack.iter() {
-            let Ok((key, entry)) = item else { continue };
+        for (key, entry) in &entries {
             let peer_key = entry.rewritten.reversed();
-            let found = self.conntrack.get(&peer_key, 0).ok();
-            let peer = found.unwrap_or(entry);
-            if flow_expired(&entry, &peer, now, timeouts) {
-                expired.push((key, Some(entry)));
+            let found = entries.get(&peer_key).copied();
+            let peer = found.unwrap_or(*entry);
+            if flow_expired(entry, &peer, now, timeouts) {
+                expired.push((*key, Some(*entry)));
                 expired.push((peer_key, found));
             }
         }

@@ -3,6 +3,7 @@
 //! control logic without privileges). Both keep their books with the same [`Layout`], so
 //! limits, ids, counter slots and key clashes behave alike.
 
+mod batch;
 mod bpf;
 mod layout;
 mod memory;
