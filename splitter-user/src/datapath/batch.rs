@@ -8,7 +8,7 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd},
 };
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Pod;
 
 /// `BPF_MAP_LOOKUP_BATCH` from the kernel's UAPI.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
