@@ -205,6 +205,9 @@ pub struct Info {
     pub gateways: usize,
     /// The running XDP program's id.
     pub program_id: u32,
+    /// The running program's build id and map layout version.
+    pub build: String,
+    pub layout: u32,
 }
 
 /// What runs for a gateway besides its document.
@@ -215,6 +218,8 @@ pub struct GatewayStatus {
     pub rollout: Option<Rollout>,
     /// The live table's generation.
     pub generation: Option<u64>,
+    /// The running datapath: `program ID build BUILD layout N`.
+    pub datapath: String,
 }
 
 /// A gateway as `get` shows it.
@@ -266,6 +271,9 @@ impl GatewayView {
         }
         if let Some(r) = &self.status.rollout {
             doc.push_str(&format!("# rollout: {}\n", r.describe()));
+        }
+        if !self.status.datapath.is_empty() {
+            doc.push_str(&format!("# datapath: {}\n", self.status.datapath));
         }
         doc
     }

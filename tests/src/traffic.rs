@@ -191,3 +191,78 @@ pub fn syn_flood(
         Ok(FloodReport { frames: sent, seconds: start.elapsed().as_secs_f64() })
     })?
 }
+
+/// What a flood did to a service: the flood itself, new connections during it and in the
+/// window after it, and the long-lived connections opened before it.
+#[derive(Clone, Debug, Default)]
+pub struct FloodOutcome {
+    pub flood: FloodReport,
+    pub during_ok: usize,
+    pub during_failed: Vec<(u64, String)>,
+    pub after_ok: usize,
+    pub after_failed: Vec<(u64, String)>,
+    /// Long-lived connections that stopped answering, and that answered from another backend.
+    pub established_broken: usize,
+    pub established_moved: usize,
+    /// Milliseconds from the flood's end to the start of the first success after which
+    /// no connection failed (none: failures until the end of the window).
+    pub recovered_after_ms: Option<u64>,
+}
+
+/// Opens `established` long-lived connections to `VIP:9050` from `client`, runs new
+/// connections one after another, floods `dst_mac` through `dev` for `duration`, then
+/// watches `after` more; checks the long-lived connections at the end.
+pub fn flood_scenario(
+    client: &Netns,
+    dev: &str,
+    dst_mac: [u8; 6],
+    established: usize,
+    duration: Duration,
+    after: Duration,
+) -> Result<FloodOutcome> {
+    let addr = format!("{VIP}:9050");
+    let mut long_lived: Vec<(crate::testbed::LineClient, String)> = client.enter(|| -> Result<Vec<_>> {
+        (0..established)
+            .map(|_| {
+                let mut c = crate::testbed::LineClient::connect(&addr)?;
+                let first = c.ask()?;
+                Ok((c, first))
+            })
+            .collect()
+    })??;
+    let traffic = HttpTraffic::start(client);
+    thread::sleep(Duration::from_secs(1));
+    let from = traffic.started.elapsed().as_millis() as u64;
+    let flood = syn_flood(client, dev, dst_mac, VIP.parse()?, 9050, duration, 20_000_000)?;
+    let to = traffic.started.elapsed().as_millis() as u64;
+    let (mut broken, mut moved) = (0, 0);
+    for (c, first) in &mut long_lived {
+        match c.ask() {
+            Ok(answer) if answer == *first => {}
+            Ok(_) => moved += 1,
+            Err(_) => broken += 1,
+        }
+    }
+    thread::sleep(after);
+    let end = traffic.started.elapsed().as_millis() as u64;
+    let failures = traffic.failures.lock().unwrap().clone();
+    let successes = traffic.successes.lock().unwrap().clone();
+    drop(traffic);
+    let in_window = |t: u64, a: u64, b: u64| (a..b).contains(&t);
+    let last_failure = failures.iter().map(|(t, _)| *t).filter(|t| *t < end).max();
+    let recovered_after_ms = match last_failure {
+        None => Some(0),
+        Some(t) if t < to => Some(0),
+        Some(t) => successes.iter().copied().filter(|s| *s > t && *s < end).min().map(|s| s - to),
+    };
+    Ok(FloodOutcome {
+        flood,
+        during_ok: successes.iter().filter(|t| in_window(**t, from, to)).count(),
+        during_failed: failures.iter().filter(|(t, _)| in_window(*t, from, to)).cloned().collect(),
+        after_ok: successes.iter().filter(|t| in_window(**t, to, end)).count(),
+        after_failed: failures.iter().filter(|(t, _)| in_window(*t, to, end)).cloned().collect(),
+        established_broken: broken,
+        established_moved: moved,
+        recovered_after_ms,
+    })
+}

@@ -37,8 +37,15 @@ use crate::{
 
 /// How often the controller wakes for timed work (canary analysis).
 pub const TICK: Duration = Duration::from_millis(250);
-/// Conntrack expiry (and a retry of a failed save) runs every this many ticks (2 s).
-const SWEEP_EVERY_TICKS: u32 = 8;
+/// Housekeeping (a retry of a failed save, port-exhaustion reports) runs every this many
+/// ticks (2 s).
+const HOUSEKEEPING_EVERY_TICKS: u32 = 8;
+/// Conntrack expiry runs at most this often...
+const SWEEP_MIN_INTERVAL: Duration = Duration::from_secs(2);
+/// ...and at least this often; in between, as rarely as keeps its own cost under
+/// 1/[`SWEEP_COST_SHARE`] of a core (a full table takes tens of milliseconds to read).
+const SWEEP_MAX_INTERVAL: Duration = Duration::from_secs(10);
+const SWEEP_COST_SHARE: u32 = 100;
 /// Port exhaustion is logged at most this often per gateway.
 const EXHAUSTION_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// Weight sets remembered per gateway for `rollback`.
@@ -229,6 +236,7 @@ impl<D: Dataplane> Controller<D> {
     /// Serves the inbox until every sender is gone; timed work on every tick.
     pub fn run(mut self, inbox: mpsc::Receiver<Inbox>) {
         let mut next_tick = Instant::now() + TICK;
+        let mut next_sweep = Instant::now() + SWEEP_MIN_INTERVAL;
         let mut ticks = 0u32;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
@@ -248,10 +256,15 @@ impl<D: Dataplane> Controller<D> {
                     next_tick = Instant::now() + TICK;
                     ticks = ticks.wrapping_add(1);
                     self.tick(Instant::now());
-                    if ticks.is_multiple_of(SWEEP_EVERY_TICKS) {
+                    if Instant::now() >= next_sweep {
+                        let started = Instant::now();
                         if let Err(e) = self.dataplane.sweep_conntrack(&self.settings.timeouts) {
                             warn!("conntrack sweep: {e:#}");
                         }
+                        let took = started.elapsed();
+                        next_sweep = Instant::now() + (took * SWEEP_COST_SHARE).clamp(SWEEP_MIN_INTERVAL, SWEEP_MAX_INTERVAL);
+                    }
+                    if ticks.is_multiple_of(HOUSEKEEPING_EVERY_TICKS) {
                         if self.state_error.is_some() {
                             self.unsaved = true;
                         }

@@ -270,6 +270,8 @@ impl<D: Dataplane> Controller<D> {
             uptime_seconds: uptime.as_secs(),
             gateways: self.configured.len(),
             program_id: self.settings.program_id,
+            build: self.settings.build.clone(),
+            layout: splitter_common::LAYOUT_VERSION,
         }
     }
 }

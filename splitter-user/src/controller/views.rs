@@ -41,6 +41,12 @@ impl<D: Dataplane> Controller<D> {
                 health,
                 rollout: self.rollouts.get(&g.name).cloned(),
                 generation: self.dataplane.placements().get(&g.name).map(|p| p.generation),
+                datapath: format!(
+                    "program {} build {} layout {}",
+                    self.settings.program_id,
+                    self.settings.build,
+                    splitter_common::LAYOUT_VERSION
+                ),
             },
         }
     }

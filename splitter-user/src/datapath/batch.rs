@@ -30,14 +30,20 @@ struct BatchAttr {
 /// Entries read per system call.
 pub const BATCH: usize = 4096;
 
-/// Every entry of the hash map `fd` (keys `K`, values `V`), as the kernel holds them while
-/// the batches are read (entries changed meanwhile may be seen either way).
-pub fn lookup_all<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+/// The number of entries of the hash map `fd`.
+pub fn count<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n = 0;
+    for_each::<K, V>(fd, |_, _| n += 1)?;
+    Ok(n)
+}
+
+/// Calls `f` with every entry of the hash map `fd`, one batch at a time: memory stays at
+/// one batch whatever the table holds.
+pub fn for_each<K: Pod, V: Pod>(fd: BorrowedFd<'_>, mut f: impl FnMut(&K, &V)) -> io::Result<()> {
     let mut keys = vec![K::zeroed(); BATCH];
     let mut values = vec![V::zeroed(); BATCH];
     // Hash maps use a bucket index (u32) as the batch token; room for a u64 to be safe.
     let (mut token_in, mut token_out) = (0u64, 0u64);
-    let mut out = Vec::new();
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
@@ -53,12 +59,14 @@ pub fn lookup_all<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>>
         // alive for the call; the kernel writes at most `count` entries and the token.
         let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, size_of::<BatchAttr>() as u32) };
         let got = (attr.count as usize).min(BATCH);
-        out.extend(keys[..got].iter().copied().zip(values[..got].iter().copied()));
+        for (k, v) in keys[..got].iter().zip(&values[..got]) {
+            f(k, v);
+        }
         if rc < 0 {
             let err = io::Error::last_os_error();
             // ENOENT: the last batch (possibly empty) was read.
             if err.raw_os_error() == Some(libc::ENOENT) {
-                return Ok(out);
+                return Ok(());
             }
             return Err(err);
         }

@@ -22,7 +22,7 @@ use splitter_common::{
     map_names,
     maps::{
         BucketTable, DatapathInfo, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool, TargetCounters, TargetEntry,
-        GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY,
+        FLOW_FIN_SEEN, GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
     },
     table::{build_bucket_table, TableTarget},
     FlowEvent, ForwardEvent, PacketClass,
@@ -371,11 +371,11 @@ impl Dataplane for Datapath {
     }
 
     fn conntrack_entries(&self) -> usize {
-        super::batch::lookup_all::<FlowKey, FlowEntry>(self.conntrack.map().fd().as_fd()).map_or(0, |e| e.len())
+        super::batch::count::<FlowKey, FlowEntry>(self.conntrack.map().fd().as_fd()).unwrap_or(0)
     }
 
     fn half_open_entries(&self) -> usize {
-        super::batch::lookup_all::<FlowKey, FlowEntry>(self.half_open.map().fd().as_fd()).map_or(0, |e| e.len())
+        super::batch::count::<FlowKey, FlowEntry>(self.half_open.map().fd().as_fd()).unwrap_or(0)
     }
 
     fn half_open_capacity(&self) -> u32 {
@@ -393,14 +393,26 @@ impl Dataplane for Datapath {
     /// Forgets flows whose close completed or that sat idle past their timeout.
     fn sweep_conntrack(&mut self, timeouts: &Timeouts) -> Result<usize> {
         let now = monotonic_ns();
-        // The whole table in a few system calls, judged in memory.
-        let entries: std::collections::HashMap<FlowKey, FlowEntry> =
-            super::batch::lookup_all(self.conntrack.map().fd().as_fd()).context("reading CONNTRACK")?.into_iter().collect();
+        // The whole table in a few system calls. Only entries that can expire are looked
+        // at: a TCP flow expires after a FIN (so one of its entries carries FIN_SEEN, and
+        // that entry finds the other), a UDP flow when idle. Established flows, however
+        // many, cost nothing beyond the copy, one batch at a time.
+        let mut candidates: std::collections::HashMap<FlowKey, FlowEntry> = std::collections::HashMap::new();
+        super::batch::for_each::<FlowKey, FlowEntry>(self.conntrack.map().fd().as_fd(), |k, e| {
+            if e.rewritten.proto != PROTO_TCP || e.flags & FLOW_FIN_SEEN != 0 {
+                candidates.insert(*k, *e);
+            }
+        })
+        .context("reading CONNTRACK")?;
         // Each expired key with the value it was judged on (None: the peer was missing).
         let mut expired: Vec<(FlowKey, Option<FlowEntry>)> = Vec::new();
-        for (key, entry) in &entries {
+        for (key, entry) in &candidates {
             let peer_key = entry.rewritten.reversed();
-            let found = entries.get(&peer_key).copied();
+            let found = match candidates.get(&peer_key) {
+                Some(peer) => Some(*peer),
+                // The peer has no FIN (a half-closed flow): read it.
+                None => self.conntrack.get(&peer_key, 0).ok(),
+            };
             let peer = found.unwrap_or(*entry);
             if flow_expired(entry, &peer, now, timeouts) {
                 expired.push((*key, Some(*entry)));

@@ -12,6 +12,8 @@
 
 pub mod connect;
 pub mod connect_xdp;
+pub mod expiry;
+pub mod flood;
 pub mod forward;
 pub mod memory;
 pub mod plot;

@@ -54,6 +54,8 @@ const BENCHMARKS: &[Benchmark] = &[
     Benchmark { name: "testrun", privileged: true, run: testrun },
     Benchmark { name: "weights", privileged: true, run: weights },
     Benchmark { name: "memory", privileged: true, run: memory },
+    Benchmark { name: "expiry", privileged: true, run: expiry },
+    Benchmark { name: "flood", privileged: true, run: flood },
     Benchmark { name: "table", privileged: false, run: |_, _| Ok(table_build()) },
 ];
 
@@ -73,6 +75,8 @@ sections:
   testrun  per-packet cost under BPF_PROG_TEST_RUN (root)
   weights  weight-change latency, packets lost during 1000 changes under load (root)
   memory   map memory at 1, 100 and 1000 gateways (root)
+  expiry   the agent's CPU with conntrack full (the sweep and occupancy reads) (root)
+  flood    a spoofed SYN flood from one core: splitter vs nftables DNAT (root)
   table    bucket table build time for 1, 8 and 64 targets; slots moved by changes";
 
 fn main() -> ExitCode {
@@ -187,6 +191,19 @@ fn connect_xdp(opts: Options, figures: &mut Figures) -> anyhow::Result<Section> 
     let body = bench::connect_xdp::section(&r);
     figures.connect_xdp = Some(r);
     Ok(Section { title: "TCP connections between XDP endpoints: each balancer's own cost", body })
+}
+
+fn flood(opts: Options, _figures: &mut Figures) -> anyhow::Result<Section> {
+    let r = bench::flood::run(opts)?;
+    let body = bench::flood::section(&r);
+    println!("{body}");
+    Ok(Section { title: "SYN flood: splitter and nftables", body })
+}
+
+fn expiry(opts: Options, _figures: &mut Figures) -> anyhow::Result<Section> {
+    let r = bench::expiry::run(opts)?;
+    println!("expiry: agent CPU {:.2}% idle, {:.2}% with {} conntrack entries", r.idle_percent, r.full_percent, r.entries);
+    Ok(Section { title: "Agent CPU with conntrack full", body: bench::expiry::section(&r) })
 }
 
 fn testrun(opts: Options, figures: &mut Figures) -> anyhow::Result<Section> {

@@ -51,9 +51,13 @@ use splitter_common::maps::{FlowEntry, FlowKey, FLOW_FIN_SEEN, FLOW_TO_TARGET};
 use splitter_tests::{
     privileged, splitter_bin,
     testbed::{TempDir, Testbed, VIP},
+    traffic::{mac_of, syn_flood},
 };
 
 const GATEWAY: &str = "soak";
+/// Full-NAT source addresses of the gateway (on the splitter's backend side): capacity for
+/// a flood's half-open flows beside the soak's own.
+const SOURCE_POOL: [&str; 4] = ["10.10.2.100", "10.10.2.101", "10.10.2.102", "10.10.2.103"];
 const PORT: u16 = 9050;
 const STABLE: &str = "soak/sava:1.0.0";
 const CANARY: &str = "soak/sava:1.1.0";
@@ -82,11 +86,13 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 const USAGE: &str = "usage: splitter-soak [--minutes N] [--rate CONN_PER_S] [--threads N] [--long-lived N]
                      [--weight-every-ms MS] [--flap-every S] [--kill-every S] [--dead-for S]
-                     [--sample-every S] [--report PATH]
+                     [--sample-every S] [--flood-at S] [--flood-for S] [--report PATH]
 
 defaults: --minutes 10 --rate 300 --threads 6 --long-lived 16 --weight-every-ms 100
           --flap-every 2 --kill-every 60 --dead-for 2 --sample-every 10
-          --report target/soak-report.md (0 for --kill-every: never kill the agent)";
+          --report target/soak-report.md (0 for --kill-every: never kill the agent)
+--flood-at S: S seconds into the soak, a spoofed SYN flood from one core for --flood-for
+          seconds (default 8) at the gateway, from the client namespace (0: no flood)";
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -99,6 +105,9 @@ struct Options {
     kill_every: Option<Duration>,
     dead_for: Duration,
     sample_every: Duration,
+    /// When the SYN flood starts (none: no flood), and how long it lasts.
+    flood_at: Option<Duration>,
+    flood_for: Duration,
     report: PathBuf,
 }
 
@@ -114,6 +123,8 @@ impl Options {
             kill_every: Some(Duration::from_secs(60)),
             dead_for: Duration::from_secs(2),
             sample_every: Duration::from_secs(10),
+            flood_at: None,
+            flood_for: Duration::from_secs(8),
             report: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/soak-report.md"),
         };
         let mut args = std::env::args().skip(1);
@@ -140,6 +151,8 @@ impl Options {
                 "--kill-every" => o.kill_every = Some(Duration::from_secs_f64(num()?)).filter(|d| !d.is_zero()),
                 "--dead-for" => o.dead_for = Duration::from_secs_f64(num()?),
                 "--sample-every" => o.sample_every = Duration::from_secs_f64(num()?.max(1.0)),
+                "--flood-at" => o.flood_at = Some(Duration::from_secs_f64(num()?)).filter(|d| !d.is_zero()),
+                "--flood-for" => o.flood_for = Duration::from_secs_f64(num()?.min(600.0)),
                 "--report" => o.report = PathBuf::from(&value),
                 _ => bail!("unknown option {arg}\n{USAGE}"),
             }
@@ -284,11 +297,15 @@ health_check:
   timeout: 500ms
   unhealthy_threshold: 2
   healthy_threshold: 2
+source:
+  addresses: [{}]
+  ports: 20000-59999
 ",
         weights.0,
         targets(&STABLE_TARGETS, without),
         weights.1,
         targets(&CANARY_TARGETS, without),
+        SOURCE_POOL.join(", "),
     )
 }
 
@@ -894,6 +911,9 @@ fn soak(opts: &Options) -> Result<Run> {
     for a in CANARY_TARGETS {
         bed.start_backend(a, BACKEND_PORT, "1.1.0", &[])?;
     }
+    for addr in SOURCE_POOL {
+        bed.splitter.ip(&["addr", "add", &format!("{addr}/24"), "dev", "spl-b"])?;
+    }
     let config_file = bed.write_config("soak.yaml", &gateway_yaml(WEIGHTS[0], None))?;
     let clock = Arc::new(Clock { start: Instant::now(), agent_up: AtomicBool::new(false), epoch: AtomicU64::new(0) });
     let counters = Arc::new(Counters::new());
@@ -962,12 +982,22 @@ fn soak(opts: &Options) -> Result<Run> {
     let soak_start = Instant::now();
     let mut next_sample = soak_start + opts.sample_every;
     let mut next_kill = opts.kill_every.map(|k| soak_start + k);
+    let mut next_flood = opts.flood_at.map(|at| soak_start + at);
     let mut result = Ok(());
     // Bounded: one pass per 50 ms until the deadline.
     let passes = duration.as_millis() / 50 + 100;
     for _ in 0..passes {
         if STOP.load(Ordering::Relaxed) || Instant::now() >= deadline {
             break;
+        }
+        if next_flood.is_some_and(|at| Instant::now() >= at) {
+            // The load, long-lived and control threads go on; samples and kills wait for it.
+            next_flood = None;
+            let mac = mac_of(&bed.splitter, "spl-c")?;
+            let length = opts.flood_for.min(deadline.saturating_duration_since(Instant::now()));
+            println!("   t={:.1}s SYN flood from one core for {length:?}", clock.secs());
+            let report = syn_flood(&bed.client, "cli0", mac, VIP.parse()?, PORT, length, 100_000_000)?;
+            println!("   t={:.1}s flood over: {} SYNs, {:.0}/s", clock.secs(), report.frames, report.per_second());
         }
         if let Some(kill_at) = next_kill.filter(|k| Instant::now() >= *k && *k + Duration::from_secs(5) < deadline) {
             next_kill = opts.kill_every.map(|k| kill_at + k);
