@@ -649,7 +649,6 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     Ok(forward(ctx, packet, &to_target))
 }
 
-
 /// The pool of a gateway whose pool slot cannot be read (none is configured then either).
 static NO_SOURCE_POOL: SourcePool = SourcePool { addrs: [0; MAX_SOURCE_ADDRESSES], count: 0, port_min: 0, port_count: 0 };
 
@@ -698,7 +697,11 @@ impl Claim {
     }
 
     fn attempts(&self) -> u32 {
-        if self.full_nat != 0 { SNAT_PORT_TRIES } else { 1 }
+        if self.full_nat != 0 {
+            SNAT_PORT_TRIES
+        } else {
+            1
+        }
     }
 }
 
