@@ -135,6 +135,39 @@ pub const fn half_open_verdict(entry_flags: u32, tcp_flags: u8) -> HalfOpenVerdi
     HalfOpenVerdict::Keep
 }
 
+/// The default connect timeout: a SYN the target has not answered when the client sends it
+/// again this long after the first (Linux retransmits after 1 s) is a failed connect.
+pub const DEFAULT_CONNECT_TIMEOUT_NS: u64 = 1_000_000_000;
+
+/// True when the client's SYN arriving `age_ns` after the flow's first, with no SYN-ACK seen,
+/// means the connect failed (a tenth of slack for the client's own timer).
+#[inline(always)]
+pub const fn connect_timed_out(age_ns: u64, timeout_ns: u64) -> bool {
+    age_ns >= timeout_ns - timeout_ns / 10
+}
+
+/// The status class (1 to 5) of an HTTP/1.x response whose first bytes are `head`
+/// (`HTTP/1.1 503 ...`), or none when they are not a status line.
+#[inline(always)]
+pub const fn http_status_class(head: &[u8; 12]) -> Option<u8> {
+    let prefix = *b"HTTP/1.";
+    let mut i = 0;
+    while i < prefix.len() {
+        if head[i] != prefix[i] {
+            return None;
+        }
+        i += 1;
+    }
+    if !head[7].is_ascii_digit() || head[8] != b' ' || !head[9].is_ascii_digit() || !head[10].is_ascii_digit() || !head[11].is_ascii_digit()
+    {
+        return None;
+    }
+    match head[9] {
+        b'1'..=b'5' => Some(head[9] - b'0'),
+        _ => None,
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// A UDP flow with no packet in either direction for this long is forgotten.
@@ -175,6 +208,41 @@ pub fn flow_expired(a: &FlowEntry, b: &FlowEntry, now_ns: u64, t: &Timeouts) -> 
 mod tests {
     use super::*;
     use crate::maps::{FlowKey, FLOW_TO_TARGET, PROTO_UDP};
+
+    #[test]
+    fn http_status_lines_are_classed() {
+        assert_eq!(http_status_class(b"HTTP/1.1 500"), Some(5));
+        assert_eq!(http_status_class(b"HTTP/1.0 204"), Some(2));
+        assert_eq!(http_status_class(b"HTTP/1.1 404"), Some(4));
+        assert_eq!(http_status_class(b"HTTP/1.1 600"), None);
+        assert_eq!(http_status_class(b"HTTP/2.0 200"), None);
+        assert_eq!(http_status_class(b"GET / HTTP/1"), None);
+        assert_eq!(http_status_class(b"HTTP/1.1 5x0"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_status_line_is_classed_by_its_first_digit(minor in 0u8..10, code in 100u16..600) {
+            let line = std::format!("HTTP/1.{minor} {code}");
+            let head: [u8; 12] = line.as_bytes().try_into().unwrap();
+            proptest::prop_assert_eq!(http_status_class(&head), Some((code / 100) as u8));
+        }
+
+        #[test]
+        fn anything_else_is_no_status(head in proptest::array::uniform12(proptest::prelude::any::<u8>())) {
+            if http_status_class(&head).is_some() {
+                proptest::prop_assert!(head.starts_with(b"HTTP/1.") && (b'1'..=b'5').contains(&head[9]));
+            }
+        }
+    }
+
+    #[test]
+    fn connects_time_out_at_the_clients_retransmission() {
+        let s = 1_000_000_000;
+        assert!(!connect_timed_out(800_000_000, s));
+        assert!(connect_timed_out(950_000_000, s), "a retransmission a little early still counts");
+        assert!(connect_timed_out(3 * s, s));
+    }
 
     #[test]
     fn half_open_flows_promote_on_the_clients_ack_only() {

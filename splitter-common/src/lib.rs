@@ -57,6 +57,9 @@ pub mod map_names {
     /// Flow-state events (half-open flows started, promoted, expired, ports taken over),
     /// per CPU; written by the program, read by the agent.
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    /// Failed connects and HTTP status classes per target, per CPU; written by the program,
+    /// read (and zeroed) by the agent.
+    pub const TARGET_OUTCOMES: &str = "TARGET_OUTCOMES";
     /// Full-NAT source addresses and ports per gateway; written by the agent, read by the program.
     pub const SOURCE_POOLS: &str = "SOURCE_POOLS";
     /// What runs: layout version and build of the program; written by the agent, read by
@@ -68,7 +71,7 @@ pub mod map_names {
     pub const CORE: [&str; 8] =
         [GATEWAYS, BUCKET_TABLES, TARGETS, CONNTRACK, TARGET_COUNTERS, GATEWAY_COUNTERS, PACKET_COUNTERS, FORWARD_EVENTS];
     /// Every map the agent pins and adopts.
-    pub const PINNED: [&str; 12] = [
+    pub const PINNED: [&str; 13] = [
         GATEWAYS,
         BUCKET_TABLES,
         TARGETS,
@@ -79,6 +82,7 @@ pub mod map_names {
         FORWARD_EVENTS,
         HALF_OPEN,
         FLOW_EVENTS,
+        TARGET_OUTCOMES,
         SOURCE_POOLS,
         DATAPATH_INFO,
     ];

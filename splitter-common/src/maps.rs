@@ -43,6 +43,9 @@ assert_size!(GatewayKey, 8);
 pub const GATEWAY_DNAT: u32 = 1;
 /// `GatewayState.flags`: hash new flows on the client address alone (`sticky: client`).
 pub const GATEWAY_STICKY_CLIENT: u32 = 2;
+/// `GatewayState.flags`: the gateway's port speaks HTTP (`9050/http`): the status line of
+/// its targets' responses is counted.
+pub const GATEWAY_HTTP: u32 = 4;
 
 /// The live state of a gateway. Written as a whole by the agent after the table it names
 /// is complete, so a packet sees either the old table or the new one, never a mix.
@@ -136,6 +139,10 @@ pub const FLOW_FROM_TARGET: u32 = 2;
 pub const FLOW_FIN_SEEN: u32 = 4;
 /// `FlowEntry.flags`: the target answered the SYN (its SYN-ACK went through).
 pub const FLOW_ESTABLISHED: u32 = 8;
+/// `FlowEntry.flags`: the flow belongs to an HTTP gateway (its responses are counted).
+pub const FLOW_HTTP: u32 = 16;
+/// `FlowEntry.flags`: the flow's connect was counted as failed (once).
+pub const FLOW_CONNECT_FAILED: u32 = 32;
 
 /// Conntrack value: how to rewrite a packet whose 5-tuple is the key. A flow has two
 /// entries, one per direction; each entry's `rewritten` tuple reversed is the key of the
@@ -207,6 +214,19 @@ pub struct DatapathInfo {
 }
 assert_size!(DatapathInfo, 16);
 
+/// What each target's connects and responses came to, per CPU, at `TargetEntry.counter_index`
+/// (beside `TargetCounters`, which keeps its layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TargetOutcomes {
+    /// New flows whose SYN the target answered with a RST or anything but a SYN-ACK, or
+    /// did not answer before the client sent it again after the connect timeout.
+    pub failed_connects: u64,
+    /// HTTP responses by status class: `[1xx, 2xx, 3xx, 4xx, 5xx]` (HTTP gateways only).
+    pub http: [u64; 5],
+}
+assert_size!(TargetOutcomes, 48);
+
 /// Most source addresses one gateway's full NAT may use.
 pub const MAX_SOURCE_ADDRESSES: usize = 16;
 
@@ -242,4 +262,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::GatewayCounters {}
     unsafe impl aya::Pod for super::SourcePool {}
     unsafe impl aya::Pod for super::DatapathInfo {}
+    unsafe impl aya::Pod for super::TargetOutcomes {}
 }

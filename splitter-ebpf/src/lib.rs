@@ -30,15 +30,16 @@ use network_types::{
 };
 use splitter_common::{
     conntrack::{
-        half_open_expired, half_open_port_takeable, half_open_verdict, port_reusable, tcp_verdict, HalfOpenVerdict, TcpVerdict,
-        DEFAULT_HALF_OPEN_TIMEOUT_NS, TCP_ACK, TCP_SYN,
+        connect_timed_out, half_open_expired, half_open_port_takeable, half_open_verdict, http_status_class, port_reusable, tcp_verdict,
+        HalfOpenVerdict, TcpVerdict, DEFAULT_CONNECT_TIMEOUT_NS, DEFAULT_HALF_OPEN_TIMEOUT_NS, TCP_ACK, TCP_SYN,
     },
     csum::CsumDelta,
     flow::{bucket_slot, client_hash, flow_hash, snat_address_index, snat_port_in, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
         BucketTable, DatapathInfo, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool, TargetCounters, TargetEntry,
-        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_HALF_OPEN_ENTRIES, DEFAULT_MAX_GATEWAYS, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_TO_TARGET,
-        GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
+        TargetOutcomes, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_HALF_OPEN_ENTRIES, DEFAULT_MAX_GATEWAYS, FLOW_CONNECT_FAILED, FLOW_ESTABLISHED,
+        FLOW_FROM_TARGET, FLOW_HTTP, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES,
+        MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
     },
     FlowEvent, ForwardEvent, PacketClass,
 };
@@ -86,6 +87,11 @@ static HALF_OPEN: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(
 #[map]
 static FLOW_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FlowEvent::COUNT, 0);
 
+/// Failed connects and HTTP status classes per target, per CPU, at `TargetEntry.counter_index`.
+/// Written by: this program. Read (and zeroed for a new target) by: the agent.
+#[map]
+static TARGET_OUTCOMES: PerCpuArray<TargetOutcomes> = PerCpuArray::with_max_entries(MAX_TARGET_COUNTERS, 0);
+
 /// Full-NAT source addresses and port range of each gateway, at `GatewayState.gateway_id`.
 /// Written by: the agent (before the gateway's state names it). Read by: this program.
 #[map]
@@ -95,6 +101,11 @@ static SOURCE_POOLS: Array<SourcePool> = Array::with_max_entries(DEFAULT_MAX_GAT
 /// Written by: the agent. Read by: the agent (never this program).
 #[map]
 static DATAPATH_INFO: Array<DatapathInfo> = Array::with_max_entries(1, 0);
+
+/// How long a target may take to answer a SYN before the connect counts as failed,
+/// nanoseconds; set by the agent at load (`--connect-timeout`).
+#[unsafe(no_mangle)]
+static CONNECT_TIMEOUT_NS: u64 = DEFAULT_CONNECT_TIMEOUT_NS;
 
 /// How long a half-open flow lives, nanoseconds; set by the agent at load
 /// (`--half-open-timeout`).
@@ -232,6 +243,44 @@ fn count_flow_event(event: FlowEvent) {
     if let Some(counter) = FLOW_EVENTS.get_ptr_mut(event.0) {
         // SAFETY: as in `count`.
         unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn connect_timeout_ns() -> u64 {
+    // SAFETY: as in `half_open_timeout_ns`.
+    unsafe { core::ptr::read_volatile(&CONNECT_TIMEOUT_NS) }
+}
+
+/// Counts a failed connect of the target at `counter_index`.
+#[inline(always)]
+fn count_failed_connect(counter_index: u32) {
+    if let Some(o) = TARGET_OUTCOMES.get_ptr_mut(counter_index) {
+        // SAFETY: a per-CPU slot of this CPU.
+        unsafe { (*o).failed_connects += 1 };
+    }
+}
+
+/// Counts the status class of an HTTP response whose first segment this packet carries, if
+/// it starts with a status line (`HTTP/1.x NNN`).
+#[inline(always)]
+fn count_http_status(ctx: &XdpContext, packet: &Packet, counter_index: u32) {
+    let Ok(tcp) = ptr_at::<TcpHdr>(ctx, packet.l4_offset) else { return };
+    // SAFETY: the whole TcpHdr is in bounds; byte 12 holds the data offset.
+    let data_offset = usize::from(unsafe { *tcp.cast::<u8>().add(12) } >> 4) * 4;
+    let Ok(head) = ptr_at::<[u8; 12]>(ctx, packet.l4_offset + data_offset) else { return };
+    // SAFETY: `ptr_at` checked that the twelve bytes lie inside the packet.
+    let Some(class) = http_status_class(unsafe { &*head }) else { return };
+    if let Some(o) = TARGET_OUTCOMES.get_ptr_mut(counter_index) {
+        // The compiler knows the class is 1 to 5 and would drop the bounds check; the
+        // verifier does not, so hide the index from the compiler.
+        let index = core::hint::black_box(usize::from(class) - 1);
+        // SAFETY: a per-CPU slot of this CPU.
+        unsafe {
+            if let Some(slot) = (*o).http.get_mut(index) {
+                *slot += 1;
+            }
+        }
     }
 }
 
@@ -461,6 +510,9 @@ fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Resu
             }
         }
     }
+    if !to_target && flow.flags & FLOW_HTTP != 0 {
+        count_http_status(ctx, packet, flow.counter_index);
+    }
     if close {
         let _ = CONNTRACK.remove(&flow.rewritten.reversed());
         let _ = CONNTRACK.remove(packet.key());
@@ -495,7 +547,7 @@ fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result
             let reply = half_open_copy(&reply_key).unwrap_or(FlowEntry {
                 rewritten: client_key.reversed(),
                 counter_index: flow.counter_index,
-                flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED,
+                flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED | (flow.flags & FLOW_HTTP),
                 last_seen_ns: now,
                 created_ns: flow.created_ns,
             });
@@ -513,13 +565,30 @@ fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result
         HalfOpenVerdict::Close => {
             let _ = HALF_OPEN.remove(&client_key);
             let _ = HALF_OPEN.remove(&reply_key);
-            if let (false, Some(c)) = (to_target, counters) {
-                // SAFETY: a per-CPU slot of this CPU.
-                unsafe { (*c).resets_from_target += 1 };
+            // The target refused the connect (its listener is gone, or it is overloaded).
+            if !to_target && flow.flags & FLOW_CONNECT_FAILED == 0 {
+                count_failed_connect(flow.counter_index);
             }
         }
         HalfOpenVerdict::Keep => {
             let syn_ack = packet.tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK);
+            if to_target && packet.tcp_flags & TCP_SYN != 0 && flow.flags & FLOW_CONNECT_FAILED == 0 {
+                // The client sends its SYN again: if the target has not answered it within the
+                // connect timeout, the connect failed (a dead or blackholed target).
+                let answered = half_open_copy(&reply_key).is_some_and(|r| r.flags & FLOW_ESTABLISHED != 0);
+                if !answered && connect_timed_out(now.saturating_sub(flow.created_ns), connect_timeout_ns()) {
+                    count_failed_connect(flow.counter_index);
+                    // SAFETY: see above.
+                    unsafe { (*entry).flags = flow.flags | FLOW_CONNECT_FAILED };
+                }
+            }
+            if !to_target && !syn_ack && flow.flags & (FLOW_ESTABLISHED | FLOW_CONNECT_FAILED) == 0 {
+                // Anything but a SYN-ACK to a SYN (an ACK from a TIME_WAIT connection on the
+                // same ports, say): the connect failed.
+                count_failed_connect(flow.counter_index);
+                // SAFETY: see above.
+                unsafe { (*entry).flags = flow.flags | FLOW_CONNECT_FAILED };
+            }
             if !to_target && syn_ack && flow.flags & FLOW_ESTABLISHED == 0 {
                 // SAFETY: see above.
                 unsafe { (*entry).flags = flow.flags | FLOW_ESTABLISHED };
@@ -580,10 +649,11 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     let target = *TARGETS.get(gateway.table_index * MAX_TARGETS_PER_GATEWAY + index).ok_or(Error::Inconsistent)?;
 
     let now = now_ns();
+    let http = if gateway.flags & GATEWAY_HTTP != 0 { FLOW_HTTP } else { 0 };
     let from_target = FlowEntry {
         rewritten: key.reversed(),
         counter_index: target.counter_index,
-        flags: FLOW_FROM_TARGET,
+        flags: FLOW_FROM_TARGET | http,
         last_seen_ns: now,
         created_ns: now,
     };
@@ -623,8 +693,13 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
         return Ok(xdp_action::XDP_DROP);
     }
-    let flow =
-        FlowEntry { rewritten: to_target, counter_index: target.counter_index, flags: FLOW_TO_TARGET, last_seen_ns: now, created_ns: now };
+    let flow = FlowEntry {
+        rewritten: to_target,
+        counter_index: target.counter_index,
+        flags: FLOW_TO_TARGET | http,
+        last_seen_ns: now,
+        created_ns: now,
+    };
     let table = if syn { &HALF_OPEN } else { &CONNTRACK };
     if table.insert(key, &flow, u64::from(BPF_ANY)).is_err() {
         let _ = table.remove(&to_target.reversed());

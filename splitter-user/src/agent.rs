@@ -95,6 +95,11 @@ pub struct AgentArgs {
     /// full-NAT port are given back (e.g. 3s, 500ms).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     half_open_timeout: Duration,
+    /// How long a target may take to answer a new flow's SYN: one the client has to send
+    /// again after this is a failed connect (counted per target; a canary's count towards its
+    /// error rate).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
     /// Load this eBPF object instead of the one built into the binary (upgrade tests, or a
     /// datapath fix without rebuilding the agent).
     #[arg(long, value_name = "PATH", hide = true)]
@@ -156,6 +161,7 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
         conntrack_entries: args.conntrack_size.max(2),
         half_open_entries: args.half_open_size.max(2),
         half_open_timeout_ns: args.half_open_timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
+        connect_timeout_ns: args.connect_timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
     };
     let pins = if args.ephemeral { None } else { Some(Pins::open(&args.bpffs)?) };
     let object = match &args.ebpf_object {

@@ -93,6 +93,13 @@ pub struct TargetStats {
     pub resets_from_target: u64,
     pub connects: u64,
     pub connect_ns_total: u64,
+    /// New flows whose SYN the target refused (RST), answered with anything but a SYN-ACK,
+    /// or left unanswered for the connect timeout.
+    #[serde(default)]
+    pub failed_connects: u64,
+    /// HTTP responses by status class, `[1xx, 2xx, 3xx, 4xx, 5xx]` (HTTP gateways only).
+    #[serde(default)]
+    pub http_responses: [u64; 5],
     /// New flows since the gateway's current weights took effect.
     pub new_flows_since_change: u64,
     /// This target's share of the gateway's new flows since then (percent).

@@ -71,6 +71,7 @@ fn expected_sizes(name: &str) -> Option<(usize, usize)> {
         map_names::GATEWAY_COUNTERS => (4, size_of::<GatewayCounters>()),
         map_names::PACKET_COUNTERS | map_names::FORWARD_EVENTS | map_names::FLOW_EVENTS => (4, 8),
         map_names::SOURCE_POOLS => (4, size_of::<SourcePool>()),
+        map_names::TARGET_OUTCOMES => (4, size_of::<splitter_common::maps::TargetOutcomes>()),
         map_names::DATAPATH_INFO => (4, size_of::<DatapathInfo>()),
         _ => return None,
     })

@@ -305,8 +305,19 @@ fn render_stats(stats: &[GatewayStats]) -> String {
             g.name, g.generation, g.new_flows, g.new_flows_since_change, g.no_target, g.conntrack_miss,
         ));
         out.push_str(&format!(
-            "  {:<32} {:<22} {:>8} {:>9} {:>9} {:>10} {:>10} {:>12} {:>7} {:>10}\n",
-            "ROUTE", "TARGET", "WEIGHT", "OBSERVED", "FLOWS", "PKTS IN", "PKTS OUT", "BYTES OUT", "RESETS", "CONNECT"
+            "  {:<32} {:<22} {:>8} {:>9} {:>9} {:>10} {:>10} {:>12} {:>7} {:>9} {:>10} {:>8}\n",
+            "ROUTE",
+            "TARGET",
+            "WEIGHT",
+            "OBSERVED",
+            "FLOWS",
+            "PKTS IN",
+            "PKTS OUT",
+            "BYTES OUT",
+            "RESETS",
+            "CONN FAIL",
+            "CONNECT",
+            "HTTP 5XX"
         ));
         for t in &g.targets {
             let observed = t.observed_share.map(|s| format!("{s:.1}%")).unwrap_or_else(|| "-".into());
@@ -314,8 +325,11 @@ fn render_stats(stats: &[GatewayStats]) -> String {
                 0 => "-".into(),
                 n => format!("{:.2}ms", t.connect_ns_total as f64 / n as f64 / 1e6),
             };
+            let responses: u64 = t.http_responses.iter().sum();
+            let http_5xx =
+                if responses > 0 { format!("{:.1}%", 100.0 * t.http_responses[4] as f64 / responses as f64) } else { "-".into() };
             out.push_str(&format!(
-                "  {:<32} {:<22} {:>8} {:>9} {:>9} {:>10} {:>10} {:>12} {:>7} {:>10}\n",
+                "  {:<32} {:<22} {:>8} {:>9} {:>9} {:>10} {:>10} {:>12} {:>7} {:>9} {:>10} {:>8}\n",
                 t.route,
                 t.target,
                 format!("{:.2}%", t.configured_share),
@@ -325,7 +339,9 @@ fn render_stats(stats: &[GatewayStats]) -> String {
                 t.packets_from_target,
                 t.bytes_from_target,
                 t.resets_from_target,
+                t.failed_connects,
                 connect,
+                http_5xx,
             ));
         }
     }
@@ -382,9 +398,13 @@ pub struct CanaryStartArgs {
     /// Time at each step before it is judged.
     #[arg(long, default_value = "30s")]
     interval: String,
-    /// Most TCP resets from canary targets per new canary flow.
+    /// Most resets of established flows plus failed connects of canary targets per new
+    /// canary flow.
     #[arg(long, default_value = "5%")]
     max_error_rate: String,
+    /// Most HTTP 5xx responses of canary targets per response (default 5% on HTTP gateways).
+    #[arg(long)]
+    max_http_error_rate: Option<String>,
     /// Most failed health checks of canary targets in a window.
     #[arg(long, default_value_t = 1)]
     max_failed_checks: u32,
@@ -431,6 +451,11 @@ fn canary_spec(args: &CanaryStartArgs) -> Result<crate::gateway::policy::CanaryS
     let steps = args.steps.iter().map(|s| parse_weight(s).map_err(|e| anyhow::anyhow!("--steps: {e}"))).collect::<Result<Vec<u32>>>()?;
     let interval_ms = policy::parse_duration_us(&args.interval).map_err(|e| anyhow::anyhow!("--interval: {e}"))?.div_ceil(1000);
     let max_error_rate = parse_weight(&args.max_error_rate).map_err(|e| anyhow::anyhow!("--max-error-rate: {e}"))?;
+    let max_http_error_rate = args
+        .max_http_error_rate
+        .as_deref()
+        .map(|r| parse_weight(r).map_err(|e| anyhow::anyhow!("--max-http-error-rate: {e}")))
+        .transpose()?;
     let max_connect_latency = args
         .max_connect_latency
         .as_deref()
@@ -442,6 +467,7 @@ fn canary_spec(args: &CanaryStartArgs) -> Result<crate::gateway::policy::CanaryS
         interval_ms,
         thresholds: policy::Thresholds {
             max_error_rate,
+            max_http_error_rate,
             max_failed_checks: args.max_failed_checks,
             max_connect_latency,
             min_flows: args.min_flows,

@@ -68,7 +68,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
     let mut out = String::new();
 
     type TargetField = fn(&crate::api::TargetStats) -> u64;
-    let target_counters: [(&str, &str, TargetField); 7] = [
+    let target_counters: [(&str, &str, TargetField); 8] = [
         ("splitter_target_new_flows_total", "New flows assigned to the target.", |t| t.new_flows),
         ("splitter_target_packets_to_target_total", "Packets forwarded from clients to the target.", |t| t.packets_to_target),
         ("splitter_target_bytes_to_target_total", "Bytes (IP length) forwarded from clients to the target.", |t| t.bytes_to_target),
@@ -76,12 +76,29 @@ pub fn render(s: &Snapshot<'_>) -> String {
         ("splitter_target_bytes_from_target_total", "Bytes (IP length) forwarded from the target to clients.", |t| t.bytes_from_target),
         ("splitter_target_resets_total", "TCP resets sent by the target.", |t| t.resets_from_target),
         ("splitter_target_connects_total", "TCP connection setups completed by the target (SYN-ACK seen).", |t| t.connects),
+        (
+            "splitter_target_failed_connects_total",
+            "New flows whose SYN the target refused (RST), answered with anything but a SYN-ACK, or left unanswered for the connect timeout.",
+            |t| t.failed_connects,
+        ),
     ];
     for (name, help, field) in target_counters {
         let mut f = Family::new(&mut out, name, "counter", help);
         for g in s.gateways {
             for t in &g.targets {
                 f.sample(name, &[("gateway", &g.name), ("route", &t.route), ("target", &t.target)], field(t));
+            }
+        }
+    }
+    {
+        let name = "splitter_target_http_responses_total";
+        let mut f =
+            Family::new(&mut out, name, "counter", "HTTP responses of the target by status class (gateways whose port is PORT/http).");
+        for g in s.gateways {
+            for t in &g.targets {
+                for (class, n) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().zip(t.http_responses) {
+                    f.sample(name, &[("gateway", &g.name), ("route", &t.route), ("target", &t.target), ("class", class)], n);
+                }
             }
         }
     }

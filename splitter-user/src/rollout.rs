@@ -40,6 +40,11 @@ impl RolloutState {
 pub struct Sample {
     pub canary_flows: u64,
     pub canary_resets: u64,
+    /// SYNs canary targets refused, answered wrongly or left unanswered.
+    pub canary_failed_connects: u64,
+    /// HTTP responses of canary targets, and how many were 5xx.
+    pub canary_http_responses: u64,
+    pub canary_http_5xx: u64,
     pub canary_connects: u64,
     pub canary_connect_ns: u64,
     pub stable_connects: u64,
@@ -53,6 +58,9 @@ impl Sample {
         Sample {
             canary_flows: self.canary_flows.saturating_sub(earlier.canary_flows),
             canary_resets: self.canary_resets.saturating_sub(earlier.canary_resets),
+            canary_failed_connects: self.canary_failed_connects.saturating_sub(earlier.canary_failed_connects),
+            canary_http_responses: self.canary_http_responses.saturating_sub(earlier.canary_http_responses),
+            canary_http_5xx: self.canary_http_5xx.saturating_sub(earlier.canary_http_5xx),
             canary_connects: self.canary_connects.saturating_sub(earlier.canary_connects),
             canary_connect_ns: self.canary_connect_ns.saturating_sub(earlier.canary_connect_ns),
             stable_connects: self.stable_connects.saturating_sub(earlier.stable_connects),
@@ -93,16 +101,30 @@ pub fn judge(w: &Sample, t: &Thresholds) -> Verdict {
     if w.canary_flows < u64::from(t.min_flows) {
         return Verdict::TooFewFlows(format!("only {} new canary flows in the window, {} needed to judge", w.canary_flows, t.min_flows));
     }
-    // Hundredths of a percent, like the threshold.
-    let error_rate = w.canary_resets * u64::from(FULL_WEIGHT) / w.canary_flows.max(1);
+    // Hundredths of a percent, like the threshold: what clients saw fail, per new flow.
+    let errors = w.canary_resets + w.canary_failed_connects;
+    let error_rate = errors * u64::from(FULL_WEIGHT) / w.canary_flows.max(1);
     if error_rate > u64::from(t.max_error_rate) {
         return Verdict::Breach(format!(
-            "error rate {}% ({} resets from canary targets for {} new flows) above {}%",
+            "error rate {}% ({} resets and {} failed connects of canary targets for {} new flows) above {}%",
             error_rate as f64 / 100.0,
             w.canary_resets,
+            w.canary_failed_connects,
             w.canary_flows,
             f64::from(t.max_error_rate) / 100.0
         ));
+    }
+    let http_rate = (w.canary_http_responses > 0).then(|| w.canary_http_5xx * u64::from(FULL_WEIGHT) / w.canary_http_responses);
+    if let (Some(max), Some(rate)) = (t.max_http_error_rate, http_rate) {
+        if rate > u64::from(max) {
+            return Verdict::Breach(format!(
+                "HTTP 5xx rate {}% ({} of {} responses from canary targets) above {}%",
+                rate as f64 / 100.0,
+                w.canary_http_5xx,
+                w.canary_http_responses,
+                f64::from(max) / 100.0
+            ));
+        }
     }
     let canary_us = w.canary_connect_us();
     if let (Some(limit), Some(canary_us)) = (t.max_connect_latency, canary_us) {
@@ -132,9 +154,10 @@ pub fn judge(w: &Sample, t: &Thresholds) -> Verdict {
         }
     }
     Verdict::Healthy(format!(
-        "{} new canary flows, error rate {}%, connect {}",
+        "{} new canary flows, error rate {}%,{} connect {}",
         w.canary_flows,
         error_rate as f64 / 100.0,
+        http_rate.map_or(String::new(), |r| format!(" HTTP 5xx {}% of {} responses,", r as f64 / 100.0, w.canary_http_responses)),
         match (canary_us, w.stable_connect_us()) {
             (Some(c), Some(s)) => format!("{:.2}ms (stable {:.2}ms)", c as f64 / 1000.0, s as f64 / 1000.0),
             (Some(c), None) => format!("{:.2}ms", c as f64 / 1000.0),
@@ -242,8 +265,9 @@ impl Rollout {
         }
         let window = now_sample.since(&self.window_base);
         let elapsed = now.saturating_duration_since(self.window_started);
+        let evidence = |why: String| format!("{why}, over a {:.1}s window at step {}", elapsed.as_secs_f64(), self.step + 1);
         match judge(&window, &self.spec.thresholds) {
-            Verdict::Breach(reason) => Intent::RollBack(reason),
+            Verdict::Breach(reason) => Intent::RollBack(evidence(reason)),
             _ if elapsed < std::time::Duration::from_millis(self.spec.interval_ms) => Intent::Hold,
             Verdict::TooFewFlows(why) => Intent::Wait(why),
             Verdict::Healthy(summary) => Intent::Step { step: self.step + 1, reason: format!("step {} passed: {summary}", self.step + 1) },

@@ -366,7 +366,9 @@ fn a_canary_with_slow_connection_setup_shows_it_and_is_rolled_back() {
         )
         .unwrap();
     bed.write_config("sava.yaml", &gateway("")).unwrap();
-    bed.start_agent(&[]).unwrap();
+    // A connect timeout past the clients' first SYN retransmission: here the lost SYNs show
+    // as latency, not as failed connects.
+    bed.start_agent(&["--connect-timeout", "3s"]).unwrap();
     let traffic: Vec<Traffic> = (0..4).map(|_| Traffic::start(&bed, Duration::ZERO)).collect();
     bed.cli_ok(&[
         "canary",
@@ -454,4 +456,72 @@ fn a_canary_block_in_the_gateway_file_starts_the_rollout() {
     assert!(status.contains("promoted at step 3/3"), "{status}");
     let outcomes = traffic.finish();
     assert!(outcomes.iter().all(|o| o.answer.is_ok()), "no request failed during the rollout");
+}
+
+/// The Vamp tutorial's failure: a canary that accepts connections and passes its health
+/// check but answers every request with HTTP 500 is rolled back by the datapath's count of
+/// its responses (on by default for a `9050/http` gateway), and no request fails after.
+#[test]
+fn a_canary_answering_http_500_is_rolled_back_with_defaults() {
+    if !privileged("a_canary_answering_http_500_is_rolled_back_with_defaults") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &["--status", "500"]).unwrap();
+    let http_check = "health_check:\n  protocol: http\n  path: /health\n  interval: 200ms\n  timeout: 150ms\n";
+    bed.write_config("sava.yaml", &gateway(http_check)).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let traffic = Traffic::start(&bed, Duration::from_millis(2));
+    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "20,50,100", "--interval", "2s", "--min-flows", "10"]).unwrap();
+    let started = Instant::now();
+    wait_state(&bed, "rolled-back", Duration::from_secs(20));
+    let took = started.elapsed();
+    let r = rollout(&bed);
+    println!("rolled back after {took:?}: {}", r["reason"]);
+    assert!(r["reason"].as_str().unwrap().starts_with("HTTP 5xx rate 100% ("), "{r}");
+    assert!(took <= Duration::from_secs(5), "within two 2 s intervals: {took:?}");
+    assert_eq!(canary_weight(&bed), "weight: 0%", "back to the weights before the rollout");
+    let health = bed.cli_ok(&["get", GATEWAY]).unwrap();
+    assert!(health.contains("10.10.2.21:8080 healthy"), "the health check kept passing: {health}");
+    let stats: serde_json::Value = serde_json::from_str(&bed.cli_ok(&["stats", "-o", "json"]).unwrap()).unwrap();
+    let canary = stats[0]["targets"].as_array().unwrap().iter().find(|t| t["route"] == CANARY).unwrap().clone();
+    assert!(canary["http_responses"][4].as_u64().unwrap() >= 10, "the datapath counted the 500s: {canary}");
+    let settled_ms = now_ms();
+    thread::sleep(Duration::from_secs(1));
+    let outcomes = traffic.finish();
+    let after: Vec<&Outcome> = outcomes.iter().filter(|o| o.at_ms > settled_ms).collect();
+    assert!(after.len() > 20);
+    assert!(after.iter().all(|o| o.answer.as_deref() == Ok("1.0.0")), "after the rollback every request succeeds on stable");
+}
+
+/// A canary that silently drops every SYN (a blackhole: no RST, nothing) is rolled back by
+/// its failed connects: the clients' retransmitted SYNs tell the datapath.
+#[test]
+fn a_canary_dropping_syns_silently_is_rolled_back() {
+    if !privileged("a_canary_dropping_syns_silently_is_rolled_back") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    bed.backends
+        .run(
+            "nft",
+            &["add table ip blackhole; \
+                 add chain ip blackhole input { type filter hook input priority 0; }; \
+                 add rule ip blackhole input ip daddr 10.10.2.21 tcp dport 8080 tcp flags & (syn | ack) == syn drop"],
+        )
+        .unwrap();
+    bed.write_config("sava.yaml", &gateway("")).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let traffic: Vec<Traffic> = (0..4).map(|_| Traffic::start(&bed, Duration::ZERO)).collect();
+    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "20,50,100", "--interval", "2s", "--min-flows", "5"]).unwrap();
+    let started = Instant::now();
+    wait_state(&bed, "rolled-back", Duration::from_secs(20));
+    let r = rollout(&bed);
+    println!("rolled back after {:?}: {}", started.elapsed(), r["reason"]);
+    assert!(r["reason"].as_str().unwrap().contains("failed connects of canary targets"), "{r}");
+    assert_eq!(canary_weight(&bed), "weight: 0%");
+    drop(traffic);
 }

@@ -16,8 +16,8 @@ use aya::{
 use splitter_common::{
     flow::{bucket_slot, client_hash, flow_hash, snat_port, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
-        BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, FLOW_ESTABLISHED, FLOW_FIN_SEEN, FLOW_FROM_TARGET,
-        FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
+        BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, TargetOutcomes, FLOW_ESTABLISHED, FLOW_FIN_SEEN,
+        FLOW_FROM_TARGET, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
     },
     table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE},
     FlowEvent, PROGRAM_NAME,
@@ -150,6 +150,19 @@ impl Bench {
     fn half_open_insert(&mut self, key: FlowKey, entry: FlowEntry) {
         let mut m: HashMap<&mut MapData, FlowKey, FlowEntry> = HashMap::try_from(self.ebpf.map_mut("HALF_OPEN").unwrap()).unwrap();
         m.insert(key, entry, 0).unwrap();
+    }
+
+    /// The failed connects and HTTP classes of counter slot `slot` (summed over CPUs).
+    fn outcomes(&self, slot: u32) -> TargetOutcomes {
+        let m: PerCpuArray<&MapData, TargetOutcomes> = PerCpuArray::try_from(self.ebpf.map("TARGET_OUTCOMES").unwrap()).unwrap();
+        let mut sum = TargetOutcomes::default();
+        for o in m.get(&slot, 0).unwrap().iter() {
+            sum.failed_connects += o.failed_connects;
+            for (total, n) in sum.http.iter_mut().zip(o.http) {
+                *total += n;
+            }
+        }
+        sum
     }
 
     /// A flow-state event's count (summed over CPUs).
@@ -493,4 +506,32 @@ fn half_open_flows_never_touch_established_ones_and_give_their_ports_back() {
     assert_eq!(bench.flow_event(FlowEvent::HALF_OPEN_TAKEN_OVER), 1);
     assert!(!bench.half_open_has(&flow_key(Ipv4Addr::new(10, 94, 0, 7), 1000, VIP, 9050, PROTO_TCP)));
     assert_eq!(bench.conntrack_len(), 2, "still only the established flow in conntrack");
+}
+
+/// On an HTTP gateway the datapath reads the status line at the start of a target's
+/// response and counts it by class; a SYN the target answers with a RST is a failed connect.
+#[test]
+fn http_status_classes_and_failed_connects_are_counted_per_target() {
+    if !privileged("http_status_classes_and_failed_connects_are_counted_per_target") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, GATEWAY_HTTP, 0, [1_000_000, 0]);
+    let (taddr, tport) = TARGETS[0];
+    let (_, out) = bench.run(&tcp_frame(CLIENT, 44000, VIP, 9050, TCP_SYN, b""));
+    let port = sport(&out);
+    bench.run(&tcp_frame(taddr, tport, SNAT, port, TCP_SYN | TCP_ACK, b""));
+    bench.run(&tcp_frame(CLIENT, 44000, VIP, 9050, TCP_ACK, b"GET / HTTP/1.1\r\n\r\n"));
+    for response in
+        [&b"HTTP/1.1 500 Internal Server Error\r\n\r\n"[..], b"HTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.0 503 x\r\n\r\n", b"body, not a status"]
+    {
+        let (action, back) = bench.run(&tcp_frame(taddr, tport, SNAT, port, TCP_ACK, response));
+        assert_eq!((action, dport(&back)), (XDP_REDIRECT, 44000));
+    }
+    let outcomes = bench.outcomes(0);
+    assert_eq!(outcomes.http, [0, 1, 0, 0, 2], "one 2xx, two 5xx, the body segment not counted");
+    // A SYN the target refuses.
+    let (_, out) = bench.run(&tcp_frame(CLIENT, 44001, VIP, 9050, TCP_SYN, b""));
+    bench.run(&tcp_frame(taddr, tport, SNAT, sport(&out), TCP_RST | TCP_ACK, b""));
+    assert_eq!(bench.outcomes(0).failed_connects, 1);
 }

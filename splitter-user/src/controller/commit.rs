@@ -15,6 +15,10 @@ use crate::{
     rollout::Rollout,
 };
 
+/// The HTTP 5xx rate a canary of an HTTP gateway may show unless its spec says otherwise
+/// (hundredths of a percent: 5%, Flagger's default request-success rate of 95%).
+pub const DEFAULT_MAX_HTTP_ERROR_RATE: u32 = 500;
+
 /// One gateway's next state in a change.
 pub(super) struct Planned {
     /// What goes live (for a rollout starting with the change: at its first step).
@@ -67,6 +71,11 @@ impl<D: Dataplane> Controller<D> {
         }
         if let Some(r) = self.rollouts.get(name).filter(|r| r.is_active()) {
             return Err(ApiError::conflict(format!("a rollout of {name} is already {} (abort it first)", r.state.name())));
+        }
+        let mut spec = spec;
+        if gateway.protocol == crate::gateway::Protocol::Http && spec.thresholds.max_http_error_rate.is_none() {
+            // HTTP gateways judge their responses too, by default.
+            spec.thresholds.max_http_error_rate = Some(DEFAULT_MAX_HTTP_ERROR_RATE);
         }
         let rollout = Rollout::new(name, spec, weights_of(Some(gateway)), Instant::now());
         let live = with_weights(gateway, &rollout.weights_at(&route_names(gateway), 0), "canary step 1")?;

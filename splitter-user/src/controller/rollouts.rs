@@ -25,6 +25,9 @@ impl<D: Dataplane> Controller<D> {
             if t.route == canary_route {
                 s.canary_flows += t.new_flows;
                 s.canary_resets += t.resets_from_target;
+                s.canary_failed_connects += t.failed_connects;
+                s.canary_http_responses += t.http_responses.iter().sum::<u64>();
+                s.canary_http_5xx += t.http_responses[4];
                 s.canary_connects += t.connects;
                 s.canary_connect_ns += t.connect_ns_total;
             } else {
@@ -91,7 +94,12 @@ impl<D: Dataplane> Controller<D> {
     pub(super) fn roll_back_canary(&mut self, gateway: &str, reason: String) {
         let (Some(r), Some(g)) = (self.rollouts.get(gateway), self.configured.get(gateway)) else { return };
         let (canary, flush) = (r.spec.route.clone(), r.spec.thresholds.flush_on_rollback);
-        let next = with_weights(g, &step_weights(&route_names(g), &canary, 0, &r.stable_weights), "canary rolled back");
+        // Back to exactly the weights before the rollout (the canary at its old weight, as Argo
+        // Rollouts' abort does), unless the routes changed since.
+        let routes = route_names(g);
+        let exact = routes.iter().all(|n| r.stable_weights.contains_key(n)) && r.stable_weights.len() == routes.len();
+        let weights = if exact { r.stable_weights.clone() } else { step_weights(&routes, &canary, 0, &r.stable_weights) };
+        let next = with_weights(g, &weights, "canary rolled back");
         let applied = next.and_then(|next| self.commit(vec![Planned::plain(next)], History::Skip, "canary rolled back"));
         let mut message = format!("rolled back: {reason}");
         match applied {

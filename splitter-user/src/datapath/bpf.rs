@@ -22,7 +22,7 @@ use splitter_common::{
     map_names,
     maps::{
         BucketTable, DatapathInfo, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool, TargetCounters, TargetEntry,
-        FLOW_FIN_SEEN, GATEWAY_DNAT, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
+        TargetOutcomes, FLOW_FIN_SEEN, GATEWAY_DNAT, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
     },
     table::{build_bucket_table, TableTarget},
     FlowEvent, ForwardEvent, PacketClass,
@@ -55,6 +55,7 @@ pub struct Maps {
     pub packet_counters: PerCpuArray<MapData, u64>,
     pub forward_events: PerCpuArray<MapData, u64>,
     pub flow_events: PerCpuArray<MapData, u64>,
+    pub target_outcomes: PerCpuArray<MapData, TargetOutcomes>,
     pub source_pools: Array<MapData, SourcePool>,
     pub datapath_info: Array<MapData, DatapathInfo>,
 }
@@ -73,6 +74,7 @@ impl Maps {
             packet_counters: take(ebpf, map_names::PACKET_COUNTERS)?,
             forward_events: take(ebpf, map_names::FORWARD_EVENTS)?,
             flow_events: take(ebpf, map_names::FLOW_EVENTS)?,
+            target_outcomes: take(ebpf, map_names::TARGET_OUTCOMES)?,
             source_pools: take(ebpf, map_names::SOURCE_POOLS)?,
             datapath_info: take(ebpf, map_names::DATAPATH_INFO)?,
         })
@@ -95,6 +97,7 @@ pub struct Datapath {
     packet_counters: PerCpuArray<MapData, u64>,
     forward_events: PerCpuArray<MapData, u64>,
     flow_events: PerCpuArray<MapData, u64>,
+    target_outcomes: PerCpuArray<MapData, TargetOutcomes>,
     source_pools: Array<MapData, SourcePool>,
     layout: Layout,
 }
@@ -108,6 +111,7 @@ pub fn load_object(object: &[u8], limits: Limits, kernel_log_level: u8, pins: Op
     loader
         .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
         .override_global("HALF_OPEN_TIMEOUT_NS", &limits.half_open_timeout_ns, false)
+        .override_global("CONNECT_TIMEOUT_NS", &limits.connect_timeout_ns, false)
         .map_max_entries(map_names::GATEWAYS, limits.max_gateways)
         .map_max_entries(map_names::GATEWAY_COUNTERS, limits.max_gateways)
         .map_max_entries(map_names::SOURCE_POOLS, limits.max_gateways)
@@ -141,14 +145,18 @@ impl Datapath {
             packet_counters: maps.packet_counters,
             forward_events: maps.forward_events,
             flow_events: maps.flow_events,
+            target_outcomes: maps.target_outcomes,
             source_pools: maps.source_pools,
             layout: Layout::new(limits),
         }
     }
 
     fn zero_target_counters(&mut self, slot: u32) -> Result<()> {
-        let zeros = PerCpuValues::try_from(vec![TargetCounters::default(); nr_cpus().map_err(|(_, e)| e)?])?;
-        self.target_counters.set(slot, zeros, 0).context("zeroing TARGET_COUNTERS")
+        let cpus = nr_cpus().map_err(|(_, e)| e)?;
+        self.target_counters
+            .set(slot, PerCpuValues::try_from(vec![TargetCounters::default(); cpus])?, 0)
+            .context("zeroing TARGET_COUNTERS")?;
+        self.target_outcomes.set(slot, PerCpuValues::try_from(vec![TargetOutcomes::default(); cpus])?, 0).context("zeroing TARGET_OUTCOMES")
     }
 
     fn reset_gateway_counters(&mut self, id: u32) -> Result<()> {
@@ -283,6 +291,9 @@ impl Dataplane for Datapath {
         if gateway.sticky == Sticky::Client {
             flags |= GATEWAY_STICKY_CLIENT;
         }
+        if gateway.protocol == crate::gateway::Protocol::Http {
+            flags |= GATEWAY_HTTP;
+        }
         // The gateway's source pool before its state can name a table that uses it.
         self.source_pools.set(id, source_pool(gateway), 0).context("writing SOURCE_POOLS")?;
         let state = GatewayState { gateway_id: id, table_index, target_count, flags, generation };
@@ -338,6 +349,13 @@ impl Dataplane for Datapath {
                 let Some((_, slot)) = live.targets.iter().find(|(t, _)| *t == target) else { continue };
                 let per_cpu = self.target_counters.get(slot, 0)?;
                 let sum = |f: fn(&TargetCounters) -> u64| per_cpu.iter().map(f).sum::<u64>();
+                let outcomes = self.target_outcomes.get(slot, 0)?;
+                let mut http = [0u64; 5];
+                for o in outcomes.iter() {
+                    for (total, n) in http.iter_mut().zip(o.http) {
+                        *total += n;
+                    }
+                }
                 stats.targets.push(TargetStats {
                     route,
                     target: target.to_string(),
@@ -350,6 +368,8 @@ impl Dataplane for Datapath {
                     resets_from_target: sum(|c| c.resets_from_target),
                     connects: sum(|c| c.connects),
                     connect_ns_total: sum(|c| c.connect_ns_total),
+                    failed_connects: outcomes.iter().map(|o| o.failed_connects).sum(),
+                    http_responses: http,
                     ..TargetStats::default()
                 });
             }

@@ -25,6 +25,9 @@ pub struct Traffic {
     pub connect_ns_total: u64,
     /// Established flows now (what `flush_flows` would end).
     pub established: u64,
+    pub failed_connects: u64,
+    /// HTTP responses by class, `[1xx, 2xx, 3xx, 4xx, 5xx]`.
+    pub http: [u64; 5],
 }
 
 pub struct MemoryDataplane {
@@ -154,6 +157,8 @@ impl Dataplane for MemoryDataplane {
                     resets_from_target: traffic.resets,
                     connects: traffic.connects,
                     connect_ns_total: traffic.connect_ns_total,
+                    failed_connects: traffic.failed_connects,
+                    http_responses: traffic.http,
                     ..TargetStats::default()
                 });
             }

@@ -30,6 +30,8 @@ pub struct Limits {
     pub conntrack_entries: u32,
     pub half_open_entries: u32,
     pub half_open_timeout_ns: u64,
+    /// A SYN not answered within this (when the client sends it again) is a failed connect.
+    pub connect_timeout_ns: u64,
 }
 
 impl Limits {
@@ -38,6 +40,7 @@ impl Limits {
         conntrack_entries: splitter_common::maps::DEFAULT_CONNTRACK_ENTRIES,
         half_open_entries: splitter_common::maps::DEFAULT_HALF_OPEN_ENTRIES,
         half_open_timeout_ns: splitter_common::conntrack::DEFAULT_HALF_OPEN_TIMEOUT_NS,
+        connect_timeout_ns: splitter_common::conntrack::DEFAULT_CONNECT_TIMEOUT_NS,
     };
 }
 

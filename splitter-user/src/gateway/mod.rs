@@ -532,6 +532,9 @@ impl Gateway {
             let _ = writeln!(out, "canary:\n  route: {}\n  steps: [{}]", quoted(&canary.route), steps.join(", "));
             let _ = writeln!(out, "  interval: {}", policy::format_duration_us(canary.interval_ms * 1000));
             let _ = writeln!(out, "  max_error_rate: {}", format_weight(t.max_error_rate));
+            if let Some(rate) = t.max_http_error_rate {
+                let _ = writeln!(out, "  max_http_error_rate: {}", format_weight(rate));
+            }
             let _ = writeln!(out, "  max_failed_checks: {}", t.max_failed_checks);
             if let Some(limit) = t.max_connect_latency {
                 let _ = writeln!(out, "  max_connect_latency: {limit}");

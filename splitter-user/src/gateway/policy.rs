@@ -87,8 +87,13 @@ impl fmt::Display for LatencyLimit {
 /// When an automated rollout rolls back.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Thresholds {
-    /// Resets sent by canary targets per new canary flow, hundredths of a percent.
+    /// Resets of established flows plus failed connects of canary targets per new canary
+    /// flow, hundredths of a percent.
     pub max_error_rate: u32,
+    /// HTTP 5xx responses of canary targets per response, hundredths of a percent (on by
+    /// default at 5% for HTTP gateways).
+    #[serde(default)]
+    pub max_http_error_rate: Option<u32>,
     /// Failed health checks of canary targets tolerated per window.
     pub max_failed_checks: u32,
     pub max_connect_latency: Option<LatencyLimit>,
@@ -100,7 +105,14 @@ pub struct Thresholds {
 
 impl Default for Thresholds {
     fn default() -> Self {
-        Self { max_error_rate: 500, max_failed_checks: 1, max_connect_latency: None, min_flows: 20, flush_on_rollback: false }
+        Self {
+            max_error_rate: 500,
+            max_http_error_rate: None,
+            max_failed_checks: 1,
+            max_connect_latency: None,
+            min_flows: 20,
+            flush_on_rollback: false,
+        }
     }
 }
 
@@ -185,6 +197,9 @@ impl CanarySpec {
         let t = &self.thresholds;
         if t.max_error_rate > FULL_WEIGHT {
             return problem("max_error_rate".into(), "above 100%");
+        }
+        if t.max_http_error_rate.is_some_and(|r| r > FULL_WEIGHT) {
+            return problem("max_http_error_rate".into(), "above 100%");
         }
         if t.max_failed_checks > MAX_FAILED_CHECKS {
             return problem("max_failed_checks".into(), "at most 1000");

@@ -8,7 +8,7 @@
 //! - `--udp`: every datagram gets one datagram `VERSION ADDR:PORT` back.
 //! - `--reset`: accepts connections and resets them at once (a broken canary).
 //!
-//! usage: splitter-backend --listen ADDR:PORT --version V [--udp] [--reset]
+//! usage: splitter-backend --listen ADDR:PORT --version V [--udp] [--reset] [--status N]
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -34,6 +34,9 @@ fn main() {
         return;
     }
     let reset_all = args.iter().any(|a| a == "--reset");
+    // `--status N`: answer every HTTP request but `/health` with status N (a canary that
+    // accepts connections and passes its health check, yet fails its users).
+    let status: u16 = args.iter().position(|a| a == "--status").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(200);
     let listener = TcpListener::bind(listen).unwrap_or_else(|e| fail(&format!("bind {listen}: {e}")));
     println!("backend {answer} listening (tcp{})", if reset_all { ", resetting every connection" } else { "" });
     for stream in listener.incoming() {
@@ -43,11 +46,11 @@ fn main() {
             continue;
         }
         let answer = answer.clone();
-        thread::spawn(move || serve(stream, &answer));
+        thread::spawn(move || serve(stream, &answer, status));
     }
 }
 
-fn serve(stream: TcpStream, answer: &str) {
+fn serve(stream: TcpStream, answer: &str, status: u16) {
     let _ = stream.set_nodelay(true);
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
@@ -64,11 +67,15 @@ fn serve(stream: TcpStream, answer: &str) {
         while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" && line != "\n" {
             line.clear();
         }
-        let _ = write!(
-            writer,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+        let status = if first.starts_with("GET /health") { 200 } else { status };
+        let reason = if status == 200 { "OK" } else { "Error" };
+        // One write: with TCP_NODELAY each write is a segment of its own, and the response
+        // should start with its whole status line, as servers send it.
+        let response = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
             answer.len()
         );
+        let _ = writer.write_all(response.as_bytes());
         let _ = writer.flush();
         // Drain until the client closes, so our close never resets unread data.
         let _ = writer.shutdown(std::net::Shutdown::Write);
@@ -105,7 +112,7 @@ fn reset(stream: TcpStream) {
 }
 
 fn usage(msg: &str) -> ! {
-    fail(&format!("{msg}\nusage: splitter-backend --listen ADDR:PORT --version V [--udp] [--reset]"))
+    fail(&format!("{msg}\nusage: splitter-backend --listen ADDR:PORT --version V [--udp] [--reset] [--status N]"))
 }
 
 fn fail(msg: &str) -> ! {

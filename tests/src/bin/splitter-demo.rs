@@ -5,8 +5,9 @@
 //! real HTTP servers. The client asks 100 times per round, like DC/OS's canary-check.sh,
 //! and prints which version answered while an operator moves the weights with the CLI:
 //! 90/10 -> `weight` 50% -> `promote` -> `rollback` -> `rollback`; then the agent rolls
-//! the canary out by itself (`splitter canary start`). Everything is removed when the demo
-//! ends (Ctrl-C too).
+//! the canary out by itself (`splitter canary start`); then a canary answering HTTP 500 is
+//! rolled back by the agent on its own (the Vamp tutorial's "force a rollback").
+//! Everything is removed when the demo ends (Ctrl-C too).
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -75,6 +76,61 @@ fn automated_rollout(bed: &Testbed) -> Result<()> {
     Ok(())
 }
 
+/// The Vamp tutorial's "force a rollback": a new canary answers HTTP 500 to every request
+/// (its health check still passes); the agent sees the 500s in the datapath and rolls it
+/// back by itself.
+fn forced_rollback(bed: &mut Testbed) -> Result<()> {
+    println!("== force a rollback: sava 1.1.0 redeployed answering HTTP 500 (its /health still says 200)");
+    bed.stop_backend("10.10.2.21:8080")?;
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &["--status", "500"])?;
+    println!("   $ splitter weight {GATEWAY} {CANARY}=0%");
+    bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=0%")])?;
+    let start = ["canary", "start", GATEWAY, "--route", CANARY, "--steps", "20,50,100", "--interval", "2s", "--min-flows", "10"];
+    println!("   $ splitter {}", start.join(" "));
+    bed.cli_ok(&start)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline && !STOP.load(Ordering::Relaxed) {
+        let (v1, v2, errors) = bed.client.enter(|| {
+            let mut counts = (0, 0, 0);
+            for _ in 0..100 {
+                match http_get(&format!("{VIP}:9050"), None) {
+                    Ok(body) if body.starts_with("1.0.0") => counts.0 += 1,
+                    Ok(_) => counts.1 += 1,
+                    Err(_) => counts.2 += 1,
+                }
+            }
+            counts
+        })?;
+        let status = bed.cli_ok(&["canary", "status", GATEWAY])?;
+        let state = status.lines().next().unwrap_or("").split(": ").nth(1).unwrap_or("").to_string();
+        println!(
+            "   Out of 100 clients {v1} saw 1.0.0, {v2} saw 1.1.0 and {errors} got an HTTP error   [{}]",
+            state.split(';').next().unwrap_or("")
+        );
+        if status.contains("rolled-back") || status.contains("promoted") {
+            break;
+        }
+        thread::sleep(Duration::from_millis(300));
+    }
+    println!("== $ splitter events {GATEWAY}   (the rollback and its evidence)");
+    for line in bed.cli_ok(&["events", GATEWAY])?.lines().filter(|l| l.contains("rolled back")) {
+        println!("   {line}");
+    }
+    let (v1, v2, errors) = bed.client.enter(|| {
+        let mut counts = (0, 0, 0);
+        for _ in 0..100 {
+            match http_get(&format!("{VIP}:9050"), None) {
+                Ok(body) if body.starts_with("1.0.0") => counts.0 += 1,
+                Ok(_) => counts.1 += 1,
+                Err(_) => counts.2 += 1,
+            }
+        }
+        counts
+    })?;
+    println!("   after the rollback: out of 100 clients {v1} saw 1.0.0, {v2} saw 1.1.0, {errors} got an error");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     if !privileged("demo") {
         anyhow::bail!("the demo creates network namespaces and loads XDP: run it as root");
@@ -133,6 +189,9 @@ fn main() -> Result<()> {
 
     if !STOP.load(Ordering::Relaxed) {
         automated_rollout(&bed)?;
+    }
+    if !STOP.load(Ordering::Relaxed) {
+        forced_rollback(&mut bed)?;
     }
 
     println!("== $ splitter stats {GATEWAY}");

@@ -42,6 +42,36 @@ fn traffic(c: &mut TestController, flows: u64, resets: u64) {
     t.resets += resets;
 }
 
+/// Failed connects and HTTP responses of the canary target, as the datapath counts them.
+fn outcomes(c: &mut TestController, failed_connects: u64, http_2xx: u64, http_5xx: u64) {
+    let t = c.dataplane_mut().traffic("sava", target("10.1.0.21:8080"));
+    t.failed_connects += failed_connects;
+    t.http[1] += http_2xx;
+    t.http[4] += http_5xx;
+}
+
+#[test]
+fn a_canary_answering_http_500_is_rolled_back_by_default_on_an_http_gateway() {
+    let mut c = started(&[20, 50, 100]);
+    assert_eq!(rollouts(&mut c)[0].spec.thresholds.max_http_error_rate, Some(500), "on by default for 9050/http");
+    traffic(&mut c, 30, 0);
+    outcomes(&mut c, 0, 20, 10);
+    c.tick(Instant::now());
+    assert_eq!(state(&mut c), RolloutState::RolledBack);
+    let reason = rollouts(&mut c)[0].reason.clone();
+    assert!(reason.starts_with("HTTP 5xx rate 33.33% (10 of 30 responses from canary targets) above 5%, over a "), "{reason}");
+}
+
+#[test]
+fn failed_connects_count_as_errors() {
+    let mut c = started(&[20, 50, 100]);
+    traffic(&mut c, 20, 0);
+    outcomes(&mut c, 3, 0, 0);
+    c.tick(Instant::now());
+    assert_eq!(state(&mut c), RolloutState::RolledBack);
+    assert!(rollouts(&mut c)[0].reason.contains("(0 resets and 3 failed connects of canary targets for 20 new flows)"));
+}
+
 fn after_an_interval() -> Instant {
     Instant::now() + Duration::from_millis(1001)
 }
@@ -89,12 +119,12 @@ fn resets_above_the_error_rate_roll_back_within_the_window() {
     traffic(&mut c, 20, 5);
     c.tick(Instant::now());
     assert_eq!(state(&mut c), RolloutState::RolledBack);
-    assert_eq!(live_weights(&c, "sava"), w(&[("sava:1.0.0", 10_000), (CANARY, 0)]));
+    assert_eq!(live_weights(&c, "sava"), w(&[("sava:1.0.0", 9000), (CANARY, 1000)]), "exactly the weights before the rollout");
     let events = event_messages(&c);
     assert!(
-        events
-            .iter()
-            .any(|e| e.starts_with("rollout: rolled back: error rate 25% (5 resets from canary targets for 20 new flows) above 5%")),
+        events.iter().any(|e| e.starts_with(
+            "rollout: rolled back: error rate 25% (5 resets and 0 failed connects of canary targets for 20 new flows) above 5%, over a "
+        )),
         "{events:#?}"
     );
 }
@@ -114,12 +144,14 @@ fn a_paused_rollout_holds_its_weights_and_resumes() {
     assert_eq!(canary_weight(&c), 5000, "judged on the window after the resume");
 }
 
+/// Like Argo Rollouts' abort: back to exactly the weights before the rollout (the canary
+/// at its old 10%, not 0%).
 #[test]
-fn abort_returns_the_canary_to_zero() {
+fn abort_returns_to_the_exact_weights_before_the_rollout() {
     let mut c = started(&[20, 50, 100]);
     c.handle(Op::Canary(CanaryOp::Abort("sava".into()))).unwrap();
     assert_eq!(state(&mut c), RolloutState::RolledBack);
-    assert_eq!(canary_weight(&c), 0);
+    assert_eq!(live_weights(&c, "sava"), w(&[("sava:1.0.0", 9000), (CANARY, 1000)]));
     assert_eq!(kind(c.handle(Op::Canary(CanaryOp::Abort("nope".into())))), ErrorKind::NotFound);
 }
 

@@ -122,6 +122,11 @@ impl Reader<'_> {
             let text = self.scalar(n, "canary.max_error_rate", "a percentage like 5%")?;
             thresholds.max_error_rate = parse_weight(text).map_err(|why| self.error(Some(n.position), "canary.max_error_rate", why))?;
         }
+        if let Some(n) = fields.value("max_http_error_rate") {
+            let text = self.scalar(n, "canary.max_http_error_rate", "a percentage like 5%")?;
+            thresholds.max_http_error_rate =
+                Some(parse_weight(text).map_err(|why| self.error(Some(n.position), "canary.max_http_error_rate", why))?);
+        }
         if let Some(n) = fields.value("max_failed_checks") {
             thresholds.max_failed_checks = self.number(n, "canary.max_failed_checks", 0, 1000)? as u32;
         }

@@ -27,8 +27,17 @@ const GATEWAY_FIELDS: &[&str] =
     &["name", "port", "virtual_address", "sticky", "mode", "active", "filters", "routes", "health_check", "canary", "source"];
 const HEALTH_CHECK_FIELDS: &[&str] =
     &["protocol", "path", "expected_status", "port", "interval", "timeout", "unhealthy_threshold", "healthy_threshold"];
-const CANARY_FIELDS: &[&str] =
-    &["route", "steps", "interval", "max_error_rate", "max_failed_checks", "max_connect_latency", "min_flows", "flush_on_rollback"];
+const CANARY_FIELDS: &[&str] = &[
+    "route",
+    "steps",
+    "interval",
+    "max_error_rate",
+    "max_http_error_rate",
+    "max_failed_checks",
+    "max_connect_latency",
+    "min_flows",
+    "flush_on_rollback",
+];
 /// Fields of Vamp's gateway export that say nothing the splitter acts on: accepted, ignored.
 /// `status` is the splitter's own live status in its JSON, read back in a round trip.
 const GATEWAY_EXPORT_FIELDS: &[&str] = &["kind", "metadata", "lookup_name", "internal", "deployed", "virtual_hosts", "status"];
