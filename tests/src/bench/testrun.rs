@@ -20,8 +20,8 @@ use aya::{
 };
 use splitter_common::{
     maps::{
-        BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_TO_TARGET,
-        GATEWAY_DNAT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
+        BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_HTTP,
+        FLOW_TO_TARGET, GATEWAY_DNAT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
     },
     table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE},
     PROGRAM_NAME,
@@ -192,20 +192,31 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
     bed.identity_flow(est_tcp, FLOW_TO_TARGET | FLOW_ESTABLISHED)?;
     let reply = key(TARGETS[0], 9000, CLIENT, 40002, PROTO_UDP);
     bed.identity_flow(reply, FLOW_FROM_TARGET | FLOW_ESTABLISHED)?;
+    // TCP replies carrying a response's first segment, of a plain TCP flow and of an HTTP
+    // gateway's flow (whose status line the datapath reads and counts).
+    let tcp_reply = key(TARGETS[0], 9000, CLIENT, 40005, PROTO_TCP);
+    bed.identity_flow(tcp_reply, FLOW_FROM_TARGET | FLOW_ESTABLISHED)?;
+    let http_reply = key(TARGETS[0], 9000, CLIENT, 40006, PROTO_TCP);
+    bed.identity_flow(http_reply, FLOW_FROM_TARGET | FLOW_ESTABLISHED | FLOW_HTTP)?;
 
     let udp_est = udp_frame(CLIENT, 40000, VIP, 9000);
     let tcp_est = Ipv4Packet::new(CLIENT, VIP, 6, tcp(40001, 9000, TCP_ACK, &[0; 6])).build();
     let udp_reply = udp_frame(TARGETS[0], 9000, CLIENT, 40002);
+    let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    let tcp_reply_frame = Ipv4Packet::new(TARGETS[0], CLIENT, 6, tcp(9000, 40005, TCP_ACK, response)).build();
+    let http_reply_frame = Ipv4Packet::new(TARGETS[0], CLIENT, 6, tcp(9000, 40006, TCP_ACK, response)).build();
     let no_match = udp_frame(CLIENT, 40003, OTHER, 53);
     let to_backend = udp_frame(CLIENT, 40004, TARGETS[0], 9000);
 
-    let repeated: [(&'static str, &'static str, &[u8]); 7] = [
+    let repeated: [(&'static str, &'static str, &[u8]); 9] = [
         ("bare XDP_PASS", "xdp_pass", &udp_est),
         ("bare XDP_DROP", "xdp_drop", &udp_est),
         ("bare XDP forwarder (FIB + MAC rewrite + redirect)", "xdp_forward", &to_backend),
         ("established TCP flow (ACK)", PROGRAM_NAME, &tcp_est),
         ("established UDP flow", PROGRAM_NAME, &udp_est),
         ("reply path (target to client)", PROGRAM_NAME, &udp_reply),
+        ("TCP reply with a response (plain TCP gateway)", PROGRAM_NAME, &tcp_reply_frame),
+        ("TCP reply with a response (HTTP gateway: status line counted)", PROGRAM_NAME, &http_reply_frame),
         ("non-matching packet (no flow, no gateway)", PROGRAM_NAME, &no_match),
     ];
     let bed_ref = &bed;
@@ -344,10 +355,13 @@ pub fn section(r: &TestRunResults) -> String {
          flows never seen before, compared with XDP_PASS and an established flow timed the same way (that \
          method adds the timer's own overhead to every run). The namespace's FIB resolves every destination \
          to a static neighbour, so forwarding paths return XDP_REDIRECT as on the wire.\n\n\
-         | case | program | action | ns/packet | vs XDP_PASS (same method) |\n|---|---|---|---:|---:|\n{rows}{}",
+         | case | program | action | ns/packet | vs XDP_PASS (same method) |\n|---|---|---|---:|---:|\n{rows}\nReading the status line of an HTTP gateway's responses (for the canary analysis) costs the reply \
+         path {:+.0} ns per response segment: the two TCP reply cases above carry the same response, one on a \
+         plain TCP flow, one on an HTTP gateway's flow.\n{}",
         r.repeat,
         r.trials,
         r.new_flows,
+        r.ns("TCP reply with a response (HTTP gateway: status line counted)") - r.ns("TCP reply with a response (plain TCP gateway)"),
         r.profile.as_ref().map_or(String::new(), |p| format!(
             "\nWhere an established TCP packet's time goes under test_run (perf, software clock at 10 kHz, the \
              test_run thread only, symbols ≥ 1%; `bpf_prog_…_splitter` is the program's own code, the rest is the test_run loop and \
