@@ -23,6 +23,7 @@ use tokio::{
 };
 
 use crate::{
+    analysis,
     api::{Answer, DEFAULT_SOCKET},
     attach, config, control,
     controller::{Controller, Inbox, Op, Settings},
@@ -204,6 +205,8 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
     }
     let (checks_tx, checks_rx) = tokio::sync::mpsc::unbounded_channel();
     controller.set_health_checks(checks_tx);
+    let (analysis_tx, analysis_rx) = tokio::sync::mpsc::unbounded_channel();
+    controller.set_checks(analysis_tx);
     let mut fingerprint = args.config.as_deref().map(config::fingerprint);
     controller.sync_config();
     controller.save_now();
@@ -213,6 +216,10 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
     let listener = control::bind(&args.socket, socket_group)?;
     let server = tokio::spawn(control::serve_listener(listener, commands.clone()));
     let checker = tokio::spawn(health::run_checks(checks_rx, InboxReporter(commands.clone())));
+    let analyst = {
+        let inbox = commands.clone();
+        tokio::spawn(analysis::run(analysis_rx, move |report| inbox.send(Inbox::Check(report)).is_ok()))
+    };
 
     // Handled from before `ready`: a SIGTERM right after it stops the agent cleanly.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -245,6 +252,7 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
     }
     server.abort();
     checker.abort();
+    analyst.abort();
     print_stats(&commands).await;
     let packets = match ask(&commands, Op::Metrics).await {
         Some(Answer::Metrics(text)) => packet_counters_json(&text),

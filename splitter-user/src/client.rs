@@ -380,10 +380,12 @@ pub enum CanaryCommand {
     Pause(CanaryGatewayArg),
     /// Continue a paused rollout.
     Resume(CanaryGatewayArg),
-    /// Stop the rollout: the canary goes back to 0%.
+    /// Stop the rollout: the routes go back to their weights before it.
     Abort(CanaryGatewayArg),
     /// Finish the rollout now: the canary takes 100%.
     Promote(CanaryGatewayArg),
+    /// Approve the promotion of a rollout waiting for its confirm-promotion webhooks.
+    Approve(CanaryGatewayArg),
 }
 
 #[derive(Args)]
@@ -473,6 +475,7 @@ fn canary_spec(args: &CanaryStartArgs) -> Result<crate::gateway::policy::CanaryS
             min_flows: args.min_flows,
             flush_on_rollback: args.flush,
         },
+        analysis: policy::Analysis { max_inconclusive: 3, ..policy::Analysis::default() },
     };
     spec.check().map_err(|p| {
         let option = p.field.split('[').next().unwrap_or(&p.field).replace('_', "-");
@@ -498,6 +501,7 @@ pub fn canary(command: CanaryCommand) -> Result<()> {
         CanaryCommand::Resume(a) => (&a.socket, Method::POST, format!("/api/v1/canary/resume/{}", encode(&a.gateway, true)), None),
         CanaryCommand::Abort(a) => (&a.socket, Method::POST, format!("/api/v1/canary/abort/{}", encode(&a.gateway, true)), None),
         CanaryCommand::Promote(a) => (&a.socket, Method::POST, format!("/api/v1/canary/promote/{}", encode(&a.gateway, true)), None),
+        CanaryCommand::Approve(a) => (&a.socket, Method::POST, format!("/api/v1/canary/approve/{}", encode(&a.gateway, true)), None),
     };
     let body = runtime()?
         .block_on(async { success(request(&socket.socket, method, &path, body.map(|b| (b, "splitter canary start"))).await?) })?;

@@ -306,7 +306,8 @@ fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str, cl
                 "resume" => CanaryOp::Resume(gateway),
                 "abort" => CanaryOp::Abort(gateway),
                 "promote" => CanaryOp::Promote(gateway),
-                other => return Err(error(404, format!("no canary action {other}: start, pause, resume, abort or promote"))),
+                "approve" => CanaryOp::Approve(gateway),
+                other => return Err(error(404, format!("no canary action {other}: start, pause, resume, abort, promote or approve"))),
             };
             Ok(Op::Canary(request))
         }

@@ -6,6 +6,7 @@
 //! `controller` <- `control` (HTTP server), `client` (CLI), `validate` <- `agent`.
 
 pub mod agent;
+pub mod analysis;
 pub mod api;
 pub mod attach;
 pub mod client;

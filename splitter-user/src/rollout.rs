@@ -199,6 +199,44 @@ pub struct Rollout {
     pub window_started: Instant,
     #[serde(skip)]
     pub window_base: Sample,
+    /// The first step's weights are live (a rollout waiting for its pre-rollout webhooks
+    /// has moved nothing yet).
+    #[serde(default = "entered_by_default")]
+    pub entered: bool,
+    /// The operator approved the promotion (`splitter canary approve`).
+    #[serde(default)]
+    pub approved: bool,
+    /// Windows in a row whose external metrics could not all be judged.
+    #[serde(default)]
+    pub inconclusive: u32,
+    /// What the rollout waits for from outside (not saved: a restarted agent asks again).
+    #[serde(skip)]
+    pub awaiting: Option<Awaiting>,
+}
+
+fn entered_by_default() -> bool {
+    true
+}
+
+/// An answer from outside a rollout waits for before it moves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Awaiting {
+    /// Its pre-rollout webhooks, before the first step.
+    PreRollout { id: u64 },
+    /// Its external metrics, before `step`.
+    Metrics { id: u64, step: usize, reason: String },
+    /// Its step webhooks, before `step`.
+    StepHooks { id: u64, step: usize, reason: String },
+    /// Its confirm-promotion webhooks, before the last step.
+    Confirm { id: u64, step: usize, reason: String },
+}
+
+impl Awaiting {
+    pub fn id(&self) -> u64 {
+        match self {
+            Self::PreRollout { id } | Self::Metrics { id, .. } | Self::StepHooks { id, .. } | Self::Confirm { id, .. } => *id,
+        }
+    }
 }
 
 /// What a rollout wants done next.
@@ -227,6 +265,10 @@ impl Rollout {
             started_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             window_started: now,
             window_base: Sample::default(),
+            entered: true,
+            approved: false,
+            inconclusive: 0,
+            awaiting: None,
         }
     }
 
@@ -260,7 +302,7 @@ impl Rollout {
     /// Judges the window from its base to `now_sample`: a breach rolls back at once; at the
     /// end of the interval, enough healthy traffic takes the next step, too little waits.
     pub fn judge(&self, now_sample: &Sample, now: Instant) -> Intent {
-        if self.state != RolloutState::Progressing {
+        if self.state != RolloutState::Progressing || !self.entered {
             return Intent::Hold;
         }
         let window = now_sample.since(&self.window_base);
@@ -268,6 +310,9 @@ impl Rollout {
         let evidence = |why: String| format!("{why}, over a {:.1}s window at step {}", elapsed.as_secs_f64(), self.step + 1);
         match judge(&window, &self.spec.thresholds) {
             Verdict::Breach(reason) => Intent::RollBack(evidence(reason)),
+            // Waiting for an answer from outside: only a breach acts (a breach while waiting
+            // for a promotion's confirmation still rolls back).
+            _ if self.awaiting.is_some() => Intent::Hold,
             _ if elapsed < std::time::Duration::from_millis(self.spec.interval_ms) => Intent::Hold,
             Verdict::TooFewFlows(why) => Intent::Wait(why),
             Verdict::Healthy(summary) => Intent::Step { step: self.step + 1, reason: format!("step {} passed: {summary}", self.step + 1) },
@@ -285,6 +330,8 @@ impl Rollout {
     pub fn entered(&mut self, step: usize, reason: String, base: Sample, now: Instant) -> String {
         let count = self.spec.steps.len();
         let last = step + 1 >= count;
+        self.entered = true;
+        self.awaiting = None;
         self.step = step.min(count.saturating_sub(1));
         self.window_started = now;
         self.window_base = base;
@@ -402,7 +449,13 @@ mod tests {
     }
 
     fn spec() -> CanarySpec {
-        CanarySpec { route: "canary".into(), steps: vec![1000, 5000, FULL_WEIGHT], interval_ms: 1000, thresholds: thresholds() }
+        CanarySpec {
+            route: "canary".into(),
+            steps: vec![1000, 5000, FULL_WEIGHT],
+            interval_ms: 1000,
+            thresholds: thresholds(),
+            analysis: Default::default(),
+        }
     }
 
     #[test]

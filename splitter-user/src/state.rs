@@ -144,6 +144,10 @@ mod tests {
             started_unix: 1_795_000_000,
             window_started: Instant::now(),
             window_base: Sample { canary_flows: 7, ..Sample::default() },
+            entered: true,
+            approved: false,
+            inconclusive: 0,
+            awaiting: None,
         };
         let state = SavedState { rollouts: vec![rollout.clone()], ..SavedState::default() };
         let back: SavedState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();

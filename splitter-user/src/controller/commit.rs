@@ -11,8 +11,8 @@ use super::{weights_of, Controller, HISTORY_DEPTH};
 use crate::{
     api::ApiError,
     datapath::{describe_weights, Dataplane},
-    gateway::{Gateway, WeightUpdate},
-    rollout::Rollout,
+    gateway::{policy::HookKind, Gateway, WeightUpdate},
+    rollout::{Awaiting, Rollout},
 };
 
 /// The HTTP 5xx rate a canary of an HTTP gateway may show unless its spec says otherwise
@@ -78,6 +78,12 @@ impl<D: Dataplane> Controller<D> {
             spec.thresholds.max_http_error_rate = Some(DEFAULT_MAX_HTTP_ERROR_RATE);
         }
         let rollout = Rollout::new(name, spec, weights_of(Some(gateway)), Instant::now());
+        if rollout.spec.analysis.webhooks.iter().any(|w| w.kind == HookKind::PreRollout) {
+            // Nothing moves before the pre-rollout webhooks pass.
+            let mut rollout = rollout;
+            rollout.entered = false;
+            return Ok((gateway.clone(), rollout));
+        }
         let live = with_weights(gateway, &rollout.weights_at(&route_names(gateway), 0), "canary step 1")?;
         Ok((live, rollout))
     }
@@ -148,6 +154,14 @@ impl<D: Dataplane> Controller<D> {
             // What a manual `rollback` returns to: the weights before the rollout.
             self.push_history(&name, rollout.stable_weights.clone());
             self.events.push(&name, "rollout", rollout.started_message());
+            if !rollout.entered {
+                let id = self.ask_hooks(&rollout, HookKind::PreRollout, 0);
+                rollout.awaiting = Some(Awaiting::PreRollout { id });
+                rollout.reason = "waiting for the pre-rollout webhooks".into();
+                self.events.push(&name, "rollout", "waiting for the pre-rollout webhooks before the first step");
+                self.rollouts.insert(name, rollout);
+                return;
+            }
             self.events.push(
                 &name,
                 "weights",

@@ -6,6 +6,7 @@
 //! two changes ever interleave, and each change is planned, applied to the datapath, and
 //! only then given its effects (history, events, rollouts, saved state) in [`commit`].
 
+mod analysis;
 mod commit;
 mod config_sync;
 mod operations;
@@ -96,12 +97,17 @@ pub enum Op {
 
 #[derive(Clone, Debug)]
 pub enum CanaryOp {
-    Start { gateway: String, spec: CanarySpec },
+    Start {
+        gateway: String,
+        spec: CanarySpec,
+    },
     Status(Option<String>),
     Pause(String),
     Resume(String),
     Abort(String),
     Promote(String),
+    /// Approve the promotion (what a confirm-promotion webhook would say).
+    Approve(String),
 }
 
 /// What the controller's inbox carries.
@@ -113,6 +119,8 @@ pub enum Inbox {
     Health(HealthReport),
     /// The watcher saw the configuration files change.
     ConfigChanged,
+    /// An answer to a rollout's question (external metrics, webhooks).
+    Check(crate::analysis::CheckReport),
 }
 
 /// What the controller is given at start.
@@ -159,6 +167,9 @@ pub struct Controller<D: Dataplane> {
     state_saves: u64,
     /// External events a client may still record now (refilled over time).
     event_budget: EventBudget,
+    /// Where rollouts' questions for the outside go, and the last request's id.
+    checks: Option<tokio::sync::mpsc::UnboundedSender<crate::analysis::CheckRequest>>,
+    next_check_id: u64,
     /// Per gateway, the failed claims counted at the last exhaustion report, and when.
     exhaustion_reported: BTreeMap<String, (u64, Instant)>,
     started: Instant,
@@ -185,6 +196,8 @@ impl<D: Dataplane> Controller<D> {
             state_saves: 0,
             event_budget: EventBudget::new(Instant::now()),
             exhaustion_reported: BTreeMap::new(),
+            checks: None,
+            next_check_id: 0,
             started: Instant::now(),
         }
     }
@@ -246,6 +259,10 @@ impl<D: Dataplane> Controller<D> {
                 }
                 Ok(Inbox::Health(report)) => {
                     self.health_report(report);
+                    self.save_if_changed();
+                }
+                Ok(Inbox::Check(report)) => {
+                    self.check_report(report);
                     self.save_if_changed();
                 }
                 Ok(Inbox::ConfigChanged) => {

@@ -235,6 +235,12 @@ impl<D: Dataplane> Controller<D> {
                 }
                 self.roll_back_canary(&g, "aborted by the operator".into());
             }
+            CanaryOp::Approve(g) => {
+                if !self.rollouts.contains_key(&g) {
+                    return Err(no_rollout(&g));
+                }
+                self.approve(&g);
+            }
             CanaryOp::Promote(g) => {
                 let r = self.rollouts.get(&g).ok_or_else(|| no_rollout(&g))?;
                 let last = r.spec.steps.len() - 1;

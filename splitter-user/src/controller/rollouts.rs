@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     datapath::Dataplane,
-    gateway::Target,
+    gateway::{policy::HookKind, Target},
     rollout::{step_weights, Intent, Rollout, RolloutState, Sample},
 };
 
@@ -64,7 +64,7 @@ impl<D: Dataplane> Controller<D> {
                     self.events.push(&gateway, "rollout", message);
                     self.unsaved = true;
                 }
-                Intent::Step { step, reason } => self.set_step(&gateway, step, reason),
+                Intent::Step { step, reason } => self.try_step(&gateway, step, reason),
                 Intent::RollBack(reason) => self.roll_back_canary(&gateway, reason),
             }
         }
@@ -83,11 +83,16 @@ impl<D: Dataplane> Controller<D> {
             return;
         }
         let base = self.sample(gateway, &route);
+        let mut promoted = false;
         if let Some(r) = self.rollouts.get_mut(gateway) {
             let message = r.entered(step, reason, base, Instant::now());
+            promoted = r.state == RolloutState::Promoted;
             self.events.push(gateway, "rollout", message);
         }
         self.unsaved = true;
+        if promoted {
+            self.notify(gateway, HookKind::PostRollout);
+        }
     }
 
     /// Back to the stable routes at once: the canary at 0%, its flows flushed if asked.
@@ -114,10 +119,12 @@ impl<D: Dataplane> Controller<D> {
             Ok(()) => {}
         }
         if let Some(r) = self.rollouts.get_mut(gateway) {
+            r.awaiting = None;
             r.rolled_back(reason);
         }
         self.events.push(gateway, "rollout", message);
         self.unsaved = true;
+        self.notify(gateway, HookKind::Rollback);
     }
 
     /// Takes up the saved rollouts of restored gateways where they were: a progressing one

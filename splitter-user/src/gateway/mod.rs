@@ -541,6 +541,41 @@ impl Gateway {
             }
             let _ = writeln!(out, "  min_flows: {}", t.min_flows);
             let _ = writeln!(out, "  flush_on_rollback: {}", t.flush_on_rollback);
+            let a = &canary.analysis;
+            if !a.metrics.is_empty() || a.max_inconclusive != 3 {
+                let _ = writeln!(out, "  max_inconclusive: {}", a.max_inconclusive);
+            }
+            if !a.metrics.is_empty() {
+                out.push_str("  metrics:\n");
+                for m in &a.metrics {
+                    let _ = writeln!(
+                        out,
+                        "    - name: {}\n      prometheus: {}\n      query: {}",
+                        quoted(&m.name),
+                        quoted(&m.prometheus),
+                        quoted(&m.query)
+                    );
+                    if let Some(min) = m.min {
+                        let _ = writeln!(out, "      min: {}", min.0);
+                    }
+                    if let Some(max) = m.max {
+                        let _ = writeln!(out, "      max: {}", max.0);
+                    }
+                }
+            }
+            if !a.webhooks.is_empty() {
+                out.push_str("  webhooks:\n");
+                for w in &a.webhooks {
+                    let _ = writeln!(
+                        out,
+                        "    - type: {}\n      url: {}\n      timeout: {}\n      retries: {}",
+                        w.kind.name(),
+                        quoted(&w.url),
+                        policy::format_duration_us(w.timeout_ms * 1000),
+                        w.retries
+                    );
+                }
+            }
         }
         out
     }

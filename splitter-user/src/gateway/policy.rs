@@ -123,6 +123,108 @@ pub struct CanarySpec {
     pub steps: Vec<u32>,
     pub interval_ms: u64,
     pub thresholds: Thresholds,
+    /// External metrics and webhooks (none by default).
+    #[serde(default)]
+    pub analysis: Analysis,
+}
+
+/// What a rollout asks outside the splitter, like Flagger's metric templates and webhooks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Analysis {
+    /// Prometheus queries judged at the end of every window.
+    #[serde(default)]
+    pub metrics: Vec<MetricCheck>,
+    /// Windows in a row whose metrics could not all be judged (query failed or empty)
+    /// before the rollout rolls back; until then it waits at its step.
+    #[serde(default = "default_max_inconclusive")]
+    pub max_inconclusive: u32,
+    #[serde(default)]
+    pub webhooks: Vec<Webhook>,
+}
+
+fn default_max_inconclusive() -> u32 {
+    3
+}
+
+/// A bound of a metric; its text as written (the comparison parses it).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Bound(pub f64);
+
+// Bounds are parsed from finite numbers only, so equality is an equivalence.
+impl Eq for Bound {}
+
+/// A Prometheus query whose single value must stay within bounds. The query may use
+/// `{{gateway}}`, `{{route}}`, `{{targets}}` (the canary targets' `ADDR:PORT`, joined by
+/// `|` for a regex) and `{{interval}}` (the window, like `30s`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricCheck {
+    pub name: String,
+    /// Base address of the Prometheus server, `http://HOST:PORT`.
+    pub prometheus: String,
+    pub query: String,
+    #[serde(default)]
+    pub min: Option<Bound>,
+    #[serde(default)]
+    pub max: Option<Bound>,
+}
+
+/// When a webhook is called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookKind {
+    /// Before the first step; a failure stops the rollout before any weight moves.
+    PreRollout,
+    /// Before every later step; a failure rolls back.
+    Step,
+    /// Before the last step (promotion); a failure waits there (`splitter canary approve`
+    /// promotes by hand), while the analysis goes on.
+    ConfirmPromotion,
+    /// After promotion (informational).
+    PostRollout,
+    /// After a rollback (informational).
+    Rollback,
+}
+
+impl HookKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PreRollout => "pre-rollout",
+            Self::Step => "step",
+            Self::ConfirmPromotion => "confirm-promotion",
+            Self::PostRollout => "post-rollout",
+            Self::Rollback => "rollback",
+        }
+    }
+
+    pub const ALL: [Self; 5] = [Self::PreRollout, Self::Step, Self::ConfirmPromotion, Self::PostRollout, Self::Rollback];
+}
+
+/// A webhook: POSTed JSON (gateway, route, step, weights, last verdict); 2xx passes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Webhook {
+    #[serde(rename = "type")]
+    pub kind: HookKind,
+    /// `http://HOST:PORT/PATH`.
+    pub url: String,
+    #[serde(default = "default_hook_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub retries: u32,
+}
+
+fn default_hook_timeout_ms() -> u64 {
+    5000
+}
+
+/// Checks an `http://HOST:PORT[/PATH]` address (the only kind the agent calls).
+pub fn check_http_url(url: &str) -> Result<(), String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| format!("`{url}`: only http:// addresses are supported"))?;
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() || authority.contains(char::is_whitespace) {
+        return Err(format!("`{url}`: no host"));
+    }
+    Ok(())
 }
 
 /// Where full NAT takes its source addresses and ports (`source:`): capacity is
@@ -206,6 +308,28 @@ impl CanarySpec {
         }
         if t.min_flows > MAX_MIN_FLOWS {
             return problem("min_flows".into(), "at most 1000000");
+        }
+        for (i, m) in self.analysis.metrics.iter().enumerate() {
+            if m.name.is_empty() || m.query.is_empty() {
+                return problem(format!("metrics[{i}]"), "a metric needs a name and a query");
+            }
+            if let Err(why) = check_http_url(&m.prometheus) {
+                return problem(format!("metrics[{i}].prometheus"), &why);
+            }
+            if m.min.is_none() && m.max.is_none() {
+                return problem(format!("metrics[{i}]"), "a metric needs a min or a max");
+            }
+            if [m.min, m.max].iter().flatten().any(|b| !b.0.is_finite()) {
+                return problem(format!("metrics[{i}]"), "bounds must be finite numbers");
+            }
+        }
+        for (i, w) in self.analysis.webhooks.iter().enumerate() {
+            if let Err(why) = check_http_url(&w.url) {
+                return problem(format!("webhooks[{i}].url"), &why);
+            }
+            if w.timeout_ms == 0 || w.timeout_ms > 60_000 || w.retries > 10 {
+                return problem(format!("webhooks[{i}]"), "timeout from 1ms to 60s, at most 10 retries");
+            }
         }
         Ok(())
     }

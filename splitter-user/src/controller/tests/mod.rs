@@ -2,6 +2,7 @@
 //! it through its inbox operations and checks the datapath, history, events, rollouts and
 //! saved state together.
 
+mod analysis;
 mod changes;
 mod config_files;
 mod rollouts;

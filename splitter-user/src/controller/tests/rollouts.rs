@@ -17,6 +17,7 @@ pub(in crate::controller) fn spec(steps: &[u32]) -> CanarySpec {
         steps: steps.iter().map(|s| s * 100).collect(),
         interval_ms: 1000,
         thresholds: Thresholds { min_flows: 10, ..Thresholds::default() },
+        analysis: Default::default(),
     }
 }
 

@@ -9,7 +9,7 @@ use super::{
     Reader, CANARY_FIELDS, HEALTH_CHECK_FIELDS,
 };
 use crate::gateway::{
-    policy::{self, CanarySpec, CheckProtocol, HealthCheck, SourceSpec, Thresholds},
+    policy::{self, Analysis, Bound, CanarySpec, CheckProtocol, HealthCheck, HookKind, MetricCheck, SourceSpec, Thresholds, Webhook},
     yaml::{Node, NodeValue, Position},
     ConfigError,
 };
@@ -141,7 +141,8 @@ impl Reader<'_> {
         if let Some(n) = fields.value("flush_on_rollback") {
             thresholds.flush_on_rollback = self.choice(n, "canary.flush_on_rollback", &[("true", true), ("false", false)])?;
         }
-        let spec = CanarySpec { route, steps, interval_ms, thresholds };
+        let analysis = self.analysis(&fields)?;
+        let spec = CanarySpec { route, steps, interval_ms, thresholds, analysis };
         if let Err(problem) = spec.check() {
             let position = match problem.field.strip_prefix("steps[").and_then(|i| i.trim_end_matches(']').parse::<usize>().ok()) {
                 Some(i) => items.get(i).map(|item| item.position),
@@ -166,5 +167,76 @@ impl Reader<'_> {
     fn duration_us(&self, node: &Node, field: &str) -> Result<u64, ConfigError> {
         let text = self.scalar(node, field, "a duration like 500ms or 30s")?;
         policy::parse_duration_us(text).map_err(|why| self.error(Some(node.position), field, why))
+    }
+
+    /// The `metrics:`, `max_inconclusive:` and `webhooks:` of a canary block.
+    fn analysis(&self, fields: &super::Fields<'_>) -> Result<Analysis, ConfigError> {
+        let mut analysis = Analysis { max_inconclusive: 3, ..Analysis::default() };
+        if let Some(n) = fields.value("max_inconclusive") {
+            analysis.max_inconclusive = self.number(n, "canary.max_inconclusive", 0, 1000)? as u32;
+        }
+        if let Some(list) = fields.value("metrics") {
+            let NodeValue::Sequence(items) = &list.value else {
+                return Err(self.error(
+                    Some(list.position),
+                    "canary.metrics",
+                    format!("expected a list of metrics, found {}", list.describe()),
+                ));
+            };
+            for (i, item) in items.iter().enumerate() {
+                let field = format!("canary.metrics[{i}]");
+                let m = self.fields(item, &field, &["name", "prometheus", "query", "min", "max"], &[])?;
+                let text = |key: &str, what: &str| -> Result<String, ConfigError> {
+                    let node = m
+                        .value(key)
+                        .ok_or_else(|| self.error(Some(item.position), &format!("{field}.{key}"), format!("missing: {what}")))?;
+                    Ok(self.scalar(node, &format!("{field}.{key}"), what)?.to_string())
+                };
+                let bound = |key: &str| -> Result<Option<Bound>, ConfigError> {
+                    let Some(node) = m.value(key) else { return Ok(None) };
+                    let text = self.scalar(node, &format!("{field}.{key}"), "a number")?;
+                    let value: f64 =
+                        text.trim().parse().ok().filter(|v: &f64| v.is_finite()).ok_or_else(|| {
+                            self.error(Some(node.position), &format!("{field}.{key}"), format!("`{text}` is not a number"))
+                        })?;
+                    Ok(Some(Bound(value)))
+                };
+                analysis.metrics.push(MetricCheck {
+                    name: text("name", "the metric's name")?,
+                    prometheus: text("prometheus", "the Prometheus address, like http://127.0.0.1:9090")?,
+                    query: text("query", "a PromQL query")?,
+                    min: bound("min")?,
+                    max: bound("max")?,
+                });
+            }
+        }
+        if let Some(list) = fields.value("webhooks") {
+            let NodeValue::Sequence(items) = &list.value else {
+                return Err(self.error(
+                    Some(list.position),
+                    "canary.webhooks",
+                    format!("expected a list of webhooks, found {}", list.describe()),
+                ));
+            };
+            for (i, item) in items.iter().enumerate() {
+                let field = format!("canary.webhooks[{i}]");
+                let w = self.fields(item, &field, &["type", "url", "timeout", "retries"], &[])?;
+                let kind_node = w.value("type").ok_or_else(|| self.error(Some(item.position), &format!("{field}.type"), "missing"))?;
+                let kinds: Vec<(&str, HookKind)> = HookKind::ALL.iter().map(|k| (k.name(), *k)).collect();
+                let kind = self.choice(kind_node, &format!("{field}.type"), &kinds)?;
+                let url_node = w.value("url").ok_or_else(|| self.error(Some(item.position), &format!("{field}.url"), "missing"))?;
+                let url = self.scalar(url_node, &format!("{field}.url"), "an http:// address")?.to_string();
+                let timeout_ms = match w.value("timeout") {
+                    Some(n) => self.duration_us(n, &format!("{field}.timeout"))?.div_ceil(1000),
+                    None => 5000,
+                };
+                let retries = match w.value("retries") {
+                    Some(n) => self.number(n, &format!("{field}.retries"), 0, 10)? as u32,
+                    None => 0,
+                };
+                analysis.webhooks.push(Webhook { kind, url, timeout_ms, retries });
+            }
+        }
+        Ok(analysis)
     }
 }

@@ -37,6 +37,9 @@ const CANARY_FIELDS: &[&str] = &[
     "max_connect_latency",
     "min_flows",
     "flush_on_rollback",
+    "metrics",
+    "max_inconclusive",
+    "webhooks",
 ];
 /// Fields of Vamp's gateway export that say nothing the splitter acts on: accepted, ignored.
 /// `status` is the splitter's own live status in its JSON, read back in a round trip.
@@ -81,7 +84,7 @@ struct Reader<'a> {
 }
 
 /// A mapping's entries by field name: (key node, value node).
-struct Fields<'n> {
+pub(super) struct Fields<'n> {
     entries: BTreeMap<&'n str, (&'n Node, &'n Node)>,
 }
 
