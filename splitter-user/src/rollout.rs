@@ -212,6 +212,9 @@ pub struct Rollout {
     /// What the rollout waits for from outside (not saved: a restarted agent asks again).
     #[serde(skip)]
     pub awaiting: Option<Awaiting>,
+    /// The promotion step its confirm-promotion webhooks held back (approving takes it).
+    #[serde(skip)]
+    pub held_promotion: Option<usize>,
 }
 
 fn entered_by_default() -> bool {
@@ -269,6 +272,7 @@ impl Rollout {
             approved: false,
             inconclusive: 0,
             awaiting: None,
+            held_promotion: None,
         }
     }
 
@@ -332,6 +336,7 @@ impl Rollout {
         let last = step + 1 >= count;
         self.entered = true;
         self.awaiting = None;
+        self.held_promotion = None;
         self.step = step.min(count.saturating_sub(1));
         self.window_started = now;
         self.window_base = base;

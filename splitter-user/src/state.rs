@@ -148,6 +148,7 @@ mod tests {
             approved: false,
             inconclusive: 0,
             awaiting: None,
+            held_promotion: None,
         };
         let state = SavedState { rollouts: vec![rollout.clone()], ..SavedState::default() };
         let back: SavedState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();

@@ -97,7 +97,7 @@ fn run() -> Result<()> {
 /// Runs the whole test suite in release mode (it shares the agent's compiled dependencies).
 fn test(art: &build::Artifacts, extra: &[String]) -> Result<()> {
     // What the namespace tests run besides the splitter: a fresh machine may lack any.
-    ensure_system_tools(&["ip", "ping", "curl", "nft", "setpriv"])?;
+    ensure_system_tools(&["ip", "ping", "curl", "nft", "setpriv", "prometheus"])?;
     let mut cmd = cargo();
     cmd.current_dir(workspace_root()).args(["test", "--release", "--workspace"]).envs(art.env());
     if !extra.is_empty() {

@@ -115,8 +115,13 @@ impl<D: Dataplane> Controller<D> {
         let Some(r) = self.rollouts.get_mut(gateway) else { return };
         r.approved = true;
         self.events.push(gateway, "rollout", "promotion approved by the operator");
-        if let Some(Awaiting::Confirm { step, .. }) = r.awaiting.clone() {
+        let held = match r.awaiting.clone() {
+            Some(Awaiting::Confirm { step, .. }) => Some(step),
+            _ => r.held_promotion,
+        };
+        if let Some(step) = held {
             r.awaiting = None;
+            r.held_promotion = None;
             self.set_step(gateway, step, "promotion approved by the operator".into());
         }
         self.unsaved = true;
@@ -174,6 +179,7 @@ impl<D: Dataplane> Controller<D> {
                 None => self.set_step(&gateway, step, format!("{reason}; promotion confirmed by webhook")),
                 Some(why) => {
                     let waited = self.rollouts.get_mut(&gateway).map(|r| {
+                        r.held_promotion = Some(step);
                         r.waited(&format!("promotion not confirmed: {why} (`splitter canary approve {gateway}` promotes)"), Instant::now())
                     });
                     if let Some(message) = waited {

@@ -7,12 +7,17 @@
 //!   `VERSION ADDR:PORT` back, on the same connection (long-lived connections).
 //! - `--udp`: every datagram gets one datagram `VERSION ADDR:PORT` back.
 //! - `--reset`: accepts connections and resets them at once (a broken canary).
+//! - `--status N`: HTTP requests (but `/health`) get status N (a canary failing its users).
+//! - `GET /metrics`: the responses answered so far by status, for Prometheus
+//!   (`backend_responses_total{status="500"}`).
 //!
 //! usage: splitter-backend --listen ADDR:PORT --version V [--udp] [--reset] [--status N]
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{Arc, Mutex},
     thread,
 };
 
@@ -37,6 +42,8 @@ fn main() {
     // `--status N`: answer every HTTP request but `/health` with status N (a canary that
     // accepts connections and passes its health check, yet fails its users).
     let status: u16 = args.iter().position(|a| a == "--status").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(200);
+    // Responses answered, by status (served at GET /metrics for Prometheus).
+    let counts: Arc<Mutex<BTreeMap<u16, u64>>> = Arc::default();
     let listener = TcpListener::bind(listen).unwrap_or_else(|e| fail(&format!("bind {listen}: {e}")));
     println!("backend {answer} listening (tcp{})", if reset_all { ", resetting every connection" } else { "" });
     for stream in listener.incoming() {
@@ -46,11 +53,12 @@ fn main() {
             continue;
         }
         let answer = answer.clone();
-        thread::spawn(move || serve(stream, &answer, status));
+        let counts = counts.clone();
+        thread::spawn(move || serve(stream, &answer, status, &counts));
     }
 }
 
-fn serve(stream: TcpStream, answer: &str, status: u16) {
+fn serve(stream: TcpStream, answer: &str, status: u16, counts: &Mutex<BTreeMap<u16, u64>>) {
     let _ = stream.set_nodelay(true);
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
@@ -67,13 +75,26 @@ fn serve(stream: TcpStream, answer: &str, status: u16) {
         while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" && line != "\n" {
             line.clear();
         }
-        let status = if first.starts_with("GET /health") { 200 } else { status };
+        let body = if first.starts_with("GET /metrics") {
+            let counts = counts.lock().unwrap();
+            let mut text = String::from("# TYPE backend_responses_total counter\n");
+            for (code, n) in counts.iter() {
+                text.push_str(&format!("backend_responses_total{{status=\"{code}\"}} {n}\n"));
+            }
+            text
+        } else {
+            answer.to_string()
+        };
+        let status = if first.starts_with("GET /health") || first.starts_with("GET /metrics") { 200 } else { status };
+        if !first.starts_with("GET /metrics") && !first.starts_with("GET /health") {
+            *counts.lock().unwrap().entry(status).or_default() += 1;
+        }
         let reason = if status == 200 { "OK" } else { "Error" };
         // One write: with TCP_NODELAY each write is a segment of its own, and the response
         // should start with its whole status line, as servers send it.
         let response = format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
-            answer.len()
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
         );
         let _ = writer.write_all(response.as_bytes());
         let _ = writer.flush();

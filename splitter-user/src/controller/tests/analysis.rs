@@ -174,6 +174,15 @@ fn promotion_waits_for_confirmation_or_approval() {
     c.handle(Op::Canary(CanaryOp::Approve("sava".into()))).unwrap();
     assert_eq!((canary(&c), state(&mut c)), (10_000, RolloutState::Promoted));
 
+    // Approving between two asks takes the held promotion at once.
+    let (mut c, mut rx) = start(Analysis { webhooks: vec![hook(HookKind::ConfirmPromotion)], ..Analysis::default() });
+    healthy_window(&mut c);
+    healthy_window(&mut c);
+    let request = rx.try_recv().unwrap();
+    c.check_report(hooks_answer(&request, 403));
+    c.handle(Op::Canary(CanaryOp::Approve("sava".into()))).unwrap();
+    assert_eq!((canary(&c), state(&mut c)), (10_000, RolloutState::Promoted));
+
     // A breach while waiting for the confirmation rolls back (Flagger #1801).
     let (mut c, mut rx) = start(Analysis { webhooks: vec![hook(HookKind::ConfirmPromotion)], ..Analysis::default() });
     healthy_window(&mut c);
