@@ -9,12 +9,15 @@
 //! - [`testrun`]: per-packet cost under BPF_PROG_TEST_RUN.
 //! - [`weights`]: weight-change latency and packets lost during 1000 changes under load.
 //! - [`memory`]: map memory at 1, 100 and 1000 gateways.
+//! - [`killed_canary`]: a canary killed mid-rollout, 20 runs: time to the rollback.
 
 pub mod connect;
 pub mod connect_xdp;
 pub mod expiry;
 pub mod flood;
 pub mod forward;
+pub mod killed_canary;
+
 pub mod memory;
 pub mod plot;
 pub mod testrun;

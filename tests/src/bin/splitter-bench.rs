@@ -12,6 +12,8 @@
 //! - `testrun`: per-packet cost under BPF_PROG_TEST_RUN.
 //! - `weights`: weight-change latency and packets lost during 1000 changes under load.
 //! - `memory`: map memory at 1, 100 and 1000 gateways.
+//! - `expiry`, `flood`: the agent's cost with conntrack full; a spoofed SYN flood.
+//! - `killed-canary`: a canary killed mid-rollout, 20 runs: time to the rollback.
 //! - `table`: bucket table build time for 1, 8 and 64 targets, and slots moved by changes.
 //!
 //! Everything but `table` needs root (namespaces, XDP); missing tools (trafgen from
@@ -56,6 +58,7 @@ const BENCHMARKS: &[Benchmark] = &[
     Benchmark { name: "memory", privileged: true, run: memory },
     Benchmark { name: "expiry", privileged: true, run: expiry },
     Benchmark { name: "flood", privileged: true, run: flood },
+    Benchmark { name: "killed-canary", privileged: true, run: killed_canary },
     Benchmark { name: "table", privileged: false, run: |_, _| Ok(table_build()) },
 ];
 
@@ -77,6 +80,8 @@ sections:
   memory   map memory at 1, 100 and 1000 gateways (root)
   expiry   the agent's CPU with conntrack full (the sweep and occupancy reads) (root)
   flood    a spoofed SYN flood from one core: splitter vs nftables DNAT (root)
+  killed-canary
+           a canary killed mid-rollout, 20 runs: time to the rollback, failed requests (root)
   table    bucket table build time for 1, 8 and 64 targets; slots moved by changes";
 
 fn main() -> ExitCode {
@@ -191,6 +196,11 @@ fn connect_xdp(opts: Options, figures: &mut Figures) -> anyhow::Result<Section> 
     let body = bench::connect_xdp::section(&r);
     figures.connect_xdp = Some(r);
     Ok(Section { title: "TCP connections between XDP endpoints: each balancer's own cost", body })
+}
+
+fn killed_canary(opts: Options, _figures: &mut Figures) -> anyhow::Result<Section> {
+    let r = bench::killed_canary::run(opts)?;
+    Ok(Section { title: "A canary killed mid-rollout: time to the rollback", body: bench::killed_canary::section(&r) })
 }
 
 fn flood(opts: Options, _figures: &mut Figures) -> anyhow::Result<Section> {
