@@ -62,7 +62,12 @@ pub struct GatewayState {
     /// `GATEWAY_*` bits (host order).
     pub flags: u32,
     /// Table generation, increasing with each change (host order); informational.
-    pub generation: u64,
+    pub generation: u32,
+    /// How long a target may leave a SYN unanswered before the connect counts as failed,
+    /// in milliseconds; 0 means the datapath's default (`--connect-timeout`) (host order).
+    /// Takes what was the high half of a 64-bit generation, so pins of the earlier form
+    /// read as 0.
+    pub connect_timeout_ms: u32,
 }
 assert_size!(GatewayState, 24);
 

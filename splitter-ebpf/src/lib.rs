@@ -252,6 +252,18 @@ fn connect_timeout_ns() -> u64 {
     unsafe { core::ptr::read_volatile(&CONNECT_TIMEOUT_NS) }
 }
 
+/// The connect timeout of the gateway a client's flow (`client_key`, to the VIP) belongs
+/// to: its own, or the datapath's default. Looked up only when a client sends its SYN again.
+#[inline(always)]
+fn gateway_connect_timeout_ns(client_key: &FlowKey) -> u64 {
+    let key = GatewayKey { vip: client_key.dst_addr, port: client_key.dst_port, proto: client_key.proto, _pad: 0 };
+    // SAFETY: a copy is taken at once; the agent replaces values whole.
+    match unsafe { GATEWAYS.get(&key) } {
+        Some(state) if state.connect_timeout_ms != 0 => u64::from(state.connect_timeout_ms) * 1_000_000,
+        _ => connect_timeout_ns(),
+    }
+}
+
 /// Counts a failed connect of the target at `counter_index`.
 #[inline(always)]
 fn count_failed_connect(counter_index: u32) {
@@ -576,7 +588,7 @@ fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result
                 // The client sends its SYN again: if the target has not answered it within the
                 // connect timeout, the connect failed (a dead or blackholed target).
                 let answered = half_open_copy(&reply_key).is_some_and(|r| r.flags & FLOW_ESTABLISHED != 0);
-                if !answered && connect_timed_out(now.saturating_sub(flow.created_ns), connect_timeout_ns()) {
+                if !answered && connect_timed_out(now.saturating_sub(flow.created_ns), gateway_connect_timeout_ns(&client_key)) {
                     count_failed_connect(flow.counter_index);
                     // SAFETY: see above.
                     unsafe { (*entry).flags = flow.flags | FLOW_CONNECT_FAILED };

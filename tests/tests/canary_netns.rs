@@ -365,10 +365,11 @@ fn a_canary_with_slow_connection_setup_shows_it_and_is_rolled_back() {
                  tcp flags & (syn | ack) == syn numgen random mod 2 == 0 drop"],
         )
         .unwrap();
-    bed.write_config("sava.yaml", &gateway("")).unwrap();
-    // A connect timeout past the clients' first SYN retransmission: here the lost SYNs show
-    // as latency, not as failed connects.
-    bed.start_agent(&["--connect-timeout", "3s"]).unwrap();
+    // The gateway's connect timeout, past the clients' first SYN retransmission: the lost
+    // SYNs show as latency, not as failed connects (the default 1 s would count them).
+    bed.write_config("sava.yaml", &gateway("connect_timeout: 3s\n")).unwrap();
+    bed.start_agent(&[]).unwrap();
+    assert!(bed.cli_ok(&["get", GATEWAY]).unwrap().contains("connect_timeout: 3s"));
     let traffic: Vec<Traffic> = (0..4).map(|_| Traffic::start(&bed, Duration::ZERO)).collect();
     bed.cli_ok(&[
         "canary",

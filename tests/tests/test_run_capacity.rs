@@ -92,7 +92,7 @@ fn a_pool_of_source_addresses_holds_200k_concurrent_flows_over_4_targets() {
     }
     Array::<&mut MapData, SourcePool>::try_from(ebpf.map_mut("SOURCE_POOLS").unwrap()).unwrap().set(0, pool, 0).unwrap();
     let key = GatewayKey { vip: ne(VIP), port: 9050u16.to_be(), proto: PROTO_TCP, _pad: 0 };
-    let state = GatewayState { gateway_id: 0, table_index: 0, target_count: 4, flags: 0, generation: 1 };
+    let state = GatewayState { gateway_id: 0, table_index: 0, target_count: 4, flags: 0, generation: 1, connect_timeout_ms: 0 };
     HashMap::<&mut MapData, GatewayKey, GatewayState>::try_from(ebpf.map_mut("GATEWAYS").unwrap()).unwrap().insert(key, state, 0).unwrap();
 
     // 200 000 clients, each completing its handshake (SYN, then its ACK).

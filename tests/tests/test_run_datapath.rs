@@ -93,7 +93,7 @@ impl Bench {
         let mut gateways: HashMap<&mut MapData, GatewayKey, GatewayState> =
             HashMap::try_from(self.ebpf.map_mut("GATEWAYS").unwrap()).unwrap();
         let key = GatewayKey { vip: ne(VIP), port: port.to_be(), proto, _pad: 0 };
-        let state = GatewayState { gateway_id: id, table_index, target_count: 2, flags, generation: u64::from(table_index) };
+        let state = GatewayState { gateway_id: id, table_index, target_count: 2, flags, generation: table_index, connect_timeout_ms: 0 };
         gateways.insert(key, state, 0).unwrap();
     }
 

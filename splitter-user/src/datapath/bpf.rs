@@ -169,7 +169,13 @@ impl Datapath {
 impl Dataplane for Datapath {
     fn adopt(&mut self, gateway: &Gateway, shares: &[(Target, u32)], placement: &Placement) -> bool {
         let key = gateway_key(gateway);
-        let live = self.gateways_map.get(&key, 0).ok().map(|state| (state.gateway_id, state.generation));
+        // A pinned state with another connect timeout is not adopted: applying it anew writes it.
+        let live = self
+            .gateways_map
+            .get(&key, 0)
+            .ok()
+            .filter(|state| state.connect_timeout_ms == gateway.connect_timeout_ms.unwrap_or(0))
+            .map(|state| (state.gateway_id, u64::from(state.generation)));
         let Some(targets) = self.layout.adoptable(shares, placement, live) else { return false };
         self.layout.record(LiveGateway {
             id: placement.id,
@@ -296,7 +302,15 @@ impl Dataplane for Datapath {
         }
         // The gateway's source pool before its state can name a table that uses it.
         self.source_pools.set(id, source_pool(gateway), 0).context("writing SOURCE_POOLS")?;
-        let state = GatewayState { gateway_id: id, table_index, target_count, flags, generation };
+        // The generation is informational in the map: its low 32 bits.
+        let state = GatewayState {
+            gateway_id: id,
+            table_index,
+            target_count,
+            flags,
+            generation: generation as u32,
+            connect_timeout_ms: gateway.connect_timeout_ms.unwrap_or(0),
+        };
         // The switch: one update of the gateway's value.
         self.gateways_map.insert(key, state, 0).context("writing GATEWAYS")?;
         let previous = self.layout.gateways.get(&gateway.name).map(|old| old.key);

@@ -155,6 +155,9 @@ pub struct Gateway {
     pub canary: Option<policy::CanarySpec>,
     /// Full-NAT source addresses and ports (`source:`).
     pub source: policy::SourceSpec,
+    /// How long a target may leave a SYN unanswered before the connect counts as failed
+    /// (`connect_timeout:`, milliseconds); `None`: the agent's `--connect-timeout`.
+    pub connect_timeout_ms: Option<u32>,
 }
 
 /// A weights-only document: new weights for an existing gateway's routes, targets untouched.
@@ -486,6 +489,9 @@ impl Gateway {
         };
         let _ = writeln!(out, "sticky: {sticky}");
         let _ = writeln!(out, "mode: {}", self.mode.name());
+        if let Some(ms) = self.connect_timeout_ms {
+            let _ = writeln!(out, "connect_timeout: {}", policy::format_duration_us(u64::from(ms) * 1000));
+        }
         out.push_str("routes:\n");
         for route in &self.routes {
             let _ = writeln!(out, "  {}:", quoted(&route.name));

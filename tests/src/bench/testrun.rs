@@ -148,7 +148,11 @@ impl Bed {
         let mut gateways: HashMap<&mut MapData, GatewayKey, GatewayState> =
             HashMap::try_from(self.ebpf.map_mut("GATEWAYS").context("GATEWAYS")?)?;
         let key = GatewayKey { vip: ne(VIP), port: port.to_be(), proto: PROTO_UDP, _pad: 0 };
-        gateways.insert(key, GatewayState { gateway_id: id, table_index, target_count: 2, flags, generation: 1 }, 0)?;
+        gateways.insert(
+            key,
+            GatewayState { gateway_id: id, table_index, target_count: 2, flags, generation: 1, connect_timeout_ms: 0 },
+            0,
+        )?;
         Ok(())
     }
 

@@ -177,12 +177,12 @@ fn fd_by_id(cmd: libc::c_long, id: u32) -> Result<OwnedFd> {
 
 /// The live generation of the gateway `key` (BPF_MAP_LOOKUP_ELEM).
 fn live_generation(map: &OwnedFd, key: &GatewayKey) -> Option<u64> {
-    let mut value = GatewayState { gateway_id: 0, table_index: 0, target_count: 0, flags: 0, generation: 0 };
+    let mut value = GatewayState { gateway_id: 0, table_index: 0, target_count: 0, flags: 0, generation: 0, connect_timeout_ms: 0 };
     let mut attr = [0u64; 12];
     attr[0] = map.as_raw_fd() as u64;
     attr[1] = key as *const GatewayKey as u64;
     attr[2] = &mut value as *mut GatewayState as u64;
-    bpf(1, &mut attr).ok().map(|_| value.generation)
+    bpf(1, &mut attr).ok().map(|_| u64::from(value.generation))
 }
 
 /// BPF_PROG_TEST_RUN of the agent's program: its action and the frame it produced.

@@ -164,6 +164,16 @@ impl Reader<'_> {
             .ok_or_else(|| self.error(Some(node.position), field, format!("`{text}` is not a whole number from {min} to {max}")))
     }
 
+    /// `connect_timeout:`: from 100ms (a SYN-ACK is rarely faster to come back under load)
+    /// to 60s (longer than any client waits).
+    pub(super) fn connect_timeout(&self, node: &Node) -> Result<u32, ConfigError> {
+        let us = self.duration_us(node, "connect_timeout")?;
+        if !(100_000..=60_000_000).contains(&us) {
+            return Err(self.error(Some(node.position), "connect_timeout", "must be between 100ms and 60s"));
+        }
+        Ok(us.div_ceil(1000) as u32)
+    }
+
     fn duration_us(&self, node: &Node, field: &str) -> Result<u64, ConfigError> {
         let text = self.scalar(node, field, "a duration like 500ms or 30s")?;
         policy::parse_duration_us(text).map_err(|why| self.error(Some(node.position), field, why))

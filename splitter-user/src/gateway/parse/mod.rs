@@ -22,9 +22,29 @@ pub(super) struct ParsedDocument {
     pub name_position: Position,
 }
 
+/// What a gateway definition sets beside its routes, as read.
+struct Policies {
+    health_check: Option<HealthCheck>,
+    canary: Option<(CanarySpec, Position)>,
+    source: SourceSpec,
+    connect_timeout_ms: Option<u32>,
+}
+
 /// Top-level fields of a gateway document.
-const GATEWAY_FIELDS: &[&str] =
-    &["name", "port", "virtual_address", "sticky", "mode", "active", "filters", "routes", "health_check", "canary", "source"];
+const GATEWAY_FIELDS: &[&str] = &[
+    "name",
+    "port",
+    "virtual_address",
+    "sticky",
+    "mode",
+    "connect_timeout",
+    "active",
+    "filters",
+    "routes",
+    "health_check",
+    "canary",
+    "source",
+];
 const HEALTH_CHECK_FIELDS: &[&str] =
     &["protocol", "path", "expected_status", "port", "interval", "timeout", "unhealthy_threshold", "healthy_threshold"];
 const CANARY_FIELDS: &[&str] = &[
@@ -166,6 +186,7 @@ impl<'a> Reader<'a> {
         let health_check = fields.value("health_check").map(|n| self.health_check(n)).transpose()?;
         let canary = fields.value("canary").map(|n| self.canary(n)).transpose()?;
         let source = fields.value("source").map(|n| self.source(n)).transpose()?;
+        let connect_timeout_ms = fields.value("connect_timeout").map(|n| self.connect_timeout(n)).transpose()?;
         if let (Some(Mode::Dnat), Some(node)) = (mode, fields.value("source")) {
             return Err(self.error(
                 Some(node.position),
@@ -183,12 +204,12 @@ impl<'a> Reader<'a> {
 
         let has_targets = routes.iter().any(|route| route.targets.is_some());
         let document = if has_targets {
-            let policies = (health_check, canary, source.unwrap_or_default());
+            let policies = Policies { health_check, canary, source: source.unwrap_or_default(), connect_timeout_ms };
             self.gateway(root, &fields, name, port, virtual_address, sticky, mode, routes, routes_position, policies)?
         } else {
             // A weights-only update: it may repeat the port (Vamp's own update does) but must
             // not look like it changes what only a full definition sets.
-            for field in ["virtual_address", "sticky", "mode", "health_check", "canary", "source"] {
+            for field in ["virtual_address", "sticky", "mode", "connect_timeout", "health_check", "canary", "source"] {
                 if fields.value(field).is_some() {
                     return Err(self.error(
                         fields.key_position(field),
@@ -220,9 +241,9 @@ impl<'a> Reader<'a> {
         mode: Option<Mode>,
         routes: Vec<RouteDocument<'_>>,
         routes_position: Option<Position>,
-        policies: (Option<HealthCheck>, Option<(CanarySpec, Position)>, SourceSpec),
+        policies: Policies,
     ) -> Result<Document, ConfigError> {
-        let (health_check, canary, source) = policies;
+        let Policies { health_check, canary, source, connect_timeout_ms } = policies;
         let (port, protocol) = port.ok_or_else(|| {
             self.error(
                 fields.key_position("port").or(Some(root.position)),
@@ -307,6 +328,7 @@ impl<'a> Reader<'a> {
             health_check,
             canary,
             source,
+            connect_timeout_ms,
         }))
     }
 

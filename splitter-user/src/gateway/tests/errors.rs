@@ -24,8 +24,13 @@ fn bad_documents_give_one_line_errors_with_their_position() {
             "unknown top-level field",
             sava_with(3, "virtual_adress: 10.0.0.10"),
             "bad.yaml:3:1: virtual_adress: unknown field `virtual_adress`, expected one of: name, port, \
-             virtual_address, sticky, mode, active, filters, routes, health_check, canary, source"
+             virtual_address, sticky, mode, connect_timeout, active, filters, routes, health_check, canary, source"
                 .to_owned(),
+        ),
+        (
+            "connect timeout too short",
+            sava_with(3, "connect_timeout: 20ms"),
+            "bad.yaml:3:18: connect_timeout: must be between 100ms and 60s".to_owned(),
         ),
         (
             "weights over 100 in total",

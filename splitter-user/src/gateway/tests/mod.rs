@@ -71,6 +71,17 @@ fn sava_splits_90_10_over_its_instances() {
     assert_eq!((sava.sticky, sava.mode), (Sticky::Flow, Mode::FullNat));
 }
 
+/// `connect_timeout:` is the gateway's own, read back as written; absent, the agent's.
+#[test]
+fn a_gateway_carries_its_connect_timeout() {
+    let g = gateway(&SAVA.replace("virtual_address: 10.0.0.10\n", "virtual_address: 10.0.0.10\nconnect_timeout: 2500ms\n"));
+    assert_eq!(g.connect_timeout_ms, Some(2500));
+    assert!(g.to_yaml().contains("connect_timeout: 2500ms\n"), "{}", g.to_yaml());
+    assert_eq!(gateway(&g.to_yaml()), g);
+    assert_eq!(gateway(SAVA).connect_timeout_ms, None);
+    assert!(!gateway(SAVA).to_yaml().contains("connect_timeout"));
+}
+
 #[test]
 fn dcos_80_20_over_3_and_1_instances_gives_80_20() {
     let simpleservice = load_gateway("simpleservice.yaml");
