@@ -332,6 +332,41 @@ fn metrics_are_valid_prometheus_text() {
         })
         .sum();
     assert_eq!(flows, 50.0, "50 requests, 50 new flows");
+
+    // The shipped Grafana dashboard and alert rules query only series the agent exports.
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    for file in ["grafana/splitter.json", "prometheus/alerts.yml"] {
+        let text = std::fs::read_to_string(deploy.join(file)).unwrap();
+        let mut names: Vec<&str> = text
+            .match_indices("splitter_")
+            .map(|(at, _)| {
+                let rest = &text[at..];
+                &rest[..rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len())]
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() >= 5, "{file}: {names:?}");
+        for name in names {
+            assert!(typed.contains(name), "{file} uses {name}, which the agent does not export");
+        }
+    }
+    // Prometheus's own linter agrees with the exposition.
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (apt package prometheus)");
+    std::io::Write::write_all(&mut lint.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = lint.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -8,10 +8,11 @@
 //! - `--udp`: every datagram gets one datagram `VERSION ADDR:PORT` back.
 //! - `--reset`: accepts connections and resets them at once (a broken canary).
 //! - `--status N`: HTTP requests (but `/health`) get status N (a canary failing its users).
+//! - `--health-status N`: `GET /health` gets status N (a target failing its health check).
 //! - `GET /metrics`: the responses answered so far by status, for Prometheus
 //!   (`backend_responses_total{status="500"}`).
 //!
-//! usage: splitter-backend --listen ADDR:PORT --version V [--udp] [--reset] [--status N]
+//! usage: splitter-backend --listen ADDR:PORT --version V [--udp] [--reset] [--status N] [--health-status N]
 
 use std::{
     collections::BTreeMap,
@@ -42,6 +43,8 @@ fn main() {
     // `--status N`: answer every HTTP request but `/health` with status N (a canary that
     // accepts connections and passes its health check, yet fails its users).
     let status: u16 = args.iter().position(|a| a == "--status").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(200);
+    let health_status: u16 =
+        args.iter().position(|a| a == "--health-status").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(200);
     // Responses answered, by status (served at GET /metrics for Prometheus).
     let counts: Arc<Mutex<BTreeMap<u16, u64>>> = Arc::default();
     let listener = TcpListener::bind(listen).unwrap_or_else(|e| fail(&format!("bind {listen}: {e}")));
@@ -54,11 +57,13 @@ fn main() {
         }
         let answer = answer.clone();
         let counts = counts.clone();
-        thread::spawn(move || serve(stream, &answer, status, &counts));
+        thread::spawn(move || serve(stream, &answer, (status, health_status), &counts));
     }
 }
 
-fn serve(stream: TcpStream, answer: &str, status: u16, counts: &Mutex<BTreeMap<u16, u64>>) {
+/// `statuses`: for requests, and for `GET /health`.
+fn serve(stream: TcpStream, answer: &str, statuses: (u16, u16), counts: &Mutex<BTreeMap<u16, u64>>) {
+    let (status, health_status) = statuses;
     let _ = stream.set_nodelay(true);
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
@@ -85,7 +90,13 @@ fn serve(stream: TcpStream, answer: &str, status: u16, counts: &Mutex<BTreeMap<u
         } else {
             answer.to_string()
         };
-        let status = if first.starts_with("GET /health") || first.starts_with("GET /metrics") { 200 } else { status };
+        let status = if first.starts_with("GET /health") {
+            health_status
+        } else if first.starts_with("GET /metrics") {
+            200
+        } else {
+            status
+        };
         if !first.starts_with("GET /metrics") && !first.starts_with("GET /health") {
             *counts.lock().unwrap().entry(status).or_default() += 1;
         }
@@ -133,7 +144,7 @@ fn reset(stream: TcpStream) {
 }
 
 fn usage(msg: &str) -> ! {
-    fail(&format!("{msg}\nusage: splitter-backend --listen ADDR:PORT --version V [--udp] [--reset] [--status N]"))
+    fail(&format!("{msg}\nusage: splitter-backend --listen ADDR:PORT --version V [--udp] [--reset] [--status N] [--health-status N]"))
 }
 
 fn fail(msg: &str) -> ! {

@@ -1,0 +1,274 @@
+//! Each operator control end to end, with real traffic through the datapath: creating a
+//! gateway (`apply -f`, `PUT`), deleting one, rollout pause/resume/abort/promote, a manual
+//! weight change taking over from a rollout, an HTTP health check on its own port, rollback
+//! more than one change back, `validate` and `events --follow`.
+
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use splitter_tests::{
+    privileged, splitter_bin,
+    testbed::{http_get, sava_gateway, LineClient, Testbed, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
+    traffic::HttpTraffic,
+    Process,
+};
+
+const GATEWAY: &str = "sava";
+
+fn sava_yaml(stable: &str, canary: &str, extra: &str) -> String {
+    sava_gateway(GATEWAY, 9050, stable, canary, "10.10.2.21:8080", extra)
+}
+
+/// The sava backends, and an agent whose config directory is empty.
+fn empty_bed() -> Testbed {
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    bed.start_agent(&[]).unwrap();
+    bed
+}
+
+/// Versions answering `n` new connections to `VIP:port`.
+fn sample(bed: &Testbed, port: u16, n: usize) -> BTreeMap<String, usize> {
+    bed.client
+        .enter(|| {
+            let mut seen = BTreeMap::new();
+            for _ in 0..n {
+                let answer = match http_get(&format!("{VIP}:{port}"), None) {
+                    Ok(body) => body.split(' ').next().unwrap_or("").to_string(),
+                    Err(e) => format!("error: {e:#}"),
+                };
+                *seen.entry(answer).or_insert(0) += 1;
+            }
+            seen
+        })
+        .unwrap()
+}
+
+/// The weight `get` shows for `route`.
+fn weight(bed: &Testbed, route: &str) -> String {
+    let got = bed.cli_ok(&["get", GATEWAY]).unwrap();
+    let mut lines = got.lines().skip_while(|l| !l.contains(route));
+    lines.nth(1).unwrap_or_default().trim().to_string()
+}
+
+fn rollout(bed: &Testbed) -> serde_json::Value {
+    let (body, _) = bed.curl(&[&format!("http://splitter/api/v1/canary/{GATEWAY}")]);
+    serde_json::from_str::<serde_json::Value>(&body).map(|v| v[0].clone()).unwrap_or_default()
+}
+
+/// Polls the rollout until `done` (generous deadline: a slow machine only waits longer).
+fn wait_rollout(bed: &Testbed, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = rollout(bed);
+        if done(&r) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "no {what}: {r}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A long-lived connection through the VIP answered by `version` (new ones until one is).
+fn connection_to(bed: &Testbed, version: &str) -> LineClient {
+    bed.client
+        .enter(|| {
+            for _ in 0..200 {
+                let mut c = LineClient::connect(&format!("{VIP}:9050")).unwrap();
+                if c.ask().unwrap().starts_with(version) {
+                    return c;
+                }
+            }
+            panic!("no connection reached {version} in 200 tries");
+        })
+        .unwrap()
+}
+
+fn ask(bed: &Testbed, c: &mut LineClient) -> String {
+    bed.client.enter(|| c.ask().unwrap()).unwrap()
+}
+
+#[test]
+fn a_gateway_is_created_with_apply_and_with_put_and_serves_at_once() {
+    if !privileged("a_gateway_is_created_with_apply_and_with_put_and_serves_at_once") {
+        return;
+    }
+    let bed = empty_bed();
+    assert!(sample(&bed, 9050, 3).keys().all(|k| k.starts_with("error")), "nothing serves before the gateway exists");
+
+    let file = bed.run_dir.path().join("new-gateway.yaml");
+    std::fs::write(&file, sava_yaml("100%", "0%", "")).unwrap();
+    bed.cli_ok(&["apply", "-f", file.to_str().unwrap()]).unwrap();
+    assert_eq!(sample(&bed, 9050, 30), BTreeMap::from([("1.0.0".to_string(), 30)]));
+
+    let second = sava_gateway("sava-b", 9060, "0%", "100%", "10.10.2.21:8080", "");
+    let (body, status) = bed.curl(&["-X", "PUT", "--data-binary", &second, "http://splitter/api/v1/gateways/sava-b"]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(sample(&bed, 9060, 30), BTreeMap::from([("1.1.0".to_string(), 30)]));
+    let names = bed.cli_ok(&["get"]).unwrap();
+    assert!(names.contains("name: \"sava\"\n") && names.contains("name: \"sava-b\"\n"), "{names}");
+}
+
+#[test]
+fn a_deleted_gateway_refuses_new_connections_and_its_established_ones_finish() {
+    if !privileged("a_deleted_gateway_refuses_new_connections_and_its_established_ones_finish") {
+        return;
+    }
+    let bed = empty_bed();
+    bed.curl(&["-X", "PUT", "--data-binary", &sava_yaml("50%", "50%", ""), "http://splitter/api/v1/gateways/sava"]);
+    let mut to_stable = connection_to(&bed, "1.0.0");
+    let mut to_canary = connection_to(&bed, "1.1.0");
+    bed.cli_ok(&["delete", GATEWAY]).unwrap();
+    let after = sample(&bed, 9050, 10);
+    assert!(after.keys().all(|k| k.starts_with("error")), "new connections after the delete: {after:?}");
+    for _ in 0..5 {
+        assert!(ask(&bed, &mut to_stable).starts_with("1.0.0"));
+        assert!(ask(&bed, &mut to_canary).starts_with("1.1.0"));
+    }
+    let (code, _, err) = bed.cli(&["get", GATEWAY]).unwrap();
+    assert!(code != 0 && err.contains(GATEWAY), "{err}");
+}
+
+#[test]
+fn a_rollout_pauses_resumes_aborts_and_promotes_on_command() {
+    if !privileged("a_rollout_pauses_resumes_aborts_and_promotes_on_command") {
+        return;
+    }
+    let bed = empty_bed();
+    bed.curl(&["-X", "PUT", "--data-binary", &sava_yaml("100%", "0%", ""), "http://splitter/api/v1/gateways/sava"]);
+    let traffic = HttpTraffic::start(&bed.client);
+    let start = ["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,50,100", "--interval", "1s", "--min-flows", "5"];
+    bed.cli_ok(&start).unwrap();
+    wait_rollout(&bed, "first step", |r| r["step"] == 0 && r["state"] == "progressing");
+    bed.cli_ok(&["canary", "pause", GATEWAY]).unwrap();
+    let paused = rollout(&bed);
+    // Two intervals and more: a paused rollout holds its step and its weights.
+    thread::sleep(Duration::from_millis(2500));
+    let held = rollout(&bed);
+    assert_eq!((held["state"].as_str(), &held["step"]), (Some("paused"), &paused["step"]), "{held}");
+    assert_eq!(weight(&bed, CANARY), format!("weight: {}%", [10, 50, 100][paused["step"].as_u64().unwrap() as usize]));
+
+    bed.cli_ok(&["canary", "resume", GATEWAY]).unwrap();
+    wait_rollout(&bed, "the 50% step after resume", |r| r["step"] == 1);
+    assert_eq!(weight(&bed, CANARY), "weight: 50%");
+    let mut on_canary = connection_to(&bed, "1.1.0");
+    bed.cli_ok(&["canary", "abort", GATEWAY]).unwrap();
+    let aborted = rollout(&bed);
+    assert_eq!(
+        (aborted["state"].as_str(), aborted["reason"].as_str()),
+        (Some("rolled-back"), Some("aborted by the operator")),
+        "{aborted}"
+    );
+    assert_eq!(weight(&bed, CANARY), "weight: 0%", "abort returns to the weights before the rollout");
+    for _ in 0..5 {
+        assert!(ask(&bed, &mut on_canary).starts_with("1.1.0"), "an established flow keeps its target");
+    }
+    assert_eq!(sample(&bed, 9050, 30), BTreeMap::from([("1.0.0".to_string(), 30)]));
+
+    bed.cli_ok(&start).unwrap();
+    wait_rollout(&bed, "a second rollout", |r| r["state"] == "progressing");
+    bed.cli_ok(&["canary", "promote", GATEWAY]).unwrap();
+    assert_eq!(rollout(&bed)["state"], "promoted");
+    assert_eq!(weight(&bed, CANARY), "weight: 100%");
+    assert_eq!(sample(&bed, 9050, 30), BTreeMap::from([("1.1.0".to_string(), 30)]));
+    let (_, failures) = traffic.finish();
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+#[test]
+fn a_weight_changed_by_hand_pauses_the_rollout_and_holds() {
+    if !privileged("a_weight_changed_by_hand_pauses_the_rollout_and_holds") {
+        return;
+    }
+    let bed = empty_bed();
+    bed.curl(&["-X", "PUT", "--data-binary", &sava_yaml("100%", "0%", ""), "http://splitter/api/v1/gateways/sava"]);
+    let traffic = HttpTraffic::start(&bed.client);
+    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,50,100", "--interval", "1s", "--min-flows", "5"]).unwrap();
+    wait_rollout(&bed, "first step", |r| r["state"] == "progressing");
+    bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=30%")]).unwrap();
+    let r = rollout(&bed);
+    assert_eq!(r["state"], "paused", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("changed by hand"), "{r}");
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(rollout(&bed)["state"], "paused");
+    assert_eq!(weight(&bed, CANARY), "weight: 30%", "the hand-set weight holds");
+    drop(traffic);
+}
+
+#[test]
+fn an_http_health_check_on_its_own_port_takes_out_a_target_answering_503() {
+    if !privileged("an_http_health_check_on_its_own_port_takes_out_a_target_answering_503") {
+        return;
+    }
+    let mut bed = empty_bed();
+    // Health endpoints on port 8081: the stable target's says 200, the canary's 503 (its
+    // port 8080 answers /health with 200, so checking the wrong port keeps it in).
+    bed.start_backend("10.10.2.11", 8081, "health", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8081, "health", &["--health-status", "503"]).unwrap();
+    let check = "health_check:\n  protocol: http\n  path: /health\n  port: 8081\n  interval: 200ms\n  timeout: 150ms\n  \
+                 unhealthy_threshold: 2\n  healthy_threshold: 2\n";
+    bed.curl(&["-X", "PUT", "--data-binary", &sava_yaml("50%", "50%", check), "http://splitter/api/v1/gateways/sava"]);
+    bed.agent().wait_for_line("target 10.10.2.21:8080 unhealthy", Duration::from_secs(30)).unwrap();
+    assert_eq!(sample(&bed, 9050, 40), BTreeMap::from([("1.0.0".to_string(), 40)]), "the unhealthy target takes no new flow");
+    let got = bed.cli_ok(&["get", GATEWAY]).unwrap();
+    assert!(got.contains("10.10.2.21:8080 unhealthy"), "{got}");
+    assert!(!bed.agent().lines().iter().any(|l| l.contains("target 10.10.2.11:8080 unhealthy")), "the stable target stays in");
+}
+
+#[test]
+fn rollback_walks_back_more_than_one_change() {
+    if !privileged("rollback_walks_back_more_than_one_change") {
+        return;
+    }
+    let bed = empty_bed();
+    bed.curl(&["-X", "PUT", "--data-binary", &sava_yaml("100%", "0%", ""), "http://splitter/api/v1/gateways/sava"]);
+    bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=20%")]).unwrap();
+    bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=50%")]).unwrap();
+    bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=100%")]).unwrap();
+    assert_eq!(sample(&bed, 9050, 20), BTreeMap::from([("1.1.0".to_string(), 20)]));
+    for expected in ["50%", "20%", "0%"] {
+        bed.cli_ok(&["rollback", GATEWAY]).unwrap();
+        assert_eq!(weight(&bed, CANARY), format!("weight: {expected}"));
+    }
+    assert_eq!(weight(&bed, STABLE), "weight: 100%");
+    assert_eq!(sample(&bed, 9050, 20), BTreeMap::from([("1.0.0".to_string(), 20)]));
+    let (code, _, err) = bed.cli(&["rollback", GATEWAY]).unwrap();
+    assert!(code != 0 && err.contains("no earlier weights"), "{err}");
+    assert_eq!(weight(&bed, CANARY), "weight: 0%", "a refused rollback changes nothing");
+}
+
+#[test]
+fn validate_checks_files_offline_and_events_follow_streams_changes() {
+    if !privileged("validate_checks_files_offline_and_events_follow_streams_changes") {
+        return;
+    }
+    let bed = empty_bed();
+    let dir = bed.run_dir.path();
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, sava_yaml("90%", "10%", "")).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, sava_yaml("90%", "20%", "")).unwrap();
+    let out = Command::new(splitter_bin()).args(["validate", "-f"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(splitter_bin()).args(["validate", "-f"]).arg(&bad).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.trim().lines().count() == 1 && err.contains(&format!("{}:4:1: routes: the weights add up to 110%", bad.display())),
+        "{err}"
+    );
+    assert!(bed.cli(&["get", GATEWAY]).unwrap().0 != 0, "validate applied nothing");
+
+    let mut follow = Command::new(splitter_bin());
+    follow.args(["events", "--follow", "--socket"]).arg(bed.socket());
+    let follow = Process::spawn(follow).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    bed.cli_ok(&["apply", "-f", good.to_str().unwrap()]).unwrap();
+    bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=35%")]).unwrap();
+    follow.wait_for_line(&format!("{CANARY}=35%"), Duration::from_secs(30)).unwrap();
+}
