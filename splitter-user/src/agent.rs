@@ -239,7 +239,13 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break }
-            _ = sighup.recv() => { ask(&commands, Op::SyncConfig).await; }
+            _ = sighup.recv() => {
+                ask(&commands, Op::SyncConfig).await;
+                match &args.config {
+                    Some(path) => info!("SIGHUP: configuration reloaded from {}", path.display()),
+                    None => info!("SIGHUP: no --config to reload"),
+                }
+            }
             _ = sigusr1.recv() => print_stats(&commands).await,
             _ = poll.tick() => if let Some(path) = &args.config {
                 let now = config::fingerprint(path);

@@ -272,3 +272,73 @@ fn validate_checks_files_offline_and_events_follow_streams_changes() {
     bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=35%")]).unwrap();
     follow.wait_for_line(&format!("{CANARY}=35%"), Duration::from_secs(30)).unwrap();
 }
+
+/// Lines the process printed after the first `skip`, any of them holding `needle` as whole
+/// words (`generation 2` does not match `generation 20`).
+fn logged_after(process: &Process, skip: usize, needle: &str) -> bool {
+    process.lines().iter().skip(skip).any(|line| {
+        line.match_indices(needle).any(|(at, _)| {
+            let before = line[..at].chars().next_back();
+            let after = line[at + needle.len()..].chars().next();
+            !before.is_some_and(|c| c.is_alphanumeric()) && !after.is_some_and(|c| c.is_alphanumeric())
+        })
+    })
+}
+
+fn wait_logged(process: &Process, skip: usize, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !logged_after(process, skip, needle) {
+        assert!(Instant::now() < deadline, "no {needle:?} after line {skip}: {:#?}", &process.lines()[skip.min(process.lines().len())..]);
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_single_configuration_file_is_followed_and_sighup_reloads_it() {
+    if !privileged("a_single_configuration_file_is_followed_and_sighup_reloads_it") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    let file = bed.run_dir.path().join("sava.yaml");
+    std::fs::write(&file, sava_yaml("100%", "0%", "")).unwrap();
+    let socket = bed.socket().display().to_string();
+    let state = bed.run_dir.path().join("state").display().to_string();
+    let agent = bed
+        .splitter
+        .spawn(
+            splitter_bin(),
+            &[
+                "agent",
+                "--iface",
+                "spl-c",
+                "--iface",
+                "spl-b",
+                "--config",
+                file.to_str().unwrap(),
+                "--socket",
+                &socket,
+                "--state-dir",
+                &state,
+            ],
+        )
+        .unwrap();
+    agent.wait_for_line("ready", Duration::from_secs(30)).unwrap();
+    wait_logged(&agent, 0, "applied gateway sava generation 1");
+    assert_eq!(sample(&bed, 9050, 20), BTreeMap::from([("1.0.0".to_string(), 20)]));
+
+    let before = agent.lines().len();
+    agent.signal(libc::SIGHUP).unwrap();
+    wait_logged(&agent, before, &format!("SIGHUP: configuration reloaded from {}", file.display()));
+    assert!(!logged_after(&agent, before, "generation 2"), "an unchanged file changes nothing");
+
+    let before = agent.lines().len();
+    let tmp = bed.run_dir.path().join(".sava.yaml.tmp");
+    std::fs::write(&tmp, sava_yaml("0%", "100%", "")).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    agent.signal(libc::SIGHUP).unwrap();
+    wait_logged(&agent, before, "applied gateway sava generation 2");
+    assert_eq!(sample(&bed, 9050, 20), BTreeMap::from([("1.1.0".to_string(), 20)]));
+    assert!(!logged_after(&agent, before, "generation 3"), "one edit, one change: {:#?}", agent.lines());
+}
