@@ -406,13 +406,13 @@ fn parse(ctx: &XdpContext) -> Result<Packet, PacketClass> {
         return Err(PacketClass::MALFORMED);
     }
     let l4_offset = EthHdr::LEN + ihl;
-    let (ports_at, tcp_flags): (*mut u8, u8) = if proto == IpProto::Tcp as u8 {
+    let (ports_at, tcp_flags, l4_header_len): (*mut u8, u8, usize) = if proto == IpProto::Tcp as u8 {
         let tcp: *mut TcpHdr = ptr_at(ctx, l4_offset).map_err(malformed)?;
         // SAFETY: the whole TcpHdr is in bounds; byte 13 holds the flags.
-        (tcp.cast(), unsafe { *tcp.cast::<u8>().add(13) })
+        (tcp.cast(), unsafe { *tcp.cast::<u8>().add(13) }, TcpHdr::LEN)
     } else if proto == IpProto::Udp as u8 {
         let udp: *mut UdpHdr = ptr_at(ctx, l4_offset).map_err(malformed)?;
-        (udp.cast(), 0)
+        (udp.cast(), 0, UdpHdr::LEN)
     } else if proto == IpProto::Icmp as u8 {
         return Err(PacketClass::ICMP);
     } else {
@@ -421,6 +421,12 @@ fn parse(ctx: &XdpContext) -> Result<Packet, PacketClass> {
     // Fragments carry no (or only part of the) L4 header: the kernel reassembles them.
     if u16::from_ne_bytes(frags) & IP_FRAGMENT_MASK != 0 {
         return Err(if proto == PROTO_TCP { PacketClass::TCP } else { PacketClass::UDP });
+    }
+    // The IP length must cover the headers and lie within the frame (Ethernet padding may
+    // follow it): a packet that lies about its length is the kernel's to judge.
+    let ip_len = usize::from(u16::from_be_bytes(tot_len));
+    if ip_len < ihl + l4_header_len || EthHdr::LEN + ip_len > ctx.data_end() - ctx.data() {
+        return Err(PacketClass::MALFORMED);
     }
     // SAFETY: the TCP/UDP header is in bounds and both start with the two ports; the IP
     // header is in bounds.

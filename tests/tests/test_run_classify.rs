@@ -58,6 +58,14 @@ fn cases() -> Vec<(&'static str, Vec<u8>, PacketClass)> {
     ihl_too_short[frames::ETH_LEN] = 0x44;
     let mut not_v4 = tcp.clone();
     not_v4[frames::ETH_LEN] = 0x65;
+    let mut tot_len_beyond = tcp.clone();
+    tot_len_beyond[frames::ETH_LEN + 2..frames::ETH_LEN + 4].copy_from_slice(&1400u16.to_be_bytes());
+    let mut tot_len_short = tcp.clone();
+    tot_len_short[frames::ETH_LEN + 2..frames::ETH_LEN + 4].copy_from_slice(&30u16.to_be_bytes());
+    let mut later_fragment = tcp.clone();
+    later_fragment[frames::ETH_LEN + 6..frames::ETH_LEN + 8].copy_from_slice(&0x0010u16.to_be_bytes());
+    let mut padded = tcp.clone();
+    padded.extend_from_slice(&[0; 6]);
     let mut vlan = frames::ethernet(frames::ETHERTYPE_VLAN, &[0, 10]);
     vlan.extend_from_slice(&tcp[12..]);
     vec![
@@ -77,6 +85,10 @@ fn cases() -> Vec<(&'static str, Vec<u8>, PacketClass)> {
         ("ihl beyond the frame", ihl_too_long, PacketClass::MALFORMED),
         ("ihl below 5", ihl_too_short, PacketClass::MALFORMED),
         ("ip version 6 in an ipv4 ethertype", not_v4, PacketClass::MALFORMED),
+        ("ip length beyond the frame", tot_len_beyond, PacketClass::MALFORMED),
+        ("ip length shorter than its headers", tot_len_short, PacketClass::MALFORMED),
+        ("tcp fragment at an offset", later_fragment, PacketClass::TCP),
+        ("tcp followed by ethernet padding", padded, PacketClass::TCP),
     ]
 }
 

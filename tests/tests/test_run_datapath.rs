@@ -370,10 +370,21 @@ fn malformed_frames_to_the_vip_never_abort() {
     let syn = tcp_frame(CLIENT, 40000, VIP, 9050, TCP_SYN, b"payload");
     let udp = Ipv4Packet::new(CLIENT, VIP, PROTO_UDP, frames::udp(40000, 9050, b"payload")).build();
     for frame in [syn, udp] {
+        let state_before = (bench.conntrack_len(), bench.half_open_len());
+        // Every prefix lies about its length (or lacks headers): passed untouched, no state.
         for len in ETH_LEN..frame.len() {
-            let (action, _) = bench.run(&frame[..len]);
-            assert_ne!(action, XDP_ABORTED, "prefix of {len} bytes");
+            let (action, out) = bench.run(&frame[..len]);
+            assert_eq!((action, out.as_slice()), (XDP_PASS, &frame[..len]), "prefix of {len} bytes");
         }
+        // An IP length shorter than the headers it carries.
+        let mut short = frame.clone();
+        short[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&24u16.to_be_bytes());
+        assert_eq!(bench.run(&short), (XDP_PASS, short.clone()), "tot_len 24");
+        assert_eq!((bench.conntrack_len(), bench.half_open_len()), state_before, "a lying packet left flow state");
+        // Ethernet padding after the IP packet is allowed: the frame is still translated.
+        let mut padded = frame.clone();
+        padded.extend_from_slice(&[0; 6]);
+        assert_ne!(bench.run(&padded).1, padded, "a padded frame is still a packet of the flow");
         // Lying IP lengths and IHL values.
         for ihl in [0u8, 4, 6, 15] {
             let mut bad = frame.clone();
@@ -381,11 +392,15 @@ fn malformed_frames_to_the_vip_never_abort() {
             let (action, _) = bench.run(&bad);
             assert_ne!(action, XDP_ABORTED, "ihl {ihl}");
         }
-        // A fragment is passed untouched (no L4 header to translate).
+        // Fragments are passed untouched (no L4 header to translate): the first, and one
+        // at an offset, whose "ports" are payload bytes.
         let mut fragment = frame.clone();
         fragment[ETH_LEN + 6] = 0x20; // more fragments
         let (action, out) = bench.run(&fragment);
         assert_eq!((action, out), (XDP_PASS, fragment));
+        let mut later = frame.clone();
+        later[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&0x0010u16.to_be_bytes()); // offset 128 bytes
+        assert_eq!(bench.run(&later), (XDP_PASS, later.clone()), "fragment at an offset");
     }
 }
 
