@@ -342,3 +342,87 @@ fn a_single_configuration_file_is_followed_and_sighup_reloads_it() {
     assert_eq!(sample(&bed, 9050, 20), BTreeMap::from([("1.1.0".to_string(), 20)]));
     assert!(!logged_after(&agent, before, "generation 3"), "one edit, one change: {:#?}", agent.lines());
 }
+
+fn metric(bed: &Testbed, sample: &str) -> f64 {
+    let (text, code) = bed.curl(&["http://splitter/metrics"]);
+    assert_eq!(code, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {sample} in the metrics:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn the_gateway_limit_refuses_one_more_and_changes_nothing() {
+    if !privileged("the_gateway_limit_refuses_one_more_and_changes_nothing") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    bed.start_agent(&["--max-gateways", "2"]).unwrap();
+    for (name, port) in [("sava", 9050u16), ("sava-b", 9060)] {
+        let doc = sava_gateway(name, port, "100%", "0%", "10.10.2.21:8080", "");
+        let (body, status) = bed.curl(&["-X", "PUT", "--data-binary", &doc, &format!("http://splitter/api/v1/gateways/{name}")]);
+        assert_eq!(status, 200, "{body}");
+    }
+    let third = sava_gateway("sava-c", 9070, "100%", "0%", "10.10.2.21:8080", "");
+    let (body, status) = bed.curl(&["-X", "PUT", "--data-binary", &third, "http://splitter/api/v1/gateways/sava-c"]);
+    assert!((400..500).contains(&status), "{status} {body}");
+    assert!(body.contains("--max-gateways 2"), "the error names the limit: {body}");
+    let (code, _, _) = bed.cli(&["get", "sava-c"]).unwrap();
+    assert_ne!(code, 0, "the refused gateway does not exist");
+    assert!(sample(&bed, 9070, 3).keys().all(|k| k.starts_with("error")));
+    assert_eq!(sample(&bed, 9060, 20), BTreeMap::from([("1.0.0".to_string(), 20)]), "the others serve on");
+    // Room again after a delete.
+    bed.cli_ok(&["delete", "sava-b"]).unwrap();
+    let (body, status) = bed.curl(&["-X", "PUT", "--data-binary", &third, "http://splitter/api/v1/gateways/sava-c"]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(sample(&bed, 9070, 20), BTreeMap::from([("1.0.0".to_string(), 20)]));
+}
+
+#[test]
+fn idle_udp_flows_expire_after_the_udp_timeout_and_active_ones_stay() {
+    if !privileged("idle_udp_flows_expire_after_the_udp_timeout_and_active_ones_stay") {
+        return;
+    }
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 5353, "1.0.0", &["--udp"]).unwrap();
+    bed.write_config(
+        "dns.yaml",
+        &format!("name: dns\nport: 5353/udp\nvirtual_address: {VIP}\nroutes:\n  dns/v1:\n    targets: [10.10.2.11:5353]\n"),
+    )
+    .unwrap();
+    bed.start_agent(&["--udp-timeout", "1"]).unwrap();
+    let ask = |socket: &std::net::UdpSocket| -> String {
+        socket.send_to(b"query", (VIP, 5353)).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, _) = socket.recv_from(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let (idle, active) = bed
+        .client
+        .enter(|| {
+            let sockets = [std::net::UdpSocket::bind("0.0.0.0:0").unwrap(), std::net::UdpSocket::bind("0.0.0.0:0").unwrap()];
+            for s in &sockets {
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                assert!(ask(s).starts_with("1.0.0"));
+            }
+            let [a, b] = sockets;
+            (a, b)
+        })
+        .unwrap();
+    assert_eq!(metric(&bed, "splitter_conntrack_entries"), 4.0, "two flows, two entries each");
+    // The active flow sends every 300 ms; the idle one nothing. The sweep runs every 2-10 s.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&bed, "splitter_conntrack_entries") > 2.0 {
+        assert!(Instant::now() < deadline, "the idle flow never expired");
+        bed.client.enter(|| assert!(ask(&active).starts_with("1.0.0"))).unwrap();
+        thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(metric(&bed, "splitter_conntrack_entries"), 2.0, "the active flow kept its entries");
+    let new_flows = metric(&bed, "splitter_gateway_new_flows_total{gateway=\"dns\"}");
+    bed.client.enter(|| assert!(ask(&idle).starts_with("1.0.0"))).unwrap();
+    assert_eq!(metric(&bed, "splitter_gateway_new_flows_total{gateway=\"dns\"}"), new_flows + 1.0, "the idle flow came back as a new one");
+}
