@@ -1,12 +1,17 @@
 //! `splitter`: the agent (privileged daemon) and the operator's CLI.
 
-use clap::{Parser, Subcommand};
+use std::{io, path::PathBuf};
+
+use clap::{CommandFactory, Parser, Subcommand};
 use splitter_user::{agent, client, validate};
+
+/// `splitter --version`: the release and the commit it is built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SPLITTER_GIT_COMMIT"), ")");
 
 /// XDP canary traffic splitter: weighted, connection-preserving splits of new flows
 /// across versioned backends.
 #[derive(Parser)]
-#[command(name = "splitter", version, about, long_about = None)]
+#[command(name = "splitter", version = VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,6 +45,39 @@ enum Command {
     Canary(client::CanaryCommand),
     /// Weight changes, health changes and rollout decisions, with times and reasons.
     Events(client::EventsArgs),
+    /// Print a shell completion script, e.g. `source <(splitter completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or with `--dir DIR` write splitter.1 and one page per
+    /// command (splitter-apply.1, ...) there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// The man pages: splitter.1, then splitter-COMMAND.1 for each command.
+fn man_pages(dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let cli = Cli::command();
+    let Some(dir) = dir else {
+        clap_mangen::Man::new(cli).render(&mut io::stdout())?;
+        return Ok(());
+    };
+    std::fs::create_dir_all(&dir)?;
+    let mut pages = vec![("splitter".to_string(), cli.clone())];
+    for sub in cli.get_subcommands() {
+        let name = format!("splitter-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().bin_name(name)));
+    }
+    for (name, command) in pages {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(command).title(name.clone()).render(&mut page)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, page).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn main() {
@@ -57,6 +95,11 @@ fn main() {
         Command::Stats(args) => client::stats(args),
         Command::Canary(command) => client::canary(command),
         Command::Events(args) => client::events(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "splitter", &mut io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => man_pages(dir),
     };
     if let Err(err) = result {
         // One line: the context chain joined with ": ".
