@@ -113,6 +113,30 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any gateway range (a source pool's `ports:`): every candidate lies inside it, the
+        /// tries are distinct while the range has room for them, and the same flow gets the
+        /// same candidates.
+        #[test]
+        fn snat_candidates_in_any_range_stay_inside_and_differ(hash: u32, port_min in 1u16..=65535, count in 1u16..=65535) {
+            let count = count.min(u16::MAX - port_min + 1);
+            let ports: Vec<u16> = (0..SNAT_PORT_TRIES).map(|a| snat_port_in(hash, a, port_min, count)).collect();
+            for &p in &ports {
+                proptest::prop_assert!(p >= port_min && u32::from(p) < u32::from(port_min) + u32::from(count), "{p} outside {port_min}+{count}");
+            }
+            let mut distinct = ports.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            if u32::from(count) >= SNAT_PORT_TRIES && !u32::from(count).is_multiple_of(4099) {
+                proptest::prop_assert_eq!(distinct.len(), ports.len(), "{:?}", ports);
+            }
+            let again: Vec<u16> = (0..SNAT_PORT_TRIES).map(|a| snat_port_in(hash, a, port_min, count)).collect();
+            proptest::prop_assert_eq!(again, ports);
+        }
+    }
+
     #[test]
     fn snat_candidates_stay_in_range_and_differ() {
         for hash in [0, 1, 0xdead_beef, u32::MAX] {

@@ -453,6 +453,34 @@ mod tests {
         assert_eq!(w.values().sum::<u32>(), 10000);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+        /// Any step: the canary gets exactly its weight, the total is exactly 100%, and
+        /// every other route gets the floor or ceiling of its proportional share of the rest
+        /// (an equal share when they all had 0).
+        #[test]
+        fn step_weights_split_the_rest_in_proportion(
+            before in proptest::collection::vec(0u32..=10_000, 1..6),
+            canary_weight in 0u32..=12_000,
+        ) {
+            let routes: Vec<String> = (0..=before.len()).map(|i| format!("r{i}")).collect();
+            let canary = routes[before.len()].clone();
+            let stable: BTreeMap<String, u32> = routes.iter().cloned().zip(before.iter().copied().chain([0])).collect();
+            let w = step_weights(&routes, &canary, canary_weight, &stable);
+            let effective = canary_weight.min(FULL_WEIGHT);
+            proptest::prop_assert_eq!(w[&canary], effective);
+            proptest::prop_assert_eq!(w.values().sum::<u32>(), FULL_WEIGHT);
+            let total: u64 = before.iter().map(|&b| u64::from(b)).sum();
+            let rest = u64::from(FULL_WEIGHT - effective);
+            for (route, &b) in routes.iter().zip(&before) {
+                let (num, den) = if total == 0 { (rest, before.len() as u64) } else { (rest * u64::from(b), total) };
+                let got = u64::from(w[route]);
+                proptest::prop_assert!(got == num / den || got == num.div_ceil(den), "{route}: {got} of {num}/{den}");
+            }
+        }
+    }
+
     fn spec() -> CanarySpec {
         CanarySpec {
             route: "canary".into(),

@@ -136,16 +136,29 @@ fn canary_weight(bed: &Testbed) -> String {
 }
 
 /// The sava gateway (TCP health checks) under client traffic, with a rollout through
-/// 10/25/50/100% every `interval` that has reached its second step (within `timeout`).
-fn rollout_in_its_second_step(interval: &str, timeout: Duration) -> (Testbed, Traffic) {
+/// 10/25/50/100% every `interval`, judging windows of at least `min_flows` new canary
+/// flows, that has reached its second step (within `timeout`).
+fn rollout_in_its_second_step(interval: &str, min_flows: &str, timeout: Duration) -> (Testbed, Traffic) {
     let mut bed = Testbed::new().unwrap();
     bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
     bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
     bed.write_config("sava.yaml", &gateway(TCP_CHECK)).unwrap();
     bed.start_agent(&[]).unwrap();
     let traffic = Traffic::start(&bed, Duration::from_millis(2));
-    bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,25,50,100", "--interval", interval, "--min-flows", "5"])
-        .unwrap();
+    bed.cli_ok(&[
+        "canary",
+        "start",
+        GATEWAY,
+        "--route",
+        CANARY,
+        "--steps",
+        "10,25,50,100",
+        "--interval",
+        interval,
+        "--min-flows",
+        min_flows,
+    ])
+    .unwrap();
     let deadline = Instant::now() + timeout;
     while rollout(&bed)["step"] != 1 {
         assert!(Instant::now() < deadline, "no second step: {}", rollout(&bed));
@@ -214,7 +227,7 @@ fn a_killed_canary_is_rolled_back_within_two_intervals() {
         return;
     }
     // Into the second step, then kill the canary, as the Vamp tutorial does.
-    let (mut bed, traffic) = rollout_in_its_second_step("3s", Duration::from_secs(15));
+    let (mut bed, traffic) = rollout_in_its_second_step("3s", "5", Duration::from_secs(15));
     bed.stop_backend("10.10.2.21:8080").unwrap();
     let killed = Instant::now();
     let killed_ms = now_ms();
@@ -244,7 +257,9 @@ fn an_agent_restarted_mid_rollout_takes_it_up_at_its_step() {
     if !privileged("an_agent_restarted_mid_rollout_takes_it_up_at_its_step") {
         return;
     }
-    let (mut bed, traffic) = rollout_in_its_second_step("4s", Duration::from_secs(20));
+    // Windows of 40 flows or more: what is judged here is continuity across the restart,
+    // and a single stray reset in a tiny window on a loaded machine would read as 17%.
+    let (mut bed, traffic) = rollout_in_its_second_step("4s", "40", Duration::from_secs(20));
     let before = rollout(&bed);
     let restart = Instant::now();
     let lines = bed.stop_agent().unwrap();
