@@ -55,15 +55,16 @@ pub const fn snat_port(hash: u32, attempt: u32) -> u16 {
     snat_port_in(hash, attempt, SNAT_PORT_MIN, SNAT_PORT_MAX - SNAT_PORT_MIN + 1)
 }
 
-const _: () = assert!(!((SNAT_PORT_MAX - SNAT_PORT_MIN + 1) as u32).is_multiple_of(4099));
-
 /// [`snat_port`] within `port_count` ports from `port_min` (a gateway's own range). The
-/// stride 4099 is prime, so candidates differ unless the range is a multiple of it.
+/// stride is a prime that does not divide the range (4099, or 4093 for a multiple of
+/// 4099; no range of at most 65535 ports is a multiple of both), so the first `range`
+/// candidates are all different.
 #[inline(always)]
 pub const fn snat_port_in(hash: u32, attempt: u32, port_min: u16, port_count: u16) -> u16 {
     let range = if port_count == 0 { 1 } else { port_count as u32 };
+    let stride = if range.is_multiple_of(4099) { 4093 } else { 4099 };
     let start = (hash >> 8) % range;
-    port_min.wrapping_add(((start + attempt * 4099) % range) as u16)
+    port_min.wrapping_add(((start + attempt * stride) % range) as u16)
 }
 
 /// Which of a pool's `count` source addresses candidate `attempt` of a flow uses: spread
@@ -79,6 +80,7 @@ pub const fn snat_address_index(hash: u32, attempt: u32, count: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy as _;
     use std::vec::Vec;
 
     fn key(src: u32, sport: u16) -> FlowKey {
@@ -120,7 +122,11 @@ mod tests {
         /// tries are distinct while the range has room for them, and the same flow gets the
         /// same candidates.
         #[test]
-        fn snat_candidates_in_any_range_stay_inside_and_differ(hash: u32, port_min in 1u16..=65535, count in 1u16..=65535) {
+        fn snat_candidates_in_any_range_stay_inside_and_differ(
+            hash: u32,
+            port_min in 1u16..=65535,
+            count in proptest::prop_oneof![1u16..=65535, (1u16..=15).prop_map(|k| k * 4099)],
+        ) {
             let count = count.min(u16::MAX - port_min + 1);
             let ports: Vec<u16> = (0..SNAT_PORT_TRIES).map(|a| snat_port_in(hash, a, port_min, count)).collect();
             for &p in &ports {
@@ -129,7 +135,7 @@ mod tests {
             let mut distinct = ports.clone();
             distinct.sort_unstable();
             distinct.dedup();
-            if u32::from(count) >= SNAT_PORT_TRIES && !u32::from(count).is_multiple_of(4099) {
+            if u32::from(count) >= SNAT_PORT_TRIES {
                 proptest::prop_assert_eq!(distinct.len(), ports.len(), "{:?}", ports);
             }
             let again: Vec<u16> = (0..SNAT_PORT_TRIES).map(|a| snat_port_in(hash, a, port_min, count)).collect();
