@@ -312,6 +312,29 @@ impl Testbed {
         self.agent().wait_for_line(&format!("applied gateway {gateway} generation {generation}"), Duration::from_secs(10)).map(drop)
     }
 
+    /// The value of one sample of the agent's `/metrics` (`name` or `name{labels}`, as
+    /// exported); panics when it is missing.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (text, code) = self.curl(&["http://splitter/metrics"]);
+        assert_eq!(code, 200, "{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no {sample} in the metrics:\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// The automated rollout of `gateway` as the API shows it (`GET /api/v1/canary/NAME`),
+    /// or null when it has none.
+    pub fn rollout(&self, gateway: &str) -> serde_json::Value {
+        let (body, code) = self.curl(&[&format!("http://splitter/api/v1/canary/{gateway}")]);
+        if code == 404 {
+            return serde_json::Value::Null;
+        }
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()[0].clone()
+    }
+
     /// The agent's latest stats (SIGUSR1 makes it print them).
     pub fn stats(&self) -> Result<serde_json::Value> {
         let before = self.agent().lines().iter().filter(|l| l.starts_with("splitter stats ")).count();

@@ -120,15 +120,10 @@ fn traffic(bed: &Testbed) -> HttpTraffic {
     traffic
 }
 
-fn rollout(bed: &Testbed) -> serde_json::Value {
-    let (body, _) = bed.curl(&[&format!("http://splitter/api/v1/canary/{GATEWAY}")]);
-    serde_json::from_str::<serde_json::Value>(&body).map(|v| v[0].clone()).unwrap_or_default()
-}
-
 fn wait_for(bed: &Testbed, what: &str, timeout: Duration, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let r = rollout(bed);
+        let r = bed.rollout(GATEWAY);
         if done(&r) {
             return r;
         }
@@ -194,7 +189,7 @@ fn confirm_promotion_waits_until_approved() {
     );
     bed.write_config("sava.yaml", &gateway_with(&canary)).unwrap();
     wait_for(&bed, "a refused confirmation", Duration::from_secs(15), |_| hooks.called("/confirm") >= 2);
-    let r = rollout(&bed);
+    let r = bed.rollout(GATEWAY);
     assert_eq!((r["state"].as_str(), r["step"].as_u64()), (Some("progressing"), Some(0)), "waits at the last step but one: {r}");
     assert_eq!(canary_weight(&bed), "weight: 30%");
     bed.cli_ok(&["canary", "approve", GATEWAY]).unwrap();

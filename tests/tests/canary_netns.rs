@@ -100,20 +100,11 @@ fn curl(bed: &Testbed, path: &str) -> (String, u16) {
 }
 
 /// The rollout's state, as `splitter canary status` reports it (null before it starts).
-fn rollout(bed: &Testbed) -> serde_json::Value {
-    let (body, code) = curl(bed, &format!("/api/v1/canary/{GATEWAY}"));
-    if code == 404 {
-        return serde_json::Value::Null;
-    }
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str::<serde_json::Value>(&body).unwrap()[0].clone()
-}
-
 /// Waits until the rollout is in `state` (at most `timeout`); returns when it got there.
 fn wait_state(bed: &Testbed, state: &str, timeout: Duration) -> Instant {
     let deadline = Instant::now() + timeout;
     loop {
-        let r = rollout(bed);
+        let r = bed.rollout(GATEWAY);
         if r["state"] == state {
             return Instant::now();
         }
@@ -160,8 +151,8 @@ fn rollout_in_its_second_step(interval: &str, min_flows: &str, timeout: Duration
     ])
     .unwrap();
     let deadline = Instant::now() + timeout;
-    while rollout(&bed)["step"] != 1 {
-        assert!(Instant::now() < deadline, "no second step: {}", rollout(&bed));
+    while bed.rollout(GATEWAY)["step"] != 1 {
+        assert!(Instant::now() < deadline, "no second step: {}", bed.rollout(GATEWAY));
         thread::sleep(Duration::from_millis(50));
     }
     (bed, traffic)
@@ -233,9 +224,9 @@ fn a_killed_canary_is_rolled_back_within_two_intervals() {
     let killed_ms = now_ms();
     let rolled_back = wait_state(&bed, "rolled-back", Duration::from_secs(10));
     let took = rolled_back - killed;
-    println!("rolled back {took:?} after the kill: {}", rollout(&bed)["reason"]);
+    println!("rolled back {took:?} after the kill: {}", bed.rollout(GATEWAY)["reason"]);
     // Judged on the agent's own clock: the verdict names its window, at most two intervals.
-    assert!(verdict_window_s(&rollout(&bed)) <= 6.0, "two intervals are 6 s: {}", rollout(&bed));
+    assert!(verdict_window_s(&bed.rollout(GATEWAY)) <= 6.0, "two intervals are 6 s: {}", bed.rollout(GATEWAY));
     assert_eq!(canary_weight(&bed), "weight: 0%");
     let reasons: Vec<String> = events(&bed).iter().map(|e| e["message"].as_str().unwrap().to_string()).collect();
     assert!(reasons.iter().any(|m| m.starts_with("rolled back:")), "{reasons:#?}");
@@ -260,7 +251,7 @@ fn an_agent_restarted_mid_rollout_takes_it_up_at_its_step() {
     // Windows of 40 flows or more: what is judged here is continuity across the restart,
     // and a single stray reset in a tiny window on a loaded machine would read as 17%.
     let (mut bed, traffic) = rollout_in_its_second_step("4s", "40", Duration::from_secs(20));
-    let before = rollout(&bed);
+    let before = bed.rollout(GATEWAY);
     let restart = Instant::now();
     let lines = bed.stop_agent().unwrap();
     let stopped = restart.elapsed();
@@ -271,7 +262,7 @@ fn an_agent_restarted_mid_rollout_takes_it_up_at_its_step() {
     println!("agent stopped in {stopped:?}, ready again {:?} after the stop began", restart.elapsed());
     let restarted_ms = now_ms();
 
-    let after = rollout(&bed);
+    let after = bed.rollout(GATEWAY);
     println!("before the restart: {before}\nafter it: {after}");
     assert_eq!((&after["state"], &after["step"]), (&serde_json::json!("progressing"), &serde_json::json!(1)), "{after}");
     assert_eq!(after["started_unix"], before["started_unix"], "the same rollout, not a new one");
@@ -318,7 +309,7 @@ fn a_canary_answering_with_resets_is_rolled_back() {
     ])
     .unwrap();
     wait_state(&bed, "rolled-back", Duration::from_secs(10));
-    let r = rollout(&bed);
+    let r = bed.rollout(GATEWAY);
     println!("{}", r["reason"]);
     assert!(r["reason"].as_str().unwrap().contains("error rate"), "{r}");
     assert_eq!(canary_weight(&bed), "weight: 0%");
@@ -411,7 +402,7 @@ fn a_canary_with_slow_connection_setup_shows_it_and_is_rolled_back() {
     ])
     .unwrap();
     wait_state(&bed, "rolled-back", Duration::from_secs(20));
-    let r = rollout(&bed);
+    let r = bed.rollout(GATEWAY);
     println!("{}", r["reason"]);
     assert!(r["reason"].as_str().unwrap().contains("connect latency"), "{r}");
     let (metrics, _) = curl(&bed, "/metrics");
@@ -444,7 +435,7 @@ fn without_traffic_the_rollout_waits_and_says_so() {
     bed.start_agent(&[]).unwrap();
     bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,100", "--interval", "500ms", "--min-flows", "20"]).unwrap();
     thread::sleep(Duration::from_millis(1800));
-    let r = rollout(&bed);
+    let r = bed.rollout(GATEWAY);
     assert_eq!((r["state"].as_str(), r["step"].as_u64()), (Some("progressing"), Some(0)), "{r}");
     assert_eq!(canary_weight(&bed), "weight: 10%");
     let out = bed.cli_ok(&["events", GATEWAY]).unwrap();
@@ -501,7 +492,7 @@ fn a_canary_answering_http_500_is_rolled_back_with_defaults() {
     let started = Instant::now();
     wait_state(&bed, "rolled-back", Duration::from_secs(20));
     let took = started.elapsed();
-    let r = rollout(&bed);
+    let r = bed.rollout(GATEWAY);
     println!("rolled back after {took:?}: {}", r["reason"]);
     assert!(r["reason"].as_str().unwrap().starts_with("HTTP 5xx rate 100% ("), "{r}");
     assert!(verdict_window_s(&r) <= 4.0, "within two 2 s intervals, on the agent's clock: {r}");
@@ -543,7 +534,7 @@ fn a_canary_dropping_syns_silently_is_rolled_back() {
     bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "20,50,100", "--interval", "2s", "--min-flows", "5"]).unwrap();
     let started = Instant::now();
     wait_state(&bed, "rolled-back", Duration::from_secs(20));
-    let r = rollout(&bed);
+    let r = bed.rollout(GATEWAY);
     println!("rolled back after {:?}: {}", started.elapsed(), r["reason"]);
     assert!(r["reason"].as_str().unwrap().contains("failed connects of canary targets"), "{r}");
     assert_eq!(canary_weight(&bed), "weight: 0%");

@@ -56,16 +56,11 @@ fn weight(bed: &Testbed, route: &str) -> String {
     lines.nth(1).unwrap_or_default().trim().to_string()
 }
 
-fn rollout(bed: &Testbed) -> serde_json::Value {
-    let (body, _) = bed.curl(&[&format!("http://splitter/api/v1/canary/{GATEWAY}")]);
-    serde_json::from_str::<serde_json::Value>(&body).map(|v| v[0].clone()).unwrap_or_default()
-}
-
 /// Polls the rollout until `done` (generous deadline: a slow machine only waits longer).
 fn wait_rollout(bed: &Testbed, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let r = rollout(bed);
+        let r = bed.rollout(GATEWAY);
         if done(&r) {
             return r;
         }
@@ -146,10 +141,10 @@ fn a_rollout_pauses_resumes_aborts_and_promotes_on_command() {
     bed.cli_ok(&start).unwrap();
     wait_rollout(&bed, "first step", |r| r["step"] == 0 && r["state"] == "progressing");
     bed.cli_ok(&["canary", "pause", GATEWAY]).unwrap();
-    let paused = rollout(&bed);
+    let paused = bed.rollout(GATEWAY);
     // Two intervals and more: a paused rollout holds its step and its weights.
     thread::sleep(Duration::from_millis(2500));
-    let held = rollout(&bed);
+    let held = bed.rollout(GATEWAY);
     assert_eq!((held["state"].as_str(), &held["step"]), (Some("paused"), &paused["step"]), "{held}");
     assert_eq!(weight(&bed, CANARY), format!("weight: {}%", [10, 50, 100][paused["step"].as_u64().unwrap() as usize]));
 
@@ -158,7 +153,7 @@ fn a_rollout_pauses_resumes_aborts_and_promotes_on_command() {
     assert_eq!(weight(&bed, CANARY), "weight: 50%");
     let mut on_canary = connection_to(&bed, "1.1.0");
     bed.cli_ok(&["canary", "abort", GATEWAY]).unwrap();
-    let aborted = rollout(&bed);
+    let aborted = bed.rollout(GATEWAY);
     assert_eq!(
         (aborted["state"].as_str(), aborted["reason"].as_str()),
         (Some("rolled-back"), Some("aborted by the operator")),
@@ -173,7 +168,7 @@ fn a_rollout_pauses_resumes_aborts_and_promotes_on_command() {
     bed.cli_ok(&start).unwrap();
     wait_rollout(&bed, "a second rollout", |r| r["state"] == "progressing");
     bed.cli_ok(&["canary", "promote", GATEWAY]).unwrap();
-    assert_eq!(rollout(&bed)["state"], "promoted");
+    assert_eq!(bed.rollout(GATEWAY)["state"], "promoted");
     assert_eq!(weight(&bed, CANARY), "weight: 100%");
     assert_eq!(sample(&bed, 9050, 30), BTreeMap::from([("1.1.0".to_string(), 30)]));
     let (_, failures) = traffic.finish();
@@ -191,11 +186,11 @@ fn a_weight_changed_by_hand_pauses_the_rollout_and_holds() {
     bed.cli_ok(&["canary", "start", GATEWAY, "--route", CANARY, "--steps", "10,50,100", "--interval", "1s", "--min-flows", "5"]).unwrap();
     wait_rollout(&bed, "first step", |r| r["state"] == "progressing");
     bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=30%")]).unwrap();
-    let r = rollout(&bed);
+    let r = bed.rollout(GATEWAY);
     assert_eq!(r["state"], "paused", "{r}");
     assert!(r["reason"].as_str().unwrap().contains("changed by hand"), "{r}");
     thread::sleep(Duration::from_millis(2500));
-    assert_eq!(rollout(&bed)["state"], "paused");
+    assert_eq!(bed.rollout(GATEWAY)["state"], "paused");
     assert_eq!(weight(&bed, CANARY), "weight: 30%", "the hand-set weight holds");
     drop(traffic);
 }
@@ -343,16 +338,6 @@ fn a_single_configuration_file_is_followed_and_sighup_reloads_it() {
     assert!(!logged_after(&agent, before, "generation 3"), "one edit, one change: {:#?}", agent.lines());
 }
 
-fn metric(bed: &Testbed, sample: &str) -> f64 {
-    let (text, code) = bed.curl(&["http://splitter/metrics"]);
-    assert_eq!(code, 200, "{text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {sample} in the metrics:\n{text}"))
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn the_gateway_limit_refuses_one_more_and_changes_nothing() {
     if !privileged("the_gateway_limit_refuses_one_more_and_changes_nothing") {
@@ -413,16 +398,16 @@ fn idle_udp_flows_expire_after_the_udp_timeout_and_active_ones_stay() {
             (a, b)
         })
         .unwrap();
-    assert_eq!(metric(&bed, "splitter_conntrack_entries"), 4.0, "two flows, two entries each");
+    assert_eq!(bed.metric("splitter_conntrack_entries"), 4.0, "two flows, two entries each");
     // The active flow sends every 300 ms; the idle one nothing. The sweep runs every 2-10 s.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while metric(&bed, "splitter_conntrack_entries") > 2.0 {
+    while bed.metric("splitter_conntrack_entries") > 2.0 {
         assert!(Instant::now() < deadline, "the idle flow never expired");
         bed.client.enter(|| assert!(ask(&active).starts_with("1.0.0"))).unwrap();
         thread::sleep(Duration::from_millis(300));
     }
-    assert_eq!(metric(&bed, "splitter_conntrack_entries"), 2.0, "the active flow kept its entries");
-    let new_flows = metric(&bed, "splitter_gateway_new_flows_total{gateway=\"dns\"}");
+    assert_eq!(bed.metric("splitter_conntrack_entries"), 2.0, "the active flow kept its entries");
+    let new_flows = bed.metric("splitter_gateway_new_flows_total{gateway=\"dns\"}");
     bed.client.enter(|| assert!(ask(&idle).starts_with("1.0.0"))).unwrap();
-    assert_eq!(metric(&bed, "splitter_gateway_new_flows_total{gateway=\"dns\"}"), new_flows + 1.0, "the idle flow came back as a new one");
+    assert_eq!(bed.metric("splitter_gateway_new_flows_total{gateway=\"dns\"}"), new_flows + 1.0, "the idle flow came back as a new one");
 }

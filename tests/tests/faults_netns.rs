@@ -46,16 +46,6 @@ fn quick_get(port: u16, limit: Duration) -> Result<String, String> {
     Ok(body.split(' ').next().unwrap_or_default().to_string())
 }
 
-fn metric(bed: &Testbed, sample: &str) -> f64 {
-    let (text, code) = bed.curl(&["http://splitter/metrics"]);
-    assert_eq!(code, 200, "{text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {sample} in the metrics:\n{text}"))
-        .parse()
-        .unwrap()
-}
-
 fn assert_agent_alive(bed: &Testbed) {
     let (body, code) = bed.curl(&["http://splitter/api/v1/gateways"]);
     assert_eq!(code, 200, "the agent answers: {body}");
@@ -101,7 +91,7 @@ fn a_broken_file_in_the_config_directory_is_reported_while_the_others_apply() {
         .find(|l| l.starts_with(&format!("# configuration file {} not applied: ", c_path.display())))
         .unwrap_or_else(|| panic!("{get}"));
     assert!(c_note.contains(&format!("not applied: {}:", c_path.display())) && c_note.contains(": YAML syntax error: "), "{c_note}");
-    assert_eq!(metric(&bed, "splitter_config_errors"), 2.0);
+    assert_eq!(bed.metric("splitter_config_errors"), 2.0);
 
     // a's new weights are live; b keeps its earlier, good version.
     assert_eq!(sample(&bed, 9050, 30).get("1.1.0"), Some(&30), "a.yaml applied");
@@ -115,7 +105,7 @@ fn a_broken_file_in_the_config_directory_is_reported_while_the_others_apply() {
     bed.wait_applied("b", 2).unwrap();
     assert_eq!(sample(&bed, 9060, 30).get("1.1.0"), Some(&30), "b.yaml applied once fixed");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&bed, "splitter_config_errors") != 0.0 {
+    while bed.metric("splitter_config_errors") != 0.0 {
         assert!(Instant::now() < deadline, "config errors cleared");
         thread::sleep(Duration::from_millis(100));
     }
@@ -189,8 +179,8 @@ fn an_unwritable_state_directory_keeps_the_change_live_warns_and_recovers() {
     let get = bed.cli_ok(&["get"]).unwrap();
     assert!(get.starts_with(&format!("# state not saved in {}: ", state_dir.display())), "{get}");
     assert!(get.contains("weight: 100%"), "{get}");
-    assert!(metric(&bed, "splitter_state_save_errors_total") >= 1.0);
-    assert_eq!(metric(&bed, "splitter_state_saved"), 0.0);
+    assert!(bed.metric("splitter_state_save_errors_total") >= 1.0);
+    assert_eq!(bed.metric("splitter_state_saved"), 0.0);
     bed.agent().wait_for_line(&format!("cannot save state in {}", state_dir.display()), Duration::from_secs(1)).unwrap();
     // A rollback works the same way.
     let (code, _, err) = bed.cli(&["rollback", "sava"]).unwrap();
@@ -208,7 +198,7 @@ fn an_unwritable_state_directory_keeps_the_change_live_warns_and_recovers() {
     let doc = saved["gateways"][0].as_str().unwrap();
     println!("saved:\n{doc}");
     assert!(doc.contains(&format!("\"{CANARY}\":\n    weight: 50%")), "state.json has the new weights: {doc}");
-    assert_eq!(metric(&bed, "splitter_state_saved"), 1.0);
+    assert_eq!(bed.metric("splitter_state_saved"), 1.0);
     assert!(!bed.cli_ok(&["get"]).unwrap().contains("state not saved"));
     bed.agent().wait_for_line(&format!("state saved in {} again", state_dir.display()), Duration::from_secs(1)).unwrap();
 }
@@ -226,7 +216,7 @@ fn interfaces_going_down_and_up_and_a_neighbour_changing_its_mac_keep_traffic_fl
     let bed = Testbed::sava(&[], "50%", "50%").unwrap();
     let seen = sample(&bed, 9050, 40);
     assert!(seen.len() == 2, "{seen:?}");
-    let redirects = |bed: &Testbed| metric(bed, "splitter_packets_total{kind=\"redirect\"}");
+    let redirects = |bed: &Testbed| bed.metric("splitter_packets_total{kind=\"redirect\"}");
 
     for dev in ["spl-c", "spl-b"] {
         bed.splitter.ip(&["link", "set", dev, "down"]).unwrap();
@@ -293,7 +283,7 @@ fn an_unreachable_target_fails_only_its_own_flows_and_a_health_check_takes_it_ou
     // The datapath's next-hop cache may forward along the old route for one more
     // lifetime (25 jiffies, at most 250 ms).
     thread::sleep(Duration::from_millis(300));
-    let passed_before = metric(&bed, "splitter_packets_total{kind=\"pass_fib\"}");
+    let passed_before = bed.metric("splitter_packets_total{kind=\"pass_fib\"}");
     // Without a health check, new flows hashed to that target fail (the FIB finds no
     // route: the translated packet is passed to the kernel, which has no route either);
     // the other target's flows are unaffected.
@@ -303,7 +293,7 @@ fn an_unreachable_target_fails_only_its_own_flows_and_a_health_check_takes_it_ou
     let served: Vec<&String> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
     assert!(served.iter().all(|v| *v == "1.0.0"), "{results:?}");
     assert!(served.len() >= 2 && served.len() < 16, "some flows fail, the stable target's succeed: {results:?}");
-    assert!(metric(&bed, "splitter_packets_total{kind=\"pass_fib\"}") > passed_before, "counted as FIB misses");
+    assert!(bed.metric("splitter_packets_total{kind=\"pass_fib\"}") > passed_before, "counted as FIB misses");
 
     // With a health check, the target is taken out and every new connection succeeds.
     let unhealthy = bed.agent().wait_for_line("event health checked: target 10.99.0.5:8080 unhealthy", Duration::from_secs(5)).unwrap();

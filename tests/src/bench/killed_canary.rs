@@ -35,15 +35,10 @@ pub struct KilledCanaryResults {
     pub runs: Vec<Result<Run, String>>,
 }
 
-fn rollout(bed: &Testbed) -> serde_json::Value {
-    let (body, _) = bed.curl(&[&format!("http://splitter/api/v1/canary/{GATEWAY}")]);
-    serde_json::from_str::<serde_json::Value>(&body).map(|v| v[0].clone()).unwrap_or_default()
-}
-
 fn wait_for(bed: &Testbed, what: &str, timeout: Duration, done: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
     let deadline = Instant::now() + timeout;
     loop {
-        let r = rollout(bed);
+        let r = bed.rollout(GATEWAY);
         if done(&r) {
             return Ok(r);
         }
