@@ -8,7 +8,10 @@
 //! is passed to the kernel untouched.
 #![no_std]
 
+#[cfg(feature = "test-programs")]
 mod bench;
+#[cfg(feature = "test-programs")]
+mod helpers;
 
 use core::mem;
 
@@ -181,53 +184,6 @@ pub fn splitter(ctx: XdpContext) -> u32 {
         Err(Error::Pass) => xdp_action::XDP_PASS,
         Err(Error::Inconsistent) => xdp_action::XDP_ABORTED,
     }
-}
-
-/// A program that passes every packet: attached to the peers of interfaces the splitter
-/// redirects into (veth delivers redirected frames promptly only to a peer with XDP).
-#[xdp]
-pub fn xdp_pass(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
-}
-
-/// A program that drops every packet: the sink of forwarding benchmarks.
-#[xdp]
-pub fn xdp_drop(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_DROP
-}
-
-/// A bare forwarder for benchmarks (the ceiling of any XDP forwarder on a testbed): FIB
-/// lookup, MAC rewrite and redirect of IPv4 packets, unchanged otherwise (no NAT, no maps);
-/// anything else, or a next hop the kernel has not resolved, is passed.
-#[xdp]
-pub fn xdp_forward(ctx: XdpContext) -> u32 {
-    let Ok(eth) = ptr_at::<EthHdr>(&ctx, 0) else { return xdp_action::XDP_PASS };
-    // SAFETY: `ptr_at` checked that a whole EthHdr lies inside the packet.
-    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
-        return xdp_action::XDP_PASS;
-    }
-    let Ok(ip) = ptr_at::<Ipv4Hdr>(&ctx, EthHdr::LEN) else { return xdp_action::XDP_PASS };
-    // SAFETY: an all-zero bpf_fib_lookup is valid; the IP header is in bounds.
-    let mut fib: FibParams = unsafe { mem::zeroed() };
-    unsafe {
-        fib.family = AF_INET;
-        fib.l4_protocol = (*ip).proto;
-        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
-    }
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: `fib` is a valid bpf_fib_lookup on our stack, its size passed alongside.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<FibParams>() as i32, 0) };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        return xdp_action::XDP_PASS;
-    }
-    write_macs(eth, &fib.dmac, &fib.smac);
-    if fib.ifindex == ctx.ingress_ifindex() as u32 {
-        return xdp_action::XDP_TX;
-    }
-    // SAFETY: bpf_redirect only records the target interface for this packet.
-    unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
 }
 
 #[inline(always)]

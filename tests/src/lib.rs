@@ -29,6 +29,12 @@ pub fn ebpf_object() -> PathBuf {
     artifact("SPLITTER_EBPF_OBJ", "target/bpf/splitter.bpf.o")
 }
 
+/// The eBPF object of test and benchmark programs (pass, drop, bare forwarder, the
+/// connection-rate endpoints), built by `cargo xtask build` beside the agent's.
+pub fn test_object() -> PathBuf {
+    artifact("SPLITTER_EBPF_TEST_OBJ", "target/bpf/splitter-test.bpf.o")
+}
+
 fn artifact(var: &str, default: &str) -> PathBuf {
     let path = env::var_os(var).map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(default));
     assert!(path.is_file(), "{} does not exist: build with `cargo xtask build` (or run `cargo xtask test`)", path.display());

@@ -24,7 +24,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
-use crate::{ebpf_object, splitter_bin, Netns, Process, Veth};
+use crate::{splitter_bin, test_object, Netns, Process, Veth};
 
 pub const VIP: &str = "10.0.0.10";
 pub const CLIENT_ADDR: &str = "10.10.1.2";
@@ -72,7 +72,7 @@ impl XdpAttachment {
     }
 }
 
-/// The splitter's object loaded for its helper and benchmark programs (`xdp_pass`,
+/// The test object, for its helper and benchmark programs (`xdp_pass`,
 /// `bench_tcp_client`...), which use none of the datapath's large maps: those are created
 /// at their smallest.
 pub fn helper_object() -> Result<Ebpf> {
@@ -82,8 +82,8 @@ pub fn helper_object() -> Result<Ebpf> {
         .map_max_entries("GATEWAY_COUNTERS", 1)
         .map_max_entries("BUCKET_TABLES", 1)
         .map_max_entries("TARGETS", 1)
-        .load_file(ebpf_object())
-        .context("loading the eBPF object")
+        .load_file(test_object())
+        .context("loading the test eBPF object")
 }
 
 /// A directory removed on drop.
@@ -333,6 +333,33 @@ impl Testbed {
         }
         assert_eq!(code, 200, "{body}");
         serde_json::from_str::<serde_json::Value>(&body).unwrap()[0].clone()
+    }
+
+    /// `n` sequential HTTP GETs from the client to the VIP on `port`, counted by the
+    /// version that answered; panics (naming the connection) on any failed one.
+    pub fn sample(&self, port: u16, n: usize) -> std::collections::BTreeMap<String, usize> {
+        let seen = self.sample_answers(port, n);
+        if let Some(error) = seen.keys().find(|k| k.starts_with("error: ")) {
+            panic!("a GET to {VIP}:{port} failed ({error}); answers: {seen:?}");
+        }
+        seen
+    }
+
+    /// Like [`Testbed::sample`], with each failed GET counted under `error: REASON`.
+    pub fn sample_answers(&self, port: u16, n: usize) -> std::collections::BTreeMap<String, usize> {
+        self.client
+            .enter(|| {
+                let mut seen = std::collections::BTreeMap::new();
+                for _ in 0..n {
+                    let answer = match http_get(&format!("{VIP}:{port}"), None) {
+                        Ok(body) => body.split(' ').next().unwrap_or("").to_string(),
+                        Err(e) => format!("error: {e:#}"),
+                    };
+                    *seen.entry(answer).or_insert(0) += 1;
+                }
+                seen
+            })
+            .expect("entering the client namespace")
     }
 
     /// The agent's latest stats (SIGUSR1 makes it print them).

@@ -12,7 +12,7 @@ use std::{
 
 use splitter_tests::{
     privileged, splitter_bin,
-    testbed::{http_get, sava_gateway, LineClient, Testbed, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
+    testbed::{sava_gateway, LineClient, Testbed, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
     traffic::{Bpffs, HttpTraffic},
 };
 
@@ -24,20 +24,6 @@ fn sava_yaml(stable: &str, canary: &str) -> String {
 
 fn sava_bed(extra_agent_args: &[&str]) -> Testbed {
     Testbed::sava(extra_agent_args, "90%", "10%").unwrap()
-}
-
-/// Versions answering `n` new connections.
-fn sample(bed: &Testbed, n: usize) -> BTreeMap<String, usize> {
-    bed.client
-        .enter(|| {
-            let mut seen = BTreeMap::new();
-            for _ in 0..n {
-                let body = http_get(&format!("{VIP}:9050"), None).unwrap();
-                *seen.entry(body.split(' ').next().unwrap().to_string()).or_insert(0) += 1;
-            }
-            seen
-        })
-        .unwrap()
 }
 
 fn count(seen: &BTreeMap<String, usize>, version: &str) -> usize {
@@ -61,13 +47,13 @@ fn cli_and_curl_change_weights_under_traffic_without_failures() {
     )
     .unwrap();
     bed.cli_ok(&["apply", "-f", update.to_str().unwrap()]).unwrap();
-    let seen = sample(&bed, 200);
+    let seen = bed.sample(9050, 200);
     println!("after apply 80/20: {seen:?}");
     assert!((20..=65).contains(&count(&seen, "1.1.0")), "{seen:?}");
 
     // CLI: weight, then the other routes share what is left.
     bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=50%")]).unwrap();
-    let seen = sample(&bed, 200);
+    let seen = bed.sample(9050, 200);
     println!("after weight 50%: {seen:?}");
     assert!((70..=130).contains(&count(&seen, "1.1.0")), "{seen:?}");
     let got = bed.cli_ok(&["get", GATEWAY]).unwrap();
@@ -75,12 +61,12 @@ fn cli_and_curl_change_weights_under_traffic_without_failures() {
 
     // CLI: promote.
     bed.cli_ok(&["promote", GATEWAY, CANARY]).unwrap();
-    let seen = sample(&bed, 100);
+    let seen = bed.sample(9050, 100);
     assert_eq!(count(&seen, "1.1.0"), 100, "after promote: {seen:?}");
 
     // CLI: rollback to the weights before the promote.
     bed.cli_ok(&["rollback", GATEWAY]).unwrap();
-    let seen = sample(&bed, 200);
+    let seen = bed.sample(9050, 200);
     println!("after rollback: {seen:?}");
     assert!((70..=130).contains(&count(&seen, "1.1.0")), "back to 50/50: {seen:?}");
 
@@ -88,15 +74,15 @@ fn cli_and_curl_change_weights_under_traffic_without_failures() {
     let doc = format!("name: {GATEWAY}\nport: 9050/http\nroutes:\n  {STABLE}:\n    weight: 100%\n  {CANARY}:\n    weight: 0%\n");
     let (body, code) = bed.curl(&["-X", "PUT", "--data-binary", &doc, &format!("http://splitter/api/v1/gateways/{GATEWAY}")]);
     assert_eq!(code, 200, "{body}");
-    let seen = sample(&bed, 100);
+    let seen = bed.sample(9050, 100);
     assert_eq!(count(&seen, "1.0.0"), 100, "after curl PUT 100/0: {seen:?}");
     // curl: promote and rollback endpoints.
     let (body, code) = bed.curl(&["-X", "POST", &format!("http://splitter/api/v1/promote/{GATEWAY}?route=sava%2Fsava%3A1.1.0")]);
     assert_eq!(code, 200, "{body}");
-    assert_eq!(count(&sample(&bed, 50), "1.1.0"), 50);
+    assert_eq!(count(&bed.sample(9050, 50), "1.1.0"), 50);
     let (body, code) = bed.curl(&["-X", "POST", &format!("http://splitter/api/v1/rollback/{GATEWAY}")]);
     assert_eq!(code, 200, "{body}");
-    assert_eq!(count(&sample(&bed, 50), "1.0.0"), 50);
+    assert_eq!(count(&bed.sample(9050, 50), "1.0.0"), 50);
     let (json, code) = bed.curl(&["-H", "Accept: application/json", &format!("http://splitter/api/v1/gateways/{GATEWAY}")]);
     assert_eq!(code, 200);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -248,7 +234,7 @@ fn kill_9_keeps_traffic_flowing_and_a_restarted_agent_adopts_it() {
     assert!(flows(&stats_after) > flows(&stats_before), "counters kept counting: {} -> {}", flows(&stats_before), flows(&stats_after));
     // And it still takes changes.
     bed.cli_ok(&["promote", GATEWAY, CANARY]).unwrap();
-    let seen = sample(&bed, 50);
+    let seen = bed.sample(9050, 50);
     assert_eq!(count(&seen, "1.1.0"), 50, "{seen:?}");
 
     bed.stop_agent().unwrap();
@@ -269,7 +255,7 @@ fn config_file_edits_apply_and_broken_files_change_nothing() {
     bed.wait_applied(GATEWAY, 2).unwrap();
     let took = started.elapsed();
     println!("file edit live after {took:?}");
-    let seen = sample(&bed, 100);
+    let seen = bed.sample(9050, 100);
     assert!(count(&seen, "1.1.0") >= 60, "{seen:?}");
 
     let good = bed.cli_ok(&["get"]).unwrap();
@@ -279,7 +265,7 @@ fn config_file_edits_apply_and_broken_files_change_nothing() {
     assert!(get.contains("not applied"), "get reports the broken file: {get}");
     let body = |s: &str| s.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
     assert_eq!(body(&get), body(&good), "the live gateway is unchanged");
-    assert!(count(&sample(&bed, 100), "1.1.0") >= 60, "weights unchanged");
+    assert!(count(&bed.sample(9050, 100), "1.1.0") >= 60, "weights unchanged");
 
     // Fixed again, then removed: the gateway goes.
     bed.write_config("sava.yaml", &sava_yaml("50%", "50%")).unwrap();
@@ -295,7 +281,7 @@ fn metrics_are_valid_prometheus_text() {
         return;
     }
     let bed = sava_bed(&[]);
-    sample(&bed, 50);
+    bed.sample(9050, 50);
     let (text, code) = bed.curl(&["http://splitter/metrics"]);
     assert_eq!(code, 200);
     let lines: Vec<String> = text.lines().map(str::to_string).collect();
@@ -400,5 +386,5 @@ fn rollback_with_flush_moves_established_flows_off_the_route_that_lost_its_weigh
     assert!(out.contains("flushed 5 established flow(s)"), "{out}");
     let moved = on_canary.iter_mut().map(|c| c.ask()).filter(|a| !matches!(a, Ok(a) if a.starts_with("1.1.0"))).count();
     assert_eq!(moved, 5, "no flushed connection reaches the canary any more");
-    assert_eq!(count(&sample(&bed, 50), "1.0.0"), 50, "new connections go to stable");
+    assert_eq!(count(&bed.sample(9050, 50), "1.0.0"), 50, "new connections go to stable");
 }

@@ -12,7 +12,7 @@ use std::{
 
 use splitter_tests::{
     privileged, splitter_bin,
-    testbed::{http_get, sava_gateway, LineClient, Testbed, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
+    testbed::{sava_gateway, LineClient, Testbed, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
     traffic::HttpTraffic,
     Process,
 };
@@ -30,23 +30,6 @@ fn empty_bed() -> Testbed {
     bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
     bed.start_agent(&[]).unwrap();
     bed
-}
-
-/// Versions answering `n` new connections to `VIP:port`.
-fn sample(bed: &Testbed, port: u16, n: usize) -> BTreeMap<String, usize> {
-    bed.client
-        .enter(|| {
-            let mut seen = BTreeMap::new();
-            for _ in 0..n {
-                let answer = match http_get(&format!("{VIP}:{port}"), None) {
-                    Ok(body) => body.split(' ').next().unwrap_or("").to_string(),
-                    Err(e) => format!("error: {e:#}"),
-                };
-                *seen.entry(answer).or_insert(0) += 1;
-            }
-            seen
-        })
-        .unwrap()
 }
 
 /// The weight `get` shows for `route`.
@@ -94,17 +77,17 @@ fn a_gateway_is_created_with_apply_and_with_put_and_serves_at_once() {
         return;
     }
     let bed = empty_bed();
-    assert!(sample(&bed, 9050, 3).keys().all(|k| k.starts_with("error")), "nothing serves before the gateway exists");
+    assert!(bed.sample_answers(9050, 3).keys().all(|k| k.starts_with("error")), "nothing serves before the gateway exists");
 
     let file = bed.run_dir.path().join("new-gateway.yaml");
     std::fs::write(&file, sava_yaml("100%", "0%", "")).unwrap();
     bed.cli_ok(&["apply", "-f", file.to_str().unwrap()]).unwrap();
-    assert_eq!(sample(&bed, 9050, 30), BTreeMap::from([("1.0.0".to_string(), 30)]));
+    assert_eq!(bed.sample_answers(9050, 30), BTreeMap::from([("1.0.0".to_string(), 30)]));
 
     let second = sava_gateway("sava-b", 9060, "0%", "100%", "10.10.2.21:8080", "");
     let (body, status) = bed.curl(&["-X", "PUT", "--data-binary", &second, "http://splitter/api/v1/gateways/sava-b"]);
     assert_eq!(status, 200, "{body}");
-    assert_eq!(sample(&bed, 9060, 30), BTreeMap::from([("1.1.0".to_string(), 30)]));
+    assert_eq!(bed.sample_answers(9060, 30), BTreeMap::from([("1.1.0".to_string(), 30)]));
     let names = bed.cli_ok(&["get"]).unwrap();
     assert!(names.contains("name: \"sava\"\n") && names.contains("name: \"sava-b\"\n"), "{names}");
 }
@@ -119,7 +102,7 @@ fn a_deleted_gateway_refuses_new_connections_and_its_established_ones_finish() {
     let mut to_stable = connection_to(&bed, "1.0.0");
     let mut to_canary = connection_to(&bed, "1.1.0");
     bed.cli_ok(&["delete", GATEWAY]).unwrap();
-    let after = sample(&bed, 9050, 10);
+    let after = bed.sample_answers(9050, 10);
     assert!(after.keys().all(|k| k.starts_with("error")), "new connections after the delete: {after:?}");
     for _ in 0..5 {
         assert!(ask(&bed, &mut to_stable).starts_with("1.0.0"));
@@ -163,14 +146,14 @@ fn a_rollout_pauses_resumes_aborts_and_promotes_on_command() {
     for _ in 0..5 {
         assert!(ask(&bed, &mut on_canary).starts_with("1.1.0"), "an established flow keeps its target");
     }
-    assert_eq!(sample(&bed, 9050, 30), BTreeMap::from([("1.0.0".to_string(), 30)]));
+    assert_eq!(bed.sample_answers(9050, 30), BTreeMap::from([("1.0.0".to_string(), 30)]));
 
     bed.cli_ok(&start).unwrap();
     wait_rollout(&bed, "a second rollout", |r| r["state"] == "progressing");
     bed.cli_ok(&["canary", "promote", GATEWAY]).unwrap();
     assert_eq!(bed.rollout(GATEWAY)["state"], "promoted");
     assert_eq!(weight(&bed, CANARY), "weight: 100%");
-    assert_eq!(sample(&bed, 9050, 30), BTreeMap::from([("1.1.0".to_string(), 30)]));
+    assert_eq!(bed.sample_answers(9050, 30), BTreeMap::from([("1.1.0".to_string(), 30)]));
     let (_, failures) = traffic.finish();
     assert!(failures.is_empty(), "{failures:?}");
 }
@@ -209,7 +192,7 @@ fn an_http_health_check_on_its_own_port_takes_out_a_target_answering_503() {
                  unhealthy_threshold: 2\n  healthy_threshold: 2\n";
     bed.curl(&["-X", "PUT", "--data-binary", &sava_yaml("50%", "50%", check), "http://splitter/api/v1/gateways/sava"]);
     bed.agent().wait_for_line("target 10.10.2.21:8080 unhealthy", Duration::from_secs(30)).unwrap();
-    assert_eq!(sample(&bed, 9050, 40), BTreeMap::from([("1.0.0".to_string(), 40)]), "the unhealthy target takes no new flow");
+    assert_eq!(bed.sample_answers(9050, 40), BTreeMap::from([("1.0.0".to_string(), 40)]), "the unhealthy target takes no new flow");
     let got = bed.cli_ok(&["get", GATEWAY]).unwrap();
     assert!(got.contains("10.10.2.21:8080 unhealthy"), "{got}");
     assert!(!bed.agent().lines().iter().any(|l| l.contains("target 10.10.2.11:8080 unhealthy")), "the stable target stays in");
@@ -225,13 +208,13 @@ fn rollback_walks_back_more_than_one_change() {
     bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=20%")]).unwrap();
     bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=50%")]).unwrap();
     bed.cli_ok(&["weight", GATEWAY, &format!("{CANARY}=100%")]).unwrap();
-    assert_eq!(sample(&bed, 9050, 20), BTreeMap::from([("1.1.0".to_string(), 20)]));
+    assert_eq!(bed.sample_answers(9050, 20), BTreeMap::from([("1.1.0".to_string(), 20)]));
     for expected in ["50%", "20%", "0%"] {
         bed.cli_ok(&["rollback", GATEWAY]).unwrap();
         assert_eq!(weight(&bed, CANARY), format!("weight: {expected}"));
     }
     assert_eq!(weight(&bed, STABLE), "weight: 100%");
-    assert_eq!(sample(&bed, 9050, 20), BTreeMap::from([("1.0.0".to_string(), 20)]));
+    assert_eq!(bed.sample_answers(9050, 20), BTreeMap::from([("1.0.0".to_string(), 20)]));
     let (code, _, err) = bed.cli(&["rollback", GATEWAY]).unwrap();
     assert!(code != 0 && err.contains("no earlier weights"), "{err}");
     assert_eq!(weight(&bed, CANARY), "weight: 0%", "a refused rollback changes nothing");
@@ -321,7 +304,7 @@ fn a_single_configuration_file_is_followed_and_sighup_reloads_it() {
         .unwrap();
     agent.wait_for_line("ready", Duration::from_secs(30)).unwrap();
     wait_logged(&agent, 0, "applied gateway sava generation 1");
-    assert_eq!(sample(&bed, 9050, 20), BTreeMap::from([("1.0.0".to_string(), 20)]));
+    assert_eq!(bed.sample_answers(9050, 20), BTreeMap::from([("1.0.0".to_string(), 20)]));
 
     let before = agent.lines().len();
     agent.signal(libc::SIGHUP).unwrap();
@@ -334,7 +317,7 @@ fn a_single_configuration_file_is_followed_and_sighup_reloads_it() {
     std::fs::rename(&tmp, &file).unwrap();
     agent.signal(libc::SIGHUP).unwrap();
     wait_logged(&agent, before, "applied gateway sava generation 2");
-    assert_eq!(sample(&bed, 9050, 20), BTreeMap::from([("1.1.0".to_string(), 20)]));
+    assert_eq!(bed.sample_answers(9050, 20), BTreeMap::from([("1.1.0".to_string(), 20)]));
     assert!(!logged_after(&agent, before, "generation 3"), "one edit, one change: {:#?}", agent.lines());
 }
 
@@ -358,13 +341,13 @@ fn the_gateway_limit_refuses_one_more_and_changes_nothing() {
     assert!(body.contains("--max-gateways 2"), "the error names the limit: {body}");
     let (code, _, _) = bed.cli(&["get", "sava-c"]).unwrap();
     assert_ne!(code, 0, "the refused gateway does not exist");
-    assert!(sample(&bed, 9070, 3).keys().all(|k| k.starts_with("error")));
-    assert_eq!(sample(&bed, 9060, 20), BTreeMap::from([("1.0.0".to_string(), 20)]), "the others serve on");
+    assert!(bed.sample_answers(9070, 3).keys().all(|k| k.starts_with("error")));
+    assert_eq!(bed.sample_answers(9060, 20), BTreeMap::from([("1.0.0".to_string(), 20)]), "the others serve on");
     // Room again after a delete.
     bed.cli_ok(&["delete", "sava-b"]).unwrap();
     let (body, status) = bed.curl(&["-X", "PUT", "--data-binary", &third, "http://splitter/api/v1/gateways/sava-c"]);
     assert_eq!(status, 200, "{body}");
-    assert_eq!(sample(&bed, 9070, 20), BTreeMap::from([("1.0.0".to_string(), 20)]));
+    assert_eq!(bed.sample_answers(9070, 20), BTreeMap::from([("1.0.0".to_string(), 20)]));
 }
 
 #[test]
@@ -410,4 +393,58 @@ fn idle_udp_flows_expire_after_the_udp_timeout_and_active_ones_stay() {
     let new_flows = bed.metric("splitter_gateway_new_flows_total{gateway=\"dns\"}");
     bed.client.enter(|| assert!(ask(&idle).starts_with("1.0.0"))).unwrap();
     assert_eq!(bed.metric("splitter_gateway_new_flows_total{gateway=\"dns\"}"), new_flows + 1.0, "the idle flow came back as a new one");
+}
+
+/// `--conntrack-size` at its limit, for a gateway in `mode`: more long-lived connections
+/// than the table holds all connect (the least recently used entries make room) and the
+/// table never grows past its capacity; a connection whose entries were evicted is
+/// re-created by the table on its next packet (same weights, same target), and the agent
+/// counts it.
+fn conntrack_at_capacity(mode: &str) {
+    const CAPACITY: usize = 128;
+    const CONNECTIONS: usize = 100;
+    let mut bed = Testbed::new().unwrap();
+    bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
+    bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
+    bed.write_config("sava.yaml", &sava_yaml("50%", "50%", &format!("mode: {mode}\n"))).unwrap();
+    bed.start_agent(&["--conntrack-size", &CAPACITY.to_string()]).unwrap();
+    assert_eq!(bed.metric("splitter_conntrack_capacity"), CAPACITY as f64);
+    let mut connections: Vec<(LineClient, String)> = bed
+        .client
+        .enter(|| {
+            (0..CONNECTIONS)
+                .map(|i| {
+                    let mut c = LineClient::connect(&format!("{VIP}:9050")).unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+                    let version = c.ask().unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+                    (c, version)
+                })
+                .collect()
+        })
+        .unwrap();
+    let entries = bed.metric("splitter_conntrack_entries");
+    assert!(entries <= CAPACITY as f64, "{entries} entries in a table of {CAPACITY}");
+    let missed_before = bed.metric("splitter_gateway_conntrack_miss_total{gateway=\"sava\"}");
+    for (i, (c, version)) in connections.iter_mut().enumerate() {
+        let again = bed.client.enter(|| c.ask()).unwrap().unwrap_or_else(|e| panic!("connection {i} after the table filled: {e:#}"));
+        assert_eq!(&again, version, "connection {i} kept its target");
+    }
+    let missed = bed.metric("splitter_gateway_conntrack_miss_total{gateway=\"sava\"}") - missed_before;
+    assert!(missed > 0.0, "{CONNECTIONS} flows in a table of {} flows: some were evicted and re-created", CAPACITY / 2);
+    assert!(bed.metric("splitter_conntrack_entries") <= CAPACITY as f64);
+}
+
+#[test]
+fn conntrack_at_capacity_keeps_admitting_and_recreates_evicted_dnat_flows() {
+    if !privileged("conntrack_at_capacity_keeps_admitting_and_recreates_evicted_dnat_flows") {
+        return;
+    }
+    conntrack_at_capacity("dnat");
+}
+
+#[test]
+fn conntrack_at_capacity_keeps_admitting_and_recreates_evicted_fullnat_flows() {
+    if !privileged("conntrack_at_capacity_keeps_admitting_and_recreates_evicted_fullnat_flows") {
+        return;
+    }
+    conntrack_at_capacity("fullnat");
 }

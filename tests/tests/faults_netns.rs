@@ -4,7 +4,6 @@
 //! that becomes unreachable.
 
 use std::{
-    collections::BTreeMap,
     io::{Read, Write},
     net::TcpStream,
     path::{Path, PathBuf},
@@ -15,23 +14,8 @@ use std::{
 
 use splitter_tests::{
     privileged,
-    testbed::{http_get, sava_gateway, Testbed, SAVA_CANARY as CANARY, VIP},
+    testbed::{sava_gateway, Testbed, SAVA_CANARY as CANARY, VIP},
 };
-
-/// Versions answering `n` new connections to the VIP on `port` (every one must succeed).
-fn sample(bed: &Testbed, port: u16, n: usize) -> BTreeMap<String, usize> {
-    bed.client
-        .enter(|| {
-            let mut seen = BTreeMap::new();
-            for i in 0..n {
-                let body =
-                    http_get(&format!("{VIP}:{port}"), None).unwrap_or_else(|e| panic!("connection {i} of {n} to port {port}: {e:#}"));
-                *seen.entry(body.split(' ').next().unwrap().to_string()).or_insert(0) += 1;
-            }
-            seen
-        })
-        .unwrap()
-}
 
 /// One HTTP/1.0 GET to the VIP on `port` that must connect and answer within `limit`
 /// (a lost SYN, retransmitted after a second, fails it); returns the version or the error.
@@ -64,8 +48,8 @@ fn a_broken_file_in_the_config_directory_is_reported_while_the_others_apply() {
     bed.write_config("a.yaml", &sava_gateway("a", 9050, "100%", "0%", "10.10.2.21:8080", "")).unwrap();
     let b_path = bed.write_config("b.yaml", &sava_gateway("b", 9060, "100%", "0%", "10.10.2.21:8080", "")).unwrap();
     bed.start_agent(&[]).unwrap();
-    assert_eq!(sample(&bed, 9050, 20).get("1.0.0"), Some(&20));
-    assert_eq!(sample(&bed, 9060, 20).get("1.0.0"), Some(&20));
+    assert_eq!(bed.sample(9050, 20).get("1.0.0"), Some(&20));
+    assert_eq!(bed.sample(9060, 20).get("1.0.0"), Some(&20));
     let b_before = bed.cli_ok(&["get", "b"]).unwrap();
 
     // b.yaml: new weights, but an unknown `sticky` value on line 11; a.yaml: new weights;
@@ -94,8 +78,8 @@ fn a_broken_file_in_the_config_directory_is_reported_while_the_others_apply() {
     assert_eq!(bed.metric("splitter_config_errors"), 2.0);
 
     // a's new weights are live; b keeps its earlier, good version.
-    assert_eq!(sample(&bed, 9050, 30).get("1.1.0"), Some(&30), "a.yaml applied");
-    assert_eq!(sample(&bed, 9060, 30).get("1.0.0"), Some(&30), "b keeps its old weights");
+    assert_eq!(bed.sample(9050, 30).get("1.1.0"), Some(&30), "a.yaml applied");
+    assert_eq!(bed.sample(9060, 30).get("1.0.0"), Some(&30), "b keeps its old weights");
     assert_eq!(bed.cli_ok(&["get", "b"]).unwrap(), b_before, "gateway b unchanged");
     assert!(bed.cli(&["get", "c"]).unwrap().0 != 0, "no gateway c");
 
@@ -103,7 +87,7 @@ fn a_broken_file_in_the_config_directory_is_reported_while_the_others_apply() {
     bed.write_config("b.yaml", &sava_gateway("b", 9060, "0%", "100%", "10.10.2.21:8080", "")).unwrap();
     std::fs::remove_file(&c_path).unwrap();
     bed.wait_applied("b", 2).unwrap();
-    assert_eq!(sample(&bed, 9060, 30).get("1.1.0"), Some(&30), "b.yaml applied once fixed");
+    assert_eq!(bed.sample(9060, 30).get("1.1.0"), Some(&30), "b.yaml applied once fixed");
     let deadline = Instant::now() + Duration::from_secs(5);
     while bed.metric("splitter_config_errors") != 0.0 {
         assert!(Instant::now() < deadline, "config errors cleared");
@@ -156,7 +140,7 @@ fn an_unwritable_state_directory_keeps_the_change_live_warns_and_recovers() {
     let state_dir = bed.run_dir.path().join("state");
     let state_file = state_dir.join("state.json");
     let saved_before = std::fs::read_to_string(&state_file).expect("the agent saved its state");
-    assert_eq!(sample(&bed, 9050, 20).get("1.0.0"), Some(&20));
+    assert_eq!(bed.sample(9050, 20).get("1.0.0"), Some(&20));
 
     let read_only = ReadOnly::mount(bed.agent().pid(), &state_dir);
     // An emergency change still takes effect, with a warning naming the directory and the
@@ -173,7 +157,7 @@ fn an_unwritable_state_directory_keeps_the_change_live_warns_and_recovers() {
     );
     assert!(warning.contains("Read-only file system"), "the OS error: {warning}");
     assert!(warning.ends_with("an agent restarted now would come back with the last saved state"), "{warning}");
-    assert_eq!(sample(&bed, 9050, 30).get("1.1.0"), Some(&30), "the new weights are live");
+    assert_eq!(bed.sample(9050, 30).get("1.1.0"), Some(&30), "the new weights are live");
     assert_eq!(std::fs::read_to_string(&state_file).unwrap(), saved_before, "nothing could be saved");
     // Visible afterwards too: `get`, /metrics, the log.
     let get = bed.cli_ok(&["get"]).unwrap();
@@ -186,7 +170,7 @@ fn an_unwritable_state_directory_keeps_the_change_live_warns_and_recovers() {
     let (code, _, err) = bed.cli(&["rollback", "sava"]).unwrap();
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("the change is live, but the state could not be saved"), "{err}");
-    assert_eq!(sample(&bed, 9050, 20).get("1.0.0"), Some(&20), "rolled back");
+    assert_eq!(bed.sample(9050, 20).get("1.0.0"), Some(&20), "rolled back");
     assert_agent_alive(&bed);
 
     // Writable again: the next change is saved, without a warning.
@@ -214,7 +198,7 @@ fn interfaces_going_down_and_up_and_a_neighbour_changing_its_mac_keep_traffic_fl
         return;
     }
     let bed = Testbed::sava(&[], "50%", "50%").unwrap();
-    let seen = sample(&bed, 9050, 40);
+    let seen = bed.sample(9050, 40);
     assert!(seen.len() == 2, "{seen:?}");
     let redirects = |bed: &Testbed| bed.metric("splitter_packets_total{kind=\"redirect\"}");
 
@@ -227,7 +211,7 @@ fn interfaces_going_down_and_up_and_a_neighbour_changing_its_mac_keep_traffic_fl
         assert!(xdp_attached(&bed, dev), "XDP still attached to {dev}");
     }
     let before = redirects(&bed);
-    let seen = sample(&bed, 9050, 100);
+    let seen = bed.sample(9050, 100);
     println!("after down/up: {seen:?}");
     assert!(seen.get("1.0.0").is_some_and(|n| *n >= 25) && seen.get("1.1.0").is_some_and(|n| *n >= 25), "{seen:?}");
     let after = redirects(&bed);
@@ -265,8 +249,8 @@ fn an_unreachable_target_fails_only_its_own_flows_and_a_health_check_takes_it_ou
     bed.write_config("plain.yaml", &sava_gateway("plain", 9050, "50%", "50%", "10.99.0.5:8080", "")).unwrap();
     bed.write_config("checked.yaml", &sava_gateway("checked", 9060, "50%", "50%", "10.99.0.5:8080", check)).unwrap();
     bed.start_agent(&[]).unwrap();
-    assert_eq!(sample(&bed, 9050, 40).len(), 2, "both targets serve while reachable");
-    assert_eq!(sample(&bed, 9060, 40).len(), 2, "both targets serve while reachable");
+    assert_eq!(bed.sample(9050, 40).len(), 2, "both targets serve while reachable");
+    assert_eq!(bed.sample(9060, 40).len(), 2, "both targets serve while reachable");
 
     // A full-NAT target without any route is refused when applied, with one line.
     let before = bed.cli_ok(&["get"]).unwrap();
@@ -298,7 +282,7 @@ fn an_unreachable_target_fails_only_its_own_flows_and_a_health_check_takes_it_ou
     // With a health check, the target is taken out and every new connection succeeds.
     let unhealthy = bed.agent().wait_for_line("event health checked: target 10.99.0.5:8080 unhealthy", Duration::from_secs(5)).unwrap();
     println!("{unhealthy}");
-    let seen = sample(&bed, 9060, 50);
+    let seen = bed.sample(9060, 50);
     assert_eq!(seen.get("1.0.0"), Some(&50), "{seen:?}");
     assert_agent_alive(&bed);
     let errors: Vec<String> = bed.agent().lines().into_iter().filter(|l| l.contains("ERROR")).collect();
@@ -307,5 +291,5 @@ fn an_unreachable_target_fails_only_its_own_flows_and_a_health_check_takes_it_ou
     // Reachable again: back in.
     bed.splitter.ip(&["route", "add", "10.99.0.0/24", "via", "10.10.2.2"]).unwrap();
     bed.agent().wait_for_line("event health checked: target 10.99.0.5:8080 healthy again", Duration::from_secs(5)).unwrap();
-    assert_eq!(sample(&bed, 9060, 40).len(), 2, "the target serves again");
+    assert_eq!(bed.sample(9060, 40).len(), 2, "the target serves again");
 }

@@ -145,3 +145,21 @@ fn every_prefix_of_a_frame_passes() {
         }
     }
 }
+
+/// The agent's object carries the datapath alone: test and benchmark programs live in the
+/// test object.
+#[test]
+fn the_agents_object_holds_only_the_datapath_program() {
+    if !privileged("the_agents_object_holds_only_the_datapath_program") {
+        return;
+    }
+    let ebpf = Ebpf::load_file(ebpf_object()).expect("loading the eBPF object");
+    let names: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
+    assert_eq!(names, [PROGRAM_NAME]);
+    let maps: Vec<&str> = ebpf.maps().map(|(name, _)| name).filter(|n| n.starts_with("BENCH")).collect();
+    assert!(maps.is_empty(), "benchmark maps in the agent's object: {maps:?}");
+    let helpers = splitter_tests::testbed::helper_object().expect("loading the test object");
+    for name in ["xdp_pass", "xdp_drop", "xdp_forward", "bench_tcp_server", "bench_tcp_client", "bench_syn_gen"] {
+        assert!(helpers.program(name).is_some(), "{name} missing from the test object");
+    }
+}

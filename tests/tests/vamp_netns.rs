@@ -3,11 +3,9 @@
 //! ones in the returned object, PUT it back as JSON, POST an event) moves the live split
 //! step by step, real traffic following every step; `validate_only` changes nothing.
 
-use std::collections::BTreeMap;
-
 use splitter_tests::{
     privileged,
-    testbed::{http_get, sava_gateway, Testbed, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
+    testbed::{sava_gateway, Testbed, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE},
 };
 
 /// Vamp's internal gateway name, slashes and all.
@@ -21,20 +19,6 @@ fn bed() -> Testbed {
     bed.write_config("sava.yaml", &sava_gateway(GATEWAY, 9050, "100%", "0%", "10.10.2.21:8080", "")).unwrap();
     bed.start_agent(&[]).unwrap();
     bed
-}
-
-/// `n` new connections through the VIP: how many answered each version.
-fn sample(bed: &Testbed, n: usize) -> BTreeMap<String, usize> {
-    bed.client
-        .enter(|| {
-            let mut seen = BTreeMap::new();
-            for _ in 0..n {
-                let body = http_get(&format!("{VIP}:9050"), None).unwrap();
-                *seen.entry(body.split(' ').next().unwrap().to_string()).or_insert(0) += 1;
-            }
-            seen
-        })
-        .unwrap()
 }
 
 /// The GET of a Vamp client: JSON, first page.
@@ -67,7 +51,7 @@ fn weight_of(gateway: &serde_json::Value, route: &str) -> String {
 /// The canary's observed share is within 4.5 standard deviations (and a point) of `percent`.
 fn assert_share(bed: &Testbed, percent: f64) {
     let n = 400;
-    let seen = sample(bed, n);
+    let seen = bed.sample(9050, n);
     let canary = seen.get("1.1.0").copied().unwrap_or(0) as f64;
     let observed = 100.0 * canary / n as f64;
     let sigma = (percent * (100.0 - percent) / n as f64).sqrt();

@@ -70,6 +70,8 @@ pub struct Artifacts {
     /// The datapath as it was before half-open flows (feature `legacy-syn`), for the
     /// live-upgrade test; built only for `test`.
     pub legacy_object: Option<PathBuf>,
+    /// Test and benchmark programs (feature `test-programs`), kept out of the agent's object.
+    pub test_object: PathBuf,
     pub splitter: PathBuf,
     pub route: &'static str,
 }
@@ -80,6 +82,7 @@ impl Artifacts {
             ("SPLITTER_EBPF_OBJ", self.object.display().to_string()),
             ("SPLITTER_BIN", self.splitter.display().to_string()),
             ("SPLITTER_EBPF_ROUTE", self.route.to_string()),
+            ("SPLITTER_EBPF_TEST_OBJ", self.test_object.display().to_string()),
             ("SPLITTER_EBPF_LEGACY_OBJ", self.legacy_object.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
         ]
     }
@@ -116,6 +119,14 @@ pub fn build_all(opts: &Options) -> Result<Artifacts> {
     status(&mut cmd, "cargo build -p splitter-user")?;
     let splitter = root.join("target/release/splitter");
     eprintln!("xtask: built {} (eBPF route: {name})", splitter.display());
+    let built = match route {
+        Route::Standard => build_ebpf_standard(&root, &["test-programs"], "ebpf-test")?,
+        _ => build_ebpf_host(&root, &["test-programs"], "ebpf-host-test")?,
+    };
+    let test_object = out_dir.join("splitter-test.bpf.o");
+    fs::copy(&built, &test_object).with_context(|| format!("copying {}", built.display()))?;
+    check_sections(&test_object)?;
+    eprintln!("xtask: the test eBPF object (helper and benchmark programs): {}", test_object.display());
     let legacy_object = if opts.legacy {
         let built = match route {
             Route::Standard => build_ebpf_standard(&root, &["legacy-syn"], "ebpf-legacy")?,
@@ -129,7 +140,7 @@ pub fn build_all(opts: &Options) -> Result<Artifacts> {
     } else {
         None
     };
-    Ok(Artifacts { object, legacy_object, splitter, route: name })
+    Ok(Artifacts { object, legacy_object, test_object, splitter, route: name })
 }
 
 /// Standard route: nightly, rust-src, `-Z build-std=core`, target `bpfel-unknown-none`.

@@ -31,7 +31,9 @@ use super::{median, say, Options, TargetCheck};
 use splitter_tests::{
     ebpf_object,
     frames::{tcp, udp, Ipv4Packet, TCP_ACK},
-    pin_to_cpu, Netns, Veth,
+    pin_to_cpu,
+    testbed::helper_object,
+    Netns, Veth,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
@@ -101,6 +103,8 @@ struct Bed {
     ns: Netns,
     _peer: Netns,
     ebpf: Ebpf,
+    /// The test object's pass, drop and bare-forwarder programs.
+    helpers: Ebpf,
 }
 
 impl Bed {
@@ -121,11 +125,14 @@ impl Bed {
             .map_max_entries("TARGETS", 8 * MAX_TARGETS_PER_GATEWAY)
             .load_file(ebpf_object())
             .context("loading the eBPF object")?;
-        for name in [PROGRAM_NAME, "xdp_pass", "xdp_drop", "xdp_forward"] {
-            let prog: &mut Xdp = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+        let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).context("no splitter program")?.try_into()?;
+        prog.load().context("loading the splitter program")?;
+        let mut helpers = helper_object()?;
+        for name in ["xdp_pass", "xdp_drop", "xdp_forward"] {
+            let prog: &mut Xdp = helpers.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
         }
-        Ok(Self { ns, _peer: peer, ebpf })
+        Ok(Self { ns, _peer: peer, ebpf, helpers })
     }
 
     /// Gateway `id` on VIP:port/udp over both targets (90/10) in table `table_index`.
@@ -164,7 +171,8 @@ impl Bed {
     }
 
     fn program(&self, name: &str) -> Result<&Xdp> {
-        Ok(self.ebpf.program(name).with_context(|| format!("no program {name}"))?.try_into()?)
+        let object = if name == PROGRAM_NAME { &self.ebpf } else { &self.helpers };
+        Ok(object.program(name).with_context(|| format!("no program {name}"))?.try_into()?)
     }
 }
 
