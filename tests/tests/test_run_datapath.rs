@@ -195,9 +195,69 @@ fn tcp_frame(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16, flags: u8, payload:
     Ipv4Packet::new(src, dst, PROTO_TCP, frames::tcp(sp, dp, flags, payload)).build()
 }
 
-/// The target the kernel must pick for a flow, from the shared hash and the table.
+/// The target the kernel must pick for a flow of `hash`, from the table.
 fn expected_target(slots: &[u16], hash: u32) -> (Ipv4Addr, u16) {
-    TARGETS[slots[bucket_slot(hash) as usize] as usize]
+    TARGETS[slots[reference_hash_slot(hash)] as usize]
+}
+
+/// The flow hash as docs/ARCHITECTURE.md ("Flow hash") defines it, written out here from
+/// the frame's bytes instead of taken from `splitter_common::flow`: a change to the shared
+/// hash (which would send a flow to another target on nodes of another version) fails
+/// these tests.
+fn reference_flow_hash(frame: &[u8]) -> u32 {
+    let ip = ETH_LEN;
+    let le32 = |at: usize| u64::from(u32::from_le_bytes(frame[at..at + 4].try_into().unwrap()));
+    let le16 = |at: usize| u64::from(u16::from_le_bytes(frame[at..at + 2].try_into().unwrap()));
+    let l4 = ip + usize::from(frame[ip] & 0x0f) * 4;
+    let addresses = (le32(ip + 12) << 32) | le32(ip + 16);
+    let ports_and_protocol = (le16(l4) << 32) | (le16(l4 + 2) << 16) | u64::from(frame[ip + 9]);
+    reference_fold(reference_finalizer(addresses ^ reference_finalizer(ports_and_protocol ^ 0x9e37_79b9_7f4a_7c15)))
+}
+
+/// The client hash of a `sticky: client` gateway, as documented, from the client address.
+fn reference_client_hash(client: Ipv4Addr) -> u32 {
+    reference_fold(reference_finalizer(u64::from(u32::from_le_bytes(client.octets())) ^ 0x5851_f42d_4c95_7f2d))
+}
+
+/// MurmurHash3's 64-bit finalizer.
+fn reference_finalizer(mut x: u64) -> u64 {
+    for multiplier in [0xff51_afd7_ed55_8ccd_u64, 0xc4ce_b9fe_1a85_ec53] {
+        x ^= x >> 33;
+        x = x.wrapping_mul(multiplier);
+    }
+    x ^ (x >> 33)
+}
+
+fn reference_fold(h: u64) -> u32 {
+    ((h >> 32) ^ (h & 0xffff_ffff)) as u32
+}
+
+fn reference_hash_slot(hash: u32) -> usize {
+    hash as usize % BUCKET_TABLE_SIZE
+}
+
+/// The reference agrees with the shared hash the kernel runs, on frames of every shape the
+/// tests send (a host check; the kernel's choice is checked against the reference below).
+#[test]
+fn the_reference_hash_matches_the_shared_one() {
+    for (i, (src, sp, dst, dp, proto)) in [
+        (CLIENT, 40000, VIP, 9050, PROTO_TCP),
+        (Ipv4Addr::new(198, 51, 100, 7), 1, VIP, 65535, PROTO_UDP),
+        (Ipv4Addr::new(255, 0, 1, 2), 65535, Ipv4Addr::new(1, 2, 3, 4), 80, PROTO_TCP),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let frame = if proto == PROTO_TCP {
+            tcp_frame(src, sp, dst, dp, TCP_SYN, b"")
+        } else {
+            Ipv4Packet::new(src, dst, PROTO_UDP, frames::udp(sp, dp, b"q")).build()
+        };
+        let key = flow_key(src, sp, dst, dp, proto);
+        assert_eq!(reference_flow_hash(&frame), flow_hash(&key), "case {i}");
+        assert_eq!(reference_hash_slot(flow_hash(&key)), bucket_slot(flow_hash(&key)) as usize, "case {i}");
+        assert_eq!(reference_client_hash(src), client_hash(ne(src)), "case {i}");
+    }
 }
 
 fn flow_key(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16, proto: u8) -> FlowKey {
@@ -216,7 +276,7 @@ fn full_nat_translates_both_ways_with_valid_checksums() {
     let syn = tcp_frame(CLIENT, 40000, VIP, 9050, TCP_SYN, b"");
     let (action, out) = bench.run(&syn);
     assert_eq!(action, XDP_REDIRECT, "SYN to the VIP is forwarded");
-    let want = expected_target(&slots, flow_hash(&flow_key(CLIENT, 40000, VIP, 9050, PROTO_TCP)));
+    let want = expected_target(&slots, reference_flow_hash(&syn));
     assert_eq!((ip_dst(&out), dport(&out)), want, "addressed to the table's target");
     assert_eq!(ip_src(&out), SNAT, "source is the splitter's own address");
     let snat_port = sport(&out);
@@ -262,6 +322,7 @@ fn udp_translates_and_keeps_a_zero_checksum_zero() {
     assert_eq!(ip_src(&out), SNAT);
     assert!(frames::checksums_valid(&out));
     let target = (ip_dst(&out), dport(&out));
+    assert_eq!(target, expected_target(&bench.table_slots(0), reference_flow_hash(&request)), "the table's target");
     let reply = Ipv4Packet::new(target.0, SNAT, PROTO_UDP, frames::udp(target.1, sport(&out), b"answer")).build();
     let (_, back) = bench.run(&reply);
     assert_eq!((ip_src(&back), sport(&back), ip_dst(&back), dport(&back)), (VIP, 5353, CLIENT, 40001));
@@ -331,7 +392,7 @@ fn sticky_client_keeps_one_target_across_connections() {
     let mut seen = std::collections::BTreeSet::new();
     for c in 0..20u8 {
         let client = Ipv4Addr::new(10, 10, 1, 100 + c);
-        let want = expected_target(&slots, client_hash(ne(client)));
+        let want = expected_target(&slots, reference_client_hash(client));
         for port in 43000..43010 {
             let (_, out) = bench.run(&tcp_frame(client, port, VIP, 9050, TCP_SYN, b""));
             assert_eq!((ip_dst(&out), dport(&out)), want, "client {client} port {port}");
