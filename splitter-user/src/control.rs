@@ -7,7 +7,9 @@
 //! - `GET /api/v1/stats[/{name}]` (JSON), `GET /metrics` (Prometheus text)
 //! - `GET /api/v1/events[?since=ID]` (JSON)
 //! - `GET /api/v1/canary[/{name}]`, `POST /api/v1/canary/start/{name}` (a JSON
-//!   `CanarySpec`), `POST /api/v1/canary/{pause|resume|abort|promote}/{name}`
+//!   `CanarySpec`), `POST /api/v1/canary/{pause|resume|abort|promote|approve}/{name}`
+//! - `GET /api/v1/info`, `GET /api/v1/openapi.yaml` (this list as OpenAPI 3, kept true by
+//!   a test here and by schemathesis against a live agent in CI)
 //!
 //! Bodies are YAML or JSON. `Accept: application/json` or `?output=json` selects JSON.
 //! Each request becomes one [`Op`] in the controller's inbox; they are applied one at a
@@ -127,6 +129,10 @@ fn format_of(query: &str, accept: Option<&str>) -> Format {
 }
 
 /// Largest request body accepted (a gateway document is a few KB).
+/// The OpenAPI 3 description of this API, served at [`OPENAPI_PATH`].
+pub const OPENAPI_YAML: &str = include_str!("openapi.yaml");
+pub const OPENAPI_PATH: &str = "/api/v1/openapi.yaml";
+
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// Largest request head (request line and header fields) accepted; a larger one is
 /// answered 431 and the connection closed.
@@ -247,6 +253,9 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Send
             return Ok(reply(Response::refusal(413, message, format)));
         }
     };
+    if method == Method::GET && path == OPENAPI_PATH {
+        return Ok(reply(Response { status: 200, content_type: "application/yaml", body: OPENAPI_YAML.to_string(), warning: None }));
+    }
     let page = match (&method, path.as_str()) {
         (&Method::GET, "/api/v1/gateways" | "/api/v1/gateways/") => Page::from_query(&query),
         _ => Ok(None),
@@ -270,7 +279,7 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Send
 fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str, client: &str) -> Result<Op, (u16, String)> {
     let text = || String::from_utf8(body.to_vec()).map_err(|_| error(400, "request body: not UTF-8"));
     let name_in = |prefix: &str| path.strip_prefix(prefix).filter(|n| !n.is_empty()).map(str::to_string);
-    let validate_only = matches!(query_value(query, "validate_only").as_deref(), Some("true" | "1" | "yes"));
+    let validate_only = flag(query, "validate_only")?;
     match (method, path) {
         (&Method::GET, "/metrics") => Ok(Op::Metrics),
         (&Method::GET, "/api/v1/info" | "/api/v1/info/") => Ok(Op::Info),
@@ -328,10 +337,19 @@ fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str, cl
         }
         (&Method::POST, p) if p.starts_with("/api/v1/rollback/") => {
             let gateway = name_in("/api/v1/rollback/").ok_or_else(|| error(404, "no gateway name in the path"))?;
-            let flush = matches!(query_value(query, "flush").as_deref(), Some("true" | "1" | "yes"));
+            let flush = flag(query, "flush")?;
             Ok(Op::Rollback { gateway, flush })
         }
         (m, p) => Err(error(404, format!("no such endpoint: {m} {p}"))),
+    }
+}
+
+/// A yes/no query parameter: absent is no; anything but true/false, 1/0, yes/no is refused.
+fn flag(query: &str, key: &str) -> Result<bool, (u16, String)> {
+    match query_value(query, key).as_deref() {
+        None | Some("false" | "0" | "no") => Ok(false),
+        Some("true" | "1" | "yes" | "") => Ok(true),
+        Some(other) => Err(error(400, format!("{key}: `{other}` is not true, false, 1, 0, yes or no"))),
     }
 }
 
@@ -425,5 +443,36 @@ mod tests {
             Err((status, _)) => assert_eq!(status, 404),
             Ok(_) => panic!("expected an error"),
         }
+    }
+
+    /// Every operation the OpenAPI description names is one the server routes (the
+    /// description's schemas are checked against live answers by schemathesis in CI).
+    #[test]
+    fn every_described_operation_is_routed() {
+        let spec: serde_yaml::Value = serde_yaml::from_str(OPENAPI_YAML).expect("the description is YAML");
+        assert_eq!(spec["openapi"].as_str(), Some("3.0.3"));
+        let paths = spec["paths"].as_mapping().expect("paths");
+        let mut operations = 0;
+        for (path, item) in paths {
+            let template = path.as_str().unwrap();
+            let concrete = template.replace("{name}", "sava/sava").replace("{action}", "pause");
+            for (method, _) in item.as_mapping().unwrap().iter().filter(|(m, _)| m.as_str() != Some("parameters")) {
+                let method = Method::from_bytes(method.as_str().unwrap().to_uppercase().as_bytes()).unwrap();
+                operations += 1;
+                if concrete == OPENAPI_PATH {
+                    continue;
+                }
+                let (query, body): (&str, &[u8]) = match concrete.as_str() {
+                    "/api/v1/canary/start/sava/sava" => ("", br#"{"route":"v2","steps":[1000,10000],"interval_ms":1000,"thresholds":{"max_error_rate":500,"max_failed_checks":1,"min_flows":20,"flush_on_rollback":false}}"#),
+                    "/api/v1/events" => ("", br#"{"type":"deploy"}"#),
+                    p if p.starts_with("/api/v1/promote/") => ("route=v2", b""),
+                    _ => ("", b"name: sava/sava\n"),
+                };
+                if let Err((status, message)) = route(&method, &concrete, query, body, "t", "t") {
+                    panic!("{method} {template}: {status} {message}");
+                }
+            }
+        }
+        assert!(operations >= 18, "{operations} operations described");
     }
 }

@@ -97,9 +97,10 @@ fn run() -> Result<()> {
 /// Runs the whole test suite in release mode (it shares the agent's compiled dependencies).
 fn test(art: &build::Artifacts, extra: &[String]) -> Result<()> {
     // What the namespace tests run besides the splitter: a fresh machine may lack any.
-    ensure_system_tools(&["ip", "ping", "curl", "nft", "setpriv", "prometheus"])?;
+    ensure_system_tools(&["ip", "ping", "curl", "nft", "setpriv", "prometheus", "socat", "chromium", "chromedriver"])?;
+    let schemathesis = ensure_schemathesis()?;
     let mut cmd = cargo();
-    cmd.current_dir(workspace_root()).args(["test", "--release", "--workspace"]).envs(art.env());
+    cmd.current_dir(workspace_root()).args(["test", "--release", "--workspace"]).envs(art.env()).env("SPLITTER_SCHEMATHESIS", schemathesis);
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }
@@ -122,6 +123,30 @@ fn run_tool(art: &build::Artifacts, bin: &str, args: &[String]) -> Result<()> {
     status(&mut cmd, bin)
 }
 
+/// The schemathesis version the API contract test runs (PyPI).
+const SCHEMATHESIS_VERSION: &str = "4.32.5";
+
+/// schemathesis in a virtual environment of its own under the user's cache (kept between
+/// runs), installed from PyPI when missing; returns its command.
+fn ensure_schemathesis() -> Result<PathBuf> {
+    let cache = env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .context("no HOME for the tool cache")?;
+    let venv = cache.join(format!("splitter-tools/schemathesis-{SCHEMATHESIS_VERSION}"));
+    let command = venv.join("bin/schemathesis");
+    if command.is_file() {
+        return Ok(command);
+    }
+    eprintln!("xtask: installing schemathesis {SCHEMATHESIS_VERSION} (PyPI) into {}", venv.display());
+    status(Command::new("python3").args(["-m", "venv"]).arg(&venv), "python3 -m venv (Debian: python3-venv)")?;
+    status(
+        Command::new(venv.join("bin/pip")).args(["install", "--quiet", &format!("schemathesis=={SCHEMATHESIS_VERSION}")]),
+        "pip install schemathesis",
+    )?;
+    Ok(command)
+}
+
 /// Installs missing system tools with apt when running as root on Debian/Ubuntu.
 fn ensure_system_tools(tools: &[&str]) -> Result<()> {
     let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
@@ -135,6 +160,7 @@ fn ensure_system_tools(tools: &[&str]) -> Result<()> {
             "ping" => "iputils-ping",
             "nft" => "nftables",
             "setpriv" => "util-linux",
+            "chromedriver" => "chromium-driver",
             other => other,
         })
         .collect();

@@ -28,8 +28,25 @@ impl<D: Dataplane> Controller<D> {
                 let g = self.configured.get(&name).ok_or_else(|| ApiError::no_gateway(&name))?;
                 Ok(Answer::Gateways(GatewaysAnswer { views: vec![self.view(g)], single: true, ..Default::default() }))
             }
-            Op::Apply { origin, text, path_name, validate_only: false } => self.apply_text(&origin, &text, path_name.as_deref(), None),
-            Op::Apply { origin, text, path_name, validate_only: true } => self.validate_text(&origin, &text, path_name.as_deref()),
+            Op::Apply { origin, text, path_name, validate_only } => {
+                let answer = if validate_only {
+                    self.validate_text(&origin, &text, path_name.as_deref())?
+                } else {
+                    self.apply_text(&origin, &text, path_name.as_deref(), None)?
+                };
+                Ok(match (path_name, answer) {
+                    // A PUT names one gateway: its answer is that gateway, changed or not.
+                    (Some(name), Answer::Gateways(mut answer)) if answer.views.iter().all(|v| v.gateway.name == name) => {
+                        if answer.views.is_empty() {
+                            let g = self.configured.get(&name).ok_or_else(|| ApiError::no_gateway(&name))?;
+                            answer.views.push(self.view(g));
+                        }
+                        answer.single = true;
+                        Answer::Gateways(answer)
+                    }
+                    (_, answer) => answer,
+                })
+            }
             Op::Delete(name) => self.delete(&name).map(|()| Answer::Text(format!("deleted gateway {name}\n"))),
             Op::Promote { gateway, route } => self.promote(&gateway, &route),
             Op::Rollback { gateway, flush } => self.restore_previous_weights(&gateway, flush),
