@@ -22,4 +22,5 @@ pub mod pin;
 pub mod rollout;
 pub mod state;
 pub mod system;
+pub mod ui;
 pub mod validate;

@@ -3,7 +3,7 @@
 use std::{io, path::PathBuf};
 
 use clap::{CommandFactory, Parser, Subcommand};
-use splitter_user::{agent, client, validate};
+use splitter_user::{agent, client, ui, validate};
 
 /// `splitter --version`: the release and the commit it is built from.
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SPLITTER_GIT_COMMIT"), ")");
@@ -45,6 +45,10 @@ enum Command {
     Canary(client::CanaryCommand),
     /// Weight changes, health changes and rollout decisions, with times and reasons.
     Events(client::EventsArgs),
+    /// A live dashboard in the browser: gateways, weights against observed shares, health,
+    /// rollouts and events, with weight sliders and rollout controls. Serves on loopback
+    /// with a random token in the printed URL.
+    Ui(ui::UiArgs),
     /// Print a shell completion script, e.g. `source <(splitter completions bash)`.
     Completions {
         #[arg(value_enum)]
@@ -95,6 +99,7 @@ fn main() {
         Command::Stats(args) => client::stats(args),
         Command::Canary(command) => client::canary(command),
         Command::Events(args) => client::events(args),
+        Command::Ui(args) => ui::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "splitter", &mut io::stdout());
             Ok(())

@@ -5,6 +5,7 @@
 //! Everything a test creates lives inside namespaces it owns; nothing touches the host's
 //! own interfaces or addresses.
 
+pub mod browser;
 pub mod frames;
 pub mod netns;
 pub mod process;
