@@ -1,6 +1,7 @@
-//! What `deploy/` ships for monitoring: the Prometheus alert rules pass `promtool check
-//! rules` and their own unit tests (`promtool test rules`: each alert fires on the series
-//! that should raise it, and only then); the Grafana dashboard is a dashboard.
+//! What `deploy/` ships: the Prometheus alert rules pass `promtool check rules` and their
+//! own unit tests (`promtool test rules`: each alert fires on the series that should raise
+//! it, and only then); the Grafana dashboard is a dashboard; the Debian package built by
+//! `cargo xtask package` installs with `dpkg -i`, runs, and purges clean.
 
 use std::{path::PathBuf, process::Command};
 
@@ -35,4 +36,57 @@ fn the_grafana_dashboard_has_a_query_per_panel_and_a_gateway_variable() {
     }
     let variables: Vec<&str> = dashboard["templating"]["list"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
     assert_eq!(variables, ["datasource", "gateway"]);
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_debian_package_installs_runs_and_purges() {
+    if !splitter_tests::privileged("the_debian_package_installs_runs_and_purges") {
+        return;
+    }
+    let deb = std::env::var("SPLITTER_DEB").expect("SPLITTER_DEB names the package: run the tests with `cargo xtask test`");
+    let contents = run("dpkg-deb", &["--contents", &deb]);
+    for path in [
+        "./usr/bin/splitter",
+        "./lib/systemd/system/splitter.service",
+        "./etc/splitter/gateways/README",
+        "./usr/share/man/man1/splitter.1",
+        "./usr/share/man/man1/splitter-weight.1",
+        "./usr/share/bash-completion/completions/splitter",
+        "./usr/share/zsh/vendor-completions/_splitter",
+        "./usr/share/fish/vendor_completions.d/splitter.fish",
+        "./usr/share/doc/splitter/examples/sava.yaml",
+    ] {
+        assert!(contents.lines().any(|l| l.ends_with(path)), "{path} is not in the package:\n{contents}");
+    }
+    assert!(run("dpkg-deb", &["--field", &deb, "Package"]).trim() == "splitter");
+
+    run("dpkg", &["-i", &deb]);
+    let installed = std::panic::catch_unwind(|| {
+        let version = run("/usr/bin/splitter", &["--version"]);
+        assert!(version.starts_with("splitter ") && version.contains("(commit "), "{version}");
+        let examples: Vec<String> = std::fs::read_dir("/usr/share/doc/splitter/examples")
+            .unwrap()
+            .map(|e| e.unwrap().path().display().to_string())
+            .filter(|p| p.ends_with(".yaml"))
+            .collect();
+        assert!(examples.len() >= 3, "{examples:?}");
+        let validated = run("/usr/bin/splitter", &["validate", "-f", "/usr/share/doc/splitter/examples"]);
+        assert!(validated.lines().count() >= examples.len() && validated.lines().all(|l| l.contains("ok")), "{validated}");
+        assert!(run("getent", &["group", "splitter"]).starts_with("splitter:"), "the package made the socket's group");
+        assert!(std::path::Path::new("/etc/splitter/gateways").is_dir());
+        let unit = std::fs::read_to_string("/lib/systemd/system/splitter.service").unwrap();
+        assert!(unit.contains("ExecStart=/usr/bin/splitter agent") && unit.contains("--socket-group splitter"), "{unit}");
+    });
+    run("dpkg", &["--purge", "splitter"]);
+    assert!(!std::path::Path::new("/usr/bin/splitter").exists(), "purged");
+    assert!(Command::new("getent").args(["group", "splitter"]).output().unwrap().stdout.is_empty(), "the group went with the purge");
+    if let Err(panic) = installed {
+        std::panic::resume_unwind(panic);
+    }
 }

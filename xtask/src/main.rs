@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask build | test | demo | bench | soak | fuzz`.
+//! Developer tasks: `cargo xtask build | test | demo | bench | soak | fuzz | package`.
 //!
 //! `build` works from a fresh clone: it installs bpf-linker (against the compiling
 //! toolchain's own libLLVM, cached under `~/.cache/splitter`), the rust components it needs,
@@ -6,6 +6,7 @@
 
 mod build;
 mod fuzz;
+mod package;
 mod shim;
 
 use std::{
@@ -29,6 +30,8 @@ tasks:
                                        killed and restarted (root; not part of `test`)
   fuzz  [--seconds N] [TARGET...]      build, then run each fuzz target for N seconds (cargo-fuzz,
                                        installed if missing; the packet fuzzer needs root)
+  package                              build, then the Debian package (cargo-deb, installed if
+                                       missing): target/debian/splitter_VERSION_ARCH.deb
 
 routes (how the eBPF object is built):
   standard  nightly + rust-src + -Z build-std=core for bpfel-unknown-none (the ecosystem's route)
@@ -66,7 +69,16 @@ fn run() -> Result<()> {
             let mut opts = opts;
             opts.legacy = true;
             let art = build::build_all(&opts)?;
-            test(&art, &rest)?;
+            // The package test installs the .deb built from this very agent.
+            let deb = package::build(&art)?;
+            test(&art, &deb, &rest)?;
+        }
+        "package" => {
+            if !rest.is_empty() {
+                bail!("unexpected arguments {rest:?}\n{USAGE}");
+            }
+            let art = build::build_all(&opts)?;
+            package::build(&art)?;
         }
         "demo" => {
             let art = build::build_all(&opts)?;
@@ -95,12 +107,16 @@ fn run() -> Result<()> {
 }
 
 /// Runs the whole test suite in release mode (it shares the agent's compiled dependencies).
-fn test(art: &build::Artifacts, extra: &[String]) -> Result<()> {
+fn test(art: &build::Artifacts, deb: &Path, extra: &[String]) -> Result<()> {
     // What the namespace tests run besides the splitter: a fresh machine may lack any.
     ensure_system_tools(&["ip", "ping", "curl", "nft", "setpriv", "prometheus", "socat", "chromium", "chromedriver"])?;
     let schemathesis = ensure_schemathesis()?;
     let mut cmd = cargo();
-    cmd.current_dir(workspace_root()).args(["test", "--release", "--workspace"]).envs(art.env()).env("SPLITTER_SCHEMATHESIS", schemathesis);
+    cmd.current_dir(workspace_root())
+        .args(["test", "--release", "--workspace"])
+        .envs(art.env())
+        .env("SPLITTER_SCHEMATHESIS", schemathesis)
+        .env("SPLITTER_DEB", deb);
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }
