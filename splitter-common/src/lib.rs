@@ -65,13 +65,16 @@ pub mod map_names {
     /// What runs: layout version and build of the program; written by the agent, read by
     /// the next agent (to adopt, upgrade or refuse).
     pub const DATAPATH_INFO: &str = "DATAPATH_INFO";
+    /// The buckets of addresses the splitter cannot have to translate (`AddressFilter`),
+    /// one entry; written by the agent, read by the program before any hash lookup.
+    pub const ADDRESS_FILTER: &str = "ADDRESS_FILTER";
     /// The maps every datapath of this layout version has had since its first release: pins
     /// holding these (and a program and links) are a datapath to adopt or upgrade; maps
     /// added since are created when missing.
     pub const CORE: [&str; 8] =
         [GATEWAYS, BUCKET_TABLES, TARGETS, CONNTRACK, TARGET_COUNTERS, GATEWAY_COUNTERS, PACKET_COUNTERS, FORWARD_EVENTS];
     /// Every map the agent pins and adopts.
-    pub const PINNED: [&str; 13] = [
+    pub const PINNED: [&str; 14] = [
         GATEWAYS,
         BUCKET_TABLES,
         TARGETS,
@@ -85,6 +88,7 @@ pub mod map_names {
         TARGET_OUTCOMES,
         SOURCE_POOLS,
         DATAPATH_INFO,
+        ADDRESS_FILTER,
     ];
 }
 

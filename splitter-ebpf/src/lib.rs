@@ -39,10 +39,10 @@ use splitter_common::{
     csum::CsumDelta,
     flow::{bucket_slot, client_hash, flow_hash, snat_address_index, snat_port_in, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
-        BucketTable, DatapathInfo, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool, TargetCounters, TargetEntry,
-        TargetOutcomes, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_HALF_OPEN_ENTRIES, DEFAULT_MAX_GATEWAYS, FLOW_CONNECT_FAILED, FLOW_ESTABLISHED,
-        FLOW_FROM_TARGET, FLOW_HTTP, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES,
-        MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
+        AddressFilter, BucketTable, DatapathInfo, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool,
+        TargetCounters, TargetEntry, TargetOutcomes, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_HALF_OPEN_ENTRIES, DEFAULT_MAX_GATEWAYS,
+        FLOW_CONNECT_FAILED, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_HTTP, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_HTTP,
+        GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
     },
     FlowEvent, ForwardEvent, PacketClass,
 };
@@ -99,6 +99,12 @@ static TARGET_OUTCOMES: PerCpuArray<TargetOutcomes> = PerCpuArray::with_max_entr
 /// Written by: the agent (before the gateway's state names it). Read by: this program.
 #[map]
 static SOURCE_POOLS: Array<SourcePool> = Array::with_max_entries(DEFAULT_MAX_GATEWAYS, 0);
+
+/// The buckets of addresses this program cannot have to translate (see `AddressFilter`).
+/// Written by: the agent (a gateway's buckets cleared before it goes live, the rest set
+/// from conntrack sweeps). Read by: this program, before any hash lookup.
+#[map]
+static ADDRESS_FILTER: Array<AddressFilter> = Array::with_max_entries(1, 0);
 
 /// The layout version and build of what runs, for the next agent.
 /// Written by: the agent. Read by: the agent (never this program).
@@ -321,6 +327,12 @@ fn try_splitter(ctx: &XdpContext) -> Result<u32, Error> {
         }
     };
     count(if packet.key().proto == PROTO_TCP { PacketClass::TCP } else { PacketClass::UDP });
+    // Most packets on a shared NIC are not the splitter's: pass them before any hash lookup.
+    if let Some(filter) = ADDRESS_FILTER.get(0) {
+        if filter.is_foreign(packet.key().dst_addr) && filter.is_foreign(packet.key().src_addr) {
+            return Err(Error::Pass);
+        }
+    }
 
     if let Some(entry) = CONNTRACK.get_ptr_mut(packet.key()) {
         if let Some(action) = established(ctx, &packet, entry)? {

@@ -73,6 +73,7 @@ fn expected_sizes(name: &str) -> Option<(usize, usize)> {
         map_names::SOURCE_POOLS => (4, size_of::<SourcePool>()),
         map_names::TARGET_OUTCOMES => (4, size_of::<splitter_common::maps::TargetOutcomes>()),
         map_names::DATAPATH_INFO => (4, size_of::<DatapathInfo>()),
+        map_names::ADDRESS_FILTER => (4, size_of::<splitter_common::maps::AddressFilter>()),
         _ => return None,
     })
 }

@@ -16,8 +16,9 @@ use aya::{
 use splitter_common::{
     flow::{bucket_slot, client_hash, flow_hash, snat_port, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
-        BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, TargetOutcomes, FLOW_ESTABLISHED, FLOW_FIN_SEEN,
-        FLOW_FROM_TARGET, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
+        address_bucket, AddressFilter, BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, TargetOutcomes,
+        FLOW_ESTABLISHED, FLOW_FIN_SEEN, FLOW_FROM_TARGET, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT,
+        MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
     },
     table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE},
     FlowEvent, PROGRAM_NAME,
@@ -95,6 +96,16 @@ impl Bench {
         let key = GatewayKey { vip: ne(VIP), port: port.to_be(), proto, _pad: 0 };
         let state = GatewayState { gateway_id: id, table_index, target_count: 2, flags, generation: table_index, connect_timeout_ms: 0 };
         gateways.insert(key, state, 0).unwrap();
+    }
+
+    /// Writes the address filter: every bucket foreign but those of `kept`.
+    fn address_filter(&mut self, kept: &[Ipv4Addr]) {
+        let mut filter = AddressFilter::ALL_FOREIGN;
+        for addr in kept {
+            filter.keep(ne(*addr));
+        }
+        let mut map: Array<&mut MapData, AddressFilter> = Array::try_from(self.ebpf.map_mut("ADDRESS_FILTER").unwrap()).unwrap();
+        map.set(0, filter, 0).unwrap();
     }
 
     fn table_slots(&self, table_index: u32) -> Vec<u16> {
@@ -610,4 +621,37 @@ fn http_status_classes_and_failed_connects_are_counted_per_target() {
     let (_, out) = bench.run(&tcp_frame(CLIENT, 44001, VIP, 9050, TCP_SYN, b""));
     bench.run(&tcp_frame(taddr, tport, SNAT, sport(&out), TCP_RST | TCP_ACK, b""));
     assert_eq!(bench.outcomes(0).failed_connects, 1);
+}
+
+#[test]
+fn the_address_filter_passes_foreign_packets_and_keeps_the_gateways() {
+    if !privileged("the_address_filter_passes_foreign_packets_and_keeps_the_gateways") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, 0, 0, [500_000, 500_000]);
+    bench.address_filter(&[VIP, TARGETS[0].0, TARGETS[1].0]);
+
+    // A packet of no gateway, between two foreign addresses: passed as it came, no state.
+    let elsewhere = Ipv4Addr::new(192, 0, 2, 77);
+    assert!(![VIP, TARGETS[0].0, TARGETS[1].0].iter().any(|a| address_bucket(ne(*a)) == address_bucket(ne(elsewhere))));
+    let foreign = tcp_frame(CLIENT, 40500, elsewhere, 9050, TCP_SYN, b"");
+    let (action, out) = bench.run(&foreign);
+    assert_eq!((action, &out), (XDP_PASS, &foreign));
+    assert_eq!(bench.conntrack_len() + bench.half_open_len(), 0);
+
+    // The gateway's flows go on both ways through the filter.
+    let syn = tcp_frame(CLIENT, 40501, VIP, 9050, TCP_SYN, b"");
+    let (action, out) = bench.run(&syn);
+    assert_eq!(action, XDP_REDIRECT, "a SYN to the VIP passes the filter");
+    let target = (ip_dst(&out), dport(&out));
+    let syn_ack = tcp_frame(target.0, target.1, SNAT, sport(&out), TCP_SYN | TCP_ACK, b"");
+    let (action, back) = bench.run(&syn_ack);
+    assert_eq!(action, XDP_REDIRECT, "the target's answer passes the filter");
+    assert_eq!((ip_src(&back), sport(&back), ip_dst(&back), dport(&back)), (VIP, 9050, CLIENT, 40501));
+
+    // The filter is what decides: with the VIP's bucket foreign, the same SYN is passed.
+    bench.address_filter(&[TARGETS[0].0, TARGETS[1].0]);
+    let (action, out) = bench.run(&tcp_frame(CLIENT, 40502, VIP, 9050, TCP_SYN, b""));
+    assert_eq!((action, out), (XDP_PASS, tcp_frame(CLIENT, 40502, VIP, 9050, TCP_SYN, b"")));
 }

@@ -21,8 +21,9 @@ use splitter_common::{
     conntrack::{flow_expired, Timeouts},
     map_names,
     maps::{
-        BucketTable, DatapathInfo, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool, TargetCounters, TargetEntry,
-        TargetOutcomes, FLOW_FIN_SEEN, GATEWAY_DNAT, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
+        AddressFilter, BucketTable, DatapathInfo, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool,
+        TargetCounters, TargetEntry, TargetOutcomes, FLOW_FIN_SEEN, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT,
+        MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
     },
     table::{build_bucket_table, TableTarget},
     FlowEvent, ForwardEvent, PacketClass,
@@ -58,6 +59,7 @@ pub struct Maps {
     pub target_outcomes: PerCpuArray<MapData, TargetOutcomes>,
     pub source_pools: Array<MapData, SourcePool>,
     pub datapath_info: Array<MapData, DatapathInfo>,
+    pub address_filter: Array<MapData, AddressFilter>,
 }
 
 impl Maps {
@@ -77,6 +79,7 @@ impl Maps {
             target_outcomes: take(ebpf, map_names::TARGET_OUTCOMES)?,
             source_pools: take(ebpf, map_names::SOURCE_POOLS)?,
             datapath_info: take(ebpf, map_names::DATAPATH_INFO)?,
+            address_filter: take(ebpf, map_names::ADDRESS_FILTER)?,
         })
     }
 
@@ -99,6 +102,9 @@ pub struct Datapath {
     flow_events: PerCpuArray<MapData, u64>,
     target_outcomes: PerCpuArray<MapData, TargetOutcomes>,
     source_pools: Array<MapData, SourcePool>,
+    address_filter: Array<MapData, AddressFilter>,
+    /// What `address_filter` holds (written only when it changes).
+    filter: Box<AddressFilter>,
     layout: Layout,
 }
 
@@ -146,9 +152,31 @@ impl Datapath {
             forward_events: maps.forward_events,
             flow_events: maps.flow_events,
             target_outcomes: maps.target_outcomes,
+            // A pinned filter goes on as it was; a new one is zeroed: it filters nothing
+            // until the first sweep.
+            filter: Box::new(maps.address_filter.get(&0, 0).unwrap_or_else(|_| bytemuck::Zeroable::zeroed())),
+            address_filter: maps.address_filter,
             source_pools: maps.source_pools,
             layout: Layout::new(limits),
         }
+    }
+
+    /// Writes the address filter if `next` differs from what it holds.
+    fn write_filter(&mut self, next: AddressFilter) -> Result<()> {
+        if next != *self.filter {
+            self.address_filter.set(0, next, 0).context("writing ADDRESS_FILTER")?;
+            *self.filter = next;
+        }
+        Ok(())
+    }
+
+    /// The addresses of the live gateways: packets to a VIP or from a target.
+    fn live_addresses(&self) -> Vec<u32> {
+        self.layout
+            .gateways
+            .values()
+            .flat_map(|live| std::iter::once(live.key.vip).chain(live.targets.iter().map(|(t, _)| target_addr(t))))
+            .collect()
     }
 
     fn zero_target_counters(&mut self, slot: u32) -> Result<()> {
@@ -256,7 +284,7 @@ impl Dataplane for Datapath {
             };
             targets.push((*target, *slot));
             entries.push(TargetEntry {
-                addr: u32::from_ne_bytes(target.addr.octets()),
+                addr: target_addr(target),
                 snat_addr: u32::from_ne_bytes(snat_addr.octets()),
                 port: target.port.to_be(),
                 _pad: 0,
@@ -280,6 +308,13 @@ impl Dataplane for Datapath {
                 std::thread::sleep(TABLE_REUSE_GRACE - since);
             }
         }
+        // The gateway's buckets pass the filter before anything can send a flow its way.
+        let mut filter = *self.filter;
+        filter.keep(key.vip);
+        for entry in &entries {
+            filter.keep(entry.addr);
+        }
+        self.write_filter(filter)?;
         let table_index = id * 2 + (generation & 1) as u32;
         for (i, entry) in entries.iter().enumerate() {
             self.targets_map.set(table_index * MAX_TARGETS_PER_GATEWAY + i as u32, entry, 0).context("writing TARGETS")?;
@@ -432,12 +467,20 @@ impl Dataplane for Datapath {
         // that entry finds the other), a UDP flow when idle. Established flows, however
         // many, cost nothing beyond the copy, one batch at a time.
         let mut candidates: std::collections::HashMap<FlowKey, FlowEntry> = std::collections::HashMap::new();
+        // The address filter from what is live: every gateway's addresses and those of
+        // every flow still in conntrack (a deleted gateway's, a removed target's).
+        let mut filter = AddressFilter::ALL_FOREIGN;
         super::batch::for_each::<FlowKey, FlowEntry>(self.conntrack.map().fd().as_fd(), |k, e| {
+            filter.keep(if e.flags & FLOW_TO_TARGET != 0 { k.dst_addr } else { k.src_addr });
             if e.rewritten.proto != PROTO_TCP || e.flags & FLOW_FIN_SEEN != 0 {
                 candidates.insert(*k, *e);
             }
         })
         .context("reading CONNTRACK")?;
+        for addr in self.live_addresses() {
+            filter.keep(addr);
+        }
+        self.write_filter(filter)?;
         // Each expired key with the value it was judged on (None: the peer was missing).
         let mut expired: Vec<(FlowKey, Option<FlowEntry>)> = Vec::new();
         for (key, entry) in &candidates {
@@ -517,6 +560,11 @@ fn prime_neighbour(target: &Target) {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+/// A target's address as the datapath's maps hold it (network byte order).
+fn target_addr(target: &Target) -> u32 {
+    u32::from_ne_bytes(target.addr.octets())
+}
+
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
