@@ -50,6 +50,12 @@ fn the_debian_package_installs_runs_and_purges() {
         return;
     }
     let deb = std::env::var("SPLITTER_DEB").expect("SPLITTER_DEB names the package: run the tests with `cargo xtask test`");
+    // The test installs and purges the package: never over one an operator installed.
+    let status = Command::new("dpkg-query").args(["-W", "-f=${Status}", "splitter"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&status.stdout).trim() != "install ok installed",
+        "the splitter package is installed on this machine; this test would replace and purge it: run it elsewhere"
+    );
     let contents = run("dpkg-deb", &["--contents", &deb]);
     for path in [
         "./usr/bin/splitter",
