@@ -279,13 +279,13 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Send
 fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str, client: &str) -> Result<Op, (u16, String)> {
     let text = || String::from_utf8(body.to_vec()).map_err(|_| error(400, "request body: not UTF-8"));
     let name_in = |prefix: &str| path.strip_prefix(prefix).filter(|n| !n.is_empty()).map(str::to_string);
-    let validate_only = flag(query, "validate_only")?;
+    let validate_only = || flag(query, "validate_only");
     match (method, path) {
         (&Method::GET, "/metrics") => Ok(Op::Metrics),
         (&Method::GET, "/api/v1/info" | "/api/v1/info/") => Ok(Op::Info),
         (&Method::GET, "/api/v1/gateways" | "/api/v1/gateways/") => Ok(Op::List),
         (&Method::POST, "/api/v1/gateways" | "/api/v1/gateways/") => {
-            Ok(Op::Apply { origin: origin.into(), text: text()?, path_name: None, validate_only })
+            Ok(Op::Apply { origin: origin.into(), text: text()?, path_name: None, validate_only: validate_only()? })
         }
         (&Method::GET, "/api/v1/stats" | "/api/v1/stats/") => Ok(Op::Stats(None)),
         (&Method::GET, p) if p.starts_with("/api/v1/stats/") => Ok(Op::Stats(name_in("/api/v1/stats/"))),
@@ -325,7 +325,9 @@ fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str, cl
             let name = name_in("/api/v1/gateways/").ok_or_else(|| error(404, "no gateway name in the path"))?;
             match *m {
                 Method::GET => Ok(Op::Get(name)),
-                Method::PUT | Method::POST => Ok(Op::Apply { origin: origin.into(), text: text()?, path_name: Some(name), validate_only }),
+                Method::PUT | Method::POST => {
+                    Ok(Op::Apply { origin: origin.into(), text: text()?, path_name: Some(name), validate_only: validate_only()? })
+                }
                 Method::DELETE => Ok(Op::Delete(name)),
                 _ => Err(error(405, format!("{m} is not allowed on {p}"))),
             }
@@ -344,11 +346,14 @@ fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str, cl
     }
 }
 
-/// A yes/no query parameter: absent is no; anything but true/false, 1/0, yes/no is refused.
+/// A yes/no query parameter: absent or empty is no; anything but true/false, 1/0, yes/no is
+/// refused.
 fn flag(query: &str, key: &str) -> Result<bool, (u16, String)> {
     match query_value(query, key).as_deref() {
         None | Some("false" | "0" | "no") => Ok(false),
-        Some("true" | "1" | "yes" | "") => Ok(true),
+        Some("true" | "1" | "yes") => Ok(true),
+        // `?flush=` with no value: the harmless reading.
+        Some("") => Ok(false),
         Some(other) => Err(error(400, format!("{key}: `{other}` is not true, false, 1, 0, yes or no"))),
     }
 }
@@ -431,6 +436,18 @@ mod tests {
         assert_eq!(query_value("flush", "flush").as_deref(), Some(""));
         assert_eq!(query_value("a=1", "route"), None);
         assert_eq!(query_value("route=50%25", "route").as_deref(), Some("50%"));
+    }
+
+    #[test]
+    fn yes_no_parameters_take_only_yes_or_no() {
+        assert_eq!(flag("flush=true", "flush"), Ok(true));
+        assert_eq!(flag("flush=0", "flush"), Ok(false));
+        assert_eq!(flag("", "flush"), Ok(false));
+        assert_eq!(flag("flush=", "flush"), Ok(false), "an empty value is the harmless reading");
+        assert_eq!(flag("flush=AAA", "flush").unwrap_err().0, 400);
+        // A bad validate_only only matters where it is read.
+        assert!(route(&Method::GET, "/api/v1/info", "validate_only=AAA", b"", "t", "t").is_ok());
+        assert!(route(&Method::PUT, "/api/v1/gateways/a", "validate_only=AAA", b"name: a\n", "t", "t").is_err());
     }
 
     #[test]

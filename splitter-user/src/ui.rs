@@ -53,6 +53,12 @@ impl Guard {
         if listen.ip().is_unspecified() || listen.ip().is_loopback() {
             hosts.extend([format!("127.0.0.1:{port}"), format!("[::1]:{port}")]);
         }
+        // Browsers leave the default port out of Host.
+        if port == 80 {
+            let bare: Vec<String> = hosts.iter().filter_map(|h| h.strip_suffix(":80").map(str::to_string)).collect();
+            hosts.extend(bare);
+        }
+        hosts.sort();
         hosts.dedup();
         Self { token, hosts }
     }
@@ -117,7 +123,15 @@ async fn serve(args: UiArgs) -> Result<()> {
     println!("splitter ui: open http://{bound}/?token={}", guard.token);
     let socket = Arc::new(args.socket.socket);
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: serve on once some are free.
+                log::warn!("ui: accepting a connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let (guard, socket) = (guard.clone(), socket.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(req, guard.clone(), socket.clone()));
@@ -242,6 +256,16 @@ mod tests {
         assert!(g.check(&Method::POST, "/api/v1/promote/sava", "", &same).is_ok());
         let fetch_cross = headers(&[("host", "127.0.0.1:8080"), ("sec-fetch-site", "cross-site"), token]);
         assert_eq!(g.check(&Method::GET, "/api/v1/gateways", "", &fetch_cross).unwrap_err().0, 403);
+    }
+
+    #[test]
+    fn on_port_80_a_host_without_the_port_is_this_dashboard() {
+        let g = Guard::new("secret".into(), "127.0.0.1:80".parse().unwrap());
+        let token = (TOKEN_HEADER, "secret");
+        for host in ["127.0.0.1", "localhost", "127.0.0.1:80"] {
+            assert!(g.check(&Method::GET, "/api/v1/info", "", &headers(&[("host", host), token])).is_ok(), "{host}");
+        }
+        assert!(g.check(&Method::GET, "/api/v1/info", "", &headers(&[("host", "evil.example"), token])).is_err());
     }
 
     #[test]

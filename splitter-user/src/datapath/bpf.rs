@@ -205,6 +205,17 @@ impl Dataplane for Datapath {
             .filter(|state| state.connect_timeout_ms == gateway.connect_timeout_ms.unwrap_or(0))
             .map(|state| (state.gateway_id, u64::from(state.generation)));
         let Some(targets) = self.layout.adoptable(shares, placement, live) else { return false };
+        // The pinned filter may come from another build (an older agent leaves it alone):
+        // the adopted gateway's buckets pass before anything else.
+        let mut filter = *self.filter;
+        filter.keep(key.vip);
+        for (target, _) in &targets {
+            filter.keep(target_addr(target));
+        }
+        if let Err(e) = self.write_filter(filter) {
+            warn!("gateway {} not adopted: {e:#}", gateway.name);
+            return false;
+        }
         self.layout.record(LiveGateway {
             id: placement.id,
             key,
@@ -477,6 +488,11 @@ impl Dataplane for Datapath {
             }
         })
         .context("reading CONNTRACK")?;
+        // Handshakes in progress, a deleted gateway's or a removed target's among them.
+        super::batch::for_each::<FlowKey, FlowEntry>(self.half_open.map().fd().as_fd(), |k, e| {
+            filter.keep(if e.flags & FLOW_TO_TARGET != 0 { k.dst_addr } else { k.src_addr });
+        })
+        .context("reading HALF_OPEN")?;
         for addr in self.live_addresses() {
             filter.keep(addr);
         }
