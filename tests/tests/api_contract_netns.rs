@@ -57,7 +57,14 @@ fn run_schemathesis(bed: &Testbed, port: u16, methods: &str, report: &std::path:
         &report.display().to_string(),
         "--no-color",
     ];
-    let out = bed.splitter.command(schemathesis()).args(args).output().expect("schemathesis (PyPI; `cargo xtask test` installs it)");
+    // Its caches go to the test's run directory, not the source tree.
+    let out = bed
+        .splitter
+        .command(schemathesis())
+        .args(args)
+        .current_dir(bed.run_dir.path())
+        .output()
+        .expect("schemathesis (PyPI; `cargo xtask test` installs it)");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "schemathesis found failures:\n{text}");
     let events = std::fs::read_to_string(report).unwrap();
