@@ -299,6 +299,19 @@ impl AddressFilter {
         let bucket = address_bucket(addr);
         self.foreign[(bucket >> 6) as usize] &= !(1u64 << (bucket & 63));
     }
+
+    /// Marks the buckets of every address of `addrs`.
+    pub fn keep_all(&mut self, addrs: impl IntoIterator<Item = u32>) {
+        for addr in addrs {
+            self.keep(addr);
+        }
+    }
+
+    /// Marks the bucket a flow's packets are recognised by: the destination (a VIP) of a
+    /// client's entry, the source (a target) of a target's entry.
+    pub fn keep_flow(&mut self, key: &FlowKey, entry: &FlowEntry) {
+        self.keep(if entry.flags & FLOW_TO_TARGET != 0 { key.dst_addr } else { key.src_addr });
+    }
 }
 
 #[cfg(feature = "user")]

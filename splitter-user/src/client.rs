@@ -109,6 +109,22 @@ pub struct Response {
 
 /// One request to the agent.
 pub async fn request(socket: &Path, method: Method, path: &str, body: Option<(String, &str)>) -> Result<Response> {
+    let mut builder = hyper::Request::builder().method(method).uri(path);
+    let payload = match body {
+        Some((text, origin)) => {
+            builder = builder.header("content-type", "application/yaml").header(ORIGIN_HEADER, origin);
+            text
+        }
+        None => String::new(),
+    };
+    let (parts, bytes) = send(socket, builder.body(Full::new(Bytes::from(payload)))?).await?;
+    let warning = parts.headers.get(WARNING_HEADER).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    Ok(Response { status: parts.status.as_u16(), body: String::from_utf8_lossy(&bytes).into_owned(), warning })
+}
+
+/// Sends `request` to the agent's socket (with `Host: splitter`); returns the answer's head
+/// and body. A socket that cannot be reached is named with what to do.
+pub async fn send(socket: &Path, mut request: hyper::Request<Full<Bytes>>) -> Result<(hyper::http::response::Parts, Bytes)> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
             return anyhow::anyhow!("{}", permission_denied(socket));
@@ -121,19 +137,9 @@ pub async fn request(socket: &Path, method: Method, path: &str, body: Option<(St
     })?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
-    let mut builder = hyper::Request::builder().method(method).uri(path).header(hyper::header::HOST, "splitter");
-    let payload = match body {
-        Some((text, origin)) => {
-            builder = builder.header("content-type", "application/yaml").header(ORIGIN_HEADER, origin);
-            text
-        }
-        None => String::new(),
-    };
-    let response = sender.send_request(builder.body(Full::new(Bytes::from(payload)))?).await?;
-    let status = response.status().as_u16();
-    let warning = response.headers().get(WARNING_HEADER).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let bytes = response.into_body().collect().await?.to_bytes();
-    Ok(Response { status, body: String::from_utf8_lossy(&bytes).into_owned(), warning })
+    request.headers_mut().insert(hyper::header::HOST, hyper::header::HeaderValue::from_static("splitter"));
+    let (parts, body) = sender.send_request(request).await?.into_parts();
+    Ok((parts, body.collect().await?.to_bytes()))
 }
 
 /// Why connecting to the socket was refused, for an operator: its mode and group, and

@@ -19,7 +19,7 @@ use clap::Args;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Bytes, header, server::conn::http1, service::service_fn, HeaderMap, Method, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, UnixStream};
+use tokio::net::TcpListener;
 
 use crate::{client::SocketArg, control::MAX_BODY_BYTES};
 
@@ -188,21 +188,15 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, guard: Arc<Guard>, s
 
 /// One request to the agent's socket, its answer passed back as it is.
 async fn forward(socket: &Path, method: Method, target: &str, accept: Option<header::HeaderValue>, body: Bytes) -> Result<Reply> {
-    let stream = UnixStream::connect(socket).await.with_context(|| format!("cannot reach the agent at {}", socket.display()))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
     let mut request = hyper::Request::builder()
         .method(method)
         .uri(target)
-        .header(header::HOST, "splitter")
         .header(header::USER_AGENT, "splitter-ui")
         .header(crate::api::ORIGIN_HEADER, "splitter ui");
     if let Some(accept) = accept {
         request = request.header(header::ACCEPT, accept);
     }
-    let response = sender.send_request(request.body(Full::new(body))?).await?;
-    let (parts, incoming) = response.into_parts();
-    let bytes = incoming.collect().await?.to_bytes();
+    let (parts, bytes) = crate::client::send(socket, request.body(Full::new(body))?).await?;
     let mut reply = hyper::Response::builder().status(parts.status).header(header::CACHE_CONTROL, "no-store");
     for name in [header::CONTENT_TYPE, header::HeaderName::from_static(crate::api::WARNING_HEADER)] {
         if let Some(value) = parts.headers.get(&name) {

@@ -22,7 +22,7 @@ use splitter_common::{
     map_names,
     maps::{
         AddressFilter, BucketTable, DatapathInfo, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool,
-        TargetCounters, TargetEntry, TargetOutcomes, FLOW_FIN_SEEN, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT,
+        TargetCounters, TargetEntry, TargetOutcomes, FLOW_FIN_SEEN, GATEWAY_DNAT, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT,
         MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
     },
     table::{build_bucket_table, TableTarget},
@@ -208,10 +208,7 @@ impl Dataplane for Datapath {
         // The pinned filter may come from another build (an older agent leaves it alone):
         // the adopted gateway's buckets pass before anything else.
         let mut filter = *self.filter;
-        filter.keep(key.vip);
-        for (target, _) in &targets {
-            filter.keep(target_addr(target));
-        }
+        filter.keep_all(std::iter::once(key.vip).chain(targets.iter().map(|(t, _)| target_addr(t))));
         if let Err(e) = self.write_filter(filter) {
             warn!("gateway {} not adopted: {e:#}", gateway.name);
             return false;
@@ -321,10 +318,7 @@ impl Dataplane for Datapath {
         }
         // The gateway's buckets pass the filter before anything can send a flow its way.
         let mut filter = *self.filter;
-        filter.keep(key.vip);
-        for entry in &entries {
-            filter.keep(entry.addr);
-        }
+        filter.keep_all(std::iter::once(key.vip).chain(entries.iter().map(|e| e.addr)));
         self.write_filter(filter)?;
         let table_index = id * 2 + (generation & 1) as u32;
         for (i, entry) in entries.iter().enumerate() {
@@ -482,20 +476,16 @@ impl Dataplane for Datapath {
         // every flow still in conntrack (a deleted gateway's, a removed target's).
         let mut filter = AddressFilter::ALL_FOREIGN;
         super::batch::for_each::<FlowKey, FlowEntry>(self.conntrack.map().fd().as_fd(), |k, e| {
-            filter.keep(if e.flags & FLOW_TO_TARGET != 0 { k.dst_addr } else { k.src_addr });
+            filter.keep_flow(k, e);
             if e.rewritten.proto != PROTO_TCP || e.flags & FLOW_FIN_SEEN != 0 {
                 candidates.insert(*k, *e);
             }
         })
         .context("reading CONNTRACK")?;
         // Handshakes in progress, a deleted gateway's or a removed target's among them.
-        super::batch::for_each::<FlowKey, FlowEntry>(self.half_open.map().fd().as_fd(), |k, e| {
-            filter.keep(if e.flags & FLOW_TO_TARGET != 0 { k.dst_addr } else { k.src_addr });
-        })
-        .context("reading HALF_OPEN")?;
-        for addr in self.live_addresses() {
-            filter.keep(addr);
-        }
+        super::batch::for_each::<FlowKey, FlowEntry>(self.half_open.map().fd().as_fd(), |k, e| filter.keep_flow(k, e))
+            .context("reading HALF_OPEN")?;
+        filter.keep_all(self.live_addresses());
         self.write_filter(filter)?;
         // Each expired key with the value it was judged on (None: the peer was missing).
         let mut expired: Vec<(FlowKey, Option<FlowEntry>)> = Vec::new();

@@ -242,6 +242,12 @@ pub fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// Median, smallest and largest of `values` (sorted in place).
+pub fn median_and_spread(values: &mut [f64]) -> (f64, f64, f64) {
+    let mid = median(values);
+    (mid, values.first().copied().unwrap_or(f64::NAN), values.last().copied().unwrap_or(f64::NAN))
+}
+
 /// `1234567` -> `1 234 567` (thin grouping for tables).
 pub fn group(n: f64) -> String {
     let n = n.round() as i64;

@@ -27,7 +27,7 @@ use splitter_common::{
     PROGRAM_NAME,
 };
 
-use super::{median, say, Options, TargetCheck};
+use super::{median_and_spread, say, Options, TargetCheck};
 use splitter_tests::{
     ebpf_object,
     frames::{tcp, udp, Ipv4Packet, TCP_ACK},
@@ -296,9 +296,7 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
             }
         }
         for (i, (name, program, _)) in repeated.iter().enumerate() {
-            let trial = &mut samples[i];
-            let (min, max) = (trial.iter().copied().fold(f64::INFINITY, f64::min), trial.iter().copied().fold(0.0, f64::max));
-            let ns = median(trial);
+            let (ns, min, max) = median_and_spread(&mut samples[i]);
             say(format!("test_run {name}: {ns:.0} ns ({min:.0}-{max:.0} over {trials} trials), action {}", actions[i]));
             cases.push(Case { name, program, ns, min, max, action: actions[i], method: "repeat" });
         }
@@ -320,8 +318,7 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
                 }
                 group_means.push(total as f64 / per_group as f64);
             }
-            let (min, max) = (group_means.iter().copied().fold(f64::INFINITY, f64::min), group_means.iter().copied().fold(0.0, f64::max));
-            let ns = median(&mut group_means);
+            let (ns, min, max) = median_and_spread(&mut group_means);
             say(format!("test_run {name}: {ns:.0} ns ({min:.0}-{max:.0} over {trials} groups of {per_group} flows), action {action}"));
             cases.push(Case { name, program: PROGRAM_NAME, ns, min, max, action, method: "one run per frame" });
         }
