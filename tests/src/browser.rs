@@ -146,6 +146,23 @@ impl<'a> Browser<'a> {
         self.session_call("POST", &format!("/element/{element}/clear"), Some(json!({}))).map(drop)
     }
 
+    /// Replaces the text of the field `css` finds with `text`, finding it again when the
+    /// page re-rendered it in between.
+    pub fn type_into(&self, css: &str, text: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let typed = self.find(css, timeout).and_then(|e| {
+                self.clear(&e)?;
+                self.send_keys(&e, text)
+            });
+            match typed {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e.context(format!("typing into {css}"))),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
     pub fn text(&self, element: &str) -> Result<String> {
         Ok(self.session_call("GET", &format!("/element/{element}/text"), None)?.as_str().unwrap_or_default().to_string())
     }

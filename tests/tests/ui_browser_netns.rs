@@ -104,12 +104,8 @@ fn the_dashboard_shows_the_split_moves_weights_and_runs_a_rollout_live() {
     browser.wait_text(&format!("{canary_row} .weight"), Duration::from_secs(10), |t| t == "30%").unwrap();
 
     // A rollout started from the page: its steps appear as they happen.
-    let steps = browser.find("section[data-gateway='sava'] input.canary-steps", Duration::from_secs(5)).unwrap();
-    browser.clear(&steps).unwrap();
-    browser.send_keys(&steps, "40%,70%,100%").unwrap();
-    let interval = browser.find("section[data-gateway='sava'] input.canary-interval", Duration::from_secs(5)).unwrap();
-    browser.clear(&interval).unwrap();
-    browser.send_keys(&interval, "2s").unwrap();
+    browser.type_into("section[data-gateway='sava'] input.canary-steps", "40%,70%,100%", Duration::from_secs(10)).unwrap();
+    browser.type_into("section[data-gateway='sava'] input.canary-interval", "2s", Duration::from_secs(10)).unwrap();
     browser.click(&browser.find("section[data-gateway='sava'] button[data-action='start']", Duration::from_secs(5)).unwrap()).unwrap();
     browser.click(&browser.find("#confirm-yes", Duration::from_secs(5)).unwrap()).unwrap();
     browser.wait_text(".rollout-state", Duration::from_secs(20), |t| t.contains("step 1/3")).unwrap();
