@@ -1,7 +1,8 @@
 //! Per-packet cost under BPF_PROG_TEST_RUN: the datapath's paths on crafted 60-byte frames
 //! against bare programs from the same object (XDP_PASS, XDP_DROP, the bare forwarder), in
-//! a namespace whose FIB resolves every destination to a static neighbour (so forwarding
-//! paths end in XDP_REDIRECT, as on the wire).
+//! a namespace whose FIB resolves every destination to a static neighbour. Forwarding
+//! paths are measured one-arm (the frame arrives on the interface its route leaves by:
+//! XDP_TX) and two-arm (it arrives on another: XDP_REDIRECT), as on the wire.
 //!
 //! A repeated run feeds the program the frame it rewrote the time before, so the
 //! established, reply and non-matching cases use conntrack entries whose translation is
@@ -44,8 +45,10 @@ const OTHER: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 99);
 /// A non-matching destination whose address-filter bucket is kept (as if it shared one
 /// with a gateway's address): the lookups the filter saves, measured beside it.
 const OTHER_KEPT: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 98);
-const XDP_REDIRECT: u32 = 4;
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 
 fn ne(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
@@ -61,6 +64,8 @@ pub struct Case {
     pub min: f64,
     pub max: f64,
     pub action: u32,
+    /// The action the case must end in (a bench of a path not taken is no bench).
+    pub expected: u32,
     pub method: &'static str,
 }
 
@@ -75,6 +80,18 @@ pub struct TestRunResults {
 
 /// The non-matching case (no flow, no gateway, its addresses in foreign buckets).
 pub const NON_MATCHING: &str = "non-matching packet (no flow, no gateway)";
+/// The same packet arriving on an interface other than its route's.
+pub const NON_MATCHING_TWO_ARM: &str = "non-matching packet, two-arm";
+/// The bare forwarder on the two-arm path (the forwarding section's reference).
+pub const BARE_FORWARDER: &str = "bare XDP forwarder (FIB + MAC rewrite + redirect)";
+/// Established and reply paths, one-arm: out of the interface they came in on (XDP_TX).
+pub const ESTABLISHED_TCP: &str = "established TCP flow (ACK), one-arm: XDP_TX";
+pub const ESTABLISHED_UDP: &str = "established UDP flow, one-arm: XDP_TX";
+pub const REPLY_PATH: &str = "reply path (target to client), one-arm: XDP_TX";
+/// The same, two-arm: out of another interface (`bpf_redirect`).
+pub const ESTABLISHED_TCP_TWO_ARM: &str = "established TCP flow (ACK), two-arm: redirect";
+pub const ESTABLISHED_UDP_TWO_ARM: &str = "established UDP flow, two-arm: redirect";
+pub const REPLY_PATH_TWO_ARM: &str = "reply path (target to client), two-arm: redirect";
 
 impl TestRunResults {
     pub fn ns(&self, name: &str) -> f64 {
@@ -109,7 +126,7 @@ impl TestRunResults {
                 context: false,
             });
         }
-        for name in ["established TCP flow (ACK)", "established UDP flow", "reply path (target to client)"] {
+        for name in [ESTABLISHED_TCP, ESTABLISHED_UDP, REPLY_PATH, ESTABLISHED_TCP_TWO_ARM, ESTABLISHED_UDP_TWO_ARM, REPLY_PATH_TWO_ARM] {
             out.push(ratio_check(name, 2.5));
             let ns = self.ns(name);
             out.push(TargetCheck {
@@ -226,8 +243,22 @@ fn udp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
 
 /// One run of `prog` on `frame` repeated `repeat` times: (kernel mean ns per run, action).
 fn run_once(prog: &Xdp, frame: &[u8], repeat: u32) -> Result<(u64, u32)> {
+    run_on(prog, frame, repeat, None)
+}
+
+/// As [`run_once`], the frame arriving on interface `ingress` (else on loopback).
+fn run_on(prog: &Xdp, frame: &[u8], repeat: u32, ingress: Option<u32>) -> Result<(u64, u32)> {
     let mut out = vec![0u8; frame.len() + 256];
-    let r = prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() })?;
+    // An `xdp_md`: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let ctx: Vec<u8> =
+        ingress.map(|ifindex| [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect()).unwrap_or_default();
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: ingress.map(|_| ctx.as_slice()),
+        repeat,
+        ..Default::default()
+    })?;
     Ok((r.duration.as_nanos() as u64, r.return_value))
 }
 
@@ -265,40 +296,57 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
     }
     let to_backend = udp_frame(CLIENT, 40004, TARGETS[0], 9000);
 
-    let repeated: [(&'static str, &'static str, &[u8]); 10] = [
-        ("bare XDP_PASS", "xdp_pass", &udp_est),
-        ("bare XDP_DROP", "xdp_drop", &udp_est),
-        ("bare XDP forwarder (FIB + MAC rewrite + redirect)", "xdp_forward", &to_backend),
-        ("established TCP flow (ACK)", PROGRAM_NAME, &tcp_est),
-        ("established UDP flow", PROGRAM_NAME, &udp_est),
-        ("reply path (target to client)", PROGRAM_NAME, &udp_reply),
-        ("TCP reply with a response (plain TCP gateway)", PROGRAM_NAME, &tcp_reply_frame),
-        ("TCP reply with a response (HTTP gateway: status line counted)", PROGRAM_NAME, &http_reply_frame),
-        (NON_MATCHING, PROGRAM_NAME, &no_match),
-        ("non-matching packet, address in a kept filter bucket (the lookups the filter saves)", PROGRAM_NAME, &no_match_kept),
-    ];
     let bed_ref = &bed;
     let cases = bed.ns.enter(|| -> Result<Vec<Case>> {
+        // One-arm: frames arrive on the interface the FIB sends them out of (the splitter
+        // answers out of the NIC it listens on, as Katran does: XDP_TX). Two-arm: they
+        // arrive on another interface (loopback here) and are redirected.
+        // SAFETY: a NUL-terminated name; the call only reads it.
+        let one_arm = Some(Some(unsafe { libc::if_nametoindex(c"tr0".as_ptr()) }).filter(|i| *i != 0).context("no tr0 in the namespace")?);
+        let two_arm = None;
+        let repeated: [(&'static str, &'static str, &[u8], Option<u32>, u32); 15] = [
+            ("bare XDP_PASS", "xdp_pass", &udp_est, one_arm, XDP_PASS),
+            ("bare XDP_DROP", "xdp_drop", &udp_est, one_arm, XDP_DROP),
+            (BARE_FORWARDER, "xdp_forward", &to_backend, two_arm, XDP_REDIRECT),
+            ("bare XDP forwarder, one-arm (FIB + MAC rewrite + XDP_TX)", "xdp_forward", &to_backend, one_arm, XDP_TX),
+            (ESTABLISHED_TCP, PROGRAM_NAME, &tcp_est, one_arm, XDP_TX),
+            (ESTABLISHED_UDP, PROGRAM_NAME, &udp_est, one_arm, XDP_TX),
+            (REPLY_PATH, PROGRAM_NAME, &udp_reply, one_arm, XDP_TX),
+            (ESTABLISHED_TCP_TWO_ARM, PROGRAM_NAME, &tcp_est, two_arm, XDP_REDIRECT),
+            (ESTABLISHED_UDP_TWO_ARM, PROGRAM_NAME, &udp_est, two_arm, XDP_REDIRECT),
+            (REPLY_PATH_TWO_ARM, PROGRAM_NAME, &udp_reply, two_arm, XDP_REDIRECT),
+            ("TCP reply with a response (plain TCP gateway)", PROGRAM_NAME, &tcp_reply_frame, one_arm, XDP_TX),
+            ("TCP reply with a response (HTTP gateway: status line counted)", PROGRAM_NAME, &http_reply_frame, one_arm, XDP_TX),
+            (NON_MATCHING, PROGRAM_NAME, &no_match, one_arm, XDP_PASS),
+            (
+                "non-matching packet, address in a kept filter bucket (the lookups the filter saves)",
+                PROGRAM_NAME,
+                &no_match_kept,
+                one_arm,
+                XDP_PASS,
+            ),
+            (NON_MATCHING_TWO_ARM, PROGRAM_NAME, &no_match, two_arm, XDP_PASS),
+        ];
         let mut cases = Vec::new();
         // Warm-up: JIT'd code, maps and the FIB in cache.
-        for (_, program, frame) in &repeated {
-            run_once(bed_ref.program(program)?, frame, 10_000)?;
+        for (_, program, frame, ingress, _) in &repeated {
+            run_on(bed_ref.program(program)?, frame, 10_000, *ingress)?;
         }
         // Trials interleaved across cases, so that a slow moment of the machine touches
         // every case alike rather than one.
         let mut samples = vec![Vec::new(); repeated.len()];
         let mut actions = vec![0; repeated.len()];
         for _ in 0..trials {
-            for (i, (_, program, frame)) in repeated.iter().enumerate() {
-                let (ns, a) = run_once(bed_ref.program(program)?, frame, repeat)?;
+            for (i, (_, program, frame, ingress, _)) in repeated.iter().enumerate() {
+                let (ns, a) = run_on(bed_ref.program(program)?, frame, repeat, *ingress)?;
                 samples[i].push(ns as f64);
                 actions[i] = a;
             }
         }
-        for (i, (name, program, _)) in repeated.iter().enumerate() {
+        for (i, (name, program, _, _, expected)) in repeated.iter().enumerate() {
             let (ns, min, max) = median_and_spread(&mut samples[i]);
             say(format!("test_run {name}: {ns:.0} ns ({min:.0}-{max:.0} over {trials} trials), action {}", actions[i]));
-            cases.push(Case { name, program, ns, min, max, action: actions[i], method: "repeat" });
+            cases.push(Case { name, program, ns, min, max, action: actions[i], expected: *expected, method: "repeat" });
         }
         // New flows: one run each, on flows never seen (source ports 1000...), full NAT and DNAT.
         for (name, port) in [("new flow, full NAT (one run per flow)", 9000u16), ("new flow, DNAT (one run per flow)", 9001)] {
@@ -320,7 +368,7 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
             }
             let (ns, min, max) = median_and_spread(&mut group_means);
             say(format!("test_run {name}: {ns:.0} ns ({min:.0}-{max:.0} over {trials} groups of {per_group} flows), action {action}"));
-            cases.push(Case { name, program: PROGRAM_NAME, ns, min, max, action, method: "one run per frame" });
+            cases.push(Case { name, program: PROGRAM_NAME, ns, min, max, action, expected: XDP_REDIRECT, method: "one run per frame" });
         }
         for (name, program, frame) in [
             ("bare XDP_PASS (one run per frame)", "xdp_pass", udp_est.as_slice()),
@@ -335,19 +383,14 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
                 action = a;
             }
             let ns = total as f64 / new_flows as f64;
-            cases.push(Case { name, program, ns, min: ns, max: ns, action, method: "one run per frame" });
+            let expected = if program == "xdp_pass" { XDP_PASS } else { XDP_REDIRECT };
+            cases.push(Case { name, program, ns, min: ns, max: ns, action, expected, method: "one run per frame" });
         }
         Ok(cases)
     })??;
     for case in &cases {
-        let expected = match case.program {
-            "xdp_pass" => XDP_PASS,
-            "xdp_drop" => 1,
-            _ if case.name.starts_with("non-matching") => XDP_PASS,
-            _ => XDP_REDIRECT,
-        };
-        if case.action != expected {
-            anyhow::bail!("test_run case {:?} returned action {} (expected {expected})", case.name, case.action);
+        if case.action != case.expected {
+            anyhow::bail!("test_run case {:?} returned action {} (expected {})", case.name, case.action, case.expected);
         }
     }
     let profile = if opts.quick || super::which("perf").is_none() {
@@ -433,7 +476,10 @@ pub fn section(r: &TestRunResults) -> String {
          flows never seen before, in groups (one per trial) whose mean is a sample: the median group and the \
          spread of the groups, compared with XDP_PASS and an established flow timed the same way (that \
          method adds the timer's own overhead to every run). The namespace's FIB resolves every destination \
-         to a static neighbour, so forwarding paths return XDP_REDIRECT as on the wire.\n\n\
+         to a static neighbour. One-arm cases arrive on the interface their route leaves by (`ctx_in` names \
+         it), so the datapath answers with XDP_TX, as a balancer on one NIC does (Katran's topology); two-arm \
+         cases arrive on another interface and are redirected (`bpf_redirect`), as from a client network to a \
+         server network.\n\n\
          | case | program | action | ns/packet (median) | min-max | vs XDP_PASS (same method) |\n|---|---|---|---:|---:|---:|\n{rows}\n\
          The address filter (`ADDRESS_FILTER`, one array read per address) passes a packet whose source and \
          destination share no bucket with a gateway's VIP or target before any hash lookup: the two \
