@@ -62,9 +62,15 @@ impl ForwardEvent {
     /// Passed to the kernel after translation for any other FIB answer (local
     /// destination, forwarding disabled, no route...).
     pub const PASS_FIB: Self = Self(3);
+    /// A direct-server-return packet too big for the egress MTU once encapsulated: an ICMP
+    /// "fragmentation needed" went back to the client instead.
+    pub const ICMP_TOO_BIG: Self = Self(4);
+    /// A direct-server-return packet the driver left no room to encapsulate, dropped.
+    pub const ENCAP_FAILED: Self = Self(5);
 
-    pub const COUNT: u32 = 4;
-    pub const ALL: [Self; Self::COUNT as usize] = [Self::TX, Self::REDIRECT, Self::PASS_NO_NEIGH, Self::PASS_FIB];
+    pub const COUNT: u32 = 6;
+    pub const ALL: [Self; Self::COUNT as usize] =
+        [Self::TX, Self::REDIRECT, Self::PASS_NO_NEIGH, Self::PASS_FIB, Self::ICMP_TOO_BIG, Self::ENCAP_FAILED];
 
     pub const fn name(self) -> &'static str {
         match self.0 {
@@ -72,6 +78,8 @@ impl ForwardEvent {
             1 => "redirect",
             2 => "pass_no_neigh",
             3 => "pass_fib",
+            4 => "icmp_too_big",
+            5 => "encap_failed",
             _ => "unknown",
         }
     }
@@ -124,6 +132,10 @@ mod tests {
             assert_ne!(class.name(), "unknown");
         }
         assert_eq!(PacketClass(PacketClass::COUNT).name(), "unknown");
+        for (i, event) in ForwardEvent::ALL.iter().enumerate() {
+            assert_eq!(event.0 as usize, i);
+            assert_ne!(event.name(), "unknown");
+        }
         for (i, event) in FlowEvent::ALL.iter().enumerate() {
             assert_eq!(event.0 as usize, i);
             assert_ne!(event.name(), "unknown");

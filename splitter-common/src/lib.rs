@@ -25,6 +25,9 @@ pub use counters::{FlowEvent, ForwardEvent, PacketClass};
 
 /// Name of the XDP program inside the object.
 pub const PROGRAM_NAME: &str = "splitter";
+/// Name of the decapsulation program (for targets of direct-server-return gateways, on
+/// kernels without an `ipip` device) inside the same object.
+pub const DECAP_PROGRAM_NAME: &str = "splitter_decap";
 
 /// Version of the maps' layout (their keys, values and sizes): a new agent that finds pins
 /// of another layout version must not write into them as if they were its own.
@@ -68,13 +71,16 @@ pub mod map_names {
     /// The buckets of addresses the splitter cannot have to translate (`AddressFilter`),
     /// one entry; written by the agent, read by the program before any hash lookup.
     pub const ADDRESS_FILTER: &str = "ADDRESS_FILTER";
+    /// Outer source prefixes of direct-server-return gateways (`DsrSource`), per gateway;
+    /// written by the agent (before the gateway's state names it), read by the program.
+    pub const DSR_SOURCES: &str = "DSR_SOURCES";
     /// The maps every datapath of this layout version has had since its first release: pins
     /// holding these (and a program and links) are a datapath to adopt or upgrade; maps
     /// added since are created when missing.
     pub const CORE: [&str; 8] =
         [GATEWAYS, BUCKET_TABLES, TARGETS, CONNTRACK, TARGET_COUNTERS, GATEWAY_COUNTERS, PACKET_COUNTERS, FORWARD_EVENTS];
     /// Every map the agent pins and adopts.
-    pub const PINNED: [&str; 14] = [
+    pub const PINNED: [&str; 15] = [
         GATEWAYS,
         BUCKET_TABLES,
         TARGETS,
@@ -89,6 +95,7 @@ pub mod map_names {
         SOURCE_POOLS,
         DATAPATH_INFO,
         ADDRESS_FILTER,
+        DSR_SOURCES,
     ];
 }
 

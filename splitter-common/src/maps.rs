@@ -46,6 +46,9 @@ pub const GATEWAY_STICKY_CLIENT: u32 = 2;
 /// `GatewayState.flags`: the gateway's port speaks HTTP (`9050/http`): the status line of
 /// its targets' responses is counted.
 pub const GATEWAY_HTTP: u32 = 4;
+/// `GatewayState.flags`: direct server return: packets go to targets unchanged inside an
+/// outer IPv4 header (IP in IP), and targets answer clients directly.
+pub const GATEWAY_DSR: u32 = 8;
 
 /// The live state of a gateway. Written as a whole by the agent after the table it names
 /// is complete, so a packet sees either the old table or the new one, never a mix.
@@ -148,6 +151,10 @@ pub const FLOW_ESTABLISHED: u32 = 8;
 pub const FLOW_HTTP: u32 = 16;
 /// `FlowEntry.flags`: the flow's connect was counted as failed (once).
 pub const FLOW_CONNECT_FAILED: u32 = 32;
+/// `FlowEntry.flags`: a direct-server-return flow: its packets are encapsulated, not
+/// rewritten; `rewritten` holds the outer header's source and destination (the target),
+/// with the packet's own ports. It has one entry (the client's): replies bypass the splitter.
+pub const FLOW_DSR: u32 = 64;
 
 /// Conntrack value: how to rewrite a packet whose 5-tuple is the key. A flow has two
 /// entries, one per direction; each entry's `rewritten` tuple reversed is the key of the
@@ -253,6 +260,32 @@ pub struct SourcePool {
 }
 assert_size!(SourcePool, 72);
 
+/// Where the outer source addresses of a direct-server-return gateway's packets come from,
+/// at its `gateway_id`: a prefix whose host bits each flow picks from its hash, so the
+/// targets' NICs spread the flows over their receive queues. All zero: the node's address
+/// towards each target (`TargetEntry.snat_addr`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DsrSource {
+    /// The prefix with its host bits zero, network byte order.
+    pub prefix: u32,
+    /// The host bits, network byte order (0 for a /32).
+    pub host_mask: u32,
+}
+assert_size!(DsrSource, 8);
+
+impl DsrSource {
+    /// The outer source address of a flow with `hash`; `node_addr` when no prefix is set.
+    #[inline(always)]
+    pub const fn address(&self, hash: u32, node_addr: u32) -> u32 {
+        if self.prefix == 0 {
+            node_addr
+        } else {
+            self.prefix | (hash & self.host_mask)
+        }
+    }
+}
+
 /// Words of the address filter: 65 536 buckets of one bit.
 pub const ADDRESS_FILTER_WORDS: usize = 1024;
 
@@ -330,6 +363,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::DatapathInfo {}
     unsafe impl aya::Pod for super::TargetOutcomes {}
     unsafe impl aya::Pod for super::AddressFilter {}
+    unsafe impl aya::Pod for super::DsrSource {}
 }
 
 #[cfg(test)]

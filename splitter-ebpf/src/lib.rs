@@ -16,8 +16,11 @@ mod helpers;
 use core::mem;
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
-    helpers::{bpf_fib_lookup, bpf_jiffies64, bpf_ktime_get_ns, bpf_loop, bpf_redirect},
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
+    },
+    helpers::{bpf_fib_lookup, bpf_jiffies64, bpf_ktime_get_ns, bpf_loop, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -36,13 +39,13 @@ use splitter_common::{
         connect_timed_out, half_open_expired, half_open_port_takeable, half_open_verdict, http_status_class, port_reusable, tcp_verdict,
         HalfOpenVerdict, TcpVerdict, DEFAULT_CONNECT_TIMEOUT_NS, DEFAULT_HALF_OPEN_TIMEOUT_NS, TCP_ACK, TCP_SYN,
     },
-    csum::CsumDelta,
+    csum::{fold, sum_words, CsumDelta},
     flow::{bucket_slot, client_hash, flow_hash, snat_address_index, snat_port_in, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
-        AddressFilter, BucketTable, DatapathInfo, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool,
+        AddressFilter, BucketTable, DatapathInfo, DsrSource, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool,
         TargetCounters, TargetEntry, TargetOutcomes, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_HALF_OPEN_ENTRIES, DEFAULT_MAX_GATEWAYS,
-        FLOW_CONNECT_FAILED, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_HTTP, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_HTTP,
-        GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
+        FLOW_CONNECT_FAILED, FLOW_DSR, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_HTTP, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR,
+        GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
     },
     FlowEvent, ForwardEvent, PacketClass,
 };
@@ -105,6 +108,11 @@ static SOURCE_POOLS: Array<SourcePool> = Array::with_max_entries(DEFAULT_MAX_GAT
 /// from conntrack sweeps). Read by: this program, before any hash lookup.
 #[map]
 static ADDRESS_FILTER: Array<AddressFilter> = Array::with_max_entries(1, 0);
+
+/// Outer source prefixes of direct-server-return gateways, at `GatewayState.gateway_id`.
+/// Written by: the agent (before the gateway's state names it). Read by: this program.
+#[map]
+static DSR_SOURCES: Array<DsrSource> = Array::with_max_entries(DEFAULT_MAX_GATEWAYS, 0);
 
 /// The layout version and build of what runs, for the next agent.
 /// Written by: the agent. Read by: the agent (never this program).
@@ -173,6 +181,17 @@ struct CoarseClock {
 static COARSE_CLOCK: PerCpuArray<CoarseClock> = PerCpuArray::with_max_entries(1, 0);
 
 const AF_INET: u8 = 2;
+/// IP in IP (the outer header's protocol of a direct-server-return packet).
+const PROTO_IPIP: u8 = 4;
+const PROTO_ICMP: u8 = 1;
+/// IPv4 "don't fragment", as stored.
+const IP_DONT_FRAGMENT: [u8; 2] = [0x40, 0];
+/// Bytes an encapsulation adds: one IPv4 header without options.
+const OUTER_HEADER_LEN: u16 = Ipv4Hdr::LEN as u16;
+/// An ICMP error's own header, and how much of the offending packet it quotes beyond its
+/// IP header (RFC 792).
+const ICMP_HEADER_LEN: usize = 8;
+const ICMP_QUOTED_L4_LEN: usize = 8;
 /// IPv4 "more fragments" flag and fragment offset, as stored (network order).
 const IP_FRAGMENT_MASK: u16 = 0x3fffu16.to_be();
 
@@ -419,19 +438,19 @@ fn flow_key(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u
     [src_addr, dst_addr, u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]), u32::from_ne_bytes([proto, 0, 0, 0])]
 }
 
-/// Writes both MAC addresses of the Ethernet header as 16-bit words (copying the arrays
-/// compiles to two calls of a byte-wise memmove).
+/// Both MAC addresses of an Ethernet header (destination, then source) as six 16-bit
+/// words, the form they are written in (copying the arrays compiles to calls of a
+/// byte-wise memmove).
+#[inline(always)]
+fn mac_words(dst: &[u8; 6], src: &[u8; 6]) -> [u16; 6] {
+    let w = |a: &[u8; 6], i: usize| u16::from_ne_bytes([a[2 * i], a[2 * i + 1]]);
+    [w(dst, 0), w(dst, 1), w(dst, 2), w(src, 0), w(src, 1), w(src, 2)]
+}
+
+/// Writes both MAC addresses of the Ethernet header.
 #[inline(always)]
 fn write_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6]) {
-    let at = eth.cast::<u16>();
-    // SAFETY: the caller checked that a whole EthHdr lies inside the packet; its first
-    // twelve bytes are the two addresses.
-    unsafe {
-        for i in 0..3 {
-            at.add(i).write_unaligned(u16::from_ne_bytes([dst[2 * i], dst[2 * i + 1]]));
-            at.add(3 + i).write_unaligned(u16::from_ne_bytes([src[2 * i], src[2 * i + 1]]));
-        }
-    }
+    write_mac_words(eth, mac_words(dst, src));
 }
 
 /// A packet of a known flow. Returns `None` when the packet starts a new flow on the
@@ -499,9 +518,16 @@ fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Resu
     if !to_target && flow.flags & FLOW_HTTP != 0 {
         count_http_status(ctx, packet, flow.counter_index);
     }
+    let dsr = flow.flags & FLOW_DSR != 0;
     if close {
-        let _ = CONNTRACK.remove(&flow.rewritten.reversed());
+        // A direct-server-return flow has no entry for replies.
+        if !dsr {
+            let _ = CONNTRACK.remove(&flow.rewritten.reversed());
+        }
         let _ = CONNTRACK.remove(packet.key());
+    }
+    if dsr {
+        return encapsulate(ctx, packet, &flow.rewritten).map(Some);
     }
     rewrite(ctx, packet, &flow.rewritten)?;
     Ok(Some(forward(ctx, packet, &flow.rewritten)))
@@ -515,18 +541,32 @@ fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result
     // are written through the pointer.
     let flow = unsafe { *entry };
     let to_target = flow.flags & FLOW_TO_TARGET != 0;
+    // A direct-server-return flow has the client's entry alone: the target answers the
+    // client directly.
+    let dsr = flow.flags & FLOW_DSR != 0;
     // The client's key and the target's (reply) key of the flow.
     let (client_key, reply_key) =
         if to_target { (*packet.key(), flow.rewritten.reversed()) } else { (flow.rewritten.reversed(), *packet.key()) };
     let now = now_ns();
     if half_open_expired(flow.created_ns, now, half_open_timeout_ns()) {
         let _ = HALF_OPEN.remove(&client_key);
-        let _ = HALF_OPEN.remove(&reply_key);
+        if !dsr {
+            let _ = HALF_OPEN.remove(&reply_key);
+        }
         count_flow_event(FlowEvent::HALF_OPEN_EXPIRED);
         return Ok(None);
     }
     let counters = TARGET_COUNTERS.get_ptr_mut(flow.counter_index);
     match half_open_verdict(flow.flags, packet.tcp_flags) {
+        HalfOpenVerdict::Promote if dsr => {
+            if CONNTRACK.insert(&client_key, &flow, u64::from(BPF_ANY)).is_ok() {
+                let _ = HALF_OPEN.remove(&client_key);
+                count_flow_event(FlowEvent::HALF_OPEN_PROMOTED);
+            }
+        }
+        HalfOpenVerdict::Close if dsr => {
+            let _ = HALF_OPEN.remove(&client_key);
+        }
         HalfOpenVerdict::Promote => {
             // The target's entry as the handshake left it (its SYN-ACK marked it), or as it
             // would be, should the LRU have dropped it.
@@ -601,6 +641,9 @@ fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result
             }
         }
     }
+    if dsr {
+        return encapsulate(ctx, packet, &flow.rewritten).map(Some);
+    }
     rewrite(ctx, packet, &flow.rewritten)?;
     Ok(Some(forward(ctx, packet, &flow.rewritten)))
 }
@@ -633,6 +676,9 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         return Err(Error::Inconsistent);
     }
     let target = *TARGETS.get(gateway.table_index * MAX_TARGETS_PER_GATEWAY + index).ok_or(Error::Inconsistent)?;
+    if gateway.flags & GATEWAY_DSR != 0 {
+        return new_dsr_flow(ctx, packet, gateway, &target, hash, syn);
+    }
 
     let now = now_ns();
     let http = if gateway.flags & GATEWAY_HTTP != 0 { FLOW_HTTP } else { 0 };
@@ -708,6 +754,60 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     debug!(ctx, "new flow to target index {} (table {})", index, gateway.table_index);
     rewrite(ctx, packet, &to_target)?;
     Ok(forward(ctx, packet, &to_target))
+}
+
+/// The first packet of a direct-server-return flow: only the client's entry is recorded
+/// (a SYN's in `HALF_OPEN`, anything else's in `CONNTRACK`), naming the outer header's
+/// addresses; the packet leaves inside it, unchanged.
+#[inline(always)]
+fn new_dsr_flow(
+    ctx: &XdpContext,
+    packet: &Packet,
+    gateway: &GatewayState,
+    target: &TargetEntry,
+    hash: u32,
+    syn: bool,
+) -> Result<u32, Error> {
+    let key = packet.key();
+    let source = match DSR_SOURCES.get(gateway.gateway_id) {
+        Some(source) => source.address(hash, target.snat_addr),
+        None => target.snat_addr,
+    };
+    let outer = FlowKey {
+        src_addr: source,
+        dst_addr: target.addr,
+        src_port: key.src_port,
+        dst_port: key.dst_port,
+        proto: key.proto,
+        _pad: 0,
+        _pad_word: 0,
+    };
+    let now = now_ns();
+    let flow = FlowEntry {
+        rewritten: outer,
+        counter_index: target.counter_index,
+        flags: FLOW_TO_TARGET | FLOW_DSR,
+        last_seen_ns: now,
+        created_ns: now,
+    };
+    let table = if syn { &HALF_OPEN } else { &CONNTRACK };
+    if table.insert(key, &flow, u64::from(BPF_ANY)).is_err() {
+        count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    if syn {
+        count_flow_event(FlowEvent::HALF_OPEN_STARTED);
+    }
+    count_gateway(gateway.gateway_id, |c| &mut c.new_flows);
+    if let Some(c) = TARGET_COUNTERS.get_ptr_mut(target.counter_index) {
+        // SAFETY: a per-CPU slot of this CPU.
+        unsafe {
+            (*c).new_flows += 1;
+            (*c).packets_to_target += 1;
+            (*c).bytes_to_target += u64::from(packet.ip_len);
+        }
+    }
+    encapsulate(ctx, packet, &outer)
 }
 
 /// The pool of a gateway whose pool slot cannot be read (none is configured then either).
@@ -1008,44 +1108,52 @@ fn rewrite(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> Result<(), Error>
     Ok(())
 }
 
-/// Sends a translated packet on its way: the FIB names the egress interface and next-hop
-/// MAC; without a resolved neighbour (or for a local destination) the kernel forwards it.
+/// Where a packet leaves, as the FIB (or its per-CPU cache) says.
+enum Route {
+    /// Out of `egress`, with these MACs (as [`mac_words`] gives them).
+    Send { egress: u32, macs: [u16; 6] },
+    /// The packet is larger than the egress MTU (which is given).
+    TooBig(u16),
+    /// No next hop to send to from XDP: the kernel should handle the packet.
+    Pass(ForwardEvent),
+}
+
+/// The route of a packet of `len` bytes (IP length) from `src` to `dst` (network order),
+/// with the L4 fields the FIB may hash on.
 #[inline(always)]
-fn forward(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> u32 {
+fn route(ctx: &XdpContext, src: u32, dst: u32, proto: u8, sport: u16, dport: u16, len: u16) -> Route {
     let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: bpf_jiffies64 has no preconditions.
     let jiffies = unsafe { bpf_jiffies64() };
-    let slot = (to.src_addr ^ to.dst_addr.rotate_left(16) ^ ingress).wrapping_mul(0x9e37_79b1) >> 24;
+    let slot = (src ^ dst.rotate_left(16) ^ ingress).wrapping_mul(0x9e37_79b1) >> 24;
     let cached = NEXT_HOPS.get_ptr_mut(slot & (NEXT_HOP_SLOTS - 1));
     if let Some(hop) = cached {
         // SAFETY: this CPU's slot; nothing else writes it while we run here.
-        let hop = unsafe { &*hop };
-        if hop.dst == to.dst_addr && hop.src == to.src_addr && hop.ingress == ingress && jiffies < hop.expires && packet.ip_len <= hop.mtu {
-            write_macs(packet.eth, &hop.dmac, &hop.smac);
-            return send(hop.egress, ingress);
+        let h = unsafe { &*hop };
+        if h.dst == dst && h.src == src && h.ingress == ingress && jiffies < h.expires && len <= h.mtu {
+            return Route::Send { egress: h.egress, macs: mac_words(&h.dmac, &h.smac) };
         }
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain integers and unions of
     // integers).
     let mut fib: FibParams = unsafe { mem::zeroed() };
     fib.family = AF_INET;
-    fib.l4_protocol = to.proto;
-    fib.sport = to.src_port;
-    fib.dport = to.dst_port;
-    fib.__bindgen_anon_1.tot_len = packet.ip_len;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    fib.__bindgen_anon_3.ipv4_src = to.src_addr;
-    fib.__bindgen_anon_4.ipv4_dst = to.dst_addr;
+    fib.l4_protocol = proto;
+    fib.sport = sport;
+    fib.dport = dport;
+    fib.__bindgen_anon_1.tot_len = len;
+    fib.ifindex = ingress;
+    fib.__bindgen_anon_3.ipv4_src = src;
+    fib.__bindgen_anon_4.ipv4_dst = dst;
     // SAFETY: `fib` is a valid bpf_fib_lookup on our stack, its size passed alongside.
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<FibParams>() as i32, 0) };
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        write_macs(packet.eth, &fib.dmac, &fib.smac);
         if let Some(hop) = cached {
             // SAFETY: this CPU's slot; on success the FIB wrote the egress MTU over tot_len.
             unsafe {
                 *hop = NextHop {
-                    src: to.src_addr,
-                    dst: to.dst_addr,
+                    src,
+                    dst,
                     ingress,
                     egress: fib.ifindex,
                     expires: jiffies + NEXT_HOP_TTL_JIFFIES,
@@ -1056,10 +1164,219 @@ fn forward(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> u32 {
                 };
             }
         }
-        return send(fib.ifindex, ingress);
+        return Route::Send { egress: fib.ifindex, macs: mac_words(&fib.dmac, &fib.smac) };
     }
-    count_event(if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) { ForwardEvent::PASS_NO_NEIGH } else { ForwardEvent::PASS_FIB });
-    xdp_action::XDP_PASS
+    if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+        // SAFETY: on FRAG_NEEDED the FIB wrote the egress MTU over tot_len.
+        return Route::TooBig(unsafe { fib.__bindgen_anon_1.mtu_result });
+    }
+    Route::Pass(if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) { ForwardEvent::PASS_NO_NEIGH } else { ForwardEvent::PASS_FIB })
+}
+
+/// Writes the route's MACs into the Ethernet header at `eth` and sends the packet, or
+/// passes it to the kernel when XDP cannot send it.
+#[inline(always)]
+fn send_by(ctx: &XdpContext, eth: *mut EthHdr, route: Route) -> u32 {
+    let ingress = ctx.ingress_ifindex() as u32;
+    match route {
+        Route::Send { egress, macs } => {
+            write_mac_words(eth, macs);
+            send(egress, ingress)
+        }
+        // The kernel sends "fragmentation needed" for a translated packet itself.
+        Route::TooBig(_) => {
+            count_event(ForwardEvent::PASS_FIB);
+            xdp_action::XDP_PASS
+        }
+        Route::Pass(event) => {
+            count_event(event);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// Sends a translated packet on its way: the FIB names the egress interface and next-hop
+/// MAC; without a resolved neighbour (or for a local destination) the kernel forwards it.
+#[inline(always)]
+fn forward(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> u32 {
+    let route = route(ctx, to.src_addr, to.dst_addr, to.proto, to.src_port, to.dst_port, packet.ip_len);
+    send_by(ctx, packet.eth, route)
+}
+
+/// Sends a direct-server-return packet to its target inside an outer IPv4 header (IP in
+/// IP) from `outer.src_addr` to `outer.dst_addr`; the packet itself is left as it came.
+/// One that would no longer fit the egress MTU is answered with an ICMP "fragmentation
+/// needed" to the client instead. Without a resolved neighbour the kernel forwards the
+/// encapsulated packet.
+#[inline(always)]
+fn encapsulate(ctx: &XdpContext, packet: &Packet, outer: &FlowKey) -> Result<u32, Error> {
+    let Some(outer_len) = packet.ip_len.checked_add(OUTER_HEADER_LEN) else {
+        return icmp_too_big(ctx, packet, u16::MAX - OUTER_HEADER_LEN);
+    };
+    // Ports hidden from the compiler: two zero stores merged into one 32-bit store land
+    // misaligned on the stack, which the verifier refuses.
+    let no_port = core::hint::black_box(0u16);
+    let route = route(ctx, outer.src_addr, outer.dst_addr, PROTO_IPIP, no_port, no_port, outer_len);
+    if let Route::TooBig(mtu) = route {
+        return icmp_too_big(ctx, packet, mtu.saturating_sub(OUTER_HEADER_LEN));
+    }
+    // SAFETY: `parse` checked the IP header; its first byte holds the TOS after the version.
+    let tos = unsafe { (*packet.ip).tos };
+    let macs = read_macs(packet.eth);
+    // SAFETY: the helper moves the packet's start; packet pointers are fetched again below.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -i32::from(OUTER_HEADER_LEN)) } != 0 {
+        count_event(ForwardEvent::ENCAP_FAILED);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // The frame as it arrived, for the kernel should it have to forward it.
+    write_mac_words(eth, macs);
+    // SAFETY: `ptr_at` checked that the Ethernet and outer IP headers lie in the packet.
+    unsafe {
+        (*eth).ether_type = EtherType::Ipv4 as u16;
+        write_ipv4_header(ip, tos, outer_len, PROTO_IPIP, outer.src_addr, outer.dst_addr);
+    }
+    Ok(send_by(ctx, eth, route))
+}
+
+/// Writes an IPv4 header without options (TTL 64, don't fragment) and its checksum.
+///
+/// # Safety
+/// `ip` must point at 20 writable bytes inside the packet.
+#[inline(always)]
+unsafe fn write_ipv4_header(ip: *mut Ipv4Hdr, tos: u8, len: u16, proto: u8, src: u32, dst: u32) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        (*ip).vihl = 0x45;
+        (*ip).tos = tos;
+        (*ip).tot_len = len.to_be_bytes();
+        (*ip).id = [0, 0];
+        (*ip).frags = IP_DONT_FRAGMENT;
+        (*ip).ttl = 64;
+        (*ip).proto = proto;
+        (*ip).check = [0, 0];
+        (*ip).src_addr = src.to_ne_bytes();
+        (*ip).dst_addr = dst.to_ne_bytes();
+        (*ip).check = (!fold(sum_words(&*ip.cast::<[u8; Ipv4Hdr::LEN]>()))).to_ne_bytes();
+    }
+}
+
+/// Answers a packet that cannot be sent encapsulated with an ICMP "fragmentation needed"
+/// (type 3, code 4) naming `mtu`, back to its sender out of the interface it came in on,
+/// quoting its IP header and first 8 bytes (a header with options is dropped instead:
+/// TCP and UDP stacks send none).
+#[inline(always)]
+fn icmp_too_big(ctx: &XdpContext, packet: &Packet, mtu: u16) -> Result<u32, Error> {
+    // SAFETY: `parse` checked the IP header.
+    let (vihl, src, dst) = unsafe { ((*packet.ip).vihl, (*packet.ip).src_addr, (*packet.ip).dst_addr) };
+    if vihl != 0x45 {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    let macs = read_macs(packet.eth);
+    let added = Ipv4Hdr::LEN + ICMP_HEADER_LEN;
+    // SAFETY: the helper moves the packet's start; packet pointers are fetched again below.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -(added as i32)) } != 0 {
+        count_event(ForwardEvent::ENCAP_FAILED);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    // Ethernet, the new IP header and ICMP header, then the quoted header and 8 bytes.
+    let wanted = EthHdr::LEN + added + Ipv4Hdr::LEN + ICMP_QUOTED_L4_LEN;
+    let len = ctx.data_end() - ctx.data();
+    if len < wanted {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    // SAFETY: the helper only shortens the packet; packet pointers are fetched again below.
+    if len > wanted && unsafe { bpf_xdp_adjust_tail(ctx.as_ptr().cast(), wanted as i32 - len as i32) } != 0 {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    let icmp: *mut [u8; ICMP_HEADER_LEN] = ptr_at(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
+    let quoted: *mut [u8; ICMP_HEADER_LEN + Ipv4Hdr::LEN + ICMP_QUOTED_L4_LEN] = ptr_at(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
+    // Back where it came from: the sender's MAC becomes the destination.
+    write_mac_words(eth, [macs[3], macs[4], macs[5], macs[0], macs[1], macs[2]]);
+    // SAFETY: `ptr_at` checked every header written lies in the packet.
+    unsafe {
+        (*eth).ether_type = EtherType::Ipv4 as u16;
+        write_ipv4_header(ip, 0, (wanted - EthHdr::LEN) as u16, PROTO_ICMP, u32::from_ne_bytes(dst), u32::from_ne_bytes(src));
+        let mtu = mtu.to_be_bytes();
+        *icmp = [3, 4, 0, 0, 0, 0, mtu[0], mtu[1]];
+        let check = (!fold(sum_words(&*quoted))).to_ne_bytes();
+        (*icmp)[2] = check[0];
+        (*icmp)[3] = check[1];
+    }
+    count_event(ForwardEvent::ICMP_TOO_BIG);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// The Ethernet header's two addresses as six 16-bit words (destination, then source).
+#[inline(always)]
+fn read_macs(eth: *mut EthHdr) -> [u16; 6] {
+    let at = eth.cast::<u16>();
+    // SAFETY: the caller checked that a whole EthHdr lies inside the packet.
+    unsafe {
+        [
+            at.read_unaligned(),
+            at.add(1).read_unaligned(),
+            at.add(2).read_unaligned(),
+            at.add(3).read_unaligned(),
+            at.add(4).read_unaligned(),
+            at.add(5).read_unaligned(),
+        ]
+    }
+}
+
+/// Writes the words [`read_macs`] returns.
+#[inline(always)]
+fn write_mac_words(eth: *mut EthHdr, words: [u16; 6]) {
+    let at = eth.cast::<u16>();
+    // SAFETY: the caller checked that a whole EthHdr lies inside the packet.
+    unsafe {
+        for (i, w) in words.iter().enumerate() {
+            at.add(i).write_unaligned(*w);
+        }
+    }
+}
+
+/// Decapsulates IP-in-IP packets (a direct-server-return splitter's) on a target whose
+/// kernel has no `ipip` device: the outer IPv4 header is removed and the packet the client
+/// sent, addressed to the VIP the target holds on its loopback, goes up the stack.
+/// Everything else is passed untouched.
+#[xdp]
+pub fn splitter_decap(ctx: XdpContext) -> u32 {
+    match try_decap(&ctx) {
+        Ok(action) => action,
+        Err(_) => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn try_decap(ctx: &XdpContext) -> Result<u32, Error> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked that a whole EthHdr lies inside the packet.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return Err(Error::Pass);
+    }
+    let outer: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    let inner: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
+    // SAFETY: `ptr_at` checked both headers lie inside the packet.
+    let (vihl, proto, frags, inner_vihl) = unsafe { ((*outer).vihl, (*outer).proto, (*outer).frags, (*inner).vihl) };
+    // Only an outer header without options and not a fragment (the kernel reassembles
+    // those), around an IPv4 packet.
+    if vihl != 0x45 || proto != PROTO_IPIP || u16::from_ne_bytes(frags) & IP_FRAGMENT_MASK != 0 || inner_vihl >> 4 != 4 {
+        return Err(Error::Pass);
+    }
+    let macs = read_macs(eth);
+    // SAFETY: the helper moves the packet's start; the Ethernet header is fetched again.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), Ipv4Hdr::LEN as i32) } != 0 {
+        return Err(Error::Pass);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    write_mac_words(eth, macs);
+    // SAFETY: `ptr_at` checked that a whole EthHdr lies inside the packet.
+    unsafe { (*eth).ether_type = EtherType::Ipv4 as u16 };
+    Ok(xdp_action::XDP_PASS)
 }
 
 /// Sends a forwarded packet out of `egress`: back out of the interface it came in on, or

@@ -438,7 +438,13 @@ impl Dataplane for Datapath {
             out.push((class.name(), self.packet_counters.get(&class.0, 0)?.iter().sum()));
         }
         for event in ForwardEvent::ALL {
-            out.push((event.name(), self.forward_events.get(&event.0, 0)?.iter().sum()));
+            // A datapath adopted from an older agent may have fewer events: those count 0.
+            let count = match self.forward_events.get(&event.0, 0) {
+                Ok(per_cpu) => per_cpu.iter().sum(),
+                Err(_) if event.0 >= self.forward_events.len() => 0,
+                Err(e) => return Err(e.into()),
+            };
+            out.push((event.name(), count));
         }
 
         Ok(out)

@@ -233,6 +233,10 @@ impl Bed {
     }
 }
 
+/// A repeated case: name, program, frame, ingress interface (none: loopback), the action
+/// it must end in.
+type RepeatedCase<'a> = (&'static str, &'static str, &'a [u8], Option<u32>, u32);
+
 fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
     FlowKey { src_addr: ne(src), dst_addr: ne(dst), src_port: sport.to_be(), dst_port: dport.to_be(), proto, _pad: 0, _pad_word: 0 }
 }
@@ -304,7 +308,7 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
         // SAFETY: a NUL-terminated name; the call only reads it.
         let one_arm = Some(Some(unsafe { libc::if_nametoindex(c"tr0".as_ptr()) }).filter(|i| *i != 0).context("no tr0 in the namespace")?);
         let two_arm = None;
-        let repeated: [(&'static str, &'static str, &[u8], Option<u32>, u32); 15] = [
+        let repeated: [RepeatedCase; 15] = [
             ("bare XDP_PASS", "xdp_pass", &udp_est, one_arm, XDP_PASS),
             ("bare XDP_DROP", "xdp_drop", &udp_est, one_arm, XDP_DROP),
             (BARE_FORWARDER, "xdp_forward", &to_backend, two_arm, XDP_REDIRECT),
