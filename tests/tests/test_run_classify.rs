@@ -8,7 +8,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use splitter_common::{PacketClass, PROGRAM_NAME};
+use splitter_common::{PacketClass, DECAP_PROGRAM_NAME, PROGRAM_NAME};
 use splitter_tests::{
     ebpf_object,
     frames::{self, Ipv4Packet, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_SYN},
@@ -146,16 +146,17 @@ fn every_prefix_of_a_frame_passes() {
     }
 }
 
-/// The agent's object carries the datapath alone: test and benchmark programs live in the
-/// test object.
+/// The agent's object carries the datapath and the decapsulation program alone: test and
+/// benchmark programs live in the test object.
 #[test]
-fn the_agents_object_holds_only_the_datapath_program() {
-    if !privileged("the_agents_object_holds_only_the_datapath_program") {
+fn the_agents_object_holds_only_the_product_programs() {
+    if !privileged("the_agents_object_holds_only_the_product_programs") {
         return;
     }
     let ebpf = Ebpf::load_file(ebpf_object()).expect("loading the eBPF object");
-    let names: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
-    assert_eq!(names, [PROGRAM_NAME]);
+    let mut names: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
+    names.sort_unstable();
+    assert_eq!(names, [PROGRAM_NAME, DECAP_PROGRAM_NAME], "the datapath and the targets' decapsulation program, nothing else");
     let maps: Vec<&str> = ebpf.maps().map(|(name, _)| name).filter(|n| n.starts_with("BENCH")).collect();
     assert!(maps.is_empty(), "benchmark maps in the agent's object: {maps:?}");
     let helpers = splitter_tests::testbed::helper_object().expect("loading the test object");

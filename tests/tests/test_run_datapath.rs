@@ -16,12 +16,12 @@ use aya::{
 use splitter_common::{
     flow::{bucket_slot, client_hash, flow_hash, snat_port, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
-        address_bucket, AddressFilter, BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, TargetOutcomes,
-        FLOW_ESTABLISHED, FLOW_FIN_SEEN, FLOW_FROM_TARGET, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT,
-        MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
+        address_bucket, AddressFilter, BucketTable, DsrSource, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, TargetOutcomes,
+        FLOW_DSR, FLOW_ESTABLISHED, FLOW_FIN_SEEN, FLOW_FROM_TARGET, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP,
+        GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
     },
     table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE},
-    FlowEvent, PROGRAM_NAME,
+    FlowEvent, ForwardEvent, DECAP_PROGRAM_NAME, PROGRAM_NAME,
 };
 use splitter_tests::{
     ebpf_object,
@@ -31,6 +31,7 @@ use splitter_tests::{
 
 const XDP_ABORTED: u32 = 0;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
@@ -70,6 +71,8 @@ impl Bench {
             .unwrap();
         let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).unwrap().try_into().unwrap();
         prog.load().expect("the verifier accepts the datapath");
+        let decap: &mut Xdp = ebpf.program_mut(DECAP_PROGRAM_NAME).unwrap().try_into().unwrap();
+        decap.load().expect("the verifier accepts the decapsulation program");
         Self { ns, _peer: peer, ebpf }
     }
 
@@ -182,9 +185,24 @@ impl Bench {
         m.get(&event.0, 0).unwrap().iter().sum()
     }
 
+    /// A forwarding event's count (summed over CPUs).
+    fn forward_event(&self, event: ForwardEvent) -> u64 {
+        let m: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.ebpf.map("FORWARD_EVENTS").unwrap()).unwrap();
+        m.get(&event.0, 0).unwrap().iter().sum()
+    }
+
+    fn dsr_source(&mut self, gateway_id: u32, source: DsrSource) {
+        let mut m: Array<&mut MapData, DsrSource> = Array::try_from(self.ebpf.map_mut("DSR_SOURCES").unwrap()).unwrap();
+        m.set(gateway_id, source, 0).unwrap();
+    }
+
     /// Runs the program on `frame` inside the namespace.
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
+        self.run_program(PROGRAM_NAME, frame)
+    }
+
+    fn run_program(&self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &Xdp = self.ebpf.program(name).unwrap().try_into().unwrap();
         self.ns.enter(|| run_xdp(prog, frame).expect("BPF_PROG_TEST_RUN")).unwrap()
     }
 }
@@ -654,4 +672,181 @@ fn the_address_filter_passes_foreign_packets_and_keeps_the_gateways() {
     bench.address_filter(&[TARGETS[0].0, TARGETS[1].0]);
     let (action, out) = bench.run(&tcp_frame(CLIENT, 40502, VIP, 9050, TCP_SYN, b""));
     assert_eq!((action, out), (XDP_PASS, tcp_frame(CLIENT, 40502, VIP, 9050, TCP_SYN, b"")));
+}
+
+/// An IP-in-IP frame's outer header, checked field by field; returns (source, destination).
+fn outer_header(out: &[u8], inner_len: usize) -> (Ipv4Addr, Ipv4Addr) {
+    assert_eq!(out[12..14], [0x08, 0x00], "IPv4 frame");
+    let outer = &out[ETH_LEN..ETH_LEN + 20];
+    assert_eq!(outer[0], 0x45, "outer header: version 4, no options");
+    assert_eq!(usize::from(u16::from_be_bytes([outer[2], outer[3]])), inner_len + 20, "outer total length");
+    assert_eq!(outer[6] & 0x40, 0x40, "don't fragment");
+    assert_eq!(outer[6] & 0x1f, 0, "not a fragment");
+    assert!(outer[8] > 1, "TTL");
+    assert_eq!(outer[9], 4, "protocol: IP in IP");
+    assert_eq!(frames::ones_complement_sum(outer, 0), 0xffff, "outer header checksum");
+    (Ipv4Addr::new(outer[12], outer[13], outer[14], outer[15]), Ipv4Addr::new(outer[16], outer[17], outer[18], outer[19]))
+}
+
+#[test]
+fn dsr_encapsulates_to_the_tables_target_and_keeps_each_flow_there() {
+    if !privileged("dsr_encapsulates_to_the_tables_target_and_keeps_each_flow_there") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, GATEWAY_DSR, 0, [500_000, 500_000]);
+    let slots = bench.table_slots(0);
+    let mut targets_seen = std::collections::BTreeSet::new();
+    for port in 41000..41016u16 {
+        let syn = tcp_frame(CLIENT, port, VIP, 9050, TCP_SYN, b"");
+        let (action, out) = bench.run(&syn);
+        assert_eq!(action, XDP_REDIRECT, "the SYN leaves encapsulated");
+        let want = expected_target(&slots, reference_flow_hash(&syn));
+        let (outer_src, outer_dst) = outer_header(&out, syn.len() - ETH_LEN);
+        assert_eq!((outer_src, outer_dst), (SNAT, want.0), "from the node's address to the table's target");
+        assert_eq!(out[ETH_LEN + 20..], syn[ETH_LEN..], "the client's packet rides inside unchanged");
+        assert_eq!(out[0..6], NEIGH_MAC, "next-hop MAC of the target");
+        targets_seen.insert(want.0);
+    }
+    assert_eq!(targets_seen.len(), 2, "flows spread over both targets");
+    assert_eq!((bench.half_open_len(), bench.conntrack_len()), (16, 0), "one half-open entry per flow: replies bypass the splitter");
+
+    // The client's ACK completes the handshake (the target's SYN-ACK never comes by).
+    let syn = tcp_frame(CLIENT, 41000, VIP, 9050, TCP_SYN, b"");
+    let want = expected_target(&slots, reference_flow_hash(&syn));
+    let ack = tcp_frame(CLIENT, 41000, VIP, 9050, TCP_ACK, b"GET / HTTP/1.0\r\n\r\n");
+    let (action, out) = bench.run(&ack);
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(outer_header(&out, ack.len() - ETH_LEN).1, want.0);
+    assert_eq!((bench.half_open_len(), bench.conntrack_len()), (15, 1), "promoted: the client's entry alone");
+    let entry = {
+        let ct: HashMap<&MapData, FlowKey, FlowEntry> = HashMap::try_from(bench.ebpf.map("CONNTRACK").unwrap()).unwrap();
+        ct.get(&flow_key(CLIENT, 41000, VIP, 9050, PROTO_TCP), 0).unwrap()
+    };
+    assert_eq!(entry.flags & (FLOW_DSR | FLOW_TO_TARGET), FLOW_DSR | FLOW_TO_TARGET);
+
+    // All weight to the other target: the established flow stays, a new one follows.
+    let other = if want == TARGETS[0] { [0, 1_000_000] } else { [1_000_000, 0] };
+    bench.gateway(0, 9050, PROTO_TCP, GATEWAY_DSR, 2, other);
+    let (_, out) = bench.run(&ack);
+    assert_eq!(outer_header(&out, ack.len() - ETH_LEN).1, want.0, "an established flow keeps its target");
+    let new_syn = tcp_frame(CLIENT, 42000, VIP, 9050, TCP_SYN, b"");
+    let (_, out) = bench.run(&new_syn);
+    assert_ne!(outer_header(&out, new_syn.len() - ETH_LEN).1, want.0, "a new flow follows the new weights");
+
+    // A reset from the client ends the flow.
+    let rst = tcp_frame(CLIENT, 41000, VIP, 9050, TCP_RST | TCP_ACK, b"");
+    let (action, _) = bench.run(&rst);
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(bench.conntrack_len(), 0);
+}
+
+#[test]
+fn dsr_sources_come_from_the_gateways_prefix_per_flow_and_udp_goes_straight_to_conntrack() {
+    if !privileged("dsr_sources_come_from_the_gateways_prefix_per_flow_and_udp_goes_straight_to_conntrack") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 5353, PROTO_UDP, GATEWAY_DSR, 0, [500_000, 500_000]);
+    let prefix = Ipv4Addr::new(10, 10, 2, 128);
+    let source = DsrSource { prefix: ne(prefix), host_mask: ne(Ipv4Addr::new(0, 0, 0, 127)) };
+    bench.dsr_source(0, source);
+    let mut sources = std::collections::BTreeSet::new();
+    for port in 30000..30064u16 {
+        let request = Ipv4Packet::new(CLIENT, VIP, PROTO_UDP, frames::udp(port, 5353, b"query")).build();
+        let (action, out) = bench.run(&request);
+        assert_eq!(action, XDP_REDIRECT);
+        let (src, _) = outer_header(&out, request.len() - ETH_LEN);
+        assert_eq!(u32::from(src) & 0xffff_ff80, u32::from(prefix), "{src} lies in 10.10.2.128/25");
+        assert_eq!(ne(src), source.address(reference_flow_hash(&request), ne(SNAT)), "the flow's hash picks the host part");
+        // The same flow again: the same outer source (from conntrack).
+        let (_, again) = bench.run(&request);
+        assert_eq!(again, out);
+        sources.insert(src);
+    }
+    assert!(sources.len() > 32, "64 flows spread over the prefix's addresses ({} seen)", sources.len());
+    assert_eq!((bench.half_open_len(), bench.conntrack_len()), (0, 64), "UDP: one conntrack entry per flow");
+}
+
+#[test]
+fn the_decapsulation_program_restores_the_clients_packet_byte_for_byte() {
+    if !privileged("the_decapsulation_program_restores_the_clients_packet_byte_for_byte") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, GATEWAY_DSR, 0, [500_000, 500_000]);
+    bench.gateway(1, 5353, PROTO_UDP, GATEWAY_DSR, 2, [500_000, 500_000]);
+    let frames_in = [
+        tcp_frame(CLIENT, 43000, VIP, 9050, TCP_SYN, b""),
+        tcp_frame(CLIENT, 43000, VIP, 9050, TCP_ACK, b"a payload of odd length"),
+        Ipv4Packet::new(CLIENT, VIP, PROTO_UDP, frames::udp(43001, 5353, b"query")).build(),
+    ];
+    for frame in &frames_in {
+        let (action, encapsulated) = bench.run(frame);
+        assert_eq!(action, XDP_REDIRECT);
+        let (action, decapsulated) = bench.run_program(DECAP_PROGRAM_NAME, &encapsulated);
+        assert_eq!(action, XDP_PASS, "up the target's stack");
+        assert_eq!(decapsulated[..12], encapsulated[..12], "the frame's MACs as it arrived at the target");
+        assert_eq!(decapsulated[12..], frame[12..], "the client's packet, byte for byte");
+        assert!(frames::checksums_valid(&decapsulated));
+    }
+    // Anything else is passed untouched: a plain packet, ICMP, a truncated IP-in-IP frame,
+    // an outer header with options.
+    let plain = tcp_frame(CLIENT, 43002, VIP, 9050, TCP_SYN, b"");
+    let (encapsulated_syn_action, encapsulated) = bench.run(&plain);
+    assert_eq!(encapsulated_syn_action, XDP_REDIRECT);
+    let mut with_options = encapsulated.clone();
+    with_options[ETH_LEN] = 0x46;
+    let others = [
+        plain.clone(),
+        Ipv4Packet::new(CLIENT, VIP, frames::PROTO_ICMP, vec![8, 0, 0, 0, 0, 0, 0, 0]).build(),
+        encapsulated[..ETH_LEN + 30].to_vec(),
+        with_options,
+    ];
+    for (i, frame) in others.iter().enumerate() {
+        let (action, out) = bench.run_program(DECAP_PROGRAM_NAME, frame);
+        assert_eq!((action, &out), (XDP_PASS, frame), "case {i} passes untouched");
+    }
+}
+
+#[test]
+fn a_dsr_packet_too_big_once_encapsulated_gets_an_icmp_fragmentation_needed() {
+    if !privileged("a_dsr_packet_too_big_once_encapsulated_gets_an_icmp_fragmentation_needed") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, GATEWAY_DSR, 0, [500_000, 500_000]);
+    bench.gateway(1, 5353, PROTO_UDP, GATEWAY_DSR, 2, [500_000, 500_000]);
+    // 1480 bytes of IP fit a 1500-byte MTU once encapsulated; 1481 do not.
+    let fits = tcp_frame(CLIENT, 44000, VIP, 9050, TCP_ACK, &vec![7u8; 1480 - 40]);
+    let (action, out) = bench.run(&fits);
+    assert_eq!(action, XDP_REDIRECT);
+    outer_header(&out, 1480);
+    for (i, big) in [
+        tcp_frame(CLIENT, 44000, VIP, 9050, TCP_ACK, &vec![7u8; 1481 - 40]),
+        tcp_frame(CLIENT, 44001, VIP, 9050, TCP_SYN, &vec![7u8; 1500 - 40]),
+        Ipv4Packet::new(CLIENT, VIP, PROTO_UDP, frames::udp(44002, 5353, &vec![1u8; 1500 - 28])).build(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let before = bench.forward_event(ForwardEvent::ICMP_TOO_BIG);
+        let (action, icmp) = bench.run(big);
+        assert_eq!(action, XDP_TX, "case {i}: answered out of the interface it came in on");
+        assert_eq!(icmp.len(), ETH_LEN + 20 + 8 + 28, "case {i}: the IP header and 8 bytes quoted");
+        assert_eq!(icmp[0..6], big[6..12], "case {i}: to the sender's MAC");
+        assert_eq!(icmp[6..12], big[0..6], "case {i}: from the MAC it was sent to");
+        assert_eq!(icmp[12..14], [0x08, 0x00]);
+        let ip = &icmp[ETH_LEN..ETH_LEN + 20];
+        assert_eq!(frames::ones_complement_sum(ip, 0), 0xffff, "case {i}: IP checksum");
+        assert_eq!((ip[0], ip[9]), (0x45, 1), "case {i}: IPv4, ICMP");
+        assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), 20 + 8 + 28);
+        assert_eq!((ip_src(&icmp), ip_dst(&icmp)), (VIP, CLIENT), "case {i}: from the VIP back to the client");
+        let message = &icmp[ETH_LEN + 20..];
+        assert_eq!(frames::ones_complement_sum(message, 0), 0xffff, "case {i}: ICMP checksum");
+        assert_eq!((message[0], message[1]), (3, 4), "case {i}: destination unreachable, fragmentation needed");
+        assert_eq!(u16::from_be_bytes([message[6], message[7]]), 1480, "case {i}: the MTU left inside the tunnel");
+        assert_eq!(message[8..], big[ETH_LEN..ETH_LEN + 28], "case {i}: quotes the packet's header and first 8 bytes");
+        assert_eq!(bench.forward_event(ForwardEvent::ICMP_TOO_BIG), before + 1);
+    }
 }
