@@ -107,20 +107,26 @@ pub struct AgentArgs {
     ebpf_object: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum XdpModeArg {
+/// The XDP attach modes operators choose from.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum XdpModeArg {
     Native,
     Skb,
 }
 
+/// The eBPF object built into the binary (empty when built without it).
+pub fn ebpf_object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
 impl XdpModeArg {
-    fn mode(self) -> XdpMode {
+    pub fn mode(self) -> XdpMode {
         match self {
             Self::Native => XdpMode::Driver,
             Self::Skb => XdpMode::Skb,
         }
     }
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Self::Native => "native",
             Self::Skb => "skb",

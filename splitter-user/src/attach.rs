@@ -74,6 +74,7 @@ fn expected_sizes(name: &str) -> Option<(usize, usize)> {
         map_names::TARGET_OUTCOMES => (4, size_of::<splitter_common::maps::TargetOutcomes>()),
         map_names::DATAPATH_INFO => (4, size_of::<DatapathInfo>()),
         map_names::ADDRESS_FILTER => (4, size_of::<splitter_common::maps::AddressFilter>()),
+        map_names::DSR_SOURCES => (4, size_of::<splitter_common::maps::DsrSource>()),
         _ => return None,
     })
 }

@@ -525,6 +525,9 @@ pub fn canary(command: CanaryCommand) -> Result<()> {
             steps.join(", "),
             r.reason
         );
+        if let Some(signals) = &r.signals {
+            println!("  {signals}");
+        }
     }
     Ok(())
 }

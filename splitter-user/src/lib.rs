@@ -3,7 +3,8 @@
 //!
 //! Modules depend one way (docs/ARCHITECTURE.md has the map): `gateway` <- `rollout`,
 //! `health`, `config` <- `api` <- `events`, `datapath` <- `state`, `metrics` <-
-//! `controller` <- `control` (HTTP server), `client` (CLI), `validate` <- `agent`.
+//! `controller` <- `control` (HTTP server), `client` (CLI), `validate` <- `agent` <-
+//! `decap`.
 
 pub mod agent;
 pub mod analysis;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod controller;
 pub mod datapath;
+pub mod decap;
 pub mod events;
 pub mod gateway;
 pub mod health;

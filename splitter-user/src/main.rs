@@ -3,7 +3,7 @@
 use std::{io, path::PathBuf};
 
 use clap::{CommandFactory, Parser, Subcommand};
-use splitter_user::{agent, client, ui, validate};
+use splitter_user::{agent, client, decap, ui, validate};
 
 /// `splitter --version`: the release and the commit it is built from.
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SPLITTER_GIT_COMMIT"), ")");
@@ -49,6 +49,10 @@ enum Command {
     /// rollouts and events, with weight sliders and rollout controls. Serves on loopback
     /// with a random token in the printed URL.
     Ui(ui::UiArgs),
+    /// On a target of `mode: dsr` gateways whose kernel has no ipip device: attach the
+    /// decapsulation program to the interfaces the splitter's packets arrive on, until
+    /// SIGTERM (the target holds the VIP on its loopback).
+    Decap(decap::DecapArgs),
     /// Print a shell completion script, e.g. `source <(splitter completions bash)`.
     Completions {
         #[arg(value_enum)]
@@ -100,6 +104,7 @@ fn main() {
         Command::Canary(command) => client::canary(command),
         Command::Events(args) => client::events(args),
         Command::Ui(args) => ui::run(args),
+        Command::Decap(args) => decap::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "splitter", &mut io::stdout());
             Ok(())

@@ -215,6 +215,9 @@ pub struct Rollout {
     /// The promotion step its confirm-promotion webhooks held back (approving takes it).
     #[serde(skip)]
     pub held_promotion: Option<usize>,
+    /// What the analysis cannot see for this gateway (see [`Gateway::unseen_signals`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signals: Option<String>,
 }
 
 fn entered_by_default() -> bool {
@@ -273,6 +276,7 @@ impl Rollout {
             inconclusive: 0,
             awaiting: None,
             held_promotion: None,
+            signals: None,
         }
     }
 

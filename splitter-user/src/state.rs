@@ -149,6 +149,7 @@ mod tests {
             inconclusive: 0,
             awaiting: None,
             held_promotion: None,
+            signals: None,
         };
         let state = SavedState { rollouts: vec![rollout.clone()], ..SavedState::default() };
         let back: SavedState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();

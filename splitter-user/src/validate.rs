@@ -61,6 +61,9 @@ fn validated_line(
                 gateway.protocol.name(),
                 gateway.routes.len(),
             );
+            if let Some(warning) = gateway.dsr_canary_warning() {
+                eprintln!("{origin}: {warning}");
+            }
             gateways.insert(gateway.name.clone(), gateway);
             line
         }

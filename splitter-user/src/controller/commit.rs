@@ -77,7 +77,8 @@ impl<D: Dataplane> Controller<D> {
             // HTTP gateways judge their responses too, by default.
             spec.thresholds.max_http_error_rate = Some(DEFAULT_MAX_HTTP_ERROR_RATE);
         }
-        let rollout = Rollout::new(name, spec, weights_of(Some(gateway)), Instant::now());
+        let mut rollout = Rollout::new(name, spec, weights_of(Some(gateway)), Instant::now());
+        rollout.signals = gateway.unseen_signals().map(str::to_owned);
         if rollout.spec.analysis.webhooks.iter().any(|w| w.kind == HookKind::PreRollout) {
             // Nothing moves before the pre-rollout webhooks pass.
             let mut rollout = rollout;

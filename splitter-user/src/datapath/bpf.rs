@@ -21,9 +21,9 @@ use splitter_common::{
     conntrack::{flow_expired, Timeouts},
     map_names,
     maps::{
-        AddressFilter, BucketTable, DatapathInfo, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool,
-        TargetCounters, TargetEntry, TargetOutcomes, FLOW_FIN_SEEN, GATEWAY_DNAT, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT,
-        MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
+        AddressFilter, BucketTable, DatapathInfo, DsrSource, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool,
+        TargetCounters, TargetEntry, TargetOutcomes, FLOW_FIN_SEEN, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP,
+        GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
     },
     table::{build_bucket_table, TableTarget},
     FlowEvent, ForwardEvent, PacketClass,
@@ -58,6 +58,7 @@ pub struct Maps {
     pub flow_events: PerCpuArray<MapData, u64>,
     pub target_outcomes: PerCpuArray<MapData, TargetOutcomes>,
     pub source_pools: Array<MapData, SourcePool>,
+    pub dsr_sources: Array<MapData, DsrSource>,
     pub datapath_info: Array<MapData, DatapathInfo>,
     pub address_filter: Array<MapData, AddressFilter>,
 }
@@ -78,6 +79,7 @@ impl Maps {
             flow_events: take(ebpf, map_names::FLOW_EVENTS)?,
             target_outcomes: take(ebpf, map_names::TARGET_OUTCOMES)?,
             source_pools: take(ebpf, map_names::SOURCE_POOLS)?,
+            dsr_sources: take(ebpf, map_names::DSR_SOURCES)?,
             datapath_info: take(ebpf, map_names::DATAPATH_INFO)?,
             address_filter: take(ebpf, map_names::ADDRESS_FILTER)?,
         })
@@ -102,6 +104,7 @@ pub struct Datapath {
     flow_events: PerCpuArray<MapData, u64>,
     target_outcomes: PerCpuArray<MapData, TargetOutcomes>,
     source_pools: Array<MapData, SourcePool>,
+    dsr_sources: Array<MapData, DsrSource>,
     address_filter: Array<MapData, AddressFilter>,
     /// What `address_filter` holds (written only when it changes).
     filter: Box<AddressFilter>,
@@ -121,6 +124,7 @@ pub fn load_object(object: &[u8], limits: Limits, kernel_log_level: u8, pins: Op
         .map_max_entries(map_names::GATEWAYS, limits.max_gateways)
         .map_max_entries(map_names::GATEWAY_COUNTERS, limits.max_gateways)
         .map_max_entries(map_names::SOURCE_POOLS, limits.max_gateways)
+        .map_max_entries(map_names::DSR_SOURCES, limits.max_gateways)
         .map_max_entries(map_names::BUCKET_TABLES, 2 * limits.max_gateways)
         .map_max_entries(map_names::TARGETS, 2 * limits.max_gateways * MAX_TARGETS_PER_GATEWAY)
         .map_max_entries(map_names::CONNTRACK, limits.conntrack_entries)
@@ -157,6 +161,7 @@ impl Datapath {
             filter: Box::new(maps.address_filter.get(&0, 0).unwrap_or_else(|_| bytemuck::Zeroable::zeroed())),
             address_filter: maps.address_filter,
             source_pools: maps.source_pools,
+            dsr_sources: maps.dsr_sources,
             layout: Layout::new(limits),
         }
     }
@@ -233,7 +238,7 @@ impl Dataplane for Datapath {
 
     fn check(&self, gateway: &Gateway, shares: &[(Target, u32)], batch: &[Gateway]) -> Result<()> {
         self.layout.check_fits(gateway, shares.len(), batch)?;
-        if gateway.mode == Mode::FullNat {
+        if needs_node_source(gateway) {
             for (target, _) in shares {
                 source_address_towards(target)?;
             }
@@ -251,17 +256,13 @@ impl Dataplane for Datapath {
         if slots.is_empty() {
             return Ok(0);
         }
-        let doomed: Vec<FlowKey> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, entry)| slots.contains(&entry.counter_index))
-            .map(|(key, _)| key)
-            .collect();
-        for key in &doomed {
+        let doomed: Vec<(FlowKey, FlowEntry)> =
+            self.conntrack.iter().filter_map(Result::ok).filter(|(_, entry)| slots.contains(&entry.counter_index)).collect();
+        for (key, _) in &doomed {
             let _ = self.conntrack.remove(key);
         }
-        Ok(doomed.len() / 2)
+        // A flow's client entry counts it (a DSR flow has no other).
+        Ok(doomed.iter().filter(|(_, entry)| entry.flags & FLOW_TO_TARGET != 0).count())
     }
 
     fn conntrack_capacity(&self) -> u32 {
@@ -278,7 +279,7 @@ impl Dataplane for Datapath {
         // leaves the datapath as it was.
         let targets_only: Vec<Target> = shares.iter().map(|(t, _)| *t).collect();
         let slots = self.layout.counter_slots_for(&gateway.name, &targets_only)?;
-        let full_nat = gateway.mode == Mode::FullNat;
+        let full_nat = needs_node_source(gateway);
         let mut targets = Vec::with_capacity(shares.len());
         let mut entries = Vec::with_capacity(shares.len());
         for ((target, share), (slot, _)) in shares.iter().zip(&slots) {
@@ -331,8 +332,10 @@ impl Dataplane for Datapath {
             self.tables.set(table_index, table, 0).context("writing BUCKET_TABLES")?;
         }
         let mut flags = 0;
-        if gateway.mode == Mode::Dnat {
-            flags |= GATEWAY_DNAT;
+        match gateway.mode {
+            Mode::FullNat => {}
+            Mode::Dnat => flags |= GATEWAY_DNAT,
+            Mode::Dsr => flags |= GATEWAY_DSR,
         }
         if gateway.sticky == Sticky::Client {
             flags |= GATEWAY_STICKY_CLIENT;
@@ -342,6 +345,7 @@ impl Dataplane for Datapath {
         }
         // The gateway's source pool before its state can name a table that uses it.
         self.source_pools.set(id, source_pool(gateway), 0).context("writing SOURCE_POOLS")?;
+        self.dsr_sources.set(id, dsr_source(gateway), 0).context("writing DSR_SOURCES")?;
         // The generation is informational in the map: its low 32 bits.
         let state = GatewayState {
             gateway_id: id,
@@ -547,6 +551,28 @@ fn source_pool(gateway: &Gateway) -> SourcePool {
         pool.port_count = (u32::from(last) - u32::from(first) + 1).min(u32::from(u16::MAX)) as u16;
     }
     pool
+}
+
+/// Whether the gateway's packets leave with the node's own address towards each target
+/// as their source: full NAT's rewritten packets, and DSR's outer headers unless a prefix
+/// gives them theirs.
+fn needs_node_source(gateway: &Gateway) -> bool {
+    match gateway.mode {
+        Mode::FullNat => true,
+        Mode::Dnat => false,
+        Mode::Dsr => gateway.source.prefix.is_none(),
+    }
+}
+
+/// A DSR gateway's outer source prefix as the program reads it (all zero: none).
+fn dsr_source(gateway: &Gateway) -> DsrSource {
+    match (gateway.mode, gateway.source.prefix) {
+        (Mode::Dsr, Some((addr, len))) => {
+            let host_mask = u32::MAX.checked_shr(u32::from(len)).unwrap_or(0);
+            DsrSource { prefix: u32::from_ne_bytes(addr.octets()), host_mask: host_mask.to_be() }
+        }
+        _ => DsrSource::default(),
+    }
 }
 
 /// The address this node uses as source towards `target` (what the kernel's routing

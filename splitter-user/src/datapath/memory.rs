@@ -63,7 +63,7 @@ impl MemoryDataplane {
     }
 
     fn reachable(&self, gateway: &Gateway, shares: &[(Target, u32)]) -> Result<()> {
-        if gateway.mode == Mode::FullNat {
+        if gateway.mode == Mode::FullNat || (gateway.mode == Mode::Dsr && gateway.source.prefix.is_none()) {
             if let Some((t, _)) = shares.iter().find(|(t, share)| *share > 0 && self.unreachable.contains(t)) {
                 bail!("no route to target {t}");
             }

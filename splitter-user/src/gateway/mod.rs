@@ -78,6 +78,11 @@ pub enum Mode {
     /// Only the destination rewritten: targets must route replies back via the splitter.
     #[serde(rename = "dnat")]
     Dnat,
+    /// Direct server return: packets go to targets unchanged inside an outer IPv4 header
+    /// (IP in IP); targets hold the VIP on a loopback, decapsulate, and answer clients
+    /// directly.
+    #[serde(rename = "dsr")]
+    Dsr,
 }
 
 impl Mode {
@@ -85,6 +90,7 @@ impl Mode {
         match self {
             Self::FullNat => "fullnat",
             Self::Dnat => "dnat",
+            Self::Dsr => "dsr",
         }
     }
 }
@@ -477,6 +483,29 @@ impl Gateway {
     }
 
     /// The gateway as a document that parses back to an equal gateway.
+    /// What a rollout of this gateway cannot see: a DSR gateway's replies bypass the
+    /// splitter.
+    pub fn unseen_signals(&self) -> Option<&'static str> {
+        (self.mode == Mode::Dsr).then_some(
+            "mode dsr: replies bypass the splitter, so the analysis sees no resets, connect latency or HTTP status from \
+             the targets (failed connects still count, from clients' repeated SYNs); it relies on health checks and \
+             canary metrics",
+        )
+    }
+
+    /// A warning for a DSR canary that has neither health checks nor external metrics to
+    /// judge it by.
+    pub fn dsr_canary_warning(&self) -> Option<String> {
+        let canary = self.canary.as_ref()?;
+        (self.mode == Mode::Dsr && self.health_check.is_none() && canary.analysis.metrics.is_empty()).then(|| {
+            format!(
+                "warning: gateway {}: its canary runs blind to the replies (mode dsr: they bypass the splitter); add a \
+                 health_check or canary metrics",
+                self.name
+            )
+        })
+    }
+
     pub fn to_yaml(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
@@ -531,6 +560,9 @@ impl Gateway {
             }
             if let Some((first, last)) = self.source.ports {
                 let _ = writeln!(out, "  ports: {first}-{last}");
+            }
+            if let Some((addr, len)) = self.source.prefix {
+                let _ = writeln!(out, "  prefix: {addr}/{len}");
             }
         }
         if let Some(canary) = &self.canary {

@@ -235,12 +235,29 @@ pub struct SourceSpec {
     pub addresses: Vec<Ipv4Addr>,
     /// First and last port.
     pub ports: Option<(u16, u16)>,
+    /// Direct server return only: the prefix (address with its host bits zero, length)
+    /// whose addresses the outer headers' sources are picked from, per flow.
+    pub prefix: Option<(Ipv4Addr, u8)>,
 }
 
 impl SourceSpec {
     pub fn is_empty(&self) -> bool {
-        self.addresses.is_empty() && self.ports.is_none()
+        self.addresses.is_empty() && self.ports.is_none() && self.prefix.is_none()
     }
+}
+
+/// Parses an IPv4 prefix `A.B.C.D/LEN` (8 to 32 bits) whose host bits are zero.
+pub fn parse_prefix(text: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (addr, len) = text.trim().split_once('/').ok_or_else(|| format!("`{text}` is not a prefix like 10.100.0.0/24"))?;
+    let addr: Ipv4Addr = addr.trim().parse().map_err(|_| format!("`{addr}` is not an IPv4 address"))?;
+    let len: u8 =
+        len.trim().parse().ok().filter(|l| (8..=32).contains(l)).ok_or_else(|| format!("`/{len}`: the length must be 8 to 32"))?;
+    let host_bits = u32::MAX.checked_shr(u32::from(len)).unwrap_or(0);
+    if u32::from(addr) & host_bits != 0 {
+        let network = Ipv4Addr::from(u32::from(addr) & !host_bits);
+        return Err(format!("`{text}` has host bits set (the prefix is {network}/{len})"));
+    }
+    Ok((addr, len))
 }
 
 /// Lowest full-NAT source port a gateway may configure (below are well-known services).

@@ -15,9 +15,10 @@ use crate::gateway::{
 };
 
 impl Reader<'_> {
-    /// The `source:` block: full-NAT source addresses and port range.
+    /// The `source:` block: full-NAT source addresses and port range, or a DSR gateway's
+    /// outer source prefix.
     pub(super) fn source(&self, node: &Node) -> Result<SourceSpec, ConfigError> {
-        let fields = self.fields(node, "source", &["addresses", "ports"], &[])?;
+        let fields = self.fields(node, "source", &["addresses", "ports", "prefix"], &[])?;
         let mut spec = SourceSpec::default();
         if let Some(list) = fields.value("addresses") {
             let NodeValue::Sequence(items) = &list.value else {
@@ -49,6 +50,12 @@ impl Reader<'_> {
         if let Some(n) = fields.value("ports") {
             let text = self.scalar(n, "source.ports", "a port range like 20000-29999")?;
             spec.ports = Some(policy::parse_port_range(text).map_err(|why| self.error(Some(n.position), "source.ports", why))?);
+        }
+        if let Some(n) = fields.value("prefix") {
+            let text = self.scalar(n, "source.prefix", "a prefix like 10.100.0.0/24")?;
+            let (addr, len) = policy::parse_prefix(text).map_err(|why| self.error(Some(n.position), "source.prefix", why))?;
+            check_unicast(addr).map_err(|why| self.error(Some(n.position), "source.prefix", why))?;
+            spec.prefix = Some((addr, len));
         }
         Ok(spec)
     }

@@ -180,7 +180,7 @@ impl<'a> Reader<'a> {
         };
         let mode = match fields.value("mode") {
             None => None,
-            Some(node) => Some(self.choice(node, "mode", &[("fullnat", Mode::FullNat), ("dnat", Mode::Dnat)])?),
+            Some(node) => Some(self.choice(node, "mode", &[("fullnat", Mode::FullNat), ("dnat", Mode::Dnat), ("dsr", Mode::Dsr)])?),
         };
         self.refuse_l7(fields.value("filters"), "filters")?;
         let health_check = fields.value("health_check").map(|n| self.health_check(n)).transpose()?;
@@ -193,6 +193,23 @@ impl<'a> Reader<'a> {
                 "source",
                 "only full NAT rewrites the source: mode dnat keeps the client's address",
             ));
+        }
+        if let (Some(spec), Some(node)) = (&source, fields.value("source")) {
+            let dsr = mode == Some(Mode::Dsr);
+            if dsr && (!spec.addresses.is_empty() || spec.ports.is_some()) {
+                return Err(self.error(
+                    Some(node.position),
+                    "source",
+                    "mode dsr sends the client's packet unchanged: only `prefix` (the outer header's source addresses) applies",
+                ));
+            }
+            if !dsr && spec.prefix.is_some() {
+                return Err(self.error(
+                    Some(node.position),
+                    "source.prefix",
+                    "only mode dsr has an outer header whose source a prefix sets",
+                ));
+            }
         }
 
         let routes_node = fields.value("routes").ok_or_else(|| {
@@ -274,6 +291,17 @@ impl<'a> Reader<'a> {
             for (target, node, field) in targets {
                 if let Some(first) = first_seen.insert(*target, field.clone()) {
                     return Err(self.error(Some(node.position), field, format!("duplicate target {target} (already at {first})")));
+                }
+                if mode == Some(Mode::Dsr) && target.port != port {
+                    return Err(self.error(
+                        Some(node.position),
+                        field,
+                        format!(
+                            "target {target}: mode dsr delivers the client's packet unchanged, so a target serves the \
+                             gateway's port {} (on the VIP, held on its loopback)",
+                            port
+                        ),
+                    ));
                 }
             }
         }

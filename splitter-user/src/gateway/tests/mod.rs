@@ -207,7 +207,7 @@ fn several_documents_in_one_stream() {
 #[test]
 fn to_yaml_parses_back_to_the_same_gateway() {
     let mut examples: Vec<Gateway> =
-        ["sava.yaml", "simpleservice.yaml", "qotm.yaml", "prod-canary.yaml"].into_iter().map(load_gateway).collect();
+        ["sava.yaml", "simpleservice.yaml", "qotm.yaml", "prod-canary.yaml", "dsr.yaml"].into_iter().map(load_gateway).collect();
     examples.push(gateway(
         "name: \"odd\\\"name\\\"#1\"\nport: 53/udp\nvirtual_address: 10.0.0.53\nsticky: instance\nmode: dnat\n\
          routes:\n  'a:#b':\n    weight: 33.33%\n    targets: [10.5.0.1:53]\n  c:\n    targets: [10.5.0.2:53, 10.5.0.3:53]\n",
@@ -283,6 +283,65 @@ fn health_check_and_canary_blocks_are_read_and_written_back() {
     assert_eq!(canary.thresholds.max_connect_latency, Some(policy::LatencyLimit::Relative(200)));
     assert_eq!(canary.thresholds.min_flows, 10);
     assert_eq!(gateway(&g.to_yaml()), g, "to_yaml round trip:\n{}", g.to_yaml());
+}
+
+#[test]
+fn a_dsr_gateway_reads_its_mode_and_outer_source_prefix() {
+    let g = load_gateway("dsr.yaml");
+    assert_eq!(g.mode, Mode::Dsr);
+    assert_eq!(g.source.prefix, Some((std::net::Ipv4Addr::new(10, 200, 0, 0), 24)));
+    assert!(g.unseen_signals().is_some_and(|s| s.contains("replies bypass the splitter")));
+    assert_eq!(g.dsr_canary_warning(), None, "no canary, no warning");
+    assert_eq!(load_gateway("sava.yaml").unseen_signals(), None);
+}
+
+#[test]
+fn a_dsr_canary_without_health_checks_or_metrics_is_warned_about() {
+    let text = "name: web\nport: 80/tcp\nvirtual_address: 10.0.0.80\nmode: dsr\nroutes:\n  a:\n    weight: 100%\n    \
+                targets: [10.1.0.11:80]\n  b:\n    weight: 0%\n    targets: [10.1.0.21:80]\ncanary:\n  route: b\n  \
+                steps: [10, 100]\n  interval: 2s\n";
+    let warning = gateway(text).dsr_canary_warning().expect("a warning");
+    assert!(warning.contains("gateway web") && warning.contains("health_check or canary metrics"), "{warning}");
+    let checked = format!("{text}health_check:\n  protocol: tcp\n");
+    assert_eq!(gateway(&checked).dsr_canary_warning(), None, "health checks judge it");
+    assert_eq!(gateway(&text.replace("mode: dsr", "mode: fullnat")).dsr_canary_warning(), None, "full NAT sees replies");
+}
+
+#[test]
+fn bad_dsr_documents_give_located_errors() {
+    let dsr = std::fs::read_to_string(config_dir().join("dsr.yaml")).unwrap();
+    let line_of = |needle: &str| dsr.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let cases = [
+        (
+            dsr.replace("10.1.0.21:80]", "10.1.0.21:8080]"),
+            format!(
+                "test.yaml:{}:15: routes.web:1.1.targets[0]: target 10.1.0.21:8080: mode dsr delivers the client's packet \
+                 unchanged, so a target serves the gateway's port 80",
+                line_of("10.1.0.21:80")
+            ),
+        ),
+        (
+            dsr.replace("10.200.0.0/24", "10.200.0.1/24"),
+            format!("test.yaml:{}:11: source.prefix: `10.200.0.1/24` has host bits set (the prefix is 10.200.0.0/24)", line_of("prefix:")),
+        ),
+        (
+            dsr.replace("10.200.0.0/24", "10.200.0.0/4"),
+            format!("test.yaml:{}:11: source.prefix: `/4`: the length must be 8 to 32", line_of("prefix:")),
+        ),
+        (
+            dsr.replace("prefix: 10.200.0.0/24", "addresses: [10.200.0.1]"),
+            format!("test.yaml:{}:3: source: mode dsr sends the client's packet unchanged", line_of("prefix:")),
+        ),
+        (
+            dsr.replace("mode: dsr", "mode: fullnat").replace(":80]", ":8080]").replace(":80,", ":8080,"),
+            format!("test.yaml:{}:3: source.prefix: only mode dsr has an outer header", line_of("prefix:")),
+        ),
+    ];
+    for (text, want) in cases {
+        let err = parse_documents("test.yaml", &text).expect_err(&want).to_string();
+        assert!(err.starts_with(&want), "got {err}\nwant {want}");
+        assert_eq!(err.lines().count(), 1);
+    }
 }
 
 #[test]
