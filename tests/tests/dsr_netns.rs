@@ -1,0 +1,252 @@
+//! Direct server return end to end: real TCP from a client through the splitter to target
+//! processes that decapsulate with the project's program (`splitter decap`) and answer the
+//! client directly.
+//!
+//! ```text
+//!   client 10.10.2.2 ──┐
+//!   splitter 10.10.2.1 ─┤ br0 (namespace "fabric")
+//!   target i 10.10.2.1x ┘   each target in its own namespace, the VIP 10.0.0.80 on its lo
+//! ```
+//!
+//! The client routes the VIP via the splitter; the splitter (one-arm, on `spl0`)
+//! encapsulates each flow's packets to its target; the targets' answers go from the VIP
+//! straight to the client over the bridge, never through the splitter.
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use splitter_tests::{
+    netns::Netns,
+    privileged, splitter_bin,
+    testbed::{http_get, sibling_bin, LineClient, TempDir, XdpAttachment},
+    Process,
+};
+
+const VIP: &str = "10.0.0.80";
+const VIP_PORT: &str = "10.0.0.80:80";
+/// Target instances: address and the version each one answers with (three of `v1`, one
+/// of `v2`, told apart by an instance suffix).
+const TARGETS: [(&str, &str); 4] = [("10.10.2.11", "v1-a"), ("10.10.2.12", "v1-b"), ("10.10.2.13", "v1-c"), ("10.10.2.14", "v2-a")];
+
+fn gateway(v1: &str, v2: &str) -> String {
+    format!(
+        "name: web\nport: 80/tcp\nvirtual_address: {VIP}\nmode: dsr\nroutes:\n  v1:\n    weight: {v1}\n    targets: \
+         [10.10.2.11:80, 10.10.2.12:80, 10.10.2.13:80]\n  v2:\n    weight: {v2}\n    targets: [10.10.2.14:80]\n"
+    )
+}
+
+/// Plugs `dev` of `ns` (addressed `addr`) into the fabric's bridge as `fabric_end`.
+fn port(fabric: &Netns, ns: &Netns, dev: &str, addr: &str, fabric_end: &str) -> Result<()> {
+    ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", fabric_end, "netns", fabric.name()])?;
+    ns.ip(&["addr", "add", addr, "dev", dev])?;
+    ns.ip(&["link", "set", dev, "up"])?;
+    fabric.ip(&["link", "set", fabric_end, "master", "br0"])?;
+    fabric.ip(&["link", "set", fabric_end, "up"])?;
+    // Whole checksums in what XDP sees (veth would hand it partial ones).
+    ns.set_tx_checksum(dev, false)
+}
+
+struct DsrBed {
+    fabric: Netns,
+    client: Netns,
+    splitter: Netns,
+    targets: Vec<Netns>,
+    config: TempDir,
+    run: TempDir,
+    /// Decapsulation programs and backends of the targets.
+    processes: Vec<Process>,
+    agent: Option<Process>,
+    _pass: XdpAttachment,
+}
+
+impl DsrBed {
+    fn new() -> Result<Self> {
+        let fabric = Netns::new("dsr-fabric")?;
+        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        fabric.ip(&["link", "set", "br0", "up"])?;
+        let client = Netns::new("dsr-client")?;
+        port(&fabric, &client, "cli0", "10.10.2.2/24", "f-cli")?;
+        client.ip(&["route", "add", &format!("{VIP}/32"), "via", "10.10.2.1"])?;
+        let splitter = Netns::new("dsr-splitter")?;
+        port(&fabric, &splitter, "spl0", "10.10.2.1/24", "f-spl")?;
+        // Encapsulated packets the datapath passes up (next hop not resolved yet) are
+        // forwarded by the kernel, with this node's own address as their source.
+        splitter.sysctl("net.ipv4.ip_forward", "1")?;
+        for dev in ["all", "spl0"] {
+            splitter.sysctl(&format!("net.ipv4.conf.{dev}.accept_local"), "1")?;
+        }
+        // XDP_TX on a veth reaches its peer promptly only when the peer runs XDP.
+        let pass = XdpAttachment::attach(&fabric, "f-spl", "xdp_pass")?;
+        let mut bed = Self {
+            fabric,
+            client,
+            splitter,
+            targets: Vec::new(),
+            config: TempDir::new("dsr-config")?,
+            run: TempDir::new("dsr-run")?,
+            processes: Vec::new(),
+            agent: None,
+            _pass: pass,
+        };
+        for (i, (addr, version)) in TARGETS.iter().enumerate() {
+            let target = Netns::new(&format!("dsr-t{i}"))?;
+            port(&bed.fabric, &target, "t0", &format!("{addr}/24"), &format!("f-t{i}"))?;
+            target.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            let decap = target.spawn(splitter_bin(), &["decap", "--iface", "t0"])?;
+            decap.wait_for_line("are decapsulated", Duration::from_secs(10))?;
+            let backend = target.spawn(sibling_bin("splitter-backend"), &["--listen", VIP_PORT, "--version", version])?;
+            backend.wait_for_line("listening", Duration::from_secs(10))?;
+            bed.processes.push(decap);
+            bed.processes.push(backend);
+            bed.targets.push(target);
+        }
+        Ok(bed)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.run.path().join("splitter.sock")
+    }
+
+    fn start_agent(&mut self, yaml: &str) -> Result<()> {
+        std::fs::write(self.config.path().join("web.yaml"), yaml)?;
+        let config = self.config.path().display().to_string();
+        let socket = self.socket().display().to_string();
+        let state = self.run.path().join("state").display().to_string();
+        let agent = self.splitter.spawn(
+            splitter_bin(),
+            &["agent", "--iface", "spl0", "--config", &config, "--socket", &socket, "--state-dir", &state, "--ephemeral"],
+        )?;
+        agent.wait_for_line("ready", Duration::from_secs(30))?;
+        agent.wait_for_line("applied gateway web generation 1", Duration::from_secs(10))?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// `splitter ARGS --socket <the agent's socket>`, which must succeed.
+    fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new(splitter_bin()).args(args).arg("--socket").arg(self.socket()).output()?;
+        anyhow::ensure!(out.status.success(), "splitter {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `n` HTTP GETs to the VIP from the client, counted by the instance that answered;
+    /// any failed one fails the test.
+    fn sample(&self, n: usize) -> BTreeMap<String, usize> {
+        self.client
+            .enter(|| {
+                let mut counts = BTreeMap::new();
+                for i in 0..n {
+                    let body = http_get(VIP_PORT, None).unwrap_or_else(|e| panic!("connection {i} to the VIP: {e:#}"));
+                    let version = body.split_whitespace().next().unwrap_or("").to_string();
+                    *counts.entry(version).or_insert(0) += 1;
+                }
+                counts
+            })
+            .unwrap()
+    }
+
+    /// Packets the bridge sent towards the splitter, and the targets sent in all.
+    fn counters(&self) -> Result<(u64, u64)> {
+        let to_splitter = self.fabric.tx_packets("f-spl")?;
+        let mut from_targets = 0;
+        for target in &self.targets {
+            from_targets += target.tx_packets("t0")?;
+        }
+        Ok((to_splitter, from_targets))
+    }
+}
+
+impl Drop for DsrBed {
+    fn drop(&mut self) {
+        // The agent first, then the targets' processes, before the namespaces go.
+        self.agent.take();
+        self.processes.clear();
+    }
+}
+
+fn share(counts: &BTreeMap<String, usize>, prefix: &str, n: usize) -> f64 {
+    counts.iter().filter(|(v, _)| v.starts_with(prefix)).map(|(_, c)| *c).sum::<usize>() as f64 * 100.0 / n as f64
+}
+
+#[test]
+fn dsr_splits_2000_connections_80_20_over_3_and_1_instances_and_replies_bypass_the_splitter() {
+    if !privileged("dsr_splits_2000_connections_80_20_over_3_and_1_instances_and_replies_bypass_the_splitter") {
+        return;
+    }
+    let mut bed = DsrBed::new().unwrap();
+    bed.start_agent(&gateway("80%", "20%")).unwrap();
+    let client_sent = bed.client.tx_packets("cli0").unwrap();
+    let (to_splitter, from_targets) = bed.counters().unwrap();
+
+    let n = 2000;
+    let counts = bed.sample(n);
+    let (v1, v2) = (share(&counts, "v1", n), share(&counts, "v2", n));
+    assert!((v1 - 80.0).abs() <= 3.0 && (v2 - 20.0).abs() <= 3.0, "80/20 within 3 points: {v1:.1}/{v2:.1} ({counts:?})");
+    for instance in ["v1-a", "v1-b", "v1-c"] {
+        let s = share(&counts, instance, n);
+        assert!((s - 80.0 / 3.0).abs() <= 3.0, "{instance} takes a third of v1's 80%: {s:.1}% ({counts:?})");
+    }
+
+    let client_sent = bed.client.tx_packets("cli0").unwrap() - client_sent;
+    let (to_splitter_after, from_targets_after) = bed.counters().unwrap();
+    let (to_splitter, from_targets) = (to_splitter_after - to_splitter, from_targets_after - from_targets);
+    println!("DSR 80/20 over 3+1: {counts:?}; client sent {client_sent} packets, the splitter received {to_splitter}, the targets sent {from_targets}");
+    // Every connection's answers (SYN-ACK, response, FIN at least) came from the targets...
+    assert!(from_targets >= 3 * n as u64, "the targets answered: {from_targets} packets for {n} connections");
+    // ...and none of them crossed the splitter: it received what the client sent, and a
+    // little flooding (ARP, a frame to a MAC the bridge had not learnt yet) besides.
+    assert!(
+        to_splitter <= client_sent + 50,
+        "the splitter received {to_splitter} packets while the client sent {client_sent}: replies went through it"
+    );
+    let stats: serde_json::Value = serde_json::from_str(&bed.cli(&["stats", "-o", "json"]).unwrap()).unwrap();
+    let text = stats.to_string();
+    assert!(text.contains("10.10.2.11:80"), "stats name the targets: {text}");
+}
+
+#[test]
+fn dsr_flows_keep_their_target_across_weight_changes() {
+    if !privileged("dsr_flows_keep_their_target_across_weight_changes") {
+        return;
+    }
+    let mut bed = DsrBed::new().unwrap();
+    bed.start_agent(&gateway("90%", "10%")).unwrap();
+    let mut connections: Vec<(LineClient, String)> = bed
+        .client
+        .enter(|| {
+            (0..50)
+                .map(|i| {
+                    let mut c = LineClient::connect(VIP_PORT).with_context(|| format!("connection {i}"))?;
+                    let first = c.ask()?;
+                    Ok((c, first))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .unwrap()
+        .unwrap();
+    let on_v1 = connections.iter().filter(|(_, a)| a.starts_with("v1")).count();
+    assert!(on_v1 > 30, "most connections start on v1 at 90%: {on_v1} of 50");
+
+    for (weights, label) in [(["v1=0%", "v2=100%"], "0/100"), (["v1=90%", "v2=10%"], "back at 90/10")] {
+        bed.cli(&["weight", "web", weights[0], weights[1]]).unwrap();
+        let moved: Vec<String> = bed
+            .client
+            .enter(|| {
+                connections
+                    .iter_mut()
+                    .enumerate()
+                    .filter_map(|(i, (c, first))| match c.ask() {
+                        Ok(answer) if answer == *first => None,
+                        Ok(answer) => Some(format!("connection {i}: {first} then {answer}")),
+                        Err(e) => Some(format!("connection {i} ({first}): {e:#}")),
+                    })
+                    .collect()
+            })
+            .unwrap();
+        assert!(moved.is_empty(), "{label}: established connections moved or broke: {moved:?}");
+        if label == "0/100" {
+            let counts = bed.sample(50);
+            assert_eq!(share(&counts, "v2", 50), 100.0, "new connections follow 0/100: {counts:?}");
+        }
+    }
+}
