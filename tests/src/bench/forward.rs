@@ -21,12 +21,20 @@ pub enum System {
     BareXdp,
     SplitterFullNat,
     SplitterDnat,
+    SplitterDsr,
     Nftables,
 }
 
 impl System {
-    pub const ALL: [System; 6] =
-        [System::Floor, System::Routing, System::BareXdp, System::SplitterFullNat, System::SplitterDnat, System::Nftables];
+    pub const ALL: [System; 7] = [
+        System::Floor,
+        System::Routing,
+        System::BareXdp,
+        System::SplitterFullNat,
+        System::SplitterDnat,
+        System::SplitterDsr,
+        System::Nftables,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -35,6 +43,7 @@ impl System {
             System::BareXdp => "bare XDP forwarder (`xdp_forward`: FIB + MAC rewrite + redirect)",
             System::SplitterFullNat => "**splitter, full NAT** (native XDP)",
             System::SplitterDnat => "**splitter, DNAT** (native XDP)",
+            System::SplitterDsr => "**splitter, DSR** (native XDP, IP in IP to the target)",
             System::Nftables => "nftables weighted DNAT (numgen + conntrack)",
         }
     }
@@ -46,6 +55,7 @@ impl System {
             System::BareXdp => "bare XDP fwd",
             System::SplitterFullNat => "splitter fullnat",
             System::SplitterDnat => "splitter dnat",
+            System::SplitterDsr => "splitter dsr",
             System::Nftables => "nftables DNAT",
         }
     }
@@ -53,7 +63,7 @@ impl System {
     /// Where the generator sends: the VIP for the balancers, a backend otherwise.
     fn destination(self) -> &'static str {
         match self {
-            System::SplitterFullNat | System::SplitterDnat | System::Nftables => VIP,
+            System::SplitterFullNat | System::SplitterDnat | System::SplitterDsr | System::Nftables => VIP,
             _ => BACKENDS[0],
         }
     }
@@ -90,6 +100,7 @@ fn set_up(bed: &ForwardBed, system: System) -> Result<Setup> {
         System::BareXdp => Setup::Xdp(XdpAttachment::attach(&bed.mid, "spl-c", "xdp_forward")?),
         System::SplitterFullNat => Setup::Agent(bed.start_agent(&gateway_yaml("fullnat"), &["--ephemeral"])?),
         System::SplitterDnat => Setup::Agent(bed.start_agent(&gateway_yaml("dnat"), &["--ephemeral"])?),
+        System::SplitterDsr => Setup::Agent(bed.start_agent(&gateway_yaml("dsr"), &["--ephemeral"])?),
         System::Nftables => {
             bed.nft(&nft_ruleset())?;
             Setup::Nft
@@ -161,6 +172,17 @@ impl ForwardResults {
                 target: "≤ 1.0x".into(),
                 met: vs_bare <= 1.0,
                 note: if vs_bare <= 1.0 { String::new() } else { format!("missed by {:.0}%", (vs_bare - 1.0) * 100.0) },
+                context: false,
+            });
+        }
+        if let (Some(dsr), Some(full)) = (self.row(System::SplitterDsr), self.row(System::SplitterFullNat)) {
+            let ratio = dsr.marginal_us / full.marginal_us;
+            out.push(TargetCheck {
+                what: "forwarding cost above the floor, splitter dsr vs splitter fullnat".into(),
+                measured: format!("{:.3} µs vs {:.3} µs = {ratio:.2}x", dsr.marginal_us, full.marginal_us),
+                target: "≤ 1.0x".into(),
+                met: ratio <= 1.0,
+                note: if ratio <= 1.0 { String::new() } else { format!("missed by {:.0}%", (ratio - 1.0) * 100.0) },
                 context: false,
             });
         }
