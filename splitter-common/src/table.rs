@@ -78,6 +78,14 @@ pub struct TableTarget {
 #[cfg(any(feature = "alloc", test))]
 pub use builder::build_bucket_table;
 
+/// A digest of a bucket table and the targets its slots index (64-bit FNV-1a over the
+/// slots, then each target's key, little-endian): nodes that built the same table from the
+/// same documents show the same value, so operators can check that they agree.
+pub fn table_fingerprint(slots: &[u16], targets: &[TableTarget]) -> u64 {
+    let bytes = slots.iter().flat_map(|s| s.to_le_bytes()).chain(targets.iter().flat_map(|t| t.key.to_le_bytes()));
+    bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 #[cfg(any(feature = "alloc", test))]
 mod builder {
     use alloc::{collections::BinaryHeap, vec, vec::Vec};
@@ -585,6 +593,19 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn the_fingerprint_is_the_tables_and_its_targets() {
+        let targets = [TableTarget { key: 1 << 16 | 80, weight: 900_000 }, TableTarget { key: 2 << 16 | 80, weight: 100_000 }];
+        let slots = build_bucket_table(&targets);
+        let fingerprint = table_fingerprint(&slots, &targets);
+        assert_eq!(fingerprint, table_fingerprint(&build_bucket_table(&targets), &targets), "built twice, one fingerprint");
+        let mut moved = slots.clone();
+        moved[17] ^= 1;
+        assert_ne!(table_fingerprint(&moved, &targets), fingerprint, "one slot moved");
+        let renamed = [targets[0], TableTarget { key: 3 << 16 | 80, ..targets[1] }];
+        assert_ne!(table_fingerprint(&slots, &renamed), fingerprint, "another target behind the same slots");
+    }
 
     /// Slots held by each target, by index.
     fn slot_counts(table: &[u16], targets: usize) -> Vec<u64> {

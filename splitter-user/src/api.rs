@@ -114,6 +114,8 @@ pub struct TargetStats {
 pub struct GatewayStats {
     pub name: String,
     pub generation: u64,
+    /// Digest of the live bucket table and its targets (16 hex digits).
+    pub table_fingerprint: String,
     pub new_flows: u64,
     pub new_flows_since_change: u64,
     pub no_target: u64,
@@ -225,6 +227,9 @@ pub struct GatewayStatus {
     pub rollout: Option<Rollout>,
     /// The live table's generation.
     pub generation: Option<u64>,
+    /// Digest of the live table and its targets (16 hex digits): nodes given the same
+    /// documents (and seeing the same health) show the same one.
+    pub table_fingerprint: Option<String>,
     /// The running datapath: `program ID build BUILD layout N`.
     pub datapath: String,
 }
@@ -278,6 +283,9 @@ impl GatewayView {
         }
         if let Some(r) = &self.status.rollout {
             doc.push_str(&format!("# rollout: {}\n", r.describe()));
+        }
+        if let (Some(generation), Some(fingerprint)) = (self.status.generation, &self.status.table_fingerprint) {
+            doc.push_str(&format!("# table: generation {generation}, fingerprint {fingerprint}\n"));
         }
         if !self.status.datapath.is_empty() {
             doc.push_str(&format!("# datapath: {}\n", self.status.datapath));

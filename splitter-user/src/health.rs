@@ -5,7 +5,11 @@
 //! `unhealthy_threshold` failures in a row and healthy again after `healthy_threshold`
 //! successes in a row, and the controller recomputes the gateway's shares when one does.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, SocketAddrV4},
+    time::Duration,
+};
 
 use http_body_util::Empty;
 use hyper::body::Bytes;
@@ -36,6 +40,9 @@ pub struct CheckSpec {
     pub gateway: String,
     pub target: Target,
     pub check: HealthCheck,
+    /// A DSR gateway's VIP:port: the check goes to the target inside an IP-in-IP header,
+    /// addressed to the VIP, as its traffic does.
+    pub through_tunnel_to: Option<SocketAddrV4>,
 }
 
 /// The state of one target's checks.
@@ -180,7 +187,10 @@ async fn check_loop(spec: CheckSpec, reporter: impl Reporter) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let result = check_once(&spec.target, &spec.check).await;
+        let result = match spec.through_tunnel_to {
+            Some(vip) => check_through_tunnel(&spec.target, vip, &spec.check).await,
+            None => check_once(&spec.target, &spec.check).await,
+        };
         if !reporter.report(HealthReport { gateway: spec.gateway.clone(), target: spec.target, result }) {
             return;
         }
@@ -216,6 +226,19 @@ pub async fn check_once(target: &Target, check: &HealthCheck) -> Result<(), Stri
         Ok(result) => result,
         Err(_) => Err(format!("no answer from {addr} within {}ms", check.timeout_ms)),
     }
+}
+
+/// One check of a DSR target: a TCP SYN from this node to the VIP, sent to the target
+/// inside an IP-in-IP header (as the datapath sends clients' packets); the target passes
+/// when the VIP answers with a SYN-ACK (it holds the VIP, decapsulates, and listens), which
+/// comes back directly. The half-open connection is then reset through the tunnel. A TCP
+/// handshake is all a tunnelled check does: an `http` check of a DSR gateway checks that
+/// much too.
+pub async fn check_through_tunnel(target: &Target, vip: SocketAddrV4, check: &HealthCheck) -> Result<(), String> {
+    let (target, timeout) = (*target, Duration::from_millis(check.timeout_ms.max(1)));
+    tokio::task::spawn_blocking(move || crate::tunnel_probe::tunnel_syn_probe(target.addr, vip, timeout))
+        .await
+        .map_err(|e| format!("tunnel check of {target}: {e}"))?
 }
 
 #[cfg(test)]

@@ -24,5 +24,6 @@ pub mod pin;
 pub mod rollout;
 pub mod state;
 pub mod system;
+pub mod tunnel_probe;
 pub mod ui;
 pub mod validate;

@@ -174,6 +174,18 @@ pub fn render(s: &Snapshot<'_>) -> String {
         }
     }
     {
+        let name = "splitter_gateway_table_fingerprint";
+        let mut f = Family::new(
+            &mut out,
+            name,
+            "gauge",
+            "1, labelled with the digest of the gateway's live bucket table and its targets: nodes that split alike show the same.",
+        );
+        for g in s.gateways {
+            f.sample(name, &[("gateway", &g.name), ("fingerprint", &g.table_fingerprint)], 1u64);
+        }
+    }
+    {
         let name = "splitter_packets_total";
         let mut f = Family::new(
             &mut out,

@@ -13,6 +13,16 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
+/// The address this node sends from towards `addr` (what the kernel's routing picks).
+pub fn source_towards(addr: std::net::Ipv4Addr) -> std::io::Result<std::net::Ipv4Addr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect((addr, 9))?;
+    match socket.local_addr()? {
+        std::net::SocketAddr::V4(a) => Ok(*a.ip()),
+        std::net::SocketAddr::V6(_) => Err(std::io::Error::other("an IPv6 source towards an IPv4 address")),
+    }
+}
+
 /// The interface index of `name`, or one clear error if there is no such interface.
 pub fn ifindex(name: &str) -> Result<u32> {
     let c_name = CString::new(name).with_context(|| format!("interface name {name:?} contains a NUL byte"))?;

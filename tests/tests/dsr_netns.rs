@@ -94,7 +94,9 @@ impl DsrBed {
             target.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             let decap = target.spawn(splitter_bin(), &["decap", "--iface", "t0"])?;
             decap.wait_for_line("are decapsulated", Duration::from_secs(10))?;
-            let backend = target.spawn(sibling_bin("splitter-backend"), &["--listen", VIP_PORT, "--version", version])?;
+            // Listening on every address: a check sent to the target's own address would pass
+            // whether or not it serves the VIP.
+            let backend = target.spawn(sibling_bin("splitter-backend"), &["--listen", "0.0.0.0:80", "--version", version])?;
             backend.wait_for_line("listening", Duration::from_secs(10))?;
             bed.processes.push(decap);
             bed.processes.push(backend);
@@ -105,6 +107,10 @@ impl DsrBed {
 
     fn socket(&self) -> PathBuf {
         self.run.path().join("splitter.sock")
+    }
+
+    fn agent(&self) -> &Process {
+        self.agent.as_ref().expect("agent started")
     }
 
     fn start_agent(&mut self, yaml: &str) -> Result<()> {
@@ -249,4 +255,38 @@ fn dsr_flows_keep_their_target_across_weight_changes() {
             assert_eq!(share(&counts, "v2", 50), 100.0, "new connections follow 0/100: {counts:?}");
         }
     }
+}
+
+#[test]
+fn dsr_health_checks_go_through_the_tunnel_to_the_vip() {
+    if !privileged("dsr_health_checks_go_through_the_tunnel_to_the_vip") {
+        return;
+    }
+    let mut bed = DsrBed::new().unwrap();
+    let check = "health_check:\n  protocol: tcp\n  interval: 200ms\n  timeout: 150ms\n  unhealthy_threshold: 2\n  \
+                 healthy_threshold: 2\n";
+    bed.start_agent(&(gateway("80%", "20%") + check)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let got = bed.cli(&["get", "web"]).unwrap();
+    assert!(!got.contains("unhealthy"), "every target serves the VIP: {got}");
+
+    // One target stops holding the VIP: its backend still listens on every address, so a
+    // check of 10.10.2.13:80 itself would pass, but the tunnelled packets to the VIP are
+    // no longer its own.
+    bed.targets[2].ip(&["addr", "del", &format!("{VIP}/32"), "dev", "lo"]).unwrap();
+    bed.agent().wait_for_line("target 10.10.2.13:80 unhealthy", Duration::from_secs(10)).unwrap();
+    let direct =
+        bed.splitter.enter(|| std::net::TcpStream::connect_timeout(&"10.10.2.13:80".parse().unwrap(), Duration::from_secs(2))).unwrap();
+    assert!(direct.is_ok(), "the backend itself still answers on its own address");
+    let got = bed.cli(&["get", "web"]).unwrap();
+    assert!(got.contains("10.10.2.13:80 unhealthy"), "get shows it: {got}");
+    let counts = bed.sample(300);
+    assert_eq!(counts.get("v1-c"), None, "no new connection goes to the target without the VIP: {counts:?}");
+    let v1 = share(&counts, "v1", 300);
+    assert!((v1 - 80.0).abs() <= 6.0, "v1 keeps its 80% on its two other instances: {v1:.1}% ({counts:?})");
+
+    bed.targets[2].ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]).unwrap();
+    bed.agent().wait_for_line("target 10.10.2.13:80 healthy again", Duration::from_secs(10)).unwrap();
+    let counts = bed.sample(300);
+    assert!(counts.get("v1-c").copied().unwrap_or(0) > 40, "the instance takes its share again: {counts:?}");
 }

@@ -30,7 +30,7 @@ use crate::{
     api::{ApiError, ExternalEvent, Reply},
     datapath::Dataplane,
     events::EventLog,
-    gateway::{policy::CanarySpec, Gateway, Target},
+    gateway::{policy::CanarySpec, Gateway, Mode, Target},
     health::{CheckSpec, HealthBook, HealthReport},
     rollout::Rollout,
     state::{self, SavedState, WeightHistory},
@@ -373,7 +373,14 @@ impl<D: Dataplane> Controller<D> {
             .values()
             .filter_map(|g| g.health_check.as_ref().map(|c| (g, c)))
             .flat_map(|(g, c)| {
-                g.routes.iter().flat_map(|r| r.targets.iter()).map(|t| CheckSpec { gateway: g.name.clone(), target: *t, check: c.clone() })
+                // A DSR target is checked through the tunnel, at the VIP it must serve.
+                let through_tunnel_to = (g.mode == Mode::Dsr).then_some(std::net::SocketAddrV4::new(g.virtual_address, g.port));
+                g.routes.iter().flat_map(|r| r.targets.iter()).map(move |t| CheckSpec {
+                    gateway: g.name.clone(),
+                    target: *t,
+                    check: c.clone(),
+                    through_tunnel_to,
+                })
             })
             .collect();
         self.health.retain(&specs);

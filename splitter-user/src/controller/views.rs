@@ -8,7 +8,7 @@ use log::error;
 use super::Controller;
 use crate::{
     api::{Answer, ApiError, GatewayStats, GatewayStatus, GatewayView, GatewaysAnswer},
-    datapath::Dataplane,
+    datapath::{layout::describe_fingerprint, Dataplane},
     gateway::{Gateway, Target},
     health::{HealthReport, Transition},
     metrics,
@@ -41,6 +41,7 @@ impl<D: Dataplane> Controller<D> {
                 health,
                 rollout: self.rollouts.get(&g.name).cloned(),
                 generation: self.dataplane.placements().get(&g.name).map(|p| p.generation),
+                table_fingerprint: self.dataplane.placements().get(&g.name).map(|p| describe_fingerprint(p.fingerprint)),
                 datapath: format!(
                     "program {} build {} layout {}",
                     self.settings.program_id,

@@ -5,12 +5,12 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{Ipv4Addr, UdpSocket},
     os::fd::AsFd,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use aya::{
     maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, PerCpuValues},
     util::nr_cpus,
@@ -25,7 +25,6 @@ use splitter_common::{
         TargetCounters, TargetEntry, TargetOutcomes, FLOW_FIN_SEEN, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP,
         GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
     },
-    table::{build_bucket_table, TableTarget},
     FlowEvent, ForwardEvent, PacketClass,
 };
 
@@ -227,6 +226,7 @@ impl Dataplane for Datapath {
             config: gateway.clone(),
             targets,
             shares: shares.to_vec(),
+            fingerprint: super::layout::table_of(shares).1,
         });
         info!("adopted gateway {} generation {} from the pinned datapath", gateway.name, placement.generation);
         true
@@ -305,8 +305,7 @@ impl Dataplane for Datapath {
                 self.zero_target_counters(*slot)?;
             }
         }
-        let table_targets: Vec<TableTarget> = shares.iter().map(|(t, share)| TableTarget { key: t.table_key(), weight: *share }).collect();
-        let table_slots = build_bucket_table(&table_targets);
+        let (table_slots, fingerprint) = super::layout::table_of(shares);
 
         let (generation, last_switch) = match self.layout.gateways.get(&gateway.name) {
             Some(live) => (live.generation + 1, live.last_switch),
@@ -373,6 +372,7 @@ impl Dataplane for Datapath {
             config: gateway.clone(),
             targets,
             shares: shares.to_vec(),
+            fingerprint,
         });
         for (target, _) in shares {
             prime_neighbour(target);
@@ -396,6 +396,7 @@ impl Dataplane for Datapath {
             let mut stats = GatewayStats {
                 name: name.clone(),
                 generation: live.generation,
+                table_fingerprint: super::layout::describe_fingerprint(live.fingerprint),
                 new_flows: g.iter().map(|c| c.new_flows).sum(),
                 no_target: g.iter().map(|c| c.no_target).sum(),
                 conntrack_miss: g.iter().map(|c| c.conntrack_miss).sum(),
@@ -578,14 +579,7 @@ fn dsr_source(gateway: &Gateway) -> DsrSource {
 /// The address this node uses as source towards `target` (what the kernel's routing
 /// picks), used as the full-NAT source so replies come back here.
 fn source_address_towards(target: &Target) -> Result<Ipv4Addr> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
-    socket
-        .connect(SocketAddr::from((target.addr, target.port)))
-        .with_context(|| format!("no route to target {}:{}", target.addr, target.port))?;
-    match socket.local_addr()? {
-        SocketAddr::V4(a) => Ok(*a.ip()),
-        SocketAddr::V6(_) => bail!("target {}: IPv6 source address", target.addr),
-    }
+    crate::system::source_towards(target.addr).with_context(|| format!("no route to target {target}"))
 }
 
 /// Makes the kernel resolve the target's next hop now, so the XDP fast path finds the

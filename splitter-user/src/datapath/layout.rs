@@ -8,7 +8,10 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use splitter_common::maps::{GatewayKey, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP, PROTO_UDP};
+use splitter_common::{
+    maps::{GatewayKey, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP, PROTO_UDP},
+    table::{build_bucket_table, table_fingerprint, TableTarget},
+};
 
 use super::{Limits, Placement};
 use crate::gateway::{Gateway, Target};
@@ -25,6 +28,21 @@ pub struct LiveGateway {
     pub targets: Vec<(Target, u32)>,
     /// Each target's share of new flows in the live table, parts per million.
     pub shares: Vec<(Target, u32)>,
+    /// [`table_fingerprint`] of the live table.
+    pub fingerprint: u64,
+}
+
+/// The bucket table of `shares` (targets in table order) and its fingerprint.
+pub fn table_of(shares: &[(Target, u32)]) -> (Vec<u16>, u64) {
+    let targets: Vec<TableTarget> = shares.iter().map(|(t, share)| TableTarget { key: t.table_key(), weight: *share }).collect();
+    let slots = build_bucket_table(&targets);
+    let fingerprint = table_fingerprint(&slots, &targets);
+    (slots, fingerprint)
+}
+
+/// A fingerprint as operators read it.
+pub fn describe_fingerprint(fingerprint: u64) -> String {
+    format!("{fingerprint:016x}")
 }
 
 impl LiveGateway {
@@ -62,7 +80,7 @@ impl Layout {
             .iter()
             .map(|(name, g)| {
                 let targets = g.targets.iter().map(|(t, slot)| (t.to_string(), *slot)).collect();
-                (name.clone(), Placement { id: g.id, generation: g.generation, targets })
+                (name.clone(), Placement { id: g.id, generation: g.generation, targets, fingerprint: g.fingerprint })
             })
             .collect()
     }

@@ -101,6 +101,7 @@ impl Dataplane for MemoryDataplane {
             config: gateway.clone(),
             targets: targets.iter().copied().zip(slots.iter().map(|(s, _)| *s)).collect(),
             shares: shares.to_vec(),
+            fingerprint: super::layout::table_of(shares).1,
         });
         self.traffic.retain(|(g, t), _| g != &gateway.name || targets.contains(t));
         self.switches += 1;
@@ -145,7 +146,12 @@ impl Dataplane for MemoryDataplane {
     fn stats(&self) -> Result<Vec<GatewayStats>> {
         let mut out = Vec::new();
         for (name, live) in &self.layout.gateways {
-            let mut stats = GatewayStats { name: name.clone(), generation: live.generation, ..GatewayStats::default() };
+            let mut stats = GatewayStats {
+                name: name.clone(),
+                generation: live.generation,
+                table_fingerprint: super::layout::describe_fingerprint(live.fingerprint),
+                ..GatewayStats::default()
+            };
             for (route, target, share) in live.routed_targets() {
                 let traffic = self.traffic.get(&(name.clone(), target)).copied().unwrap_or_default();
                 stats.new_flows += traffic.new_flows;

@@ -5,7 +5,7 @@
 
 mod batch;
 mod bpf;
-mod layout;
+pub mod layout;
 mod memory;
 
 use std::collections::BTreeMap;
@@ -52,6 +52,9 @@ pub struct Placement {
     pub generation: u64,
     /// `ADDR:PORT` of each target of the live table, in table order, and its counter slot.
     pub targets: Vec<(String, u32)>,
+    /// Fingerprint of the live table (informational when saved).
+    #[serde(default)]
+    pub fingerprint: u64,
 }
 
 /// What the controller needs of a datapath. `shares` are a gateway's targets (all of them,

@@ -254,3 +254,27 @@ fn stats_show_the_observed_share_since_the_last_change() {
     assert_eq!(canary.observed_share, Some(50.0));
     assert_eq!(kind(c.handle(Op::Stats(Some("nope".into())))), ErrorKind::NotFound);
 }
+
+#[test]
+fn nodes_given_the_same_documents_show_the_same_table_fingerprint() {
+    let fingerprint = |c: &TestController| -> String {
+        let stats = c.stats(Some("sava")).unwrap();
+        let view = c.view(&c.configured["sava"]);
+        assert_eq!(view.status.table_fingerprint.as_deref(), Some(stats[0].table_fingerprint.as_str()), "get and stats agree");
+        stats[0].table_fingerprint.clone()
+    };
+    let (mut a, mut b) = (controller(), controller());
+    apply(&mut a, SAVA).unwrap();
+    apply(&mut b, SAVA).unwrap();
+    let first = fingerprint(&a);
+    assert_eq!(first.len(), 16);
+    assert_eq!(fingerprint(&b), first, "two nodes, one document, one table");
+    let metrics = a.metrics().unwrap();
+    assert!(metrics.contains(&format!("splitter_gateway_table_fingerprint{{gateway=\"sava\",fingerprint=\"{first}\"}} 1")), "{metrics}");
+    apply(&mut a, &weight_doc("sava", &[("sava:1.1.0", "30%")])).unwrap();
+    assert_ne!(fingerprint(&a), first, "another split, another fingerprint");
+    apply(&mut b, &weight_doc("sava", &[("sava:1.1.0", "30%")])).unwrap();
+    assert_eq!(fingerprint(&a), fingerprint(&b), "the same change on both nodes");
+    let shown = yaml(&a.handle(Op::Get("sava".into())).unwrap());
+    assert!(shown.contains(&format!("# table: generation 2, fingerprint {}", fingerprint(&a))), "{shown}");
+}
