@@ -268,7 +268,7 @@ fn dsr_health_checks_go_through_the_tunnel_to_the_vip() {
     bed.start_agent(&(gateway("80%", "20%") + check)).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let got = bed.cli(&["get", "web"]).unwrap();
-    assert!(!got.contains("unhealthy"), "every target serves the VIP: {got}");
+    assert!(!got.contains(":80 unhealthy"), "every target serves the VIP: {got}");
 
     // One target stops holding the VIP: its backend still listens on every address, so a
     // check of 10.10.2.13:80 itself would pass, but the tunnelled packets to the VIP are
