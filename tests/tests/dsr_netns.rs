@@ -190,7 +190,8 @@ fn dsr_splits_2000_connections_80_20_over_3_and_1_instances_and_replies_bypass_t
     assert!((v1 - 80.0).abs() <= 3.0 && (v2 - 20.0).abs() <= 3.0, "80/20 within 3 points: {v1:.1}/{v2:.1} ({counts:?})");
     for instance in ["v1-a", "v1-b", "v1-c"] {
         let s = share(&counts, instance, n);
-        assert!((s - 80.0 / 3.0).abs() <= 3.0, "{instance} takes a third of v1's 80%: {s:.1}% ({counts:?})");
+        // One standard deviation of an instance's share is 1 point over 2000 connections.
+        assert!((s - 80.0 / 3.0).abs() <= 4.0, "{instance} takes a third of v1's 80%: {s:.1}% ({counts:?})");
     }
 
     let client_sent = bed.client.tx_packets("cli0").unwrap() - client_sent;
