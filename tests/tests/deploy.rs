@@ -98,3 +98,49 @@ fn the_debian_package_installs_runs_and_purges() {
         std::panic::resume_unwind(panic);
     }
 }
+
+/// kubernetes-validate: `SPLITTER_KUBERNETES_VALIDATE`, set by `cargo xtask test` (which
+/// installs it from PyPI), else from the PATH.
+fn kubernetes_validate(file: &std::path::Path) -> std::process::Output {
+    let command = std::env::var_os("SPLITTER_KUBERNETES_VALIDATE").map(PathBuf::from).unwrap_or_else(|| "kubernetes-validate".into());
+    Command::new(command).arg("--strict").arg(file).output().expect("kubernetes-validate (PyPI; `cargo xtask test` installs it)")
+}
+
+#[test]
+fn the_kubernetes_manifests_validate_and_run_the_agent_as_it_is() {
+    let manifest = deploy().join("kubernetes/splitter.yaml");
+    let out = kubernetes_validate(&manifest);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    for kind in ["namespace/splitter", "configmap/splitter-gateways", "daemonset/splitter"] {
+        assert!(report.contains(&format!("passed for resource {kind}")), "{kind} validated: {report}");
+    }
+    // The validator does refuse: the same manifest with a misspelled field fails.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let broken = std::env::temp_dir().join(format!("splitter-k8s-{}.yaml", std::process::id()));
+    std::fs::write(&broken, text.replace("hostNetwork: true", "hostNetwrk: true")).unwrap();
+    let out = kubernetes_validate(&broken);
+    let _ = std::fs::remove_file(&broken);
+    assert!(!out.status.success(), "a misspelled field is refused");
+
+    // The DaemonSet's arguments are the agent's own flags, and its gateway files validate.
+    let docs: Vec<serde_yaml::Value> = text.split("\n---\n").map(|d| serde_yaml::from_str(d).unwrap()).collect();
+    let daemonset = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let container = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    assert_eq!(args[0], "agent");
+    let help = Command::new(splitter_tests::splitter_bin()).args(["agent", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in args.iter().filter(|a| a.starts_with("--")) {
+        assert!(help.contains(&format!("{flag} ")), "splitter agent has no {flag}: {help}");
+    }
+    let configmap = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let dir = std::env::temp_dir().join(format!("splitter-k8s-gateways-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, body) in configmap["data"].as_mapping().unwrap() {
+        std::fs::write(dir.join(name.as_str().unwrap()), body.as_str().unwrap()).unwrap();
+    }
+    let validated = Command::new(splitter_tests::splitter_bin()).arg("validate").arg("-f").arg(&dir).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(validated.status.success(), "{}", String::from_utf8_lossy(&validated.stderr));
+}

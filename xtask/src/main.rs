@@ -110,12 +110,14 @@ fn run() -> Result<()> {
 fn test(art: &build::Artifacts, deb: &Path, extra: &[String]) -> Result<()> {
     // What the namespace tests run besides the splitter: a fresh machine may lack any.
     ensure_system_tools(&["ip", "ping", "curl", "nft", "setpriv", "prometheus", "socat", "chromium", "chromedriver"])?;
-    let schemathesis = ensure_schemathesis()?;
+    let schemathesis = ensure_python_tool("schemathesis", SCHEMATHESIS_VERSION, "schemathesis")?;
+    let kubernetes_validate = ensure_python_tool("kubernetes-validate", KUBERNETES_VALIDATE_VERSION, "kubernetes-validate")?;
     let mut cmd = cargo();
     cmd.current_dir(workspace_root())
         .args(["test", "--release", "--workspace"])
         .envs(art.env())
         .env("SPLITTER_SCHEMATHESIS", schemathesis)
+        .env("SPLITTER_KUBERNETES_VALIDATE", kubernetes_validate)
         .env("SPLITTER_DEB", deb);
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
@@ -141,24 +143,27 @@ fn run_tool(art: &build::Artifacts, bin: &str, args: &[String]) -> Result<()> {
 
 /// The schemathesis version the API contract test runs (PyPI).
 const SCHEMATHESIS_VERSION: &str = "4.32.5";
+/// kubernetes-validate from PyPI: the Kubernetes schemas it ships validate the manifests
+/// of deploy/kubernetes offline.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
-/// schemathesis in a virtual environment of its own under the user's cache (kept between
-/// runs), installed from PyPI when missing; returns its command.
-fn ensure_schemathesis() -> Result<PathBuf> {
+/// A PyPI tool in a virtual environment of its own under the user's cache (kept between
+/// runs), installed when missing; returns its command.
+fn ensure_python_tool(package: &str, version: &str, command_name: &str) -> Result<PathBuf> {
     let cache = env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .context("no HOME for the tool cache")?;
-    let venv = cache.join(format!("splitter-tools/schemathesis-{SCHEMATHESIS_VERSION}"));
-    let command = venv.join("bin/schemathesis");
+    let venv = cache.join(format!("splitter-tools/{package}-{version}"));
+    let command = venv.join("bin").join(command_name);
     if command.is_file() {
         return Ok(command);
     }
-    eprintln!("xtask: installing schemathesis {SCHEMATHESIS_VERSION} (PyPI) into {}", venv.display());
+    eprintln!("xtask: installing {package} {version} (PyPI) into {}", venv.display());
     status(Command::new("python3").args(["-m", "venv"]).arg(&venv), "python3 -m venv (Debian: python3-venv)")?;
     status(
-        Command::new(venv.join("bin/pip")).args(["install", "--quiet", &format!("schemathesis=={SCHEMATHESIS_VERSION}")]),
-        "pip install schemathesis",
+        Command::new(venv.join("bin/pip")).args(["install", "--quiet", &format!("{package}=={version}")]),
+        &format!("pip install {package}"),
     )?;
     Ok(command)
 }
