@@ -526,11 +526,18 @@ fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Resu
         }
         let _ = CONNTRACK.remove(packet.key());
     }
-    if dsr {
-        return encapsulate(ctx, packet, &flow.rewritten).map(Some);
+    send_flow_packet(ctx, packet, &flow).map(Some)
+}
+
+/// Sends a packet of a known flow on its way: encapsulated for a direct-server-return
+/// flow, else translated and forwarded.
+#[inline(always)]
+fn send_flow_packet(ctx: &XdpContext, packet: &Packet, flow: &FlowEntry) -> Result<u32, Error> {
+    if flow.flags & FLOW_DSR != 0 {
+        return encapsulate(ctx, packet, &flow.rewritten);
     }
     rewrite(ctx, packet, &flow.rewritten)?;
-    Ok(Some(forward(ctx, packet, &flow.rewritten)))
+    Ok(forward(ctx, packet, &flow.rewritten))
 }
 
 /// A packet of a half-open TCP flow (in either direction). Returns `None` when the flow
@@ -641,11 +648,7 @@ fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result
             }
         }
     }
-    if dsr {
-        return encapsulate(ctx, packet, &flow.rewritten).map(Some);
-    }
-    rewrite(ctx, packet, &flow.rewritten)?;
-    Ok(Some(forward(ctx, packet, &flow.rewritten)))
+    send_flow_packet(ctx, packet, &flow).map(Some)
 }
 
 /// The first packet of a flow to a gateway: pick a target, record the translation both
@@ -738,22 +741,29 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
         return Ok(xdp_action::XDP_DROP);
     }
-    if syn {
-        count_flow_event(FlowEvent::HALF_OPEN_STARTED);
-    }
-    count_gateway(gateway.gateway_id, |c| &mut c.new_flows);
-    if let Some(c) = TARGET_COUNTERS.get_ptr_mut(target.counter_index) {
-        // SAFETY: a per-CPU slot of this CPU.
-        unsafe {
-            (*c).new_flows += 1;
-            (*c).packets_to_target += 1;
-            (*c).bytes_to_target += u64::from(packet.ip_len);
-        }
-    }
+    count_new_flow(gateway.gateway_id, target.counter_index, syn, packet.ip_len);
     #[cfg(feature = "log")]
     debug!(ctx, "new flow to target index {} (table {})", index, gateway.table_index);
     rewrite(ctx, packet, &to_target)?;
     Ok(forward(ctx, packet, &to_target))
+}
+
+/// Counts a new flow, and its first packet, for its gateway and target (and a handshake
+/// started, for a SYN).
+#[inline(always)]
+fn count_new_flow(gateway_id: u32, counter_index: u32, syn: bool, ip_len: u16) {
+    if syn {
+        count_flow_event(FlowEvent::HALF_OPEN_STARTED);
+    }
+    count_gateway(gateway_id, |c| &mut c.new_flows);
+    if let Some(c) = TARGET_COUNTERS.get_ptr_mut(counter_index) {
+        // SAFETY: a per-CPU slot of this CPU.
+        unsafe {
+            (*c).new_flows += 1;
+            (*c).packets_to_target += 1;
+            (*c).bytes_to_target += u64::from(ip_len);
+        }
+    }
 }
 
 /// The first packet of a direct-server-return flow: only the client's entry is recorded
@@ -795,18 +805,7 @@ fn new_dsr_flow(
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
         return Ok(xdp_action::XDP_DROP);
     }
-    if syn {
-        count_flow_event(FlowEvent::HALF_OPEN_STARTED);
-    }
-    count_gateway(gateway.gateway_id, |c| &mut c.new_flows);
-    if let Some(c) = TARGET_COUNTERS.get_ptr_mut(target.counter_index) {
-        // SAFETY: a per-CPU slot of this CPU.
-        unsafe {
-            (*c).new_flows += 1;
-            (*c).packets_to_target += 1;
-            (*c).bytes_to_target += u64::from(packet.ip_len);
-        }
-    }
+    count_new_flow(gateway.gateway_id, target.counter_index, syn, packet.ip_len);
     encapsulate(ctx, packet, &outer)
 }
 
@@ -1110,8 +1109,9 @@ fn rewrite(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> Result<(), Error>
 
 /// Where a packet leaves, as the FIB (or its per-CPU cache) says.
 enum Route {
-    /// Out of `egress`, with these MACs (as [`mac_words`] gives them).
-    Send { egress: u32, macs: [u16; 6] },
+    /// Out of `egress` (the packet came in on `ingress`), with these MACs (as
+    /// [`mac_words`] gives them).
+    Send { egress: u32, ingress: u32, macs: [u16; 6] },
     /// The packet is larger than the egress MTU (which is given).
     TooBig(u16),
     /// No next hop to send to from XDP: the kernel should handle the packet.
@@ -1131,7 +1131,7 @@ fn route(ctx: &XdpContext, src: u32, dst: u32, proto: u8, sport: u16, dport: u16
         // SAFETY: this CPU's slot; nothing else writes it while we run here.
         let h = unsafe { &*hop };
         if h.dst == dst && h.src == src && h.ingress == ingress && jiffies < h.expires && len <= h.mtu {
-            return Route::Send { egress: h.egress, macs: mac_words(&h.dmac, &h.smac) };
+            return Route::Send { egress: h.egress, ingress, macs: mac_words(&h.dmac, &h.smac) };
         }
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain integers and unions of
@@ -1164,7 +1164,7 @@ fn route(ctx: &XdpContext, src: u32, dst: u32, proto: u8, sport: u16, dport: u16
                 };
             }
         }
-        return Route::Send { egress: fib.ifindex, macs: mac_words(&fib.dmac, &fib.smac) };
+        return Route::Send { egress: fib.ifindex, ingress, macs: mac_words(&fib.dmac, &fib.smac) };
     }
     if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
         // SAFETY: on FRAG_NEEDED the FIB wrote the egress MTU over tot_len.
@@ -1176,10 +1176,9 @@ fn route(ctx: &XdpContext, src: u32, dst: u32, proto: u8, sport: u16, dport: u16
 /// Writes the route's MACs into the Ethernet header at `eth` and sends the packet, or
 /// passes it to the kernel when XDP cannot send it.
 #[inline(always)]
-fn send_by(ctx: &XdpContext, eth: *mut EthHdr, route: Route) -> u32 {
-    let ingress = ctx.ingress_ifindex() as u32;
+fn send_by(eth: *mut EthHdr, route: Route) -> u32 {
     match route {
-        Route::Send { egress, macs } => {
+        Route::Send { egress, ingress, macs } => {
             write_mac_words(eth, macs);
             send(egress, ingress)
         }
@@ -1200,7 +1199,7 @@ fn send_by(ctx: &XdpContext, eth: *mut EthHdr, route: Route) -> u32 {
 #[inline(always)]
 fn forward(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> u32 {
     let route = route(ctx, to.src_addr, to.dst_addr, to.proto, to.src_port, to.dst_port, packet.ip_len);
-    send_by(ctx, packet.eth, route)
+    send_by(packet.eth, route)
 }
 
 /// Sends a direct-server-return packet to its target inside an outer IPv4 header (IP in
@@ -1237,7 +1236,7 @@ fn encapsulate(ctx: &XdpContext, packet: &Packet, outer: &FlowKey) -> Result<u32
         (*eth).ether_type = EtherType::Ipv4 as u16;
         write_ipv4_header(ip, tos, outer_len, PROTO_IPIP, outer.src_addr, outer.dst_addr);
     }
-    Ok(send_by(ctx, eth, route))
+    Ok(send_by(eth, route))
 }
 
 /// Writes an IPv4 header without options (TTL 64, don't fragment) and its checksum.
