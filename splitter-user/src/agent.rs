@@ -25,7 +25,9 @@ use tokio::{
 use crate::{
     analysis,
     api::{Answer, DEFAULT_SOCKET},
-    attach, config, control,
+    attach,
+    cluster::{etcd::EtcdStore, StoreUrl},
+    config, control,
     controller::{Controller, Inbox, Op, Settings},
     datapath::{Datapath, Limits},
     health::{self, HealthReport},
@@ -105,6 +107,23 @@ pub struct AgentArgs {
     /// datapath fix without rebuilding the agent).
     #[arg(long, value_name = "PATH", hide = true)]
     ebpf_object: Option<PathBuf>,
+    /// Share gateways, weights, history and rollouts with the agents of other nodes through
+    /// etcd: `etcd://HOST:PORT[,HOST:PORT...]/PREFIX`. Changes made on any node are written
+    /// there (compare-and-swap) and applied by every node; one node drives the rollouts.
+    #[arg(long, value_name = "URL", value_parser = parse_store_url)]
+    store: Option<StoreUrl>,
+    /// This node's name among the agents sharing a store (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+}
+
+fn parse_store_url(text: &str) -> Result<StoreUrl, String> {
+    StoreUrl::parse(text)
+}
+
+/// The host name, for a node's default name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "splitter".into())
 }
 
 /// The XDP attach modes operators choose from.
@@ -214,10 +233,24 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
     let (analysis_tx, analysis_rx) = tokio::sync::mpsc::unbounded_channel();
     controller.set_checks(analysis_tx);
     let mut fingerprint = args.config.as_deref().map(config::fingerprint);
-    controller.sync_config();
+    let (commands, inbox) = mpsc::channel::<Inbox>();
+    match &args.store {
+        // The configuration files are written through the store once it is reached; until
+        // then the node forwards with its saved state.
+        Some(url) => {
+            let node = args.node_name.clone().unwrap_or_else(host_name);
+            let tell = {
+                let inbox = commands.clone();
+                move |update| inbox.send(Inbox::Store(update)).is_ok()
+            };
+            let store = EtcdStore::start(url.clone(), node.clone(), tell)?;
+            info!("following the store {} as node {node}", url.display());
+            controller.set_store(Box::new(store));
+        }
+        None => controller.sync_config(),
+    }
     controller.save_now();
 
-    let (commands, inbox) = mpsc::channel::<Inbox>();
     let controller_thread = std::thread::Builder::new().name("controller".into()).spawn(move || controller.run(inbox))?;
     let listener = control::bind(&args.socket, socket_group)?;
     let server = tokio::spawn(control::serve_listener(listener, commands.clone()));
@@ -270,6 +303,7 @@ async fn run_agent(args: AgentArgs, socket_group: Option<u32>) -> Result<()> {
         Some(Answer::Metrics(text)) => packet_counters_json(&text),
         _ => "{}".into(),
     };
+    let _ = commands.send(Inbox::Stop);
     drop(commands);
     // The service thread ends once every sender is gone. The aborted tasks drop theirs
     // only when the runtime runs them again, so wait without blocking it (a blocking join

@@ -40,6 +40,8 @@ pub enum ErrorKind {
     Failed,
     /// Too many requests of this kind in a short time (external events); try later.
     TooMany,
+    /// The shared store cannot be reached: changes are refused until it is back.
+    Unavailable,
 }
 
 /// A refusal: one line saying what and where.
@@ -64,6 +66,9 @@ impl ApiError {
     }
     pub fn too_many(message: impl fmt::Display) -> Self {
         Self { kind: ErrorKind::TooMany, message: message.to_string() }
+    }
+    pub fn unavailable(message: impl fmt::Display) -> Self {
+        Self { kind: ErrorKind::Unavailable, message: message.to_string() }
     }
     pub fn no_gateway(name: &str) -> Self {
         Self::not_found(format!("no gateway {name}"))
@@ -217,6 +222,23 @@ pub struct Info {
     /// The running program's build id and map layout version.
     pub build: String,
     pub layout: u32,
+    /// The shared store this agent follows (`--store`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreInfo>,
+}
+
+/// Where a many-node agent stands with its shared store.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreInfo {
+    /// `etcd://HOST:PORT[,...]/PREFIX`.
+    pub url: String,
+    /// This agent's name among the nodes.
+    pub node: String,
+    pub reachable: bool,
+    /// This agent drives the rollouts (holds the store's lease).
+    pub driving: bool,
+    /// The store revision of the last change this agent applied or wrote.
+    pub revision: i64,
 }
 
 /// What runs for a gateway besides its document.

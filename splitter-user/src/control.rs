@@ -78,6 +78,7 @@ fn status_of(kind: ErrorKind) -> u16 {
         ErrorKind::Conflict => 409,
         ErrorKind::TooMany => 429,
         ErrorKind::Failed => 500,
+        ErrorKind::Unavailable => 503,
     }
 }
 

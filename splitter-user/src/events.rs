@@ -34,6 +34,32 @@ impl EventLog {
         self.record(gateway, kind, message, tags, kind.to_string(), value, "agent");
     }
 
+    /// An event another node's agent recorded for a change it wrote to the shared store.
+    pub fn push_from(&mut self, gateway: &str, kind: &str, message: impl Into<String>, node: &str) {
+        let message = message.into();
+        info!("event {kind} {gateway} (from node {node}): {message}");
+        let mut tags = Vec::new();
+        if !gateway.is_empty() {
+            tags.push(format!("gateways:{gateway}"));
+        }
+        tags.push(format!("splitter:{kind}"));
+        let value = serde_json::Value::String(message.clone());
+        self.record(gateway, kind, message, tags, kind.to_string(), value, &format!("agent {node}"));
+    }
+
+    /// The newest event's id (0 before the first).
+    pub fn last_id(&self) -> u64 {
+        self.last_id
+    }
+
+    /// Forgets the events after `id`: those of a change that was undone. Ids are not
+    /// reused (a client that read one of them must not miss the next event).
+    pub fn forget_after(&mut self, id: u64) {
+        while self.events.back().is_some_and(|e| e.id > id) {
+            self.events.pop_back();
+        }
+    }
+
     /// An event a client recorded (`POST /api/v1/events`): its gateway is the one its
     /// `gateways:NAME` tag names, if any.
     pub fn push_external(&mut self, event: ExternalEvent, origin: &str) {

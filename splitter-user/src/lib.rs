@@ -2,7 +2,7 @@
 //! fuzz targets (`fuzz/`) drive the same parser, request router and controller.
 //!
 //! Modules depend one way (docs/ARCHITECTURE.md has the map): `gateway` <- `rollout`,
-//! `health`, `config` <- `api` <- `events`, `datapath` <- `state`, `metrics` <-
+//! `health`, `config` <- `api` <- `events`, `datapath` <- `state` <- `cluster`, `metrics` <-
 //! `controller` <- `control` (HTTP server), `client` (CLI), `validate` <- `agent` <-
 //! `decap`.
 
@@ -11,6 +11,7 @@ pub mod analysis;
 pub mod api;
 pub mod attach;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod controller;

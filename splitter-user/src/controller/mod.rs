@@ -7,6 +7,7 @@
 //! only then given its effects (history, events, rollouts, saved state) in [`commit`].
 
 mod analysis;
+mod cluster_sync;
 mod commit;
 mod config_sync;
 mod operations;
@@ -121,6 +122,11 @@ pub enum Inbox {
     ConfigChanged,
     /// An answer to a rollout's question (external metrics, webhooks).
     Check(crate::analysis::CheckReport),
+    /// What the shared store says (`--store`).
+    Store(crate::cluster::StoreUpdate),
+    /// The agent is stopping: the controller returns (the store's tasks still hold
+    /// senders, so the inbox would never close on its own).
+    Stop,
 }
 
 /// What the controller is given at start.
@@ -172,6 +178,8 @@ pub struct Controller<D: Dataplane> {
     next_check_id: u64,
     /// Per gateway, the failed claims counted at the last exhaustion report, and when.
     exhaustion_reported: BTreeMap<String, (u64, Instant)>,
+    /// The shared store, with `--store`.
+    cluster: Option<cluster_sync::ClusterLink>,
     started: Instant,
 }
 
@@ -198,6 +206,7 @@ impl<D: Dataplane> Controller<D> {
             exhaustion_reported: BTreeMap::new(),
             checks: None,
             next_check_id: 0,
+            cluster: None,
             started: Instant::now(),
         }
     }
@@ -262,13 +271,24 @@ impl<D: Dataplane> Controller<D> {
                     self.save_if_changed();
                 }
                 Ok(Inbox::Check(report)) => {
-                    self.check_report(report);
+                    let _ = self.through_store(|c| {
+                        c.check_report(report);
+                        Ok(())
+                    });
                     self.save_if_changed();
                 }
                 Ok(Inbox::ConfigChanged) => {
-                    self.sync_config();
+                    let _ = self.through_store(|c| {
+                        c.sync_config();
+                        Ok(())
+                    });
                     self.save_if_changed();
                 }
+                Ok(Inbox::Store(update)) => {
+                    self.store_update(update);
+                    self.save_if_changed();
+                }
+                Ok(Inbox::Stop) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     next_tick = Instant::now() + TICK;
                     ticks = ticks.wrapping_add(1);
@@ -297,14 +317,22 @@ impl<D: Dataplane> Controller<D> {
     /// One operator request, then one save if it changed anything; a failed save becomes
     /// the reply's warning (the change is live).
     pub fn handle(&mut self, op: Op) -> Result<Reply, ApiError> {
-        let answer = self.dispatch(op);
+        let answer = if op.writes() { self.through_store(|c| c.dispatch(op)) } else { self.dispatch(op) };
         let warning = self.save_if_changed();
         answer.map(|answer| Reply { answer, warning })
     }
 
-    /// Timed work: judges every progressing rollout.
+    /// Timed work: judges every progressing rollout (with a store, only on the node
+    /// driving them, and each decision written there first), publishes this node's
+    /// counters.
     pub fn tick(&mut self, now: Instant) {
-        self.advance_rollouts(now);
+        if self.drives_rollouts() {
+            let _ = self.through_store(|c| {
+                c.advance_rollouts(now);
+                Ok(())
+            });
+        }
+        self.publish_counters();
     }
 
     /// Saves the state as it is now (at start, so the state directory always holds the

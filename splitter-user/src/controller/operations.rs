@@ -295,6 +295,7 @@ impl<D: Dataplane> Controller<D> {
             program_id: self.settings.program_id,
             build: self.settings.build.clone(),
             layout: splitter_common::LAYOUT_VERSION,
+            store: self.store_info(),
         }
     }
 }

@@ -19,9 +19,9 @@ impl<D: Dataplane> Controller<D> {
     /// The counters the analysis compares, now.
     pub(super) fn sample(&self, gateway: &str, canary_route: &str) -> Sample {
         let mut s = Sample::default();
-        let Ok(stats) = self.dataplane.stats() else { return s };
-        let Some(g) = stats.iter().find(|g| g.name == gateway) else { return s };
-        for t in &g.targets {
+        let stats = self.dataplane.stats().unwrap_or_default();
+        let targets = stats.iter().find(|g| g.name == gateway).map(|g| g.targets.as_slice()).unwrap_or_default();
+        for t in targets {
             if t.route == canary_route {
                 s.canary_flows += t.new_flows;
                 s.canary_resets += t.resets_from_target;
@@ -36,10 +36,11 @@ impl<D: Dataplane> Controller<D> {
             }
         }
         s.canary_failed_checks = self.health.failed_checks(gateway, &self.route_targets(gateway, canary_route));
+        self.add_other_nodes(&mut s, gateway, canary_route);
         s
     }
 
-    fn route_targets(&self, gateway: &str, route: &str) -> Vec<Target> {
+    pub(super) fn route_targets(&self, gateway: &str, route: &str) -> Vec<Target> {
         self.configured
             .get(gateway)
             .map(|g| g.routes.iter().filter(|r| r.name == route).flat_map(|r| r.targets.clone()).collect())

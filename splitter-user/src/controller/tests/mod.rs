@@ -4,6 +4,7 @@
 
 mod analysis;
 mod changes;
+mod cluster;
 mod config_files;
 mod rollouts;
 mod vamp;
