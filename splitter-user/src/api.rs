@@ -252,6 +252,10 @@ pub struct GatewayStatus {
     /// Digest of the live table and its targets (16 hex digits): nodes given the same
     /// documents (and seeing the same health) show the same one.
     pub table_fingerprint: Option<String>,
+    /// With a shared store: the store revision of the gateway's record here; a change
+    /// sent with `if_revision` set to it is taken only if nobody changed the gateway since.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_revision: Option<i64>,
     /// The running datapath: `program ID build BUILD layout N`.
     pub datapath: String,
 }
@@ -308,6 +312,9 @@ impl GatewayView {
         }
         if let (Some(generation), Some(fingerprint)) = (self.status.generation, &self.status.table_fingerprint) {
             doc.push_str(&format!("# table: generation {generation}, fingerprint {fingerprint}\n"));
+        }
+        if let Some(revision) = self.status.store_revision {
+            doc.push_str(&format!("# store revision: {revision}\n"));
         }
         if !self.status.datapath.is_empty() {
             doc.push_str(&format!("# datapath: {}\n", self.status.datapath));

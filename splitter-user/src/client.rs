@@ -36,6 +36,11 @@ pub struct ApplyArgs {
     /// Gateway file (full gateway or weights-only update); repeat for several.
     #[arg(short = 'f', long = "file", required = true)]
     files: Vec<PathBuf>,
+    /// Take the change only if the gateways it changes are still at this store revision
+    /// (`# store revision:` in `get`): another operator's change in between makes it fail
+    /// with a conflict instead of being overwritten (agents sharing a store).
+    #[arg(long, value_name = "REVISION")]
+    if_revision: Option<i64>,
     #[command(flatten)]
     socket: SocketArg,
 }
@@ -64,6 +69,10 @@ pub struct WeightArgs {
     /// left equally.
     #[arg(required = true, value_name = "ROUTE=WEIGHT")]
     weights: Vec<String>,
+    /// Take the change only if the gateway is still at this store revision (`# store
+    /// revision:` in `get`).
+    #[arg(long, value_name = "REVISION")]
+    if_revision: Option<i64>,
     #[command(flatten)]
     socket: SocketArg,
 }
@@ -204,7 +213,11 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
         for file in &args.files {
             let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
             let origin = file.display().to_string();
-            let body = success(request(&args.socket.socket, Method::POST, "/api/v1/gateways", Some((text, &origin))).await?)?;
+            let path = match args.if_revision {
+                Some(r) => format!("/api/v1/gateways?if_revision={r}"),
+                None => "/api/v1/gateways".to_string(),
+            };
+            let body = success(request(&args.socket.socket, Method::POST, &path, Some((text, &origin))).await?)?;
             print!("{body}");
         }
         Ok(())
@@ -249,7 +262,10 @@ fn yaml_string(s: &str) -> String {
 
 pub fn weight(args: WeightArgs) -> Result<()> {
     let doc = weights_document(&args.gateway, &args.weights)?;
-    let path = format!("/api/v1/gateways/{}", encode(&args.gateway, true));
+    let mut path = format!("/api/v1/gateways/{}", encode(&args.gateway, true));
+    if let Some(r) = args.if_revision {
+        path.push_str(&format!("?if_revision={r}"));
+    }
     let body =
         runtime()?.block_on(async { success(request(&args.socket.socket, Method::PUT, &path, Some((doc, "splitter weight"))).await?) })?;
     print!("{body}");

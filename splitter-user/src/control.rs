@@ -261,7 +261,9 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, commands: mpsc::Send
         (&Method::GET, "/api/v1/gateways" | "/api/v1/gateways/") => Page::from_query(&query),
         _ => Ok(None),
     };
-    let routed = page.and_then(|page| route(&method, &path, &query, &body, &origin, &client).map(|op| (op, page)));
+    let routed = page.and_then(|page| {
+        route(&method, &path, &query, &body, &origin, &client).and_then(|op| if_revision(op, &query)).map(|op| (op, page))
+    });
     let (op, page) = match routed {
         Ok(routed) => routed,
         Err((status, message)) => return Ok(reply(Response::refusal(status, message, format))),
@@ -349,6 +351,21 @@ fn route(method: &Method, path: &str, query: &str, body: &[u8], origin: &str, cl
 
 /// A yes/no query parameter: absent or empty is no; anything but true/false, 1/0, yes/no is
 /// refused.
+/// A change with `?if_revision=R` is taken only if the gateways it changes are still at
+/// store revision R.
+fn if_revision(op: Op, query: &str) -> Result<Op, (u16, String)> {
+    let Some(value) = query_value(query, "if_revision") else { return Ok(op) };
+    let revision = value
+        .parse::<i64>()
+        .ok()
+        .filter(|r| *r > 0)
+        .ok_or_else(|| error(400, format!("if_revision: `{value}` is not a store revision")))?;
+    if !op.writes() {
+        return Err(error(400, "if_revision: only for requests that change gateways"));
+    }
+    Ok(Op::IfRevision { revision, op: Box::new(op) })
+}
+
 fn flag(query: &str, key: &str) -> Result<bool, (u16, String)> {
     match query_value(query, key).as_deref() {
         None | Some("false" | "0" | "no") => Ok(false),

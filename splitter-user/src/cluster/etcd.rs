@@ -91,7 +91,7 @@ impl Store for EtcdStore {
         let txn = Txn::new().when(compares).and_then(operations);
         let response = self
             .runtime
-            .block_on(tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)))
+            .block_on(async { tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)).await })
             .map_err(|_| StoreError::Unavailable(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())))?
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         if !response.succeeded() {

@@ -58,6 +58,7 @@ impl Op {
             Op::Apply { validate_only, .. } => !validate_only,
             Op::Delete(_) | Op::Promote { .. } | Op::Rollback { .. } | Op::SyncConfig => true,
             Op::Canary(op) => !matches!(op, CanaryOp::Status(_)),
+            Op::IfRevision { op, .. } => op.writes(),
             Op::List | Op::Get(_) | Op::Stats(_) | Op::Metrics | Op::Events { .. } | Op::RecordEvent { .. } | Op::Info => false,
         }
     }
@@ -88,6 +89,22 @@ impl<D: Dataplane> Controller<D> {
         })
     }
 
+    /// The store revision of a gateway's record as this node holds it.
+    pub(super) fn store_revision(&self, name: &str) -> Option<i64> {
+        self.cluster.as_ref().and_then(|c| c.revisions.get(name).copied())
+    }
+
+    /// `op`, taken only if every gateway it changes is at `revision` here and in the store.
+    pub(super) fn if_revision(&mut self, revision: i64, op: Op) -> Result<crate::api::Answer, ApiError> {
+        if self.cluster.is_none() {
+            return Err(ApiError::invalid("if_revision: this agent shares no store (--store)"));
+        }
+        self.expected_revision = Some(revision);
+        let answer = self.through_store(|c| c.dispatch(op));
+        self.expected_revision = None;
+        answer
+    }
+
     /// Runs `change`; with a store, then writes what it changed there, and undoes it here
     /// if the store refuses (a conflict, or the store out of reach).
     pub(super) fn through_store<T>(&mut self, change: impl FnOnce(&mut Self) -> Result<T, ApiError>) -> Result<T, ApiError> {
@@ -108,6 +125,22 @@ impl<D: Dataplane> Controller<D> {
         let writes = self.writes_since(&before);
         if writes.is_empty() {
             return result;
+        }
+        if let Some(revision) = self.expected_revision {
+            // The operator's revision must be what this node changed, and the store's.
+            let stale: Vec<String> = writes
+                .iter()
+                .filter(|w| self.cluster.as_ref().and_then(|c| c.revisions.get(&w.name)).is_some_and(|known| *known != revision))
+                .map(|w| w.name.clone())
+                .collect();
+            if !stale.is_empty() {
+                let names: Vec<String> = writes.iter().map(|w| w.name.clone()).collect();
+                self.undo(before, &names);
+                return Err(ApiError::conflict(format!(
+                    "gateway {} is no longer at store revision {revision}: nothing was changed; read it again (`splitter get`) and retry",
+                    stale.join(", ")
+                )));
+            }
         }
         let Some(link) = self.cluster.as_mut() else { return result };
         match link.store.write(&writes) {

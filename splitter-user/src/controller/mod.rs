@@ -94,6 +94,12 @@ pub enum Op {
     /// Re-read the configuration path now (SIGHUP).
     SyncConfig,
     Canary(CanaryOp),
+    /// A change taken only if every gateway it changes is still at this store revision
+    /// (what the operator read with `get`): optimistic concurrency between operators.
+    IfRevision {
+        revision: i64,
+        op: Box<Op>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -180,6 +186,8 @@ pub struct Controller<D: Dataplane> {
     exhaustion_reported: BTreeMap<String, (u64, Instant)>,
     /// The shared store, with `--store`.
     cluster: Option<cluster_sync::ClusterLink>,
+    /// The store revision the request being handled was made against (`if_revision`).
+    expected_revision: Option<i64>,
     started: Instant,
 }
 
@@ -207,6 +215,7 @@ impl<D: Dataplane> Controller<D> {
             checks: None,
             next_check_id: 0,
             cluster: None,
+            expected_revision: None,
             started: Instant::now(),
         }
     }
@@ -317,7 +326,11 @@ impl<D: Dataplane> Controller<D> {
     /// One operator request, then one save if it changed anything; a failed save becomes
     /// the reply's warning (the change is live).
     pub fn handle(&mut self, op: Op) -> Result<Reply, ApiError> {
-        let answer = if op.writes() { self.through_store(|c| c.dispatch(op)) } else { self.dispatch(op) };
+        let answer = match op {
+            Op::IfRevision { revision, op } => self.if_revision(revision, *op),
+            op if op.writes() => self.through_store(|c| c.dispatch(op)),
+            op => self.dispatch(op),
+        };
         let warning = self.save_if_changed();
         answer.map(|answer| Reply { answer, warning })
     }

@@ -60,6 +60,7 @@ impl<D: Dataplane> Controller<D> {
                 Ok(Answer::Text("configuration synchronised\n".into()))
             }
             Op::Canary(op) => self.canary(op),
+            Op::IfRevision { revision, op } => self.if_revision(revision, *op),
         }
     }
 

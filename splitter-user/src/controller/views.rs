@@ -42,6 +42,7 @@ impl<D: Dataplane> Controller<D> {
                 rollout: self.rollouts.get(&g.name).cloned(),
                 generation: self.dataplane.placements().get(&g.name).map(|p| p.generation),
                 table_fingerprint: self.dataplane.placements().get(&g.name).map(|p| describe_fingerprint(p.fingerprint)),
+                store_revision: self.store_revision(&g.name),
                 datapath: format!(
                     "program {} build {} layout {}",
                     self.settings.program_id,

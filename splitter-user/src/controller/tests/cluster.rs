@@ -224,3 +224,33 @@ fn an_empty_store_takes_the_first_node_s_gateways_and_a_later_node_takes_the_sto
 fn after_an_interval() -> Instant {
     Instant::now() + Duration::from_millis(1001)
 }
+
+#[test]
+fn a_change_made_against_a_revision_read_earlier_loses_to_one_made_since() {
+    let (store, mut nodes) = three_nodes();
+    apply(&mut nodes[0].c, SAVA).unwrap();
+    hear_all(&mut nodes);
+    let read = store.gateway("sava").unwrap().0;
+    let with_revision = |canary: &str| Op::IfRevision {
+        revision: read,
+        op: Box::new(Op::Apply {
+            origin: "op".into(),
+            text: weight_doc("sava", &[(CANARY, canary)]),
+            path_name: None,
+            validate_only: false,
+        }),
+    };
+    nodes[0].c.handle(with_revision("50%")).unwrap();
+    hear_all(&mut nodes);
+    // B has heard of A's change, but its operator read the gateway before it.
+    let err = nodes[1].c.handle(with_revision("30%")).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Conflict);
+    assert_eq!(
+        err.message,
+        format!("gateway sava is no longer at store revision {read}: nothing was changed; read it again (`splitter get`) and retry")
+    );
+    assert_eq!(store.gateway("sava").unwrap().1.writer, "a");
+    assert_eq!(live_weights(&nodes[1].c, "sava")[CANARY], 5000);
+    let err = controller().handle(with_revision("30%")).unwrap_err();
+    assert_eq!(err.message, "if_revision: this agent shares no store (--store)");
+}
