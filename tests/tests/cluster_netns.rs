@@ -269,6 +269,31 @@ impl ClusterBed {
             .unwrap()
     }
 
+    /// The gateway's rollout as `node` has it.
+    fn rollout(&self, node: usize) -> Result<serde_json::Value> {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "--unix-socket"])
+            .arg(self.socket(node))
+            .arg("http://splitter/api/v1/canary/web?output=json")
+            .output()?;
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(value.as_array().and_then(|a| a.first()).cloned().unwrap_or(value))
+    }
+
+    /// The node driving the rollouts, among `alive`.
+    fn driver(&self, alive: &[usize]) -> Option<usize> {
+        alive.iter().copied().find(|n| self.info(*n).is_ok_and(|i| i["store"]["driving"] == true))
+    }
+
+    /// Connections through `node`, ten at a time, until `done` (or 30 s).
+    fn traffic_until(&self, node: usize, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: not within 30 s");
+            let _ = self.sample(node, 10);
+        }
+    }
+
     fn fingerprint(&self, node: usize) -> Result<String> {
         let out = self.cli_ok(node, &["get", "web"])?;
         let line = out.lines().find(|l| l.starts_with("# table: ")).with_context(|| format!("no table line in {out}"))?;
@@ -382,5 +407,65 @@ fn with_etcd_stopped_nodes_forward_and_refuse_changes_then_converge_when_it_retu
     bed.cli_ok(1, &["weight", "web", "v1=10%", "v2=90%"]).unwrap();
     for node in 0..3 {
         bed.wait_v2_weight(node, "90%").unwrap();
+    }
+}
+
+#[test]
+fn one_node_drives_a_rollout_on_the_traffic_of_all_another_takes_over_and_a_failure_rolls_back_everywhere() {
+    if !privileged("one_node_drives_a_rollout_on_the_traffic_of_all_another_takes_over_and_a_failure_rolls_back_everywhere") {
+        return;
+    }
+    let mut bed = ClusterBed::new().unwrap();
+    bed.start_etcd().unwrap();
+    for node in 0..3 {
+        bed.start_agent(node).unwrap();
+    }
+    let driver = bed.driver(&[0, 1, 2]).expect("a node drives");
+    let others: Vec<usize> = (0..3).filter(|n| *n != driver).collect();
+    let file = bed.run.path().join("web.yaml");
+    let canary = "canary:\n  route: v2\n  steps: [20, 40, 60, 100]\n  interval: 3s\n  min_flows: 5\n";
+    std::fs::write(&file, format!("{}{canary}", gateway("100%", "0%"))).unwrap();
+    // Started on a node that does not drive; driven on the traffic of the others only.
+    bed.cli_ok(others[0], &["apply", "-f", &file.display().to_string()]).unwrap();
+    for node in 0..3 {
+        bed.wait_v2_weight(node, "20%").unwrap();
+    }
+    bed.traffic_until(others[1], "step 2 on another node's traffic", || bed.v2_weight(driver).unwrap().as_deref() == Some("40%"));
+    for node in 0..3 {
+        bed.wait_v2_weight(node, "40%").unwrap();
+        assert_eq!(bed.rollout(node).unwrap()["step"], 1, "node {node} at step 2");
+    }
+
+    // The driver killed mid-rollout: another takes over within 5 s, at the same step.
+    let killed_at = Instant::now();
+    bed.agents[driver].take().unwrap().signal(libc::SIGKILL).unwrap();
+    let next = loop {
+        if let Some(n) = bed.driver(&others) {
+            break n;
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(10), "nobody took over");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = killed_at.elapsed();
+    println!("node {next} drives the rollout {} ms after node {driver} was killed", took.as_millis());
+    assert!(took <= Duration::from_secs(5), "taken over in {took:?}");
+    let rollout = bed.rollout(next).unwrap();
+    assert_eq!((rollout["state"].as_str(), rollout["step"].as_u64()), (Some("progressing"), Some(1)), "at the same step: {rollout}");
+
+    // The canary fails: its connections, seen on the node that does not drive, roll it back on all.
+    let watcher = others.iter().copied().find(|n| *n != next).unwrap();
+    bed.processes.remove(1);
+    bed.traffic_until(watcher, "rolled back on failed connects", || bed.rollout(next).unwrap()["state"] == "rolled-back");
+    for node in others {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while bed.rollout(node).unwrap()["state"] != "rolled-back" {
+            assert!(Instant::now() < deadline, "node {node} did not hear of the rollback");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bed.wait_v2_weight(node, "0%").unwrap();
+        let events = bed.cli_ok(node, &["events", "web"]).unwrap();
+        assert_eq!(events.matches("rolled back: ").count(), 1, "node {node} records the one decision:\n{events}");
+        let (counts, failed) = bed.sample(node, 20);
+        assert!(failed.is_empty() && counts.get("v1") == Some(&20), "node {node} sends everything to v1: {counts:?} {failed:?}");
     }
 }
