@@ -6,6 +6,7 @@
 //! own interfaces or addresses.
 
 pub mod browser;
+pub mod cluster;
 pub mod frames;
 pub mod netns;
 pub mod process;

@@ -11,6 +11,7 @@
 //! - [`memory`]: map memory at 1, 100 and 1000 gateways.
 //! - [`killed_canary`]: a canary killed mid-rollout, 20 runs: time to the rollback.
 
+pub mod cluster;
 pub mod connect;
 pub mod connect_xdp;
 pub mod expiry;

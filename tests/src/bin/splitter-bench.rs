@@ -14,6 +14,8 @@
 //! - `memory`: map memory at 1, 100 and 1000 gateways.
 //! - `expiry`, `flood`: the agent's cost with conntrack full; a spoofed SYN flood.
 //! - `killed-canary`: a canary killed mid-rollout, 20 runs: time to the rollback.
+//! - `cluster`: three agents on one etcd: a weight change on one node until the others
+//!   show it, 100 changes.
 //! - `table`: bucket table build time for 1, 8 and 64 targets, and slots moved by changes.
 //!
 //! Everything but `table` needs root (namespaces, XDP); missing tools (trafgen from
@@ -59,6 +61,7 @@ const BENCHMARKS: &[Benchmark] = &[
     Benchmark { name: "expiry", privileged: true, run: expiry },
     Benchmark { name: "flood", privileged: true, run: flood },
     Benchmark { name: "killed-canary", privileged: true, run: killed_canary },
+    Benchmark { name: "cluster", privileged: true, run: cluster },
     Benchmark { name: "table", privileged: false, run: |_, _| Ok(table_build()) },
 ];
 
@@ -82,6 +85,8 @@ sections:
   flood    a spoofed SYN flood from one core: splitter vs nftables DNAT (root)
   killed-canary
            a canary killed mid-rollout, 20 runs: time to the rollback, failed requests (root)
+  cluster  three agents on one etcd: weight change on node 0 until nodes 1 and 2 show it,
+           100 changes (root; etcd-server installed with apt-get)
   table    bucket table build time for 1, 8 and 64 targets; slots moved by changes";
 
 fn main() -> ExitCode {
@@ -201,6 +206,14 @@ fn connect_xdp(opts: Options, figures: &mut Figures) -> anyhow::Result<Section> 
 fn killed_canary(opts: Options, _figures: &mut Figures) -> anyhow::Result<Section> {
     let r = bench::killed_canary::run(opts)?;
     Ok(Section { title: "A canary killed mid-rollout: time to the rollback", body: bench::killed_canary::section(&r) })
+}
+
+fn cluster(opts: Options, _figures: &mut Figures) -> anyhow::Result<Section> {
+    bench::ensure_tools(&[("etcd", "etcd-server")])?;
+    let r = bench::cluster::run(opts)?;
+    let body = bench::cluster::section(&r);
+    println!("{body}");
+    Ok(Section { title: "Many nodes: a weight change until the other nodes apply it", body })
 }
 
 fn flood(opts: Options, _figures: &mut Figures) -> anyhow::Result<Section> {

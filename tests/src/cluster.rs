@@ -1,0 +1,311 @@
+//! Three splitter nodes sharing one etcd (Debian's etcd-server, in a namespace of its
+//! own), for the cluster tests and the propagation benchmark.
+//!
+//! ```text
+//!   client 10.10.4.2 ───────┐
+//!   etcd 10.10.4.5 ─────────┤ br0 (namespace "fabric")
+//!   node i 10.10.4.1i ──────┤   each node one-arm, full NAT, its own agent
+//!   backends .21 (v1), .22 (v2)
+//! ```
+//!
+//! The client reaches the VIP through one node at a time (its route to the VIP names the
+//! node), so each node's datapath is tried on its own.
+
+use std::{
+    collections::BTreeMap,
+    net::TcpStream,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    netns::Netns,
+    splitter_bin,
+    testbed::{http_get, sibling_bin, TempDir, XdpAttachment},
+    Process,
+};
+
+pub const VIP: &str = "10.0.0.90";
+pub const VIP_PORT: &str = "10.0.0.90:80";
+pub const ETCD: &str = "10.10.4.5:2379";
+pub const NODES: [&str; 3] = ["10.10.4.11", "10.10.4.12", "10.10.4.13"];
+
+pub fn gateway(v1: &str, v2: &str) -> String {
+    format!(
+        "name: web\nport: 80/tcp\nvirtual_address: {VIP}\nroutes:\n  v1:\n    weight: {v1}\n    targets: [10.10.4.21:80]\n  v2:\n    \
+         weight: {v2}\n    targets: [10.10.4.22:80]\n"
+    )
+}
+
+/// Plugs `dev` of `ns` (addressed `addr`) into the fabric's bridge as `fabric_end`.
+fn port(fabric: &Netns, ns: &Netns, dev: &str, addr: &str, fabric_end: &str) -> Result<()> {
+    ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", fabric_end, "netns", fabric.name()])?;
+    ns.ip(&["addr", "add", addr, "dev", dev])?;
+    ns.ip(&["link", "set", dev, "up"])?;
+    fabric.ip(&["link", "set", fabric_end, "master", "br0"])?;
+    fabric.ip(&["link", "set", fabric_end, "up"])?;
+    // Whole checksums in what XDP sees (veth would hand it partial ones).
+    ns.set_tx_checksum(dev, false)
+}
+
+pub struct ClusterBed {
+    pub fabric: Netns,
+    pub client: Netns,
+    pub etcd_ns: Netns,
+    pub nodes: Vec<Netns>,
+    _backends: Netns,
+    pub run: TempDir,
+    pub etcd_data: TempDir,
+    /// A prefix of this bed's own under the store.
+    pub store: String,
+    pub etcd: Option<Process>,
+    pub agents: Vec<Option<Process>>,
+    pub processes: Vec<Process>,
+    _pass: Vec<XdpAttachment>,
+}
+
+impl ClusterBed {
+    pub fn new() -> Result<Self> {
+        let fabric = Netns::new("cl-fabric")?;
+        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        fabric.ip(&["link", "set", "br0", "up"])?;
+        let client = Netns::new("cl-client")?;
+        port(&fabric, &client, "cli0", "10.10.4.2/24", "f-cli")?;
+        let etcd_ns = Netns::new("cl-etcd")?;
+        port(&fabric, &etcd_ns, "e0", "10.10.4.5/24", "f-etcd")?;
+        let backends = Netns::new("cl-backends")?;
+        port(&fabric, &backends, "b0", "10.10.4.21/24", "f-b")?;
+        backends.ip(&["addr", "add", "10.10.4.22/24", "dev", "b0"])?;
+        let mut processes = Vec::new();
+        for (addr, version) in [("10.10.4.21:80", "v1"), ("10.10.4.22:80", "v2")] {
+            let backend = backends.spawn(sibling_bin("splitter-backend"), &["--listen", addr, "--version", version])?;
+            backend.wait_for_line("listening", Duration::from_secs(10))?;
+            processes.push(backend);
+        }
+        let mut nodes = Vec::new();
+        let mut pass = Vec::new();
+        for (i, addr) in NODES.iter().enumerate() {
+            let node = Netns::new(&format!("cl-n{i}"))?;
+            port(&fabric, &node, &format!("n{i}"), &format!("{addr}/24"), &format!("f-n{i}"))?;
+            // The FIB lookup of the datapath answers only where forwarding is on.
+            node.sysctl("net.ipv4.ip_forward", "1")?;
+            // XDP_TX on a veth reaches its peer promptly only when the peer runs XDP.
+            pass.push(XdpAttachment::attach(&fabric, &format!("f-n{i}"), "xdp_pass")?);
+            nodes.push(node);
+        }
+        let run = TempDir::new("cl-run")?;
+        let store = format!("splitter-test-{}", std::process::id());
+        let bed = Self {
+            fabric,
+            client,
+            etcd_ns,
+            nodes,
+            _backends: backends,
+            run,
+            etcd_data: TempDir::new("cl-etcd")?,
+            store,
+            etcd: None,
+            agents: vec![None, None, None],
+            processes,
+            _pass: pass,
+        };
+        Ok(bed)
+    }
+
+    pub fn start_etcd(&mut self) -> Result<()> {
+        let data = self.etcd_data.path().display().to_string();
+        let etcd = self.etcd_ns.spawn(
+            "etcd",
+            &[
+                "--name",
+                "cl",
+                "--data-dir",
+                &data,
+                "--listen-client-urls",
+                &format!("http://{ETCD}"),
+                "--advertise-client-urls",
+                &format!("http://{ETCD}"),
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "cl=http://127.0.0.1:2380",
+            ],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.etcd_ns.enter(|| TcpStream::connect_timeout(&ETCD.parse().unwrap(), Duration::from_millis(200)).is_err())? {
+            if Instant::now() > deadline {
+                bail!("etcd did not listen on {ETCD}:\n{}", etcd.lines().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.etcd = Some(etcd);
+        Ok(())
+    }
+
+    pub fn stop_etcd(&mut self) -> Result<()> {
+        let etcd = self.etcd.take().context("etcd is not running")?;
+        etcd.signal(libc::SIGTERM)?;
+        etcd.wait(Duration::from_secs(10))?;
+        Ok(())
+    }
+
+    pub fn socket(&self, node: usize) -> PathBuf {
+        self.run.path().join(format!("n{node}.sock"))
+    }
+
+    pub fn start_agent(&mut self, node: usize) -> Result<()> {
+        let socket = self.socket(node).display().to_string();
+        let store = format!("etcd://{ETCD}/{}", self.store);
+        let agent = self.nodes[node].spawn(
+            splitter_bin(),
+            &[
+                "agent",
+                "--iface",
+                &format!("n{node}"),
+                "--socket",
+                &socket,
+                "--ephemeral",
+                "--store",
+                &store,
+                "--node-name",
+                &format!("n{node}"),
+            ],
+        )?;
+        agent.wait_for_line("ready", Duration::from_secs(30))?;
+        // The node's neighbours, so that the first packets need no resolution.
+        for peer in ["10.10.4.2", "10.10.4.21", "10.10.4.22"] {
+            self.nodes[node].run("ping", &["-c", "1", "-W", "1", peer])?;
+        }
+        self.agents[node] = Some(agent);
+        self.wait_info(node, |info| info["store"]["reachable"] == true, "reach the store")?;
+        Ok(())
+    }
+
+    /// `splitter ARGS --socket <node's socket>`: exit code, stdout, stderr.
+    pub fn cli(&self, node: usize, args: &[&str]) -> Result<(i32, String, String)> {
+        let out = Command::new(splitter_bin()).args(args).arg("--socket").arg(self.socket(node)).output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    pub fn cli_ok(&self, node: usize, args: &[&str]) -> Result<String> {
+        let (code, out, err) = self.cli(node, args)?;
+        let agent = self.agents[node].as_ref().map(|a| a.lines().join("\n")).unwrap_or_default();
+        anyhow::ensure!(code == 0, "node {node}: splitter {args:?}: {err}\nthe agent said:\n{agent}");
+        Ok(out)
+    }
+
+    pub fn info(&self, node: usize) -> Result<serde_json::Value> {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "--unix-socket"])
+            .arg(self.socket(node))
+            .arg("http://splitter/api/v1/info?output=json")
+            .output()?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    pub fn wait_info(&self, node: usize, done: impl Fn(&serde_json::Value) -> bool, what: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let info = self.info(node)?;
+            if done(&info) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("node {node} did not {what}: {info}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The canary's weight on `node` (`None`: no gateway there).
+    pub fn v2_weight(&self, node: usize) -> Result<Option<String>> {
+        let (code, out, _) = self.cli(node, &["get", "web", "-o", "json"])?;
+        if code != 0 {
+            return Ok(None);
+        }
+        let value: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(value["routes"]["v2"]["weight"].as_str().map(str::to_string))
+    }
+
+    pub fn wait_v2_weight(&self, node: usize, weight: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.v2_weight(node)?;
+            if now.as_deref() == Some(weight) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("node {node}: v2 at {now:?}, not {weight}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `n` HTTP GETs to the VIP through `node`, counted by the version that answered, and
+    /// the connections that failed.
+    pub fn sample(&self, node: usize, n: usize) -> (BTreeMap<String, usize>, Vec<String>) {
+        self.client.ip(&["route", "replace", &format!("{VIP}/32"), "via", NODES[node]]).unwrap();
+        self.client
+            .enter(|| {
+                let (mut counts, mut failed) = (BTreeMap::new(), Vec::new());
+                for i in 0..n {
+                    match http_get(VIP_PORT, None) {
+                        Ok(body) => *counts.entry(body.split_whitespace().next().unwrap_or("").to_string()).or_insert(0) += 1,
+                        Err(e) => failed.push(format!("connection {i} through node {node}: {e:#}")),
+                    }
+                }
+                (counts, failed)
+            })
+            .unwrap()
+    }
+
+    /// The gateway's rollout as `node` has it.
+    pub fn rollout(&self, node: usize) -> Result<serde_json::Value> {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "--unix-socket"])
+            .arg(self.socket(node))
+            .arg("http://splitter/api/v1/canary/web?output=json")
+            .output()?;
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(value.as_array().and_then(|a| a.first()).cloned().unwrap_or(value))
+    }
+
+    /// The node driving the rollouts, among `alive`.
+    pub fn driver(&self, alive: &[usize]) -> Option<usize> {
+        alive.iter().copied().find(|n| self.info(*n).is_ok_and(|i| i["store"]["driving"] == true))
+    }
+
+    /// Connections through `node`, ten at a time, until `done` (or 30 s).
+    pub fn traffic_until(&self, node: usize, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: not within 30 s");
+            let _ = self.sample(node, 10);
+        }
+    }
+
+    pub fn fingerprint(&self, node: usize) -> Result<String> {
+        let out = self.cli_ok(node, &["get", "web"])?;
+        let line = out.lines().find(|l| l.starts_with("# table: ")).with_context(|| format!("no table line in {out}"))?;
+        Ok(line.rsplit_once("fingerprint ").map(|(_, f)| f.to_string()).unwrap_or_default())
+    }
+}
+
+impl Drop for ClusterBed {
+    fn drop(&mut self) {
+        // Agents first (they detach), then etcd and the backends, before the namespaces go.
+        self.agents.clear();
+        self.etcd.take();
+        self.processes.clear();
+        let _ = &self.fabric;
+    }
+}
