@@ -108,11 +108,27 @@ fn kubernetes_validate(file: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn the_kubernetes_manifests_validate_and_run_the_agent_as_it_is() {
-    let manifest = deploy().join("kubernetes/splitter.yaml");
+    manifest_validates_and_runs_the_agent(
+        "kubernetes/splitter.yaml",
+        &["namespace/splitter", "configmap/splitter-gateways", "daemonset/splitter"],
+    );
+}
+
+#[test]
+fn the_kubernetes_manifest_with_etcd_validates_and_runs_the_agent_on_the_store() {
+    let kinds =
+        ["namespace/splitter", "configmap/splitter-gateways", "service/splitter-etcd", "statefulset/splitter-etcd", "daemonset/splitter"];
+    manifest_validates_and_runs_the_agent("kubernetes/splitter-etcd.yaml", &kinds);
+    let text = std::fs::read_to_string(deploy().join("kubernetes/splitter-etcd.yaml")).unwrap();
+    assert!(text.contains("- --store\n            - etcd://splitter-etcd-0.splitter-etcd.splitter.svc:2379/splitter\n"), "{text}");
+}
+
+fn manifest_validates_and_runs_the_agent(file: &str, kinds: &[&str]) {
+    let manifest = deploy().join(file);
     let out = kubernetes_validate(&manifest);
     let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
-    for kind in ["namespace/splitter", "configmap/splitter-gateways", "daemonset/splitter"] {
+    for kind in kinds {
         assert!(report.contains(&format!("passed for resource {kind}")), "{kind} validated: {report}");
     }
     // The validator does refuse: the same manifest with a misspelled field fails.
