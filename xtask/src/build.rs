@@ -89,6 +89,8 @@ impl Artifacts {
 }
 
 pub fn build_all(opts: &Options) -> Result<Artifacts> {
+    // The etcd client's build script compiles etcd's protocol definitions with protoc.
+    crate::ensure_system_tools(&["protoc"])?;
     let root = workspace_root();
     let out_dir = root.join("target/bpf");
     fs::create_dir_all(&out_dir)?;

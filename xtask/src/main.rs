@@ -109,7 +109,7 @@ fn run() -> Result<()> {
 /// Runs the whole test suite in release mode (it shares the agent's compiled dependencies).
 fn test(art: &build::Artifacts, deb: &Path, extra: &[String]) -> Result<()> {
     // What the namespace tests run besides the splitter: a fresh machine may lack any.
-    ensure_system_tools(&["ip", "ping", "curl", "nft", "setpriv", "prometheus", "socat", "chromium", "chromedriver"])?;
+    ensure_system_tools(&["ip", "ping", "curl", "nft", "setpriv", "prometheus", "socat", "chromium", "chromedriver", "etcd", "protoc"])?;
     let schemathesis = ensure_python_tool("schemathesis", SCHEMATHESIS_VERSION, "schemathesis")?;
     let kubernetes_validate = ensure_python_tool("kubernetes-validate", KUBERNETES_VALIDATE_VERSION, "kubernetes-validate")?;
     let mut cmd = cargo();
@@ -169,7 +169,7 @@ fn ensure_python_tool(package: &str, version: &str, command_name: &str) -> Resul
 }
 
 /// Installs missing system tools with apt when running as root on Debian/Ubuntu.
-fn ensure_system_tools(tools: &[&str]) -> Result<()> {
+pub(crate) fn ensure_system_tools(tools: &[&str]) -> Result<()> {
     let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
     if missing.is_empty() {
         return Ok(());
@@ -182,6 +182,8 @@ fn ensure_system_tools(tools: &[&str]) -> Result<()> {
             "nft" => "nftables",
             "setpriv" => "util-linux",
             "chromedriver" => "chromium-driver",
+            "etcd" => "etcd-server",
+            "protoc" => "protobuf-compiler",
             other => other,
         })
         .collect();
