@@ -22,7 +22,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    netns::Netns,
+    netns::{bridge_port, Netns},
     splitter_bin,
     testbed::{http_get, sibling_bin, TempDir, XdpAttachment},
     Process,
@@ -38,17 +38,6 @@ pub fn gateway(v1: &str, v2: &str) -> String {
         "name: web\nport: 80/tcp\nvirtual_address: {VIP}\nroutes:\n  v1:\n    weight: {v1}\n    targets: [10.10.4.21:80]\n  v2:\n    \
          weight: {v2}\n    targets: [10.10.4.22:80]\n"
     )
-}
-
-/// Plugs `dev` of `ns` (addressed `addr`) into the fabric's bridge as `fabric_end`.
-fn port(fabric: &Netns, ns: &Netns, dev: &str, addr: &str, fabric_end: &str) -> Result<()> {
-    ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", fabric_end, "netns", fabric.name()])?;
-    ns.ip(&["addr", "add", addr, "dev", dev])?;
-    ns.ip(&["link", "set", dev, "up"])?;
-    fabric.ip(&["link", "set", fabric_end, "master", "br0"])?;
-    fabric.ip(&["link", "set", fabric_end, "up"])?;
-    // Whole checksums in what XDP sees (veth would hand it partial ones).
-    ns.set_tx_checksum(dev, false)
 }
 
 pub struct ClusterBed {
@@ -73,11 +62,11 @@ impl ClusterBed {
         fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
         fabric.ip(&["link", "set", "br0", "up"])?;
         let client = Netns::new("cl-client")?;
-        port(&fabric, &client, "cli0", "10.10.4.2/24", "f-cli")?;
+        bridge_port(&fabric, &client, "cli0", "10.10.4.2/24", "f-cli")?;
         let etcd_ns = Netns::new("cl-etcd")?;
-        port(&fabric, &etcd_ns, "e0", "10.10.4.5/24", "f-etcd")?;
+        bridge_port(&fabric, &etcd_ns, "e0", "10.10.4.5/24", "f-etcd")?;
         let backends = Netns::new("cl-backends")?;
-        port(&fabric, &backends, "b0", "10.10.4.21/24", "f-b")?;
+        bridge_port(&fabric, &backends, "b0", "10.10.4.21/24", "f-b")?;
         backends.ip(&["addr", "add", "10.10.4.22/24", "dev", "b0"])?;
         let mut processes = Vec::new();
         for (addr, version) in [("10.10.4.21:80", "v1"), ("10.10.4.22:80", "v2")] {
@@ -89,7 +78,7 @@ impl ClusterBed {
         let mut pass = Vec::new();
         for (i, addr) in NODES.iter().enumerate() {
             let node = Netns::new(&format!("cl-n{i}"))?;
-            port(&fabric, &node, &format!("n{i}"), &format!("{addr}/24"), &format!("f-n{i}"))?;
+            bridge_port(&fabric, &node, &format!("n{i}"), &format!("{addr}/24"), &format!("f-n{i}"))?;
             // The FIB lookup of the datapath answers only where forwarding is on.
             node.sysctl("net.ipv4.ip_forward", "1")?;
             // XDP_TX on a veth reaches its peer promptly only when the peer runs XDP.
@@ -112,6 +101,16 @@ impl ClusterBed {
             processes,
             _pass: pass,
         };
+        Ok(bed)
+    }
+
+    /// The bed with etcd and the three agents running, each in step with the store.
+    pub fn running() -> Result<Self> {
+        let mut bed = Self::new()?;
+        bed.start_etcd()?;
+        for node in 0..NODES.len() {
+            bed.start_agent(node)?;
+        }
         Ok(bed)
     }
 
@@ -306,6 +305,5 @@ impl Drop for ClusterBed {
         self.agents.clear();
         self.etcd.take();
         self.processes.clear();
-        let _ = &self.fabric;
     }
 }

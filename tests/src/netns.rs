@@ -154,6 +154,18 @@ impl Drop for Netns {
     }
 }
 
+/// Plugs `dev` of `ns` (addressed `addr`) into the bridge `br0` of `fabric` as
+/// `fabric_end`, with transmit checksum offload off on `dev` (XDP then sees whole
+/// checksums, where veth would hand it partial ones).
+pub fn bridge_port(fabric: &Netns, ns: &Netns, dev: &str, addr: &str, fabric_end: &str) -> Result<()> {
+    ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", fabric_end, "netns", fabric.name()])?;
+    ns.ip(&["addr", "add", addr, "dev", dev])?;
+    ns.ip(&["link", "set", dev, "up"])?;
+    fabric.ip(&["link", "set", fabric_end, "master", "br0"])?;
+    fabric.ip(&["link", "set", fabric_end, "up"])?;
+    ns.set_tx_checksum(dev, false)
+}
+
 /// A veth pair whose ends live in two namespaces (created there directly, so the names
 /// never meet the host's interfaces). Deleted with either namespace.
 pub struct Veth {

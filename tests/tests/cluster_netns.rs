@@ -26,11 +26,7 @@ fn a_change_made_on_one_node_is_live_on_all_and_of_two_conflicting_changes_one_w
     if !privileged("a_change_made_on_one_node_is_live_on_all_and_of_two_conflicting_changes_one_wins") {
         return;
     }
-    let mut bed = ClusterBed::new().unwrap();
-    bed.start_etcd().unwrap();
-    for node in 0..3 {
-        bed.start_agent(node).unwrap();
-    }
+    let bed = ClusterBed::running().unwrap();
     let file = bed.run.path().join("web.yaml");
     std::fs::write(&file, gateway("80%", "20%")).unwrap();
     bed.cli_ok(0, &["apply", "-f", &file.display().to_string()]).unwrap();
@@ -81,11 +77,7 @@ fn with_etcd_stopped_nodes_forward_and_refuse_changes_then_converge_when_it_retu
     if !privileged("with_etcd_stopped_nodes_forward_and_refuse_changes_then_converge_when_it_returns") {
         return;
     }
-    let mut bed = ClusterBed::new().unwrap();
-    bed.start_etcd().unwrap();
-    for node in 0..3 {
-        bed.start_agent(node).unwrap();
-    }
+    let mut bed = ClusterBed::running().unwrap();
     let file = bed.run.path().join("web.yaml");
     std::fs::write(&file, gateway("50%", "50%")).unwrap();
     bed.cli_ok(2, &["apply", "-f", &file.display().to_string()]).unwrap();
@@ -120,11 +112,7 @@ fn one_node_drives_a_rollout_on_the_traffic_of_all_another_takes_over_and_a_fail
     if !privileged("one_node_drives_a_rollout_on_the_traffic_of_all_another_takes_over_and_a_failure_rolls_back_everywhere") {
         return;
     }
-    let mut bed = ClusterBed::new().unwrap();
-    bed.start_etcd().unwrap();
-    for node in 0..3 {
-        bed.start_agent(node).unwrap();
-    }
+    let mut bed = ClusterBed::running().unwrap();
     let driver = bed.driver(&[0, 1, 2]).expect("a node drives");
     let others: Vec<usize> = (0..3).filter(|n| *n != driver).collect();
     let file = bed.run.path().join("web.yaml");

@@ -16,7 +16,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use splitter_tests::{
-    netns::Netns,
+    netns::{bridge_port, Netns},
     privileged, splitter_bin,
     testbed::{http_get, sibling_bin, LineClient, TempDir, XdpAttachment},
     Process,
@@ -33,17 +33,6 @@ fn gateway(v1: &str, v2: &str) -> String {
         "name: web\nport: 80/tcp\nvirtual_address: {VIP}\nmode: dsr\nroutes:\n  v1:\n    weight: {v1}\n    targets: \
          [10.10.2.11:80, 10.10.2.12:80, 10.10.2.13:80]\n  v2:\n    weight: {v2}\n    targets: [10.10.2.14:80]\n"
     )
-}
-
-/// Plugs `dev` of `ns` (addressed `addr`) into the fabric's bridge as `fabric_end`.
-fn port(fabric: &Netns, ns: &Netns, dev: &str, addr: &str, fabric_end: &str) -> Result<()> {
-    ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", fabric_end, "netns", fabric.name()])?;
-    ns.ip(&["addr", "add", addr, "dev", dev])?;
-    ns.ip(&["link", "set", dev, "up"])?;
-    fabric.ip(&["link", "set", fabric_end, "master", "br0"])?;
-    fabric.ip(&["link", "set", fabric_end, "up"])?;
-    // Whole checksums in what XDP sees (veth would hand it partial ones).
-    ns.set_tx_checksum(dev, false)
 }
 
 struct DsrBed {
@@ -65,10 +54,10 @@ impl DsrBed {
         fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
         fabric.ip(&["link", "set", "br0", "up"])?;
         let client = Netns::new("dsr-client")?;
-        port(&fabric, &client, "cli0", "10.10.2.2/24", "f-cli")?;
+        bridge_port(&fabric, &client, "cli0", "10.10.2.2/24", "f-cli")?;
         client.ip(&["route", "add", &format!("{VIP}/32"), "via", "10.10.2.1"])?;
         let splitter = Netns::new("dsr-splitter")?;
-        port(&fabric, &splitter, "spl0", "10.10.2.1/24", "f-spl")?;
+        bridge_port(&fabric, &splitter, "spl0", "10.10.2.1/24", "f-spl")?;
         // Encapsulated packets the datapath passes up (next hop not resolved yet) are
         // forwarded by the kernel, with this node's own address as their source.
         splitter.sysctl("net.ipv4.ip_forward", "1")?;
@@ -90,7 +79,7 @@ impl DsrBed {
         };
         for (i, (addr, version)) in TARGETS.iter().enumerate() {
             let target = Netns::new(&format!("dsr-t{i}"))?;
-            port(&bed.fabric, &target, "t0", &format!("{addr}/24"), &format!("f-t{i}"))?;
+            bridge_port(&bed.fabric, &target, "t0", &format!("{addr}/24"), &format!("f-t{i}"))?;
             target.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             let decap = target.spawn(splitter_bin(), &["decap", "--iface", "t0"])?;
             decap.wait_for_line("are decapsulated", Duration::from_secs(10))?;

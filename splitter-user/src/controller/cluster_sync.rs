@@ -176,27 +176,14 @@ impl<D: Dataplane> Controller<D> {
         let g = self.configured.get(name)?;
         let decisions =
             self.events.since(since_event).iter().filter(|e| e.gateway == name && e.origin == "agent").map(Decision::from).collect();
-        Some(GatewayRecord {
-            document: g.to_yaml(),
-            history: self.history.get(name).cloned().unwrap_or_default(),
-            rollout: self.rollouts.get(name).and_then(|r| serde_json::to_value(r).ok()),
-            decisions,
-            writer: self.cluster.as_ref().map(|c| c.store.node().to_string()).unwrap_or_default(),
-        })
+        let writer = self.cluster.as_ref().map(|c| c.store.node().to_string()).unwrap_or_default();
+        Some(GatewayRecord { decisions, writer, ..record_state(g, self.history.get(name), self.rollouts.get(name)) })
     }
 
     /// The store writes of what changed since `before`.
     fn writes_since(&self, before: &Before) -> Vec<RecordWrite> {
         let Some(link) = &self.cluster else { return Vec::new() };
-        let old = |name: &str| {
-            before.configured.get(name).map(|g| GatewayRecord {
-                document: g.to_yaml(),
-                history: before.history.get(name).cloned().unwrap_or_default(),
-                rollout: before.rollouts.get(name).and_then(|r| serde_json::to_value(r).ok()),
-                decisions: Vec::new(),
-                writer: String::new(),
-            })
-        };
+        let old = |name: &str| before.configured.get(name).map(|g| record_state(g, before.history.get(name), before.rollouts.get(name)));
         let names: std::collections::BTreeSet<&String> = before.configured.keys().chain(self.configured.keys()).collect();
         names
             .into_iter()
@@ -334,18 +321,9 @@ impl<D: Dataplane> Controller<D> {
         }
         let Some(record) = record else {
             if self.configured.contains_key(name) {
-                if let Err(e) = self.dataplane.remove(name) {
-                    error!("gateway {name}: deleted in the store, but not here: {e:#}");
-                    return;
+                if let Err(e) = self.remove_gateway(name, "gateway deleted (by another node, through the store)") {
+                    error!("gateway {name}: deleted in the store, but not here: {e}");
                 }
-                self.configured.remove(name);
-                self.history.remove(name);
-                self.from_config.remove(name);
-                self.baselines.remove(name);
-                self.rollouts.remove(name);
-                self.events.push(name, "config", "gateway deleted (by another node, through the store)");
-                self.update_health_checks();
-                self.unsaved = true;
             }
             return;
         };
@@ -403,25 +381,8 @@ impl<D: Dataplane> Controller<D> {
 
     /// This node's counters of every gateway, by route.
     fn node_counters(&self) -> NodeCounters {
-        let mut all = NodeCounters::new();
-        let Ok(stats) = self.dataplane.stats() else { return all };
-        for g in stats {
-            let routes = all.entry(g.name.clone()).or_default();
-            for t in &g.targets {
-                let c = routes.entry(t.route.clone()).or_default();
-                c.flows += t.new_flows;
-                c.resets += t.resets_from_target;
-                c.failed_connects += t.failed_connects;
-                c.http_responses += t.http_responses.iter().sum::<u64>();
-                c.http_5xx += t.http_responses[4];
-                c.connects += t.connects;
-                c.connect_ns += t.connect_ns_total;
-            }
-            for (route, c) in routes.iter_mut() {
-                c.failed_checks = self.health.failed_checks(&g.name, &self.route_targets(&g.name, route));
-            }
-        }
-        all
+        let Ok(stats) = self.dataplane.stats() else { return NodeCounters::new() };
+        stats.iter().map(|g| (g.name.clone(), self.route_counters(&g.name, &stats))).collect()
     }
 
     /// Publishes this node's counters when they changed.
@@ -474,5 +435,17 @@ impl<D: Dataplane> Controller<D> {
             }
         }
         driving
+    }
+}
+
+/// A gateway's record without the change's decisions and writer (what `same_state`
+/// compares).
+fn record_state(g: &Gateway, history: Option<&WeightHistory>, rollout: Option<&Rollout>) -> GatewayRecord {
+    GatewayRecord {
+        document: g.to_yaml(),
+        history: history.cloned().unwrap_or_default(),
+        rollout: rollout.and_then(|r| serde_json::to_value(r).ok()),
+        decisions: Vec::new(),
+        writer: String::new(),
     }
 }

@@ -141,13 +141,19 @@ impl<D: Dataplane> Controller<D> {
         if !self.configured.contains_key(name) {
             return Err(ApiError::no_gateway(name));
         }
+        self.remove_gateway(name, "gateway deleted")
+    }
+
+    /// Takes a gateway out of the datapath and forgets it (its history, rollout, baseline,
+    /// the file that defined it), with `event` as the reason.
+    pub(super) fn remove_gateway(&mut self, name: &str, event: &str) -> Result<(), ApiError> {
         self.dataplane.remove(name).map_err(|e| ApiError::failed(format!("{e:#}")))?;
         self.configured.remove(name);
         self.history.remove(name);
         self.from_config.remove(name);
         self.baselines.remove(name);
         self.rollouts.remove(name);
-        self.events.push(name, "config", "gateway deleted");
+        self.events.push(name, "config", event);
         self.update_health_checks();
         self.unsaved = true;
         Ok(())

@@ -1,7 +1,7 @@
 //! Carrying out what rollouts want ([`Intent`]): a step's weights, a rollback, a wait;
 //! each weight change through [`Controller::commit`], so a failed one changes nothing.
 
-use std::time::Instant;
+use std::{collections::BTreeMap, time::Instant};
 
 use log::warn;
 
@@ -10,34 +10,43 @@ use super::{
     Controller,
 };
 use crate::{
+    api::GatewayStats,
+    cluster::{self, NodeCounters, RouteCounters},
     datapath::Dataplane,
     gateway::{policy::HookKind, Target},
     rollout::{step_weights, Intent, Rollout, RolloutState, Sample},
 };
 
 impl<D: Dataplane> Controller<D> {
-    /// The counters the analysis compares, now.
+    /// The counters the analysis compares, now: this node's, and with a store every other
+    /// node's as published.
     pub(super) fn sample(&self, gateway: &str, canary_route: &str) -> Sample {
         let mut s = Sample::default();
         let stats = self.dataplane.stats().unwrap_or_default();
-        let targets = stats.iter().find(|g| g.name == gateway).map(|g| g.targets.as_slice()).unwrap_or_default();
-        for t in targets {
-            if t.route == canary_route {
-                s.canary_flows += t.new_flows;
-                s.canary_resets += t.resets_from_target;
-                s.canary_failed_connects += t.failed_connects;
-                s.canary_http_responses += t.http_responses.iter().sum::<u64>();
-                s.canary_http_5xx += t.http_responses[4];
-                s.canary_connects += t.connects;
-                s.canary_connect_ns += t.connect_ns_total;
-            } else {
-                s.stable_connects += t.connects;
-                s.stable_connect_ns += t.connect_ns_total;
-            }
-        }
-        s.canary_failed_checks = self.health.failed_checks(gateway, &self.route_targets(gateway, canary_route));
+        let local = NodeCounters::from([(gateway.to_string(), self.route_counters(gateway, &stats))]);
+        cluster::add_counters(&mut s, &local, gateway, canary_route);
         self.add_other_nodes(&mut s, gateway, canary_route);
         s
+    }
+
+    /// This node's counters of `gateway` by route: what the datapath counted for each
+    /// target, and the failed health checks of each configured route.
+    pub(super) fn route_counters(&self, gateway: &str, stats: &[GatewayStats]) -> BTreeMap<String, RouteCounters> {
+        let mut routes: BTreeMap<String, RouteCounters> = BTreeMap::new();
+        for t in stats.iter().filter(|g| g.name == gateway).flat_map(|g| &g.targets) {
+            let c = routes.entry(t.route.clone()).or_default();
+            c.flows += t.new_flows;
+            c.resets += t.resets_from_target;
+            c.failed_connects += t.failed_connects;
+            c.http_responses += t.http_responses.iter().sum::<u64>();
+            c.http_5xx += t.http_responses[4];
+            c.connects += t.connects;
+            c.connect_ns += t.connect_ns_total;
+        }
+        for route in self.configured.get(gateway).into_iter().flat_map(|g| &g.routes) {
+            routes.entry(route.name.clone()).or_default().failed_checks = self.health.failed_checks(gateway, &route.targets);
+        }
+        routes
     }
 
     pub(super) fn route_targets(&self, gateway: &str, route: &str) -> Vec<Target> {

@@ -47,11 +47,7 @@ fn v2_weight(socket: &Path) -> Result<Option<String>> {
 
 pub fn run(opts: Options) -> Result<Propagation> {
     let changes = if opts.quick { 30 } else { 100 };
-    let mut bed = ClusterBed::new()?;
-    bed.start_etcd()?;
-    for node in 0..3 {
-        bed.start_agent(node)?;
-    }
+    let bed = ClusterBed::running()?;
     let (status, body) = request(&bed.socket(0), "POST", "/api/v1/gateways", &gateway("90%", "10%"))?;
     if status != 200 {
         bail!("applying the gateway on node 0: {status} {body}");
