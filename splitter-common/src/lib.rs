@@ -74,13 +74,16 @@ pub mod map_names {
     /// Outer source prefixes of direct-server-return gateways (`DsrSource`), per gateway;
     /// written by the agent (before the gateway's state names it), read by the program.
     pub const DSR_SOURCES: &str = "DSR_SOURCES";
+    /// Target (address, port, protocol) to its DNAT gateway (`DnatReply`), for answers no
+    /// flow state on this node knows; written by the agent, read by the program.
+    pub const DNAT_REPLIES: &str = "DNAT_REPLIES";
     /// The maps every datapath of this layout version has had since its first release: pins
     /// holding these (and a program and links) are a datapath to adopt or upgrade; maps
     /// added since are created when missing.
     pub const CORE: [&str; 8] =
         [GATEWAYS, BUCKET_TABLES, TARGETS, CONNTRACK, TARGET_COUNTERS, GATEWAY_COUNTERS, PACKET_COUNTERS, FORWARD_EVENTS];
     /// Every map the agent pins and adopts.
-    pub const PINNED: [&str; 15] = [
+    pub const PINNED: [&str; 16] = [
         GATEWAYS,
         BUCKET_TABLES,
         TARGETS,
@@ -96,6 +99,7 @@ pub mod map_names {
         DATAPATH_INFO,
         ADDRESS_FILTER,
         DSR_SOURCES,
+        DNAT_REPLIES,
     ];
 }
 

@@ -286,6 +286,26 @@ impl DsrSource {
     }
 }
 
+/// How a DNAT gateway's target answers are translated back where no flow state knows
+/// them, keyed by the target's `GatewayKey` (its address, port and protocol): the forward
+/// half of the flow went through another node (ECMP moved it, or the target's route back
+/// names this node), so the reply is sent from the gateway's address like any reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DnatReply {
+    /// The gateway's virtual address, network byte order.
+    pub vip: u32,
+    /// The target's `TargetEntry.counter_index`.
+    pub counter_index: u32,
+    /// The gateway's `GatewayState.gateway_id` (host order).
+    pub gateway_id: u32,
+    /// The gateway's port, network byte order.
+    pub port: u16,
+    /// `FLOW_HTTP` when the gateway speaks HTTP, else 0 (host order).
+    pub flow_flags: u16,
+}
+assert_size!(DnatReply, 16);
+
 /// Words of the address filter: 65 536 buckets of one bit.
 pub const ADDRESS_FILTER_WORDS: usize = 1024;
 
@@ -364,6 +384,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::TargetOutcomes {}
     unsafe impl aya::Pod for super::AddressFilter {}
     unsafe impl aya::Pod for super::DsrSource {}
+    unsafe impl aya::Pod for super::DnatReply {}
 }
 
 #[cfg(test)]

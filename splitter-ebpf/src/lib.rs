@@ -42,10 +42,10 @@ use splitter_common::{
     csum::{fold, sum_words, CsumDelta},
     flow::{bucket_slot, client_hash, flow_hash, snat_address_index, snat_port_in, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
-        AddressFilter, BucketTable, DatapathInfo, DsrSource, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool,
-        TargetCounters, TargetEntry, TargetOutcomes, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_HALF_OPEN_ENTRIES, DEFAULT_MAX_GATEWAYS,
-        FLOW_CONNECT_FAILED, FLOW_DSR, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_HTTP, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR,
-        GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
+        AddressFilter, BucketTable, DatapathInfo, DnatReply, DsrSource, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState,
+        SourcePool, TargetCounters, TargetEntry, TargetOutcomes, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_HALF_OPEN_ENTRIES,
+        DEFAULT_MAX_GATEWAYS, FLOW_CONNECT_FAILED, FLOW_DSR, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_HTTP, FLOW_TO_TARGET, GATEWAY_DNAT,
+        GATEWAY_DSR, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
     },
     FlowEvent, ForwardEvent, PacketClass,
 };
@@ -113,6 +113,12 @@ static ADDRESS_FILTER: Array<AddressFilter> = Array::with_max_entries(1, 0);
 /// Written by: the agent (before the gateway's state names it). Read by: this program.
 #[map]
 static DSR_SOURCES: Array<DsrSource> = Array::with_max_entries(DEFAULT_MAX_GATEWAYS, 0);
+
+/// DNAT gateways' targets (address, port, protocol) to their gateway, for answers no flow
+/// state here knows. Written by: the agent (before the gateway's state names the targets).
+/// Read by: this program.
+#[map]
+static DNAT_REPLIES: HashMap<GatewayKey, DnatReply> = HashMap::with_max_entries(MAX_TARGET_COUNTERS, 0);
 
 /// The layout version and build of what runs, for the next agent.
 /// Written by: the agent. Read by: the agent (never this program).
@@ -370,9 +376,54 @@ fn try_splitter(ctx: &XdpContext) -> Result<u32, Error> {
     let gateway_key = GatewayKey { vip: packet.key().dst_addr, port: packet.key().dst_port, proto: packet.key().proto, _pad: 0 };
     // SAFETY: the value is copied out at once; the agent replaces values whole.
     let Some(gateway) = (unsafe { GATEWAYS.get(&gateway_key) }).copied() else {
-        return Err(Error::Pass);
+        return dnat_reply(ctx, &packet);
     };
     new_flow(ctx, &packet, &gateway)
+}
+
+/// An answer of a DNAT gateway's target that no flow state here knows: the flow's forward
+/// half went through another node (ECMP moved it, or the target's route back names this
+/// node). It is sent from the gateway's address like any answer, and its entry kept. One
+/// for this host itself (a health check's) is passed untouched.
+#[inline(always)]
+fn dnat_reply(ctx: &XdpContext, packet: &Packet) -> Result<u32, Error> {
+    let key = packet.key();
+    // A target opening a connection of its own is not an answer.
+    if key.proto == PROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return Err(Error::Pass);
+    }
+    let source = GatewayKey { vip: key.src_addr, port: key.src_port, proto: key.proto, _pad: 0 };
+    // SAFETY: the value is copied out at once; the agent replaces values whole.
+    let Some(reply) = (unsafe { DNAT_REPLIES.get(&source) }).copied() else {
+        return Err(Error::Pass);
+    };
+    let rewritten = FlowKey {
+        src_addr: reply.vip,
+        dst_addr: key.dst_addr,
+        src_port: reply.port,
+        dst_port: key.dst_port,
+        proto: key.proto,
+        _pad: 0,
+        _pad_word: 0,
+    };
+    let route = route(ctx, rewritten.src_addr, rewritten.dst_addr, rewritten.proto, rewritten.src_port, rewritten.dst_port, packet.ip_len);
+    if matches!(route, Route::Pass(_)) {
+        return Err(Error::Pass);
+    }
+    let now = now_ns();
+    let entry = FlowEntry {
+        rewritten,
+        counter_index: reply.counter_index,
+        flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED | u32::from(reply.flow_flags),
+        last_seen_ns: now,
+        created_ns: now,
+    };
+    // Without an entry the next answer takes this path again: nothing lost.
+    let _ = CONNTRACK.insert(key, &entry, u64::from(BPF_ANY));
+    count_gateway(reply.gateway_id, |c| &mut c.conntrack_miss);
+    count_flow_event(FlowEvent::ESTABLISHED_MISSED);
+    rewrite(ctx, packet, &rewritten)?;
+    Ok(send_by(packet.eth, route))
 }
 
 /// Parses Ethernet, IPv4 (respecting IHL) and the TCP or UDP header. Anything else is

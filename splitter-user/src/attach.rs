@@ -75,6 +75,7 @@ fn expected_sizes(name: &str) -> Option<(usize, usize)> {
         map_names::DATAPATH_INFO => (4, size_of::<DatapathInfo>()),
         map_names::ADDRESS_FILTER => (4, size_of::<splitter_common::maps::AddressFilter>()),
         map_names::DSR_SOURCES => (4, size_of::<splitter_common::maps::DsrSource>()),
+        map_names::DNAT_REPLIES => (size_of::<GatewayKey>(), size_of::<splitter_common::maps::DnatReply>()),
         _ => return None,
     })
 }

@@ -16,9 +16,9 @@ use aya::{
 use splitter_common::{
     flow::{bucket_slot, client_hash, flow_hash, snat_port, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
-        address_bucket, AddressFilter, BucketTable, DsrSource, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, TargetOutcomes,
-        FLOW_DSR, FLOW_ESTABLISHED, FLOW_FIN_SEEN, FLOW_FROM_TARGET, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP,
-        GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
+        address_bucket, AddressFilter, BucketTable, DnatReply, DsrSource, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry,
+        TargetOutcomes, FLOW_DSR, FLOW_ESTABLISHED, FLOW_FIN_SEEN, FLOW_FROM_TARGET, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR,
+        GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
     },
     table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE},
     FlowEvent, ForwardEvent, DECAP_PROGRAM_NAME, PROGRAM_NAME,
@@ -194,6 +194,17 @@ impl Bench {
     fn dsr_source(&mut self, gateway_id: u32, source: DsrSource) {
         let mut m: Array<&mut MapData, DsrSource> = Array::try_from(self.ebpf.map_mut("DSR_SOURCES").unwrap()).unwrap();
         m.set(gateway_id, source, 0).unwrap();
+    }
+
+    /// Makes TARGETS[i] answer for gateway `id` (VIP:port/proto) without flow state, as
+    /// the agent writes it for a DNAT gateway.
+    fn dnat_replies(&mut self, id: u32, port: u16, proto: u8) {
+        let mut m: HashMap<&mut MapData, GatewayKey, DnatReply> = HashMap::try_from(self.ebpf.map_mut("DNAT_REPLIES").unwrap()).unwrap();
+        for (i, (addr, tport)) in TARGETS.iter().enumerate() {
+            let key = GatewayKey { vip: ne(*addr), port: tport.to_be(), proto, _pad: 0 };
+            let reply = DnatReply { vip: ne(VIP), counter_index: i as u32, gateway_id: id, port: port.to_be(), flow_flags: 0 };
+            m.insert(key, reply, 0).unwrap();
+        }
     }
 
     /// Runs the program on `frame` inside the namespace.
@@ -380,6 +391,45 @@ fn dnat_keeps_the_client_address() {
     let (_, back) = bench.run(&tcp_frame(target.0, target.1, CLIENT, 40000, TCP_SYN | TCP_ACK, b""));
     assert_eq!((ip_src(&back), sport(&back), ip_dst(&back), dport(&back)), (VIP, 9050, CLIENT, 40000));
     assert!(frames::checksums_valid(&back));
+}
+
+#[test]
+fn a_dnat_targets_answer_no_state_knows_is_sent_from_the_vip_and_its_own_traffic_passes() {
+    if !privileged("a_dnat_targets_answer_no_state_knows_is_sent_from_the_vip_and_its_own_traffic_passes") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, GATEWAY_DNAT, 0, [500_000, 500_000]);
+    let (taddr, tport) = TARGETS[1];
+    // Before the agent names the target, its answer is not the splitter's.
+    let answer = tcp_frame(taddr, tport, CLIENT, 40100, TCP_ACK, b"HTTP/1.1 200 OK\r\n");
+    let (action, out) = bench.run(&answer);
+    assert_eq!((action, &out), (XDP_PASS, &answer), "no DNAT_REPLIES entry: passed untouched");
+
+    bench.dnat_replies(0, 9050, PROTO_TCP);
+    let missed = bench.flow_event(FlowEvent::ESTABLISHED_MISSED);
+    let (action, out) = bench.run(&answer);
+    assert_eq!(action, XDP_REDIRECT, "sent towards the client");
+    assert_eq!((ip_src(&out), sport(&out), ip_dst(&out), dport(&out)), (VIP, 9050, CLIENT, 40100));
+    assert!(frames::checksums_valid(&out));
+    assert_eq!(&out[ETH_LEN + 40..], b"HTTP/1.1 200 OK\r\n", "payload untouched");
+    assert!(bench.conntrack_has(&flow_key(taddr, tport, CLIENT, 40100, PROTO_TCP)), "the answer's entry is kept");
+    assert_eq!(bench.flow_event(FlowEvent::ESTABLISHED_MISSED), missed + 1);
+    // The next answer of the flow takes the entry.
+    let (_, again) = bench.run(&tcp_frame(taddr, tport, CLIENT, 40100, TCP_ACK | TCP_RST, b""));
+    assert_eq!((ip_src(&again), sport(&again)), (VIP, 9050));
+    assert!(frames::checksums_valid(&again));
+
+    // The target's own connection (a SYN) and an answer to this host (a health check's)
+    // are not the gateway's.
+    let own_syn = tcp_frame(taddr, tport, CLIENT, 40101, TCP_SYN, b"");
+    let to_host = tcp_frame(taddr, tport, Ipv4Addr::new(10, 10, 2, 1), 40102, TCP_SYN | TCP_ACK, b"");
+    let other_port = tcp_frame(taddr, tport + 1, CLIENT, 40103, TCP_ACK, b"");
+    for frame in [own_syn, to_host, other_port] {
+        let (action, out) = bench.run(&frame);
+        assert_eq!((action, &out), (XDP_PASS, &frame), "passed untouched");
+    }
+    assert!(!bench.conntrack_has(&flow_key(taddr, tport, Ipv4Addr::new(10, 10, 2, 1), 40102, PROTO_TCP)));
 }
 
 #[test]

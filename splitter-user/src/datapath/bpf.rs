@@ -21,8 +21,8 @@ use splitter_common::{
     conntrack::{flow_expired, Timeouts},
     map_names,
     maps::{
-        AddressFilter, BucketTable, DatapathInfo, DsrSource, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState, SourcePool,
-        TargetCounters, TargetEntry, TargetOutcomes, FLOW_FIN_SEEN, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP,
+        AddressFilter, BucketTable, DatapathInfo, DnatReply, DsrSource, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState,
+        SourcePool, TargetCounters, TargetEntry, TargetOutcomes, FLOW_FIN_SEEN, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP,
         GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
     },
     FlowEvent, ForwardEvent, PacketClass,
@@ -58,6 +58,7 @@ pub struct Maps {
     pub target_outcomes: PerCpuArray<MapData, TargetOutcomes>,
     pub source_pools: Array<MapData, SourcePool>,
     pub dsr_sources: Array<MapData, DsrSource>,
+    pub dnat_replies: HashMap<MapData, GatewayKey, DnatReply>,
     pub datapath_info: Array<MapData, DatapathInfo>,
     pub address_filter: Array<MapData, AddressFilter>,
 }
@@ -79,6 +80,7 @@ impl Maps {
             target_outcomes: take(ebpf, map_names::TARGET_OUTCOMES)?,
             source_pools: take(ebpf, map_names::SOURCE_POOLS)?,
             dsr_sources: take(ebpf, map_names::DSR_SOURCES)?,
+            dnat_replies: take(ebpf, map_names::DNAT_REPLIES)?,
             datapath_info: take(ebpf, map_names::DATAPATH_INFO)?,
             address_filter: take(ebpf, map_names::ADDRESS_FILTER)?,
         })
@@ -104,6 +106,7 @@ pub struct Datapath {
     target_outcomes: PerCpuArray<MapData, TargetOutcomes>,
     source_pools: Array<MapData, SourcePool>,
     dsr_sources: Array<MapData, DsrSource>,
+    dnat_replies: HashMap<MapData, GatewayKey, DnatReply>,
     address_filter: Array<MapData, AddressFilter>,
     /// What `address_filter` holds (written only when it changes).
     filter: Box<AddressFilter>,
@@ -161,6 +164,7 @@ impl Datapath {
             address_filter: maps.address_filter,
             source_pools: maps.source_pools,
             dsr_sources: maps.dsr_sources,
+            dnat_replies: maps.dnat_replies,
             layout: Layout::new(limits),
         }
     }
@@ -181,6 +185,29 @@ impl Datapath {
             .values()
             .flat_map(|live| std::iter::once(live.key.vip).chain(live.targets.iter().map(|(t, _)| target_addr(t))))
             .collect()
+    }
+
+    /// Brings `DNAT_REPLIES` in line with the live gateways (entries of gateways and
+    /// targets gone are removed, also those an earlier agent left).
+    fn write_dnat_replies(&mut self) -> Result<()> {
+        let (replies, shared) = super::layout::dnat_replies(self.layout.gateways.values());
+        for target in shared {
+            warn!(
+                "target {target} belongs to more than one dnat gateway: its answers are translated only by the node that saw \
+                 the flow start (through ECMP, a flow moved to another node loses its answers)"
+            );
+        }
+        let stale: Vec<GatewayKey> =
+            self.dnat_replies.keys().filter_map(Result::ok).filter(|k| !replies.iter().any(|(key, _)| key == k)).collect();
+        for key in stale {
+            let _ = self.dnat_replies.remove(&key);
+        }
+        for (key, reply) in replies {
+            if self.dnat_replies.get(&key, 0).ok() != Some(reply) {
+                self.dnat_replies.insert(key, reply, 0).context("writing DNAT_REPLIES")?;
+            }
+        }
+        Ok(())
     }
 
     fn zero_target_counters(&mut self, slot: u32) -> Result<()> {
@@ -228,6 +255,10 @@ impl Dataplane for Datapath {
             shares: shares.to_vec(),
             fingerprint: super::layout::table_of(shares).1,
         });
+        // A datapath pinned before the map existed has it empty.
+        if let Err(e) = self.write_dnat_replies() {
+            warn!("gateway {}: {e:#}", gateway.name);
+        }
         info!("adopted gateway {} generation {} from the pinned datapath", gateway.name, placement.generation);
         true
     }
@@ -374,6 +405,7 @@ impl Dataplane for Datapath {
             shares: shares.to_vec(),
             fingerprint,
         });
+        self.write_dnat_replies()?;
         for (target, _) in shares {
             prime_neighbour(target);
         }
@@ -385,6 +417,7 @@ impl Dataplane for Datapath {
         let key = self.layout.gateways.get(name).map(|g| g.key).with_context(|| format!("no gateway {name}"))?;
         self.gateways_map.remove(&key).context("removing from GATEWAYS")?;
         self.layout.forget(name);
+        self.write_dnat_replies()?;
         info!("removed gateway {name}");
         Ok(())
     }
@@ -591,12 +624,12 @@ fn prime_neighbour(target: &Target) {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
 /// A target's address as the datapath's maps hold it (network byte order).
 fn target_addr(target: &Target) -> u32 {
     u32::from_ne_bytes(target.addr.octets())
 }
 
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid timespec for clock_gettime to fill.

@@ -9,12 +9,12 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use splitter_common::{
-    maps::{GatewayKey, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP, PROTO_UDP},
+    maps::{DnatReply, GatewayKey, FLOW_HTTP, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP, PROTO_UDP},
     table::{build_bucket_table, table_fingerprint, TableTarget},
 };
 
 use super::{Limits, Placement};
-use crate::gateway::{Gateway, Target};
+use crate::gateway::{Gateway, Mode, Protocol, Target};
 
 /// A gateway as the datapath holds it.
 #[derive(Clone, Debug)]
@@ -194,5 +194,76 @@ pub fn gateway_key(gateway: &Gateway) -> GatewayKey {
         port: gateway.port.to_be(),
         proto: if gateway.protocol.is_udp() { PROTO_UDP } else { PROTO_TCP },
         _pad: 0,
+    }
+}
+
+/// What the `DNAT_REPLIES` map holds for the live gateways: each DNAT gateway's targets
+/// (address, port and protocol, as packets from them carry them) to the gateway, so that
+/// any node can send a target's answer from the gateway's address without the flow's
+/// state. A target two DNAT gateways share is left out, and returned apart: which
+/// gateway's address its answer should carry cannot be told without the flow's state.
+pub fn dnat_replies<'a>(gateways: impl IntoIterator<Item = &'a LiveGateway>) -> (Vec<(GatewayKey, DnatReply)>, Vec<Target>) {
+    let mut replies: BTreeMap<(u32, u16, u8), (GatewayKey, DnatReply)> = BTreeMap::new();
+    let mut shared = BTreeSet::new();
+    for live in gateways.into_iter().filter(|g| g.config.mode == Mode::Dnat) {
+        let flow_flags = if live.config.protocol == Protocol::Http { FLOW_HTTP as u16 } else { 0 };
+        for (target, slot) in &live.targets {
+            let key =
+                GatewayKey { vip: u32::from_ne_bytes(target.addr.octets()), port: target.port.to_be(), proto: live.key.proto, _pad: 0 };
+            let reply = DnatReply { vip: live.key.vip, counter_index: *slot, gateway_id: live.id, port: live.key.port, flow_flags };
+            let id = (key.vip, key.port, key.proto);
+            match replies.get(&id) {
+                Some((_, other)) if other.vip != reply.vip || other.port != reply.port => {
+                    shared.insert((id, *target));
+                }
+                _ => {
+                    replies.insert(id, (key, reply));
+                }
+            }
+        }
+    }
+    for (id, _) in &shared {
+        replies.remove(id);
+    }
+    (replies.into_values().collect(), shared.into_iter().map(|(_, t)| t).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(name: &str, id: u32, yaml_mode: &str, vip: &str, targets: &[&str]) -> LiveGateway {
+        let doc = format!(
+            "name: {name}\nport: 80/tcp\nvirtual_address: {vip}\nmode: {yaml_mode}\nroutes:\n  v1:\n    weight: 100%\n    targets: [{}]\n",
+            targets.join(", ")
+        );
+        let Ok([crate::gateway::Document::Gateway(config)]) = <[_; 1]>::try_from(crate::gateway::parse_documents("test", &doc).unwrap())
+        else {
+            panic!("one gateway: {doc}")
+        };
+        let key = gateway_key(&config);
+        let targets = targets.iter().enumerate().map(|(i, t)| (t.parse().unwrap(), id * 10 + i as u32)).collect();
+        LiveGateway { id, key, generation: 1, last_switch: None, config, targets, shares: Vec::new(), fingerprint: 0 }
+    }
+
+    #[test]
+    fn each_dnat_target_answers_for_its_gateway_and_a_shared_one_for_none() {
+        let a = live("a", 1, "dnat", "10.0.0.1", &["10.1.0.1:80", "10.1.0.2:80"]);
+        let b = live("b", 2, "dnat", "10.0.0.2", &["10.1.0.2:80", "10.1.0.3:80"]);
+        let c = live("c", 3, "fullnat", "10.0.0.3", &["10.1.0.4:80"]);
+        let (replies, shared) = dnat_replies([&a, &b, &c]);
+        let by_target: BTreeMap<String, (u32, u32)> = replies
+            .iter()
+            .map(|(k, r)| {
+                (format!("{}:{}", std::net::Ipv4Addr::from(k.vip.to_ne_bytes()), u16::from_be(k.port)), (r.gateway_id, r.counter_index))
+            })
+            .collect();
+        assert_eq!(by_target.get("10.1.0.1:80"), Some(&(1, 10)));
+        assert_eq!(by_target.get("10.1.0.3:80"), Some(&(2, 21)));
+        assert!(!by_target.contains_key("10.1.0.2:80"), "a target of two gateways answers for neither: {by_target:?}");
+        assert!(!by_target.contains_key("10.1.0.4:80"), "full NAT answers come to the node's own address: {by_target:?}");
+        assert_eq!(shared, vec!["10.1.0.2:80".parse::<Target>().unwrap()]);
+        let (k, r) = replies.iter().find(|(_, r)| r.gateway_id == 1).unwrap();
+        assert_eq!((r.vip, r.port, k.proto), (a.key.vip, a.key.port, PROTO_TCP));
     }
 }
