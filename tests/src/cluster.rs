@@ -10,6 +10,14 @@
 //!
 //! The client reaches the VIP through one node at a time (its route to the VIP names the
 //! node), so each node's datapath is tried on its own.
+//!
+//! With ECMP ([`ClusterBed::ecmp`]), a router in front holds a multipath route to the VIP
+//! over the three nodes (hashing on the 5-tuple), and the backends' route back to the
+//! client spreads over the nodes the same way:
+//!
+//! ```text
+//!   ecmp client 10.10.5.2 ── router 10.10.5.1 / 10.10.4.1 ── br0 ── nodes ── backends
+//! ```
 
 use std::{
     collections::BTreeMap,
@@ -32,10 +40,34 @@ pub const VIP: &str = "10.0.0.90";
 pub const VIP_PORT: &str = "10.0.0.90:80";
 pub const ETCD: &str = "10.10.4.5:2379";
 pub const NODES: [&str; 3] = ["10.10.4.11", "10.10.4.12", "10.10.4.13"];
+/// The router in front of the nodes (ECMP beds), on the bridge.
+pub const ROUTER: &str = "10.10.4.1";
+/// The network of the client behind the router (ECMP beds).
+pub const ECMP_CLIENTS: &str = "10.10.5.0/24";
+
+/// How the router spreads flows over the nodes: Linux's multipath hash-threshold (a node
+/// removed moves some flows of the others too), or a resilient nexthop group (only the
+/// removed node's flows move).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grouping {
+    HashThreshold,
+    Resilient,
+}
+
+/// The router and the client behind it.
+pub struct Ecmp {
+    pub router: Netns,
+    pub client: Netns,
+    pub grouping: Grouping,
+}
 
 pub fn gateway(v1: &str, v2: &str) -> String {
+    gateway_in_mode("fullnat", v1, v2)
+}
+
+pub fn gateway_in_mode(mode: &str, v1: &str, v2: &str) -> String {
     format!(
-        "name: web\nport: 80/tcp\nvirtual_address: {VIP}\nroutes:\n  v1:\n    weight: {v1}\n    targets: [10.10.4.21:80]\n  v2:\n    \
+        "name: web\nport: 80/tcp\nvirtual_address: {VIP}\nmode: {mode}\nroutes:\n  v1:\n    weight: {v1}\n    targets: [10.10.4.21:80]\n  v2:\n    \
          weight: {v2}\n    targets: [10.10.4.22:80]\n"
     )
 }
@@ -45,7 +77,8 @@ pub struct ClusterBed {
     pub client: Netns,
     pub etcd_ns: Netns,
     pub nodes: Vec<Netns>,
-    _backends: Netns,
+    pub backends: Netns,
+    pub ecmp: Option<Ecmp>,
     pub run: TempDir,
     pub etcd_data: TempDir,
     /// A prefix of this bed's own under the store.
@@ -92,7 +125,8 @@ impl ClusterBed {
             client,
             etcd_ns,
             nodes,
-            _backends: backends,
+            backends,
+            ecmp: None,
             run,
             etcd_data: TempDir::new("cl-etcd")?,
             store,
@@ -112,6 +146,53 @@ impl ClusterBed {
             bed.start_agent(node)?;
         }
         Ok(bed)
+    }
+
+    /// The bed with a router spreading flows to the VIP over the three nodes, and etcd
+    /// and the agents running.
+    pub fn ecmp(grouping: Grouping) -> Result<Self> {
+        let mut bed = Self::new()?;
+        let router = Netns::new("cl-router")?;
+        bridge_port(&bed.fabric, &router, "r0", &format!("{ROUTER}/24"), "f-r")?;
+        let client = Netns::new("cl-eclient")?;
+        crate::netns::Veth::create(&router, "r1", "10.10.5.1/24", &client, "c0", "10.10.5.2/24")?;
+        client.set_tx_checksum("c0", false)?;
+        client.ip(&["route", "add", "default", "via", "10.10.5.1"])?;
+        for (ns, forwarding) in [(&router, "1"), (&bed.backends, "0")] {
+            ns.sysctl("net.ipv4.ip_forward", forwarding)?;
+            // Hash on the 5-tuple, so each connection picks its node.
+            ns.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
+        }
+        for (i, addr) in NODES.iter().enumerate() {
+            router.ip(&["nexthop", "add", "id", &(i + 1).to_string(), "via", addr, "dev", "r0"])?;
+            bed.nodes[i].ip(&["route", "add", ECMP_CLIENTS, "via", ROUTER])?;
+        }
+        bed.ecmp = Some(Ecmp { router, client, grouping });
+        bed.route_through(&[0, 1, 2])?;
+        bed.start_etcd()?;
+        for node in 0..NODES.len() {
+            bed.start_agent(node)?;
+        }
+        Ok(bed)
+    }
+
+    /// Routes the VIP (at the router) and the clients' network (at the backends) over
+    /// `nodes` alone.
+    pub fn route_through(&self, nodes: &[usize]) -> Result<()> {
+        let ecmp = self.ecmp.as_ref().context("not an ECMP bed")?;
+        let group = nodes.iter().map(|n| (n + 1).to_string()).collect::<Vec<_>>().join("/");
+        let mut args = vec!["nexthop", "replace", "id", "10", "group", &group];
+        if ecmp.grouping == Grouping::Resilient {
+            args.extend(["type", "resilient", "buckets", "64"]);
+        }
+        ecmp.router.ip(&args)?;
+        ecmp.router.ip(&["route", "replace", &format!("{VIP}/32"), "nhid", "10"])?;
+        let mut back = vec!["route", "replace", ECMP_CLIENTS];
+        for n in nodes {
+            back.extend(["nexthop", "via", NODES[*n]]);
+        }
+        self.backends.ip(&back)?;
+        Ok(())
     }
 
     pub fn start_etcd(&mut self) -> Result<()> {
@@ -177,7 +258,8 @@ impl ClusterBed {
         )?;
         agent.wait_for_line("ready", Duration::from_secs(30))?;
         // The node's neighbours, so that the first packets need no resolution.
-        for peer in ["10.10.4.2", "10.10.4.21", "10.10.4.22"] {
+        let router = self.ecmp.as_ref().map(|_| ROUTER);
+        for peer in ["10.10.4.2", "10.10.4.21", "10.10.4.22"].into_iter().chain(router) {
             self.nodes[node].run("ping", &["-c", "1", "-W", "1", peer])?;
         }
         self.agents[node] = Some(agent);
@@ -304,6 +386,7 @@ impl Drop for ClusterBed {
         // Agents first (they detach), then etcd and the backends, before the namespaces go.
         self.agents.clear();
         self.etcd.take();
+        self.ecmp.take();
         self.processes.clear();
     }
 }

@@ -433,8 +433,18 @@ impl LineClient {
 
     /// Sends one line; returns the answer (without the newline).
     pub fn ask(&mut self) -> Result<String> {
+        self.send(b"ping\n")
+    }
+
+    /// Asks where the backend sees the connection come from: the answer is
+    /// `VERSION ADDR:PORT PEER_ADDR:PORT`.
+    pub fn ask_peer(&mut self) -> Result<String> {
+        self.send(b"peer\n")
+    }
+
+    fn send(&mut self, line: &[u8]) -> Result<String> {
         use std::io::{BufRead, Write};
-        self.writer.write_all(b"ping\n")?;
+        self.writer.write_all(line)?;
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             bail!("connection closed");

@@ -4,7 +4,8 @@
 //! - TCP, HTTP: `GET ...` gets `200 OK` with body `VERSION ADDR:PORT`, then the connection
 //!   closes.
 //! - TCP, lines: any other first byte starts a line protocol: every line gets one line
-//!   `VERSION ADDR:PORT` back, on the same connection (long-lived connections).
+//!   `VERSION ADDR:PORT` back, on the same connection (long-lived connections); the line
+//!   `peer` gets `VERSION ADDR:PORT PEER_ADDR:PORT` (where the connection comes from).
 //! - `--udp`: every datagram gets one datagram `VERSION ADDR:PORT` back.
 //! - `--reset`: accepts connections and resets them at once (a broken canary).
 //! - `--status N`: HTTP requests (but `/health`) get status N (a canary failing its users).
@@ -114,9 +115,11 @@ fn serve(stream: TcpStream, answer: &str, statuses: (u16, u16), counts: &Mutex<B
         let _ = reader.read_to_end(&mut Vec::new());
         return;
     }
+    let peer = writer.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut line = first;
     loop {
-        if writeln!(writer, "{answer}").is_err() {
+        let written = if line.trim_end() == "peer" { writeln!(writer, "{answer} {peer}") } else { writeln!(writer, "{answer}") };
+        if written.is_err() {
             return;
         }
         line.clear();
