@@ -72,6 +72,18 @@ pub fn gateway_in_mode(mode: &str, v1: &str, v2: &str) -> String {
     )
 }
 
+/// The DSR targets of an ECMP bed ([`ClusterBed::add_dsr_targets`]): address, version.
+pub const DSR_TARGETS: [(&str, &str); 2] = [("10.10.4.31", "v1"), ("10.10.4.32", "v2")];
+
+/// The gateway over the DSR targets, `v1`/`v2` weights.
+pub fn dsr_gateway(v1: &str, v2: &str) -> String {
+    format!(
+        "name: web\nport: 80/tcp\nvirtual_address: {VIP}\nmode: dsr\nroutes:\n  v1:\n    weight: {v1}\n    targets: [{}:80]\n  v2:\n    \
+         weight: {v2}\n    targets: [{}:80]\n",
+        DSR_TARGETS[0].0, DSR_TARGETS[1].0
+    )
+}
+
 pub struct ClusterBed {
     pub fabric: Netns,
     pub client: Netns,
@@ -79,6 +91,8 @@ pub struct ClusterBed {
     pub nodes: Vec<Netns>,
     pub backends: Netns,
     pub ecmp: Option<Ecmp>,
+    /// Targets of DSR gateways, each in its own namespace with the VIP on its loopback.
+    pub dsr_targets: Vec<Netns>,
     pub run: TempDir,
     pub etcd_data: TempDir,
     /// A prefix of this bed's own under the store.
@@ -127,6 +141,7 @@ impl ClusterBed {
             nodes,
             backends,
             ecmp: None,
+            dsr_targets: Vec::new(),
             run,
             etcd_data: TempDir::new("cl-etcd")?,
             store,
@@ -148,9 +163,9 @@ impl ClusterBed {
         Ok(bed)
     }
 
-    /// The bed with a router spreading flows to the VIP over the three nodes, and etcd
-    /// and the agents running.
-    pub fn ecmp(grouping: Grouping) -> Result<Self> {
+    /// The bed with a router spreading flows to the VIP over the three nodes (and, with
+    /// `dsr_targets`, the targets of DSR gateways), and etcd and the agents running.
+    pub fn ecmp(grouping: Grouping, dsr_targets: bool) -> Result<Self> {
         let mut bed = Self::new()?;
         let router = Netns::new("cl-router")?;
         bridge_port(&bed.fabric, &router, "r0", &format!("{ROUTER}/24"), "f-r")?;
@@ -169,6 +184,9 @@ impl ClusterBed {
         }
         bed.ecmp = Some(Ecmp { router, client, grouping });
         bed.route_through(&[0, 1, 2])?;
+        if dsr_targets {
+            bed.add_dsr_targets()?;
+        }
         bed.start_etcd()?;
         for node in 0..NODES.len() {
             bed.start_agent(node)?;
@@ -192,6 +210,31 @@ impl ClusterBed {
             back.extend(["nexthop", "via", NODES[*n]]);
         }
         self.backends.ip(&back)?;
+        Ok(())
+    }
+
+    /// Two DSR targets (`DSR_TARGETS`) on the bridge, each holding the VIP on its loopback,
+    /// decapsulating with `splitter decap` and answering the clients behind the router
+    /// directly.
+    pub fn add_dsr_targets(&mut self) -> Result<()> {
+        for (i, (addr, version)) in DSR_TARGETS.iter().enumerate() {
+            let target = Netns::new(&format!("cl-t{i}"))?;
+            bridge_port(&self.fabric, &target, "t0", &format!("{addr}/24"), &format!("f-t{i}"))?;
+            target.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            target.ip(&["route", "add", ECMP_CLIENTS, "via", ROUTER])?;
+            let decap = target.spawn(splitter_bin(), &["decap", "--iface", "t0"])?;
+            decap.wait_for_line("are decapsulated", Duration::from_secs(10))?;
+            let backend = target.spawn(sibling_bin("splitter-backend"), &["--listen", "0.0.0.0:80", "--version", version])?;
+            backend.wait_for_line("listening", Duration::from_secs(10))?;
+            self.processes.push(decap);
+            self.processes.push(backend);
+            self.dsr_targets.push(target);
+        }
+        for node in &self.nodes {
+            // Encapsulated packets the datapath passes up (next hop not resolved yet) are
+            // forwarded by the kernel with the node's own address as their source.
+            node.sysctl("net.ipv4.conf.all.accept_local", "1")?;
+        }
         Ok(())
     }
 
@@ -259,7 +302,8 @@ impl ClusterBed {
         agent.wait_for_line("ready", Duration::from_secs(30))?;
         // The node's neighbours, so that the first packets need no resolution.
         let router = self.ecmp.as_ref().map(|_| ROUTER);
-        for peer in ["10.10.4.2", "10.10.4.21", "10.10.4.22"].into_iter().chain(router) {
+        let dsr_targets = DSR_TARGETS.iter().take(self.dsr_targets.len()).map(|(addr, _)| *addr);
+        for peer in ["10.10.4.2", "10.10.4.21", "10.10.4.22"].into_iter().chain(router).chain(dsr_targets) {
             self.nodes[node].run("ping", &["-c", "1", "-W", "1", peer])?;
         }
         self.agents[node] = Some(agent);

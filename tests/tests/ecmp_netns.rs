@@ -6,6 +6,7 @@
 //! - dnat: the moved flow's next packet is placed by the same table (every node builds
 //!   the same one), so it reaches the same target, and the target's answers are sent from
 //!   the VIP by whichever node they reach: no connection breaks.
+//! - dsr: the same placement; the targets answer the client directly.
 //! - full NAT: the other node would send the flow from its own address, which the target
 //!   has no connection for: the flows of the node taken out break, and only those (with a
 //!   resilient nexthop group, which moves no other node's flows).
@@ -18,7 +19,7 @@ use std::{
 };
 
 use splitter_tests::{
-    cluster::{gateway_in_mode, ClusterBed, Grouping, NODES, VIP_PORT},
+    cluster::{dsr_gateway, gateway_in_mode, ClusterBed, Grouping, NODES, VIP_PORT},
     privileged,
     testbed::{http_get, LineClient},
 };
@@ -29,7 +30,8 @@ const LONG_LIVED: usize = 60;
 /// Applies the gateway in `mode` on node 0 and waits until every node has it.
 fn apply(bed: &ClusterBed, mode: &str) {
     let file = bed.run.path().join("web.yaml");
-    std::fs::write(&file, gateway_in_mode(mode, "80%", "20%")).unwrap();
+    let yaml = if mode == "dsr" { dsr_gateway("80%", "20%") } else { gateway_in_mode(mode, "80%", "20%") };
+    std::fs::write(&file, yaml).unwrap();
     bed.cli_ok(0, &["apply", "-f", &file.display().to_string()]).unwrap();
     for node in 0..3 {
         bed.wait_v2_weight(node, "20%").unwrap();
@@ -99,8 +101,8 @@ fn short_connections_during(bed: &ClusterBed, during: impl FnOnce()) -> (usize, 
                 .enter(|| {
                     let (mut ok, mut failed) = (0, Vec::new());
                     let deadline = Instant::now() + Duration::from_secs(30);
-                    // At least 100 connections, the change made meanwhile; at most 2000.
-                    for i in 0..2000 {
+                    // Until the change is made and has settled (at least 100); bounded.
+                    for i in 0..20_000 {
                         if (i >= 100 && stop.load(std::sync::atomic::Ordering::Relaxed)) || Instant::now() > deadline {
                             break;
                         }
@@ -121,17 +123,15 @@ fn short_connections_during(bed: &ClusterBed, during: impl FnOnce()) -> (usize, 
     })
 }
 
-#[test]
-fn a_flow_ecmp_moves_to_another_node_keeps_its_dnat_target_and_no_connection_breaks() {
-    if !privileged("a_flow_ecmp_moves_to_another_node_keeps_its_dnat_target_and_no_connection_breaks") {
-        return;
-    }
-    let bed = ClusterBed::ecmp(Grouping::HashThreshold).unwrap();
-    apply(&bed, "dnat");
+/// Node 0 taken out of the route (hash-threshold: flows of the other nodes move too) with
+/// long-lived and short connections of a gateway in `mode` going: none may break.
+fn no_connection_breaks_when_ecmp_moves_flows(mode: &str) {
+    let bed = ClusterBed::ecmp(Grouping::HashThreshold, mode == "dsr").unwrap();
+    apply(&bed, mode);
     let mut connections = open_long_lived(&bed);
     for (_, first) in &connections {
         let peer = first.rsplit(' ').next().unwrap();
-        assert!(peer.starts_with("10.10.5.2:"), "dnat keeps the client's address: {first}");
+        assert!(peer.starts_with("10.10.5.2:"), "{mode} keeps the client's address: {first}");
     }
     let before: Vec<(u64, u64)> = (0..3).map(|n| flows_and_misses(&bed, n)).collect();
     assert!(before.iter().all(|(flows, _)| *flows > 0), "the router spreads the connections over all three nodes: {before:?}");
@@ -148,12 +148,28 @@ fn a_flow_ecmp_moves_to_another_node_keeps_its_dnat_target_and_no_connection_bre
     let after: Vec<(u64, u64)> = (0..3).map(|n| flows_and_misses(&bed, n)).collect();
     let moved: u64 = (1..3).map(|n| after[n].1 - settled[n].1).sum();
     eprintln!(
-        "node 0 out: {} of {LONG_LIVED} long-lived connections broken, {moved} of their packets re-placed without state on \
+        "{mode}, node 0 out: {} of {LONG_LIVED} long-lived connections broken, {moved} of their packets re-placed without state on \
          nodes 1 and 2; {ok} short connections during the change, none failed",
         broken.len()
     );
-    assert!(broken.is_empty(), "no long-lived dnat connection breaks: {broken:?}");
+    assert!(broken.is_empty(), "no long-lived {mode} connection breaks: {broken:?}");
     assert!(moved > 0, "long-lived flows moved to nodes without their state and were re-placed there: {settled:?} -> {after:?}");
+}
+
+#[test]
+fn a_flow_ecmp_moves_to_another_node_keeps_its_dnat_target_and_no_connection_breaks() {
+    if !privileged("a_flow_ecmp_moves_to_another_node_keeps_its_dnat_target_and_no_connection_breaks") {
+        return;
+    }
+    no_connection_breaks_when_ecmp_moves_flows("dnat");
+}
+
+#[test]
+fn a_flow_ecmp_moves_to_another_node_keeps_its_dsr_target_and_no_connection_breaks() {
+    if !privileged("a_flow_ecmp_moves_to_another_node_keeps_its_dsr_target_and_no_connection_breaks") {
+        return;
+    }
+    no_connection_breaks_when_ecmp_moves_flows("dsr");
 }
 
 #[test]
@@ -161,7 +177,7 @@ fn a_node_failing_breaks_only_its_own_full_nat_flows() {
     if !privileged("a_node_failing_breaks_only_its_own_full_nat_flows") {
         return;
     }
-    let bed = ClusterBed::ecmp(Grouping::Resilient).unwrap();
+    let bed = ClusterBed::ecmp(Grouping::Resilient, false).unwrap();
     apply(&bed, "fullnat");
     let mut connections = open_long_lived(&bed);
     // Full NAT: the backend sees the node's address.
