@@ -73,13 +73,15 @@ fn a_change_made_on_one_node_is_live_on_all_and_of_two_conflicting_changes_one_w
 }
 
 #[test]
-fn with_etcd_stopped_nodes_forward_and_refuse_changes_then_converge_when_it_returns() {
-    if !privileged("with_etcd_stopped_nodes_forward_and_refuse_changes_then_converge_when_it_returns") {
+fn with_etcd_stopped_nodes_forward_refuse_changes_and_hold_rollouts_then_converge_when_it_returns() {
+    if !privileged("with_etcd_stopped_nodes_forward_refuse_changes_and_hold_rollouts_then_converge_when_it_returns") {
         return;
     }
     let mut bed = ClusterBed::running().unwrap();
     let file = bed.run.path().join("web.yaml");
-    std::fs::write(&file, gateway("50%", "50%")).unwrap();
+    // A rollout at its first step (50%), waiting for a window of healthy traffic.
+    let canary = "canary:\n  route: v2\n  steps: [50, 100]\n  interval: 2s\n  min_flows: 5\n";
+    std::fs::write(&file, format!("{}{canary}", gateway("100%", "0%"))).unwrap();
     bed.cli_ok(2, &["apply", "-f", &file.display().to_string()]).unwrap();
     for node in 0..3 {
         bed.wait_v2_weight(node, "50%").unwrap();
@@ -93,6 +95,19 @@ fn with_etcd_stopped_nodes_forward_and_refuse_changes_then_converge_when_it_retu
         let v2 = share(&counts, "v2");
         assert!((v2 - 50.0).abs() <= 20.0, "node {node} still splits 50/50: {counts:?}");
     }
+    // Healthy traffic through every node for three intervals: the rollout takes no step.
+    let quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(6) {
+        for node in 0..3 {
+            let (_, failed) = bed.sample(node, 10);
+            assert!(failed.is_empty(), "{failed:?}");
+        }
+    }
+    for node in 0..3 {
+        let rollout = bed.rollout(node).unwrap();
+        assert_eq!(rollout["step"].as_u64(), Some(0), "node {node}: no step without the store: {rollout}");
+        assert_eq!(bed.v2_weight(node).unwrap().as_deref(), Some("50%"));
+    }
     let (code, out, err) = bed.cli(1, &["weight", "web", "v1=10%", "v2=90%"]).unwrap();
     assert_ne!(code, 0, "a change without the store is refused: {out}");
     assert_eq!(err.trim().lines().count(), 1, "in one line: {err}");
@@ -101,6 +116,11 @@ fn with_etcd_stopped_nodes_forward_and_refuse_changes_then_converge_when_it_retu
 
     bed.start_etcd().unwrap();
     bed.wait_info(1, |info| info["store"]["reachable"] == true, "reach etcd again").unwrap();
+    // Back: the rollout goes on, on the traffic of all.
+    bed.traffic_until(0, "the rollout resumes once etcd is back", || bed.v2_weight(1).unwrap().as_deref() == Some("100%"));
+    for node in 0..3 {
+        bed.wait_v2_weight(node, "100%").unwrap();
+    }
     bed.cli_ok(1, &["weight", "web", "v1=10%", "v2=90%"]).unwrap();
     for node in 0..3 {
         bed.wait_v2_weight(node, "90%").unwrap();
