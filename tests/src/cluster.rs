@@ -282,23 +282,20 @@ impl ClusterBed {
     }
 
     pub fn start_agent(&mut self, node: usize) -> Result<()> {
+        self.start_agent_with(node, &["--ephemeral"])?;
+        self.wait_info(node, |info| info["store"]["reachable"] == true, "reach the store")
+    }
+
+    /// Starts `node`'s agent with `extra` arguments (`--ephemeral`, or where it pins and
+    /// saves), without waiting for the store.
+    pub fn start_agent_with(&mut self, node: usize, extra: &[&str]) -> Result<()> {
         let socket = self.socket(node).display().to_string();
         let store = format!("etcd://{ETCD}/{}", self.store);
-        let agent = self.nodes[node].spawn(
-            splitter_bin(),
-            &[
-                "agent",
-                "--iface",
-                &format!("n{node}"),
-                "--socket",
-                &socket,
-                "--ephemeral",
-                "--store",
-                &store,
-                "--node-name",
-                &format!("n{node}"),
-            ],
-        )?;
+        let iface = format!("n{node}");
+        let name = format!("n{node}");
+        let mut args = vec!["agent", "--iface", &iface, "--socket", &socket, "--store", &store, "--node-name", &name];
+        args.extend(extra);
+        let agent = self.nodes[node].spawn(splitter_bin(), &args)?;
         agent.wait_for_line("ready", Duration::from_secs(30))?;
         // The node's neighbours, so that the first packets need no resolution.
         let router = self.ecmp.as_ref().map(|_| ROUTER);
@@ -307,7 +304,6 @@ impl ClusterBed {
             self.nodes[node].run("ping", &["-c", "1", "-W", "1", peer])?;
         }
         self.agents[node] = Some(agent);
-        self.wait_info(node, |info| info["store"]["reachable"] == true, "reach the store")?;
         Ok(())
     }
 

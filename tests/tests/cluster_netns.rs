@@ -14,6 +14,7 @@ use std::{
 use splitter_tests::{
     cluster::{gateway, ClusterBed},
     privileged,
+    traffic::Bpffs,
 };
 
 fn share(counts: &BTreeMap<String, usize>, version: &str) -> f64 {
@@ -78,6 +79,16 @@ fn with_etcd_stopped_nodes_forward_refuse_changes_and_hold_rollouts_then_converg
         return;
     }
     let mut bed = ClusterBed::running().unwrap();
+    // Node 0 pins its datapath and saves its state, as a node in production does.
+    let bpffs = Bpffs::mount();
+    let pins = bpffs.dir.path().join("splitter").display().to_string();
+    let state = bed.run.path().join("n0-state").display().to_string();
+    let saving = ["--bpffs", pins.as_str(), "--state-dir", state.as_str()];
+    let ephemeral = bed.agents[0].take().unwrap();
+    ephemeral.signal(libc::SIGTERM).unwrap();
+    ephemeral.wait(Duration::from_secs(10)).unwrap();
+    bed.start_agent_with(0, &saving).unwrap();
+    bed.wait_info(0, |info| info["store"]["reachable"] == true, "reach the store").unwrap();
     let file = bed.run.path().join("web.yaml");
     // A rollout at its first step (50%), waiting for a window of healthy traffic.
     let canary = "canary:\n  route: v2\n  steps: [50, 100]\n  interval: 2s\n  min_flows: 5\n";
@@ -108,6 +119,15 @@ fn with_etcd_stopped_nodes_forward_refuse_changes_and_hold_rollouts_then_converg
         assert_eq!(rollout["step"].as_u64(), Some(0), "node {node}: no step without the store: {rollout}");
         assert_eq!(bed.v2_weight(node).unwrap().as_deref(), Some("50%"));
     }
+    // Node 0 restarted while etcd is down: it starts from its saved state and forwards.
+    let stopped = bed.agents[0].take().unwrap();
+    stopped.signal(libc::SIGTERM).unwrap();
+    stopped.wait(Duration::from_secs(10)).unwrap();
+    bed.start_agent_with(0, &saving).unwrap();
+    assert_eq!(bed.v2_weight(0).unwrap().as_deref(), Some("50%"), "node 0 starts with its saved gateway");
+    assert_eq!(bed.info(0).unwrap()["store"]["reachable"], false);
+    let (_, failed) = bed.sample(0, 50);
+    assert!(failed.is_empty(), "node 0 forwards after its restart without the store: {failed:?}");
     let (code, out, err) = bed.cli(1, &["weight", "web", "v1=10%", "v2=90%"]).unwrap();
     assert_ne!(code, 0, "a change without the store is refused: {out}");
     assert_eq!(err.trim().lines().count(), 1, "in one line: {err}");
