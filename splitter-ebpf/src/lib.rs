@@ -576,8 +576,32 @@ fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Resu
             let _ = CONNTRACK.remove(&flow.rewritten.reversed());
         }
         let _ = CONNTRACK.remove(packet.key());
+    } else if to_target && !dsr {
+        restore_reply_entry(packet, &flow);
     }
     send_flow_packet(ctx, packet, &flow).map(Some)
+}
+
+/// Makes sure the target's answers to a client's packet find their entry. At capacity the
+/// LRU can evict one half of a flow alone; without its reply half, the target's answer
+/// would go to the kernel untranslated (and, for full NAT, be reset there). The lookup also
+/// marks the reply half used, so a flow in use keeps both halves.
+#[inline(always)]
+fn restore_reply_entry(packet: &Packet, flow: &FlowEntry) {
+    let reply_key = flow.rewritten.reversed();
+    if CONNTRACK.get_ptr(&reply_key).is_some() {
+        return;
+    }
+    let reply = FlowEntry {
+        rewritten: packet.key().reversed(),
+        counter_index: flow.counter_index,
+        flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED | (flow.flags & FLOW_HTTP),
+        last_seen_ns: flow.last_seen_ns,
+        created_ns: flow.created_ns,
+    };
+    if CONNTRACK.insert(&reply_key, &reply, u64::from(BPF_NOEXIST)).is_ok() {
+        count_flow_event(FlowEvent::ESTABLISHED_MISSED);
+    }
 }
 
 /// Sends a packet of a known flow on its way: encapsulated for a direct-server-return

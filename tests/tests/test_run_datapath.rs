@@ -121,6 +121,11 @@ impl Bench {
         ct.insert(key, entry, 0).unwrap();
     }
 
+    fn conntrack_remove(&mut self, key: &FlowKey) {
+        let mut ct: HashMap<&mut MapData, FlowKey, FlowEntry> = HashMap::try_from(self.ebpf.map_mut("CONNTRACK").unwrap()).unwrap();
+        ct.remove(key).unwrap();
+    }
+
     fn conntrack_has(&self, key: &FlowKey) -> bool {
         let ct: HashMap<&MapData, FlowKey, FlowEntry> = HashMap::try_from(self.ebpf.map("CONNTRACK").unwrap()).unwrap();
         ct.get(key, 0).is_ok()
@@ -430,6 +435,30 @@ fn a_dnat_targets_answer_no_state_knows_is_sent_from_the_vip_and_its_own_traffic
         assert_eq!((action, &out), (XDP_PASS, &frame), "passed untouched");
     }
     assert!(!bench.conntrack_has(&flow_key(taddr, tport, Ipv4Addr::new(10, 10, 2, 1), 40102, PROTO_TCP)));
+}
+
+#[test]
+fn a_flow_whose_reply_entry_was_evicted_gets_it_back_from_the_clients_next_packet() {
+    if !privileged("a_flow_whose_reply_entry_was_evicted_gets_it_back_from_the_clients_next_packet") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, 0, 0, [500_000, 500_000]);
+    let (_, out) = bench.run(&tcp_frame(CLIENT, 40200, VIP, 9050, TCP_SYN, b""));
+    let (target, snat_port) = ((ip_dst(&out), dport(&out)), sport(&out));
+    bench.run(&tcp_frame(target.0, target.1, SNAT, snat_port, TCP_SYN | TCP_ACK, b""));
+    bench.run(&tcp_frame(CLIENT, 40200, VIP, 9050, TCP_ACK, b""));
+    let reply_key = flow_key(target.0, target.1, SNAT, snat_port, PROTO_TCP);
+    assert!(bench.conntrack_has(&reply_key), "established both ways");
+    // The LRU evicted the reply half alone (conntrack at capacity).
+    bench.conntrack_remove(&reply_key);
+    let (_, out) = bench.run(&tcp_frame(CLIENT, 40200, VIP, 9050, TCP_ACK, b"ping\n"));
+    assert_eq!((ip_src(&out), sport(&out), ip_dst(&out), dport(&out)), (SNAT, snat_port, target.0, target.1), "same translation");
+    assert!(bench.conntrack_has(&reply_key), "the client's packet put the reply half back");
+    let (action, back) = bench.run(&tcp_frame(target.0, target.1, SNAT, snat_port, TCP_ACK, b"pong\n"));
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!((ip_src(&back), sport(&back), ip_dst(&back), dport(&back)), (VIP, 9050, CLIENT, 40200), "the answer reaches the client");
+    assert!(frames::checksums_valid(&back));
 }
 
 #[test]
