@@ -12,7 +12,8 @@
 //! - a rewritten frame changes only addresses, ports and checksums; if the frame came in
 //!   with valid checksums it leaves with valid ones; it goes to a configured target or a
 //!   client known from a translated frame; a translated reply belongs to a flow this
-//!   fuzzer made on that tuple, and goes back from its VIP to its client.
+//!   fuzzer made on that tuple, and goes back from its VIP to its client, or comes from a
+//!   DNAT gateway's target and goes on from that gateway's VIP to where it was going.
 #![no_main]
 
 use std::{
@@ -72,6 +73,11 @@ routes:
   stable: {weight: 70%, targets: [10.10.2.12:8080]}
   canary: {weight: 30%, targets: [10.10.2.21:8080]}
 ";
+
+/// The targets of the DNAT gateway (`fz/dnat`) and its VIP:port: their answers are
+/// translated without flow state.
+const DNAT_TARGETS: [Endpoint; 2] = [(Ipv4Addr::new(10, 10, 2, 11), 8081), (Ipv4Addr::new(10, 10, 2, 21), 8081)];
+const DNAT_VIP: Endpoint = (Ipv4Addr::new(10, 0, 0, 10), 9051);
 
 /// The splitter's own addresses towards targets and clients.
 const SNAT: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 1);
@@ -393,6 +399,12 @@ fn check(f: &Fuzzer, packet: &Packet, frame: &[u8], action: u32, out: &[u8]) {
         if seen.flows.len() > 1 << 20 {
             seen.flows.clear();
         }
+    } else if DNAT_TARGETS.contains(&c.src) && c.proto == TCP && !seen.flows.contains_key(&(c.src, c.dst)) {
+        // A DNAT target's answer no state knows (its flow went through another node):
+        // sent from the DNAT gateway's VIP:port, to where it was going.
+        seen.replied += 1;
+        assert_eq!((o.src, o.dst), (DNAT_VIP, c.dst), "a DNAT target's answer without state goes from the VIP: {packet:?}");
+        assert_ne!(c.dst.0, SNAT, "an answer to the splitter itself is its own: {packet:?}");
     } else {
         seen.replied += 1;
         assert!(seen.clients.contains(&o.dst), "a reply goes to a known client, not {:?}: {packet:?}", o.dst);
