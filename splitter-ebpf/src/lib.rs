@@ -592,15 +592,22 @@ fn restore_reply_entry(packet: &Packet, flow: &FlowEntry) {
     if CONNTRACK.get_ptr(&reply_key).is_some() {
         return;
     }
-    let reply = FlowEntry {
-        rewritten: packet.key().reversed(),
-        counter_index: flow.counter_index,
-        flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED | (flow.flags & FLOW_HTTP),
-        last_seen_ns: flow.last_seen_ns,
-        created_ns: flow.created_ns,
-    };
+    let reply = established_reply(packet.key(), flow, flow.last_seen_ns);
     if CONNTRACK.insert(&reply_key, &reply, u64::from(BPF_NOEXIST)).is_ok() {
         count_flow_event(FlowEvent::ESTABLISHED_MISSED);
+    }
+}
+
+/// The target's entry of an established flow, made from the client's: `client_key` and
+/// `flow` are the client's key and entry.
+#[inline(always)]
+fn established_reply(client_key: &FlowKey, flow: &FlowEntry, last_seen_ns: u64) -> FlowEntry {
+    FlowEntry {
+        rewritten: client_key.reversed(),
+        counter_index: flow.counter_index,
+        flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED | (flow.flags & FLOW_HTTP),
+        last_seen_ns,
+        created_ns: flow.created_ns,
     }
 }
 
@@ -652,13 +659,7 @@ fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result
         HalfOpenVerdict::Promote => {
             // The target's entry as the handshake left it (its SYN-ACK marked it), or as it
             // would be, should the LRU have dropped it.
-            let reply = half_open_copy(&reply_key).unwrap_or(FlowEntry {
-                rewritten: client_key.reversed(),
-                counter_index: flow.counter_index,
-                flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED | (flow.flags & FLOW_HTTP),
-                last_seen_ns: now,
-                created_ns: flow.created_ns,
-            });
+            let reply = half_open_copy(&reply_key).unwrap_or(established_reply(&client_key, &flow, now));
             if CONNTRACK.insert(&reply_key, &reply, u64::from(BPF_ANY)).is_err()
                 || CONNTRACK.insert(&client_key, &flow, u64::from(BPF_ANY)).is_err()
             {

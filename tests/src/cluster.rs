@@ -286,6 +286,14 @@ impl ClusterBed {
         self.wait_info(node, |info| info["store"]["reachable"] == true, "reach the store")
     }
 
+    /// Stops `node`'s agent (SIGTERM) and waits until it has exited.
+    pub fn stop_agent(&mut self, node: usize) -> Result<()> {
+        let agent = self.agents[node].take().context("the agent is not running")?;
+        agent.signal(libc::SIGTERM)?;
+        agent.wait(Duration::from_secs(10))?;
+        Ok(())
+    }
+
     /// Starts `node`'s agent with `extra` arguments (`--ephemeral`, or where it pins and
     /// saves), without waiting for the store.
     pub fn start_agent_with(&mut self, node: usize, extra: &[&str]) -> Result<()> {

@@ -84,9 +84,7 @@ fn with_etcd_stopped_nodes_forward_refuse_changes_and_hold_rollouts_then_converg
     let pins = bpffs.dir.path().join("splitter").display().to_string();
     let state = bed.run.path().join("n0-state").display().to_string();
     let saving = ["--bpffs", pins.as_str(), "--state-dir", state.as_str()];
-    let ephemeral = bed.agents[0].take().unwrap();
-    ephemeral.signal(libc::SIGTERM).unwrap();
-    ephemeral.wait(Duration::from_secs(10)).unwrap();
+    bed.stop_agent(0).unwrap();
     bed.start_agent_with(0, &saving).unwrap();
     bed.wait_info(0, |info| info["store"]["reachable"] == true, "reach the store").unwrap();
     let file = bed.run.path().join("web.yaml");
@@ -120,9 +118,7 @@ fn with_etcd_stopped_nodes_forward_refuse_changes_and_hold_rollouts_then_converg
         assert_eq!(bed.v2_weight(node).unwrap().as_deref(), Some("50%"));
     }
     // Node 0 restarted while etcd is down: it starts from its saved state and forwards.
-    let stopped = bed.agents[0].take().unwrap();
-    stopped.signal(libc::SIGTERM).unwrap();
-    stopped.wait(Duration::from_secs(10)).unwrap();
+    bed.stop_agent(0).unwrap();
     bed.start_agent_with(0, &saving).unwrap();
     assert_eq!(bed.v2_weight(0).unwrap().as_deref(), Some("50%"), "node 0 starts with its saved gateway");
     assert_eq!(bed.info(0).unwrap()["store"]["reachable"], false);

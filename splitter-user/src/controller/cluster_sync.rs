@@ -15,7 +15,7 @@ use crate::{
     cluster::{self, Decision, GatewayRecord, NodeCounters, RecordWrite, Store, StoreError, StoreUpdate},
     datapath::Dataplane,
     gateway::{self, Document, Gateway},
-    rollout::{Rollout, RolloutState, Sample},
+    rollout::{Rollout, Sample},
     state::WeightHistory,
 };
 
@@ -418,13 +418,7 @@ impl<D: Dataplane> Controller<D> {
         link.driving = driving;
         if took_over {
             let node = link.store.node().to_string();
-            let active: Vec<(String, String)> = self
-                .rollouts
-                .values()
-                .filter(|r| r.state == RolloutState::Progressing)
-                .map(|r| (r.gateway.clone(), r.spec.route.clone()))
-                .collect();
-            for (gateway, route) in active {
+            for (gateway, route) in self.progressing_rollouts() {
                 let base = self.sample(&gateway, &route);
                 if let Some(r) = self.rollouts.get_mut(&gateway) {
                     r.window_started = Instant::now();

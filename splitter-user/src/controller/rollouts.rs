@@ -56,15 +56,14 @@ impl<D: Dataplane> Controller<D> {
             .unwrap_or_default()
     }
 
+    /// The gateway and canary route of every progressing rollout.
+    pub(super) fn progressing_rollouts(&self) -> Vec<(String, String)> {
+        self.rollouts.values().filter(|r| r.state == RolloutState::Progressing).map(|r| (r.gateway.clone(), r.spec.route.clone())).collect()
+    }
+
     /// Judges every progressing rollout and carries out what each wants.
     pub(super) fn advance_rollouts(&mut self, now: Instant) {
-        let progressing: Vec<(String, String)> = self
-            .rollouts
-            .values()
-            .filter(|r| r.state == RolloutState::Progressing)
-            .map(|r| (r.gateway.clone(), r.spec.route.clone()))
-            .collect();
-        for (gateway, route) in progressing {
+        for (gateway, route) in self.progressing_rollouts() {
             let sample = self.sample(&gateway, &route);
             let Some(r) = self.rollouts.get_mut(&gateway) else { continue };
             match r.judge(&sample, now) {
