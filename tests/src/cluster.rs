@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 use crate::{
     netns::{bridge_port, Netns},
     splitter_bin,
-    testbed::{http_get, sibling_bin, TempDir, XdpAttachment},
+    testbed::{dsr_target, http_get, sibling_bin, TempDir, XdpAttachment},
     Process,
 };
 
@@ -218,14 +218,8 @@ impl ClusterBed {
     /// directly.
     pub fn add_dsr_targets(&mut self) -> Result<()> {
         for (i, (addr, version)) in DSR_TARGETS.iter().enumerate() {
-            let target = Netns::new(&format!("cl-t{i}"))?;
-            bridge_port(&self.fabric, &target, "t0", &format!("{addr}/24"), &format!("f-t{i}"))?;
-            target.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            let (target, decap, backend) = dsr_target(&self.fabric, &format!("cl-t{i}"), addr, &format!("f-t{i}"), VIP, version)?;
             target.ip(&["route", "add", ECMP_CLIENTS, "via", ROUTER])?;
-            let decap = target.spawn(splitter_bin(), &["decap", "--iface", "t0"])?;
-            decap.wait_for_line("are decapsulated", Duration::from_secs(10))?;
-            let backend = target.spawn(sibling_bin("splitter-backend"), &["--listen", "0.0.0.0:80", "--version", version])?;
-            backend.wait_for_line("listening", Duration::from_secs(10))?;
             self.processes.push(decap);
             self.processes.push(backend);
             self.dsr_targets.push(target);

@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use splitter_tests::{
     netns::{bridge_port, Netns},
     privileged, splitter_bin,
-    testbed::{http_get, sibling_bin, LineClient, TempDir, XdpAttachment},
+    testbed::{dsr_target, http_get, LineClient, TempDir, XdpAttachment},
     Process,
 };
 
@@ -78,15 +78,7 @@ impl DsrBed {
             _pass: pass,
         };
         for (i, (addr, version)) in TARGETS.iter().enumerate() {
-            let target = Netns::new(&format!("dsr-t{i}"))?;
-            bridge_port(&bed.fabric, &target, "t0", &format!("{addr}/24"), &format!("f-t{i}"))?;
-            target.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-            let decap = target.spawn(splitter_bin(), &["decap", "--iface", "t0"])?;
-            decap.wait_for_line("are decapsulated", Duration::from_secs(10))?;
-            // Listening on every address: a check sent to the target's own address would pass
-            // whether or not it serves the VIP.
-            let backend = target.spawn(sibling_bin("splitter-backend"), &["--listen", "0.0.0.0:80", "--version", version])?;
-            backend.wait_for_line("listening", Duration::from_secs(10))?;
+            let (target, decap, backend) = dsr_target(&bed.fabric, &format!("dsr-t{i}"), addr, &format!("f-t{i}"), VIP, version)?;
             bed.processes.push(decap);
             bed.processes.push(backend);
             bed.targets.push(target);
