@@ -30,7 +30,7 @@ use splitter_common::{
 
 use super::{
     describe_weights,
-    layout::{gateway_key, Layout, LiveGateway},
+    layout::{gateway_key, target_addr, Layout, LiveGateway},
     Dataplane, Limits, Placement,
 };
 use crate::{
@@ -197,8 +197,8 @@ impl Datapath {
                  the flow start (through ECMP, a flow moved to another node loses its answers)"
             );
         }
-        let stale: Vec<GatewayKey> =
-            self.dnat_replies.keys().filter_map(Result::ok).filter(|k| !replies.iter().any(|(key, _)| key == k)).collect();
+        let wanted: std::collections::HashSet<GatewayKey> = replies.iter().map(|(key, _)| *key).collect();
+        let stale: Vec<GatewayKey> = self.dnat_replies.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
         for key in stale {
             let _ = self.dnat_replies.remove(&key);
         }
@@ -622,11 +622,6 @@ fn prime_neighbour(target: &Target) {
     if let Err(e) = sent {
         warn!("cannot prime the neighbour entry of {}: {e}", target.addr);
     }
-}
-
-/// A target's address as the datapath's maps hold it (network byte order).
-fn target_addr(target: &Target) -> u32 {
-    u32::from_ne_bytes(target.addr.octets())
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.

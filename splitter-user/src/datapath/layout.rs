@@ -197,6 +197,11 @@ pub fn gateway_key(gateway: &Gateway) -> GatewayKey {
     }
 }
 
+/// A target's address as the datapath's maps hold it (network byte order).
+pub fn target_addr(target: &Target) -> u32 {
+    u32::from_ne_bytes(target.addr.octets())
+}
+
 /// What the `DNAT_REPLIES` map holds for the live gateways: each DNAT gateway's targets
 /// (address, port and protocol, as packets from them carry them) to the gateway, so that
 /// any node can send a target's answer from the gateway's address without the flow's
@@ -208,8 +213,7 @@ pub fn dnat_replies<'a>(gateways: impl IntoIterator<Item = &'a LiveGateway>) -> 
     for live in gateways.into_iter().filter(|g| g.config.mode == Mode::Dnat) {
         let flow_flags = if live.config.protocol == Protocol::Http { FLOW_HTTP as u16 } else { 0 };
         for (target, slot) in &live.targets {
-            let key =
-                GatewayKey { vip: u32::from_ne_bytes(target.addr.octets()), port: target.port.to_be(), proto: live.key.proto, _pad: 0 };
+            let key = GatewayKey { vip: target_addr(target), port: target.port.to_be(), proto: live.key.proto, _pad: 0 };
             let reply = DnatReply { vip: live.key.vip, counter_index: *slot, gateway_id: live.id, port: live.key.port, flow_flags };
             let id = (key.vip, key.port, key.proto);
             match replies.get(&id) {
