@@ -1,7 +1,7 @@
 //! Connection-tracking decisions: what a TCP packet does to its flow, and when the agent
 //! may forget a flow. Pure functions over `FlowEntry` flags, shared by kernel and agent.
 
-use crate::maps::{FlowEntry, FLOW_ESTABLISHED, FLOW_FIN_SEEN, FLOW_FROM_TARGET, PROTO_TCP};
+use crate::maps::{FlowEntryOf, FLOW_ESTABLISHED, FLOW_FIN_SEEN, FLOW_FROM_TARGET, PROTO_TCP};
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -71,7 +71,7 @@ const _: () = assert!(PORT_REUSE_ABANDONED_NS > 2 * Timeouts::DEFAULT.tcp_closed
 /// entry is `reply` and forward entry `forward` (`None`: already gone): both directions
 /// have sent their FIN, the target's between `PORT_REUSE_AFTER_NS` and
 /// `PORT_REUSE_BEFORE_NS` ago (or `PORT_REUSE_ABANDONED_NS` and more).
-pub const fn port_reusable(reply: &FlowEntry, forward: Option<&FlowEntry>, now_ns: u64) -> bool {
+pub const fn port_reusable<A>(reply: &FlowEntryOf<A>, forward: Option<&FlowEntryOf<A>>, now_ns: u64) -> bool {
     if reply.rewritten.proto != PROTO_TCP || reply.flags & FLOW_FIN_SEEN == 0 {
         return false;
     }
@@ -184,7 +184,7 @@ impl Timeouts {
 }
 
 /// True when a flow (its two entries) may be removed at `now_ns` (CLOCK_MONOTONIC).
-pub fn flow_expired(a: &FlowEntry, b: &FlowEntry, now_ns: u64, t: &Timeouts) -> bool {
+pub fn flow_expired<A>(a: &FlowEntryOf<A>, b: &FlowEntryOf<A>, now_ns: u64, t: &Timeouts) -> bool {
     let since = |ts: u64| now_ns.saturating_sub(ts);
     if a.rewritten.proto == PROTO_TCP {
         let (fa, fb) = (a.flags & FLOW_FIN_SEEN != 0, b.flags & FLOW_FIN_SEEN != 0);
@@ -207,7 +207,7 @@ pub fn flow_expired(a: &FlowEntry, b: &FlowEntry, now_ns: u64, t: &Timeouts) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::{FlowKey, FLOW_TO_TARGET, PROTO_UDP};
+    use crate::maps::{FlowEntry, FlowKey, FLOW_TO_TARGET, PROTO_UDP};
 
     #[test]
     fn http_status_lines_are_classed() {

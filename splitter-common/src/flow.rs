@@ -1,7 +1,10 @@
 //! Flow hashing: which bucket-table slot a new flow lands in, and which source port a
 //! full-NAT flow tries first. The kernel program and the host tests share this code.
 
-use crate::{maps::FlowKey, table::BUCKET_TABLE_SIZE};
+use crate::{
+    maps::{Address, FlowKeyOf},
+    table::BUCKET_TABLE_SIZE,
+};
 
 /// A 64-bit finaliser with full avalanche (every input bit flips each output bit with
 /// probability about 1/2), so nearby addresses and ports spread over the whole table.
@@ -15,10 +18,11 @@ pub const fn mix64(mut x: u64) -> u64 {
     x
 }
 
-/// Hash of a flow's 5-tuple (per-flow splitting).
+/// Hash of a flow's 5-tuple (per-flow splitting). IPv6 addresses enter by their
+/// [`Address::fold`], so both families take the same path to a slot, on every node alike.
 #[inline(always)]
-pub const fn flow_hash(key: &FlowKey) -> u32 {
-    let addrs = ((key.src_addr as u64) << 32) | key.dst_addr as u64;
+pub fn flow_hash<A: Address>(key: &FlowKeyOf<A>) -> u32 {
+    let addrs = ((key.src_addr.fold() as u64) << 32) | key.dst_addr.fold() as u64;
     let rest = ((key.src_port as u64) << 32) | ((key.dst_port as u64) << 16) | key.proto as u64;
     let h = mix64(addrs ^ mix64(rest ^ 0x9e37_79b9_7f4a_7c15));
     (h ^ (h >> 32)) as u32
@@ -27,8 +31,8 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
 /// Hash of the client address alone (`sticky: client`): every flow of one client lands
 /// in the same slot while the table stays the same.
 #[inline(always)]
-pub const fn client_hash(src_addr: u32) -> u32 {
-    let h = mix64(src_addr as u64 ^ 0x5851_f42d_4c95_7f2d);
+pub fn client_hash<A: Address>(src_addr: A) -> u32 {
+    let h = mix64(src_addr.fold() as u64 ^ 0x5851_f42d_4c95_7f2d);
     (h ^ (h >> 32)) as u32
 }
 
@@ -80,8 +84,69 @@ pub const fn snat_address_index(hash: u32, attempt: u32, count: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::maps::{FlowKey, FlowKey6, Ipv6Words};
     use proptest::strategy::Strategy as _;
     use std::vec::Vec;
+
+    fn key6(src: Ipv6Words, sport: u16) -> FlowKey6 {
+        let vip = [u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]), 0, 0, u32::from_ne_bytes([0, 0, 0, 0x10])];
+        FlowKey6 { src_addr: src, dst_addr: vip, src_port: sport.to_be(), dst_port: 9050u16.to_be(), proto: 6, _pad: 0, _pad_word: 0 }
+    }
+
+    /// An IPv6 client (2001:db8:1::N) as the header holds it.
+    fn client6(host: u16) -> Ipv6Words {
+        let h = host.to_be_bytes();
+        [u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]), u32::from_ne_bytes([0, 1, 0, 0]), 0, u32::from_ne_bytes([0, 0, h[0], h[1]])]
+    }
+
+    #[test]
+    fn ipv6_flows_spread_over_the_table_like_ipv4_ones() {
+        let mut bins = [0u32; 20];
+        for port in 0..=u16::MAX {
+            let slot = bucket_slot(flow_hash(&key6(client6(7), port)));
+            bins[(slot as usize * bins.len()) / BUCKET_TABLE_SIZE] += 1;
+        }
+        let expected = 65536 / 20;
+        for (i, &b) in bins.iter().enumerate() {
+            assert!(b.abs_diff(expected) < expected * 6 / 100, "bin {i}: {b} vs {expected}");
+        }
+        let mut bins = [0u32; 10];
+        for host in 0..10_000u16 {
+            bins[(bucket_slot(client_hash(client6(host))) as usize * 10) / BUCKET_TABLE_SIZE] += 1;
+        }
+        for b in bins {
+            assert!(b.abs_diff(1000) < 100, "{bins:?}");
+        }
+    }
+
+    /// The IPv4 hash is what it was before IPv6 came (a table built by an older agent
+    /// keeps its flows' slots), pinned by two known values.
+    #[test]
+    fn the_ipv4_hash_is_unchanged() {
+        assert_eq!(flow_hash(&key(0x0201_000a, 40_000)), reference_flow_hash(0x0201_000a, 0x0a00_000a, 40_000, 9050, 6));
+        assert_eq!(client_hash(0x0201_000au32), { let h = mix64(0x0201_000a ^ 0x5851_f42d_4c95_7f2d); (h ^ (h >> 32)) as u32 });
+    }
+
+    fn reference_flow_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+        let addrs = (u64::from(src) << 32) | u64::from(dst);
+        let rest = (u64::from(sport) << 32) | (u64::from(dport) << 16) | u64::from(proto);
+        let h = mix64(addrs ^ mix64(rest ^ 0x9e37_79b9_7f4a_7c15));
+        (h ^ (h >> 32)) as u32
+    }
+
+    proptest::proptest! {
+        /// The IPv6 hash depends on every word of both addresses (two flows differing in
+        /// any one word hash apart, bar a 2^-32 collision), and on nothing else than the
+        /// key: the same key hashes the same on every call (every node).
+        #[test]
+        fn ipv6_hash_sees_every_word_and_is_deterministic(src: [u32; 4], dst: [u32; 4], word in 0usize..8, flip in 1u32.., sport: u16) {
+            let a = FlowKey6 { src_addr: src, dst_addr: dst, src_port: sport, dst_port: 80, proto: 17, _pad: 0, _pad_word: 0 };
+            let mut b = a;
+            if word < 4 { b.src_addr[word] ^= flip } else { b.dst_addr[word - 4] ^= flip }
+            proptest::prop_assert_eq!(flow_hash(&a), flow_hash(&{ a }));
+            proptest::prop_assert_ne!(flow_hash(&a), flow_hash(&b));
+        }
+    }
 
     fn key(src: u32, sport: u16) -> FlowKey {
         FlowKey { src_addr: src, dst_addr: 0x0a00_000a, src_port: sport, dst_port: 9050, proto: 6, _pad: 0, _pad_word: 0 }

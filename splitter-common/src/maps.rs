@@ -1,12 +1,94 @@
 //! Keys and values of the datapath's BPF maps.
 //!
 //! Addresses and ports are kept exactly as they sit in packet headers ("network byte
-//! order"): a `u32` address is the four header bytes read as a native integer. Both sides
-//! convert with `u32::from_ne_bytes(ip.octets())` / `u16::to_be()`.
+//! order"): an IPv4 address is the four header bytes read as one native `u32`, an IPv6
+//! address the sixteen read as four (`Ipv6Words`). Both sides convert with
+//! `u32::from_ne_bytes(ip.octets())` / `u16::to_be()`.
+//!
+//! The keys and values that hold addresses are generic over the [`Address`] and exist in
+//! two forms with the same fields: `FlowKey` (IPv4) and `FlowKey6` (IPv6), and so on. The
+//! IPv6 forms live in maps of their own (`CONNTRACK6`, ...), so IPv4 keys stay small.
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{assert_size, table::BUCKET_TABLE_SIZE};
+use crate::{assert_size, csum::CsumDelta, flow::mix64, table::BUCKET_TABLE_SIZE};
+
+/// An IPv6 address as maps hold it: the header's sixteen bytes as four native words.
+pub type Ipv6Words = [u32; 4];
+
+/// An address as map keys and values hold it (network byte order, see the module docs).
+pub trait Address: Copy + Clone + PartialEq + Eq + Default + Pod + core::fmt::Debug + core::hash::Hash {
+    /// 32 bits standing for the address in flow hashes and the address filter: an IPv4
+    /// address itself, an IPv6 address's four words mixed (the same on every node).
+    fn fold(self) -> u32;
+    /// True for the all-zero address (none set).
+    fn is_zero(self) -> bool;
+    /// `self` with the bits of `host_mask` taken from `hash` (a prefix's host part).
+    fn with_host_bits(self, hash: u32, host_mask: Self) -> Self;
+    /// `delta` with the change of this address to `new` recorded (checksums that cover it).
+    fn replace_in(self, new: Self, delta: CsumDelta) -> CsumDelta;
+}
+
+impl Address for u32 {
+    #[inline(always)]
+    fn fold(self) -> u32 {
+        self
+    }
+
+    #[inline(always)]
+    fn is_zero(self) -> bool {
+        self == 0
+    }
+
+    #[inline(always)]
+    fn with_host_bits(self, hash: u32, host_mask: Self) -> Self {
+        self | (hash & host_mask)
+    }
+
+    #[inline(always)]
+    fn replace_in(self, new: Self, delta: CsumDelta) -> CsumDelta {
+        delta.replace32(self, new)
+    }
+}
+
+impl Address for Ipv6Words {
+    #[inline(always)]
+    fn fold(self) -> u32 {
+        let high = (u64::from(self[0]) << 32) | u64::from(self[1]);
+        let low = (u64::from(self[2]) << 32) | u64::from(self[3]);
+        let h = mix64(high ^ mix64(low ^ 0x2545_f491_4f6c_dd1d));
+        (h ^ (h >> 32)) as u32
+    }
+
+    #[inline(always)]
+    fn is_zero(self) -> bool {
+        self[0] | self[1] | self[2] | self[3] == 0
+    }
+
+    /// The hash varies the low 32 bits at most (a prefix of /96 or longer uses all it has).
+    #[inline(always)]
+    fn with_host_bits(self, hash: u32, host_mask: Self) -> Self {
+        [self[0], self[1], self[2], self[3] | (hash & host_mask[3])]
+    }
+
+    #[inline(always)]
+    fn replace_in(self, new: Self, delta: CsumDelta) -> CsumDelta {
+        delta.replace32(self[0], new[0]).replace32(self[1], new[1]).replace32(self[2], new[2]).replace32(self[3], new[3])
+    }
+}
+
+/// Implements `Pod` for the IPv4 and IPv6 forms of a generic shared type.
+macro_rules! pod_forms {
+    ($($t:ident),*) => {
+        $(
+            // SAFETY: `#[repr(C)]`, no padding in either form (the size assertions beside
+            // the type), and every field is `Pod`, so every bit pattern is valid.
+            unsafe impl Pod for $t<u32> {}
+            // SAFETY: as above.
+            unsafe impl Pod for $t<Ipv6Words> {}
+        )*
+    };
+}
 
 /// Targets one table generation of a gateway can hold.
 pub const MAX_TARGETS_PER_GATEWAY: u32 = 256;
@@ -27,17 +109,20 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Which gateway a packet addressed to `vip:port` over `proto` belongs to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct GatewayKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Zeroable)]
+pub struct GatewayKeyOf<A> {
     /// Virtual address, network byte order.
-    pub vip: u32,
+    pub vip: A,
     /// Gateway port, network byte order.
     pub port: u16,
     /// IP protocol (`PROTO_TCP` or `PROTO_UDP`).
     pub proto: u8,
     pub _pad: u8,
 }
+pub type GatewayKey = GatewayKeyOf<u32>;
+pub type GatewayKey6 = GatewayKeyOf<Ipv6Words>;
 assert_size!(GatewayKey, 8);
+assert_size!(GatewayKey6, 20);
 
 /// `GatewayState.flags`: keep the client's source address (DNAT) instead of full NAT.
 pub const GATEWAY_DNAT: u32 = 1;
@@ -86,29 +171,32 @@ assert_size!(BucketTable, BUCKET_TABLE_SIZE * 2 + 2);
 
 /// One target of one table generation.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
-pub struct TargetEntry {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Zeroable)]
+pub struct TargetEntryOf<A> {
     /// Target address, network byte order.
-    pub addr: u32,
+    pub addr: A,
     /// Address the splitter uses as source towards this target in full-NAT mode,
     /// network byte order.
-    pub snat_addr: u32,
+    pub snat_addr: A,
     /// Target port, network byte order.
     pub port: u16,
     pub _pad: u16,
     /// Index in `TARGET_COUNTERS` (host order).
     pub counter_index: u32,
 }
+pub type TargetEntry = TargetEntryOf<u32>;
+pub type TargetEntry6 = TargetEntryOf<Ipv6Words>;
 assert_size!(TargetEntry, 16);
+assert_size!(TargetEntry6, 40);
 
 /// A packet's 5-tuple as it arrives, the conntrack key.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct FlowKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Zeroable)]
+pub struct FlowKeyOf<A> {
     /// Source address, network byte order.
-    pub src_addr: u32,
+    pub src_addr: A,
     /// Destination address, network byte order.
-    pub dst_addr: u32,
+    pub dst_addr: A,
     /// Source port, network byte order.
     pub src_port: u16,
     /// Destination port, network byte order.
@@ -121,9 +209,12 @@ pub struct FlowKey {
     pub _pad: u8,
     pub _pad_word: u16,
 }
+pub type FlowKey = FlowKeyOf<u32>;
+pub type FlowKey6 = FlowKeyOf<Ipv6Words>;
 assert_size!(FlowKey, 16);
+assert_size!(FlowKey6, 40);
 
-impl FlowKey {
+impl<A: Copy> FlowKeyOf<A> {
     /// The key of packets travelling the other way.
     #[inline(always)]
     pub const fn reversed(&self) -> Self {
@@ -160,10 +251,10 @@ pub const FLOW_DSR: u32 = 64;
 /// entries, one per direction; each entry's `rewritten` tuple reversed is the key of the
 /// other, so either can find its peer.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
-pub struct FlowEntry {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Zeroable)]
+pub struct FlowEntryOf<A> {
     /// The 5-tuple the packet leaves with.
-    pub rewritten: FlowKey,
+    pub rewritten: FlowKeyOf<A>,
     /// Index in `TARGET_COUNTERS` of the flow's target (host order).
     pub counter_index: u32,
     /// `FLOW_*` bits (host order).
@@ -174,7 +265,10 @@ pub struct FlowEntry {
     /// `bpf_ktime_get_ns` when the flow was created (host order).
     pub created_ns: u64,
 }
+pub type FlowEntry = FlowEntryOf<u32>;
+pub type FlowEntry6 = FlowEntryOf<Ipv6Words>;
 assert_size!(FlowEntry, 40);
+assert_size!(FlowEntry6, 64);
 
 /// Per-target counters, per CPU; the agent sums the CPUs.
 #[repr(C)]
@@ -265,26 +359,32 @@ assert_size!(SourcePool, 72);
 /// targets' NICs spread the flows over their receive queues. All zero: the node's address
 /// towards each target (`TargetEntry.snat_addr`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct DsrSource {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Zeroable)]
+pub struct DsrSourceOf<A> {
     /// The prefix with its host bits zero, network byte order.
-    pub prefix: u32,
-    /// The host bits, network byte order (0 for a /32).
-    pub host_mask: u32,
+    pub prefix: A,
+    /// The host bits, network byte order (0 for a full-length prefix; an IPv6 prefix's
+    /// host bits beyond the last 32 stay zero).
+    pub host_mask: A,
 }
+pub type DsrSource = DsrSourceOf<u32>;
+pub type DsrSource6 = DsrSourceOf<Ipv6Words>;
 assert_size!(DsrSource, 8);
+assert_size!(DsrSource6, 32);
 
-impl DsrSource {
+impl<A: Address> DsrSourceOf<A> {
     /// The outer source address of a flow with `hash`; `node_addr` when no prefix is set.
     #[inline(always)]
-    pub const fn address(&self, hash: u32, node_addr: u32) -> u32 {
-        if self.prefix == 0 {
+    pub fn address(&self, hash: u32, node_addr: A) -> A {
+        if self.prefix.is_zero() {
             node_addr
         } else {
-            self.prefix | (hash & self.host_mask)
+            self.prefix.with_host_bits(hash, self.host_mask)
         }
     }
 }
+
+pod_forms!(GatewayKeyOf, TargetEntryOf, FlowKeyOf, FlowEntryOf, DsrSourceOf);
 
 /// How a DNAT gateway's target answers are translated back where no flow state knows
 /// them, keyed by the target's `GatewayKey` (its address, port and protocol): the forward
@@ -362,8 +462,8 @@ impl AddressFilter {
 
     /// Marks the bucket a flow's packets are recognised by: the destination (a VIP) of a
     /// client's entry, the source (a target) of a target's entry.
-    pub fn keep_flow(&mut self, key: &FlowKey, entry: &FlowEntry) {
-        self.keep(if entry.flags & FLOW_TO_TARGET != 0 { key.dst_addr } else { key.src_addr });
+    pub fn keep_flow<A: Address>(&mut self, key: &FlowKeyOf<A>, entry: &FlowEntryOf<A>) {
+        self.keep(if entry.flags & FLOW_TO_TARGET != 0 { key.dst_addr.fold() } else { key.src_addr.fold() });
     }
 }
 
@@ -385,6 +485,11 @@ mod pod_impls {
     unsafe impl aya::Pod for super::AddressFilter {}
     unsafe impl aya::Pod for super::DsrSource {}
     unsafe impl aya::Pod for super::DnatReply {}
+    unsafe impl aya::Pod for super::GatewayKey6 {}
+    unsafe impl aya::Pod for super::TargetEntry6 {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
+    unsafe impl aya::Pod for super::FlowEntry6 {}
+    unsafe impl aya::Pod for super::DsrSource6 {}
 }
 
 #[cfg(test)]

@@ -6,6 +6,10 @@
 //! its target whatever the weights do later. Translated packets go out through the
 //! kernel's FIB (`XDP_TX` or redirect). Everything else, and anything that does not parse,
 //! is passed to the kernel untouched.
+//!
+//! IPv4 and IPv6 take the same code, generic over a [`Family`] that names the family's
+//! maps and how its headers are read and written; IPv6 packets with extension headers
+//! and ICMPv6 (neighbour discovery among it) are the kernel's.
 #![no_std]
 
 #[cfg(feature = "test-programs")]
@@ -13,7 +17,7 @@ mod bench;
 #[cfg(feature = "test-programs")]
 mod helpers;
 
-use core::mem;
+use core::{marker::PhantomData, mem};
 
 use aya_ebpf::{
     bindings::{
@@ -42,10 +46,12 @@ use splitter_common::{
     csum::{fold, sum_words, CsumDelta},
     flow::{bucket_slot, client_hash, flow_hash, snat_address_index, snat_port_in, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
-        AddressFilter, BucketTable, DatapathInfo, DnatReply, DsrSource, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState,
-        SourcePool, TargetCounters, TargetEntry, TargetOutcomes, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_HALF_OPEN_ENTRIES,
-        DEFAULT_MAX_GATEWAYS, FLOW_CONNECT_FAILED, FLOW_DSR, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_HTTP, FLOW_TO_TARGET, GATEWAY_DNAT,
-        GATEWAY_DSR, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
+        Address, AddressFilter, BucketTable, DatapathInfo, DnatReply, DsrSource, DsrSource6, DsrSourceOf, FlowEntry, FlowEntry6,
+        FlowEntryOf, FlowKey, FlowKey6, FlowKeyOf, GatewayCounters, GatewayKey, GatewayKey6, GatewayKeyOf, GatewayState, Ipv6Words,
+        SourcePool, TargetCounters, TargetEntry, TargetEntry6, TargetEntryOf, TargetOutcomes, DEFAULT_CONNTRACK_ENTRIES,
+        DEFAULT_HALF_OPEN_ENTRIES, DEFAULT_MAX_GATEWAYS, FLOW_CONNECT_FAILED, FLOW_DSR, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_HTTP,
+        FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES, MAX_TARGETS_PER_GATEWAY,
+        MAX_TARGET_COUNTERS, PROTO_TCP,
     },
     FlowEvent, ForwardEvent, PacketClass,
 };
@@ -120,6 +126,28 @@ static DSR_SOURCES: Array<DsrSource> = Array::with_max_entries(DEFAULT_MAX_GATEW
 #[map]
 static DNAT_REPLIES: HashMap<GatewayKey, DnatReply> = HashMap::with_max_entries(MAX_TARGET_COUNTERS, 0);
 
+/// `GATEWAYS` for IPv6 VIPs; their tables are in `BUCKET_TABLES` and their targets in
+/// `TARGETS6`, at the same indices. Written by: the agent. Read by: this program.
+#[map]
+static GATEWAYS6: HashMap<GatewayKey6, GatewayState> = HashMap::with_max_entries(DEFAULT_MAX_GATEWAYS, 0);
+
+/// `TARGETS` of IPv6 gateways. Written by: the agent (with their table). Read by: this program.
+#[map]
+static TARGETS6: Array<TargetEntry6> = Array::with_max_entries(2 * DEFAULT_MAX_GATEWAYS * MAX_TARGETS_PER_GATEWAY, 0);
+
+/// `CONNTRACK` of IPv6 flows. Written by: this program, the agent (expiry, flush). Read by: both.
+#[map]
+static CONNTRACK6: LruHashMap<FlowKey6, FlowEntry6> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// `HALF_OPEN` of IPv6 flows. Written by: this program. Read by: this program (the agent counts it).
+#[map]
+static HALF_OPEN6: LruHashMap<FlowKey6, FlowEntry6> = LruHashMap::with_max_entries(DEFAULT_HALF_OPEN_ENTRIES, 0);
+
+/// `DSR_SOURCES` of IPv6 gateways, at `GatewayState.gateway_id`. Written by: the agent
+/// (before the gateway's state names it). Read by: this program.
+#[map]
+static DSR_SOURCES6: Array<DsrSource6> = Array::with_max_entries(DEFAULT_MAX_GATEWAYS, 0);
+
 /// The layout version and build of what runs, for the next agent.
 /// Written by: the agent. Read by: the agent (never this program).
 #[map]
@@ -149,9 +177,9 @@ static GATEWAY_COUNTERS: PerCpuArray<GatewayCounters> = PerCpuArray::with_max_en
 /// leave, with which MACs, and the egress MTU.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct NextHop {
-    src: u32,
-    dst: u32,
+struct NextHop<A> {
+    src: A,
+    dst: A,
     ingress: u32,
     egress: u32,
     /// `bpf_jiffies64` after which the entry is looked up again.
@@ -171,7 +199,11 @@ const NEXT_HOP_TTL_JIFFIES: u64 = 25;
 /// Per-CPU next-hop cache in front of `bpf_fib_lookup`, which costs more than the rest of
 /// an established packet's path. Written and read by: this program only.
 #[map]
-static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(NEXT_HOP_SLOTS, 0);
+static NEXT_HOPS: PerCpuArray<NextHop<u32>> = PerCpuArray::with_max_entries(NEXT_HOP_SLOTS, 0);
+
+/// `NEXT_HOPS` of IPv6 routes. Written and read by: this program only.
+#[map]
+static NEXT_HOPS6: PerCpuArray<NextHop<Ipv6Words>> = PerCpuArray::with_max_entries(NEXT_HOP_SLOTS, 0);
 
 /// A coarse per-CPU clock: `bpf_ktime_get_ns` read once per jiffy, for UDP flows'
 /// last-seen times (the agent expires idle UDP flows after seconds). Written and read by:
@@ -186,20 +218,236 @@ struct CoarseClock {
 #[map]
 static COARSE_CLOCK: PerCpuArray<CoarseClock> = PerCpuArray::with_max_entries(1, 0);
 
+/// A new flow's search for a source (see [`Claim`]), one per CPU: kept off the stack,
+/// which the rest of a packet's path fills (an XDP program is not re-entered on its CPU
+/// while it runs). Written and read by: this program only.
+#[map]
+static CLAIMS: PerCpuArray<Claim<V4>> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static CLAIMS6: PerCpuArray<Claim<V6>> = PerCpuArray::with_max_entries(1, 0);
+
+/// The FIB lookup's parameters, one per CPU, off the stack as `CLAIMS`. Written and read
+/// by: this program only.
+#[map]
+static FIB_PARAMS: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);
+
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 /// IP in IP (the outer header's protocol of a direct-server-return packet).
 const PROTO_IPIP: u8 = 4;
+/// IPv6 in IPv6 (the same for IPv6).
+const PROTO_IPV6: u8 = 41;
 const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+/// The fixed IPv6 header; its addresses' offsets.
+const IPV6_HEADER_LEN: usize = 40;
+const IPV6_SRC_AT: usize = 8;
+const IPV6_DST_AT: usize = 24;
 /// IPv4 "don't fragment", as stored.
 const IP_DONT_FRAGMENT: [u8; 2] = [0x40, 0];
-/// Bytes an encapsulation adds: one IPv4 header without options.
-const OUTER_HEADER_LEN: u16 = Ipv4Hdr::LEN as u16;
 /// An ICMP error's own header, and how much of the offending packet it quotes beyond its
 /// IP header (RFC 792).
 const ICMP_HEADER_LEN: usize = 8;
 const ICMP_QUOTED_L4_LEN: usize = 8;
 /// IPv4 "more fragments" flag and fragment offset, as stored (network order).
 const IP_FRAGMENT_MASK: u16 = 0x3fffu16.to_be();
+
+/// What differs between IPv4 and IPv6 on the splitter's path: the maps the family's
+/// gateways and flows live in, and how its headers are parsed and written.
+trait Family: Sized + 'static {
+    type Addr: Address;
+    /// A `FlowKeyOf<Addr>` as plain words (see [`Packet::key`]).
+    type KeyWords: Copy;
+    /// The fixed IP header, which is also what an encapsulation adds.
+    const HEADER_LEN: usize;
+    const ETHER_TYPE: u16;
+    const FIB_FAMILY: u8;
+    /// The outer header's protocol of a direct-server-return packet.
+    const PROTO_ENCAP: u8;
+    /// Whether each stage of a packet's path (a known flow's, a half-open one's, a new
+    /// one's) is a function of its own: IPv6's keys and entries are too large for one
+    /// stack frame holding them all.
+    const OUTLINED: bool;
+
+    fn gateways() -> &'static HashMap<GatewayKeyOf<Self::Addr>, GatewayState>;
+    fn targets() -> &'static Array<TargetEntryOf<Self::Addr>>;
+    fn conntrack() -> &'static LruHashMap<FlowKeyOf<Self::Addr>, FlowEntryOf<Self::Addr>>;
+    fn half_open() -> &'static LruHashMap<FlowKeyOf<Self::Addr>, FlowEntryOf<Self::Addr>>;
+    fn dsr_sources() -> &'static Array<DsrSourceOf<Self::Addr>>;
+    fn next_hops() -> &'static PerCpuArray<NextHop<Self::Addr>>;
+    /// This CPU's `CLAIMS` slot of the family.
+    fn claim_scratch() -> Option<*mut Claim<Self>>;
+    /// Address `i` of a full-NAT source pool, if the pool holds this family's addresses.
+    fn pool_address(pool: &SourcePool, i: usize) -> Option<Self::Addr>;
+    /// The gateway address and port a target's answer without flow state is sent from
+    /// (DNAT gateways, see `DNAT_REPLIES`).
+    fn dnat_reply(target: &GatewayKeyOf<Self::Addr>) -> Option<(Self::Addr, DnatReply)>;
+    /// Writes `to`'s addresses into the IP header at `l3` (`addresses`: the checksum
+    /// change they make, for a header checksum).
+    ///
+    /// # Safety
+    /// `l3` must point at the packet's whole fixed IP header.
+    unsafe fn write_addresses(l3: *mut u8, to: &FlowKeyOf<Self::Addr>, addresses: CsumDelta);
+    fn set_fib_addresses(fib: &mut FibParams, src: Self::Addr, dst: Self::Addr);
+    /// Writes the outer header of a direct-server-return packet at `l3`; `inner_word` is
+    /// the first word of the packet's own header (version and traffic class), `len` the
+    /// outer packet's length.
+    ///
+    /// # Safety
+    /// `l3` must point at `HEADER_LEN` writable bytes inside the packet.
+    unsafe fn write_outer_header(l3: *mut u8, inner_word: u32, len: u16, src: Self::Addr, dst: Self::Addr);
+    /// Answers `packet` with the family's ICMP "packet too big" naming `mtu`.
+    fn icmp_too_big(ctx: &XdpContext, packet: &Packet<Self>, mtu: u16) -> Result<u32, Error>;
+}
+
+struct V4;
+struct V6;
+
+impl Family for V4 {
+    type Addr = u32;
+    type KeyWords = [u32; 4];
+    const HEADER_LEN: usize = Ipv4Hdr::LEN;
+    const ETHER_TYPE: u16 = EtherType::Ipv4 as u16;
+    const FIB_FAMILY: u8 = AF_INET;
+    const PROTO_ENCAP: u8 = PROTO_IPIP;
+    const OUTLINED: bool = false;
+
+    #[inline(always)]
+    fn gateways() -> &'static HashMap<GatewayKey, GatewayState> {
+        &GATEWAYS
+    }
+    #[inline(always)]
+    fn targets() -> &'static Array<TargetEntry> {
+        &TARGETS
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<FlowKey, FlowEntry> {
+        &CONNTRACK
+    }
+    #[inline(always)]
+    fn half_open() -> &'static LruHashMap<FlowKey, FlowEntry> {
+        &HALF_OPEN
+    }
+    #[inline(always)]
+    fn dsr_sources() -> &'static Array<DsrSource> {
+        &DSR_SOURCES
+    }
+    #[inline(always)]
+    fn next_hops() -> &'static PerCpuArray<NextHop<u32>> {
+        &NEXT_HOPS
+    }
+    #[inline(always)]
+    fn claim_scratch() -> Option<*mut Claim<Self>> {
+        CLAIMS.get_ptr_mut(0)
+    }
+    #[inline(always)]
+    fn pool_address(pool: &SourcePool, i: usize) -> Option<u32> {
+        pool.addrs.get(i & (MAX_SOURCE_ADDRESSES - 1)).copied()
+    }
+    #[inline(always)]
+    fn dnat_reply(target: &GatewayKey) -> Option<(u32, DnatReply)> {
+        // SAFETY: the value is copied out at once; the agent replaces values whole.
+        unsafe { DNAT_REPLIES.get(target) }.map(|reply| (reply.vip, *reply))
+    }
+    #[inline(always)]
+    unsafe fn write_addresses(l3: *mut u8, to: &FlowKey, addresses: CsumDelta) {
+        let ip = l3.cast::<Ipv4Hdr>();
+        // SAFETY: the caller's contract.
+        unsafe {
+            (*ip).src_addr = to.src_addr.to_ne_bytes();
+            (*ip).dst_addr = to.dst_addr.to_ne_bytes();
+            (*ip).check = addresses.apply(u16::from_ne_bytes((*ip).check)).to_ne_bytes();
+        }
+    }
+    #[inline(always)]
+    fn set_fib_addresses(fib: &mut FibParams, src: u32, dst: u32) {
+        fib.__bindgen_anon_3.ipv4_src = src;
+        fib.__bindgen_anon_4.ipv4_dst = dst;
+    }
+    #[inline(always)]
+    unsafe fn write_outer_header(l3: *mut u8, inner_word: u32, len: u16, src: u32, dst: u32) {
+        // SAFETY: the caller's contract; the TOS is the inner header's second byte.
+        unsafe { write_ipv4_header(l3.cast(), inner_word.to_ne_bytes()[1], len, PROTO_IPIP, src, dst) };
+    }
+    #[inline(always)]
+    fn icmp_too_big(ctx: &XdpContext, packet: &Packet<Self>, mtu: u16) -> Result<u32, Error> {
+        icmp_too_big(ctx, packet, mtu)
+    }
+}
+
+impl Family for V6 {
+    type Addr = Ipv6Words;
+    type KeyWords = [u32; 10];
+    const HEADER_LEN: usize = IPV6_HEADER_LEN;
+    const ETHER_TYPE: u16 = EtherType::Ipv6 as u16;
+    const FIB_FAMILY: u8 = AF_INET6;
+    const PROTO_ENCAP: u8 = PROTO_IPV6;
+    const OUTLINED: bool = false;
+
+    #[inline(always)]
+    fn gateways() -> &'static HashMap<GatewayKey6, GatewayState> {
+        &GATEWAYS6
+    }
+    #[inline(always)]
+    fn targets() -> &'static Array<TargetEntry6> {
+        &TARGETS6
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<FlowKey6, FlowEntry6> {
+        &CONNTRACK6
+    }
+    #[inline(always)]
+    fn half_open() -> &'static LruHashMap<FlowKey6, FlowEntry6> {
+        &HALF_OPEN6
+    }
+    #[inline(always)]
+    fn dsr_sources() -> &'static Array<DsrSource6> {
+        &DSR_SOURCES6
+    }
+    #[inline(always)]
+    fn next_hops() -> &'static PerCpuArray<NextHop<Ipv6Words>> {
+        &NEXT_HOPS6
+    }
+    #[inline(always)]
+    fn claim_scratch() -> Option<*mut Claim<Self>> {
+        CLAIMS6.get_ptr_mut(0)
+    }
+    /// Source pools hold IPv4 addresses: an IPv6 gateway's flows leave from the node's address.
+    #[inline(always)]
+    fn pool_address(_pool: &SourcePool, _i: usize) -> Option<Ipv6Words> {
+        None
+    }
+    /// IPv6 DNAT answers without state are the kernel's (no `DNAT_REPLIES` for IPv6).
+    #[inline(always)]
+    fn dnat_reply(_target: &GatewayKey6) -> Option<(Ipv6Words, DnatReply)> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn write_addresses(l3: *mut u8, to: &FlowKey6, _addresses: CsumDelta) {
+        // SAFETY: the caller's contract; IPv6 has no header checksum.
+        unsafe {
+            l3.add(IPV6_SRC_AT).cast::<Ipv6Words>().write_unaligned(to.src_addr);
+            l3.add(IPV6_DST_AT).cast::<Ipv6Words>().write_unaligned(to.dst_addr);
+        }
+    }
+    #[inline(always)]
+    fn set_fib_addresses(fib: &mut FibParams, src: Ipv6Words, dst: Ipv6Words) {
+        fib.__bindgen_anon_3.ipv6_src = src;
+        fib.__bindgen_anon_4.ipv6_dst = dst;
+    }
+    #[inline(always)]
+    unsafe fn write_outer_header(l3: *mut u8, inner_word: u32, len: u16, src: Ipv6Words, dst: Ipv6Words) {
+        // SAFETY: the caller's contract.
+        unsafe { write_ipv6_header(l3, inner_word, len - IPV6_HEADER_LEN as u16, PROTO_IPV6, 64, src, dst) };
+    }
+    #[inline(always)]
+    fn icmp_too_big(ctx: &XdpContext, packet: &Packet<Self>, mtu: u16) -> Result<u32, Error> {
+        icmp6_too_big(ctx, packet, mtu)
+    }
+}
+
+const _: () = assert!(mem::size_of::<[u32; 4]>() == mem::size_of::<FlowKey>());
+const _: () = assert!(mem::size_of::<[u32; 10]>() == mem::size_of::<FlowKey6>());
 
 enum Error {
     /// The packet is not one this program handles (or is malformed): pass it.
@@ -242,10 +490,10 @@ fn connect_timeout_ns() -> u64 {
 /// The connect timeout of the gateway a client's flow (`client_key`, to the VIP) belongs
 /// to: its own, or the datapath's default. Looked up only when a client sends its SYN again.
 #[inline(always)]
-fn gateway_connect_timeout_ns(client_key: &FlowKey) -> u64 {
-    let key = GatewayKey { vip: client_key.dst_addr, port: client_key.dst_port, proto: client_key.proto, _pad: 0 };
+fn gateway_connect_timeout_ns<F: Family>(client_key: &FlowKeyOf<F::Addr>) -> u64 {
+    let key = GatewayKeyOf { vip: client_key.dst_addr, port: client_key.dst_port, proto: client_key.proto, _pad: 0 };
     // SAFETY: a copy is taken at once; the agent replaces values whole.
-    match unsafe { GATEWAYS.get(&key) } {
+    match unsafe { F::gateways().get(&key) } {
         Some(state) if state.connect_timeout_ms != 0 => u64::from(state.connect_timeout_ms) * 1_000_000,
         _ => connect_timeout_ns(),
     }
@@ -263,7 +511,7 @@ fn count_failed_connect(counter_index: u32) {
 /// Counts the status class of an HTTP response whose first segment this packet carries, if
 /// it starts with a status line (`HTTP/1.x NNN`).
 #[inline(always)]
-fn count_http_status(ctx: &XdpContext, packet: &Packet, counter_index: u32) {
+fn count_http_status<F: Family>(ctx: &XdpContext, packet: &Packet<F>, counter_index: u32) {
     let Ok(tcp) = ptr_at::<TcpHdr>(ctx, packet.l4_offset) else { return };
     // SAFETY: the whole TcpHdr is in bounds; byte 12 holds the data offset.
     let data_offset = usize::from(unsafe { *tcp.cast::<u8>().add(12) } >> 4) * 4;
@@ -318,67 +566,104 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Error> {
     Ok((start + offset) as *mut T)
 }
 
-/// The parsed headers of a TCP or UDP packet over IPv4.
-struct Packet {
+/// The parsed headers of a TCP or UDP packet over IPv4 or IPv6.
+struct Packet<F: Family> {
     eth: *mut EthHdr,
-    ip: *mut Ipv4Hdr,
+    /// The IP header (its whole fixed size is in bounds).
+    l3: *mut u8,
     /// Offset of the TCP or UDP header (its full fixed size is in bounds).
     l4_offset: usize,
-    /// The flow key as the four words of a `FlowKey` (see [`Packet::key`]).
-    key_words: [u32; 4],
+    /// The flow key as the words of a `FlowKeyOf` (see [`Packet::key`]).
+    key_words: F::KeyWords,
     /// TCP flags byte (0 for UDP).
     tcp_flags: u8,
-    /// IP total length (host order), for byte counters and the FIB's MTU check.
+    /// IP total length, header included (host order), for byte counters and the FIB's
+    /// MTU check.
     ip_len: u16,
 }
 
-impl Packet {
+impl<F: Family> Packet<F> {
     /// The packet's 5-tuple, the conntrack key.
     #[inline(always)]
-    fn key(&self) -> &FlowKey {
-        // SAFETY: FlowKey is `repr(C)`, 16 bytes without padding, 4-byte aligned like
-        // `[u32; 4]`, and valid for any bits.
-        unsafe { &*self.key_words.as_ptr().cast::<FlowKey>() }
+    fn key(&self) -> &FlowKeyOf<F::Addr> {
+        // SAFETY: `KeyWords` has the key's size (asserted per family); the key is
+        // `repr(C)` without padding, 4-byte aligned like the words, and valid for any bits.
+        unsafe { &*(&self.key_words as *const F::KeyWords).cast::<FlowKeyOf<F::Addr>>() }
     }
 }
 
 #[inline(always)]
 fn try_splitter(ctx: &XdpContext) -> Result<u32, Error> {
-    let packet = match parse(ctx) {
-        Ok(packet) => packet,
-        Err(class) => {
-            count(class);
-            return Err(Error::Pass);
+    let eth: *mut EthHdr = match ptr_at(ctx, 0) {
+        Ok(eth) => eth,
+        Err(e) => {
+            count(PacketClass::MALFORMED);
+            return Err(e);
         }
     };
+    // SAFETY: `ptr_at` checked that a whole EthHdr lies inside the packet.
+    let ether_type = unsafe { (*eth).ether_type };
+    let class = if ether_type == EtherType::Ipv4 as u16 {
+        match parse(ctx, eth) {
+            Ok(packet) => return splitter_packet::<V4>(ctx, &packet),
+            Err(class) => class,
+        }
+    } else if ether_type == EtherType::Ipv6 as u16 {
+        match parse6(ctx, eth) {
+            Ok(packet) => return splitter_packet::<V6>(ctx, &packet),
+            Err(class) => class,
+        }
+    } else {
+        PacketClass::NON_IPV4
+    };
+    count(class);
+    Err(Error::Pass)
+}
+
+/// A TCP or UDP packet of either family: a known flow's, a new flow's, or not the
+/// splitter's.
+#[inline(never)]
+fn splitter_packet<F: Family>(ctx: &XdpContext, packet: &Packet<F>) -> Result<u32, Error> {
     count(if packet.key().proto == PROTO_TCP { PacketClass::TCP } else { PacketClass::UDP });
     // Most packets on a shared NIC are not the splitter's: pass them before any hash lookup.
     if let Some(filter) = ADDRESS_FILTER.get(0) {
-        if filter.is_foreign(packet.key().dst_addr) && filter.is_foreign(packet.key().src_addr) {
+        if filter.is_foreign(packet.key().dst_addr.fold()) && filter.is_foreign(packet.key().src_addr.fold()) {
             return Err(Error::Pass);
         }
     }
 
-    if let Some(entry) = CONNTRACK.get_ptr_mut(packet.key()) {
-        if let Some(action) = established(ctx, &packet, entry)? {
+    if let Some(entry) = F::conntrack().get_ptr_mut(packet.key()) {
+        let known = if F::OUTLINED { outlined(|| established(ctx, packet, entry)) } else { established(ctx, packet, entry) };
+        if let Some(action) = known? {
             return Ok(action);
         }
         // A new SYN reusing a closed flow's 5-tuple: start a new flow below.
     }
     if packet.key().proto == PROTO_TCP {
-        if let Some(entry) = HALF_OPEN.get_ptr_mut(packet.key()) {
-            if let Some(action) = half_open(ctx, &packet, entry)? {
+        if let Some(entry) = F::half_open().get_ptr_mut(packet.key()) {
+            let known = if F::OUTLINED { outlined(|| half_open(ctx, packet, entry)) } else { half_open(ctx, packet, entry) };
+            if let Some(action) = known? {
                 return Ok(action);
             }
             // Expired: a new flow below (or a miss, for anything but a SYN).
         }
     }
-    let gateway_key = GatewayKey { vip: packet.key().dst_addr, port: packet.key().dst_port, proto: packet.key().proto, _pad: 0 };
+    let gateway_key = GatewayKeyOf { vip: packet.key().dst_addr, port: packet.key().dst_port, proto: packet.key().proto, _pad: 0 };
     // SAFETY: the value is copied out at once; the agent replaces values whole.
-    let Some(gateway) = (unsafe { GATEWAYS.get(&gateway_key) }).copied() else {
-        return dnat_reply(ctx, &packet);
+    let Some(gateway) = (unsafe { F::gateways().get(&gateway_key) }).copied() else {
+        return dnat_reply(ctx, packet);
     };
-    new_flow(ctx, &packet, &gateway)
+    if F::OUTLINED {
+        outlined(|| new_flow(ctx, packet, &gateway))
+    } else {
+        new_flow(ctx, packet, &gateway)
+    }
+}
+
+/// Runs `stage` as a function of its own (a BPF-to-BPF call), with its own stack frame.
+#[inline(never)]
+fn outlined<T>(stage: impl FnOnce() -> T) -> T {
+    stage()
 }
 
 /// An answer of a DNAT gateway's target that no flow state here knows: the flow's forward
@@ -386,19 +671,18 @@ fn try_splitter(ctx: &XdpContext) -> Result<u32, Error> {
 /// node). It is sent from the gateway's address like any answer, and its entry kept. One
 /// for this host itself (a health check's) is passed untouched.
 #[inline(always)]
-fn dnat_reply(ctx: &XdpContext, packet: &Packet) -> Result<u32, Error> {
+fn dnat_reply<F: Family>(ctx: &XdpContext, packet: &Packet<F>) -> Result<u32, Error> {
     let key = packet.key();
     // A target opening a connection of its own is not an answer.
     if key.proto == PROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return Err(Error::Pass);
     }
-    let source = GatewayKey { vip: key.src_addr, port: key.src_port, proto: key.proto, _pad: 0 };
-    // SAFETY: the value is copied out at once; the agent replaces values whole.
-    let Some(reply) = (unsafe { DNAT_REPLIES.get(&source) }).copied() else {
+    let source = GatewayKeyOf { vip: key.src_addr, port: key.src_port, proto: key.proto, _pad: 0 };
+    let Some((vip, reply)) = F::dnat_reply(&source) else {
         return Err(Error::Pass);
     };
-    let rewritten = FlowKey {
-        src_addr: reply.vip,
+    let rewritten = FlowKeyOf {
+        src_addr: vip,
         dst_addr: key.dst_addr,
         src_port: reply.port,
         dst_port: key.dst_port,
@@ -406,12 +690,12 @@ fn dnat_reply(ctx: &XdpContext, packet: &Packet) -> Result<u32, Error> {
         _pad: 0,
         _pad_word: 0,
     };
-    let route = route(ctx, rewritten.src_addr, rewritten.dst_addr, rewritten.proto, rewritten.src_port, rewritten.dst_port, packet.ip_len);
+    let route = route::<F>(ctx, rewritten.src_addr, rewritten.dst_addr, rewritten.proto, rewritten.src_port, rewritten.dst_port, packet.ip_len);
     if matches!(route, Route::Pass(_)) {
         return Err(Error::Pass);
     }
     let now = now_ns();
-    let entry = FlowEntry {
+    let entry = FlowEntryOf {
         rewritten,
         counter_index: reply.counter_index,
         flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED | u32::from(reply.flow_flags),
@@ -419,23 +703,18 @@ fn dnat_reply(ctx: &XdpContext, packet: &Packet) -> Result<u32, Error> {
         created_ns: now,
     };
     // Without an entry the next answer takes this path again: nothing lost.
-    let _ = CONNTRACK.insert(key, &entry, u64::from(BPF_ANY));
+    let _ = F::conntrack().insert(key, &entry, u64::from(BPF_ANY));
     count_gateway(reply.gateway_id, |c| &mut c.conntrack_miss);
     count_flow_event(FlowEvent::ESTABLISHED_MISSED);
     rewrite(ctx, packet, &rewritten)?;
     Ok(send_by(packet.eth, route))
 }
 
-/// Parses Ethernet, IPv4 (respecting IHL) and the TCP or UDP header. Anything else is
-/// reported by the class it is counted in, and passed.
+/// Parses IPv4 (respecting IHL) after the Ethernet header and the TCP or UDP header.
+/// Anything else is reported by the class it is counted in, and passed.
 #[inline(always)]
-fn parse(ctx: &XdpContext) -> Result<Packet, PacketClass> {
+fn parse(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Packet<V4>, PacketClass> {
     let malformed = |_| PacketClass::MALFORMED;
-    let eth: *mut EthHdr = ptr_at(ctx, 0).map_err(malformed)?;
-    // SAFETY: `ptr_at` checked that a whole EthHdr lies inside the packet.
-    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
-        return Err(PacketClass::NON_IPV4);
-    }
     let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).map_err(malformed)?;
     // SAFETY: `ptr_at` checked that a whole Ipv4Hdr lies inside the packet.
     let (vihl, proto, frags, tot_len) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).frags, (*ip).tot_len) };
@@ -477,7 +756,60 @@ fn parse(ctx: &XdpContext) -> Result<Packet, PacketClass> {
             proto,
         )
     };
-    Ok(Packet { eth, ip, l4_offset, key_words, tcp_flags, ip_len: u16::from_be_bytes(tot_len) })
+    Ok(Packet { eth, l3: ip.cast(), l4_offset, key_words, tcp_flags, ip_len: u16::from_be_bytes(tot_len) })
+}
+
+/// Parses IPv6 after the Ethernet header and the TCP or UDP header right after it. A
+/// packet with extension headers (fragments among them), ICMPv6 and anything else is
+/// reported by the class it is counted in, and passed: the kernel handles those.
+#[inline(always)]
+fn parse6(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Packet<V6>, PacketClass> {
+    let malformed = |_| PacketClass::MALFORMED;
+    let ip: *mut [u8; IPV6_HEADER_LEN] = ptr_at(ctx, EthHdr::LEN).map_err(malformed)?;
+    // SAFETY: `ptr_at` checked that the whole fixed header lies inside the packet.
+    let (version, payload_len, next_header) = unsafe { ((*ip)[0] >> 4, u16::from_be_bytes([(*ip)[4], (*ip)[5]]), (*ip)[6]) };
+    if version != 6 {
+        return Err(PacketClass::MALFORMED);
+    }
+    let l4_offset = EthHdr::LEN + IPV6_HEADER_LEN;
+    let (ports_at, tcp_flags, l4_header_len): (*mut u8, u8, usize) = if next_header == IpProto::Tcp as u8 {
+        let tcp: *mut TcpHdr = ptr_at(ctx, l4_offset).map_err(malformed)?;
+        // SAFETY: the whole TcpHdr is in bounds; byte 13 holds the flags.
+        (tcp.cast(), unsafe { *tcp.cast::<u8>().add(13) }, TcpHdr::LEN)
+    } else if next_header == IpProto::Udp as u8 {
+        let udp: *mut UdpHdr = ptr_at(ctx, l4_offset).map_err(malformed)?;
+        (udp.cast(), 0, UdpHdr::LEN)
+    } else if next_header == PROTO_ICMPV6 {
+        return Err(PacketClass::ICMP);
+    } else {
+        return Err(PacketClass::NON_IPV4);
+    };
+    // The payload length must cover the L4 header and lie within the frame (a jumbogram
+    // says 0 and carries a hop-by-hop header, so it never gets here).
+    let ip_len = IPV6_HEADER_LEN + usize::from(payload_len);
+    if usize::from(payload_len) < l4_header_len || EthHdr::LEN + ip_len > ctx.data_end() - ctx.data() || ip_len > usize::from(u16::MAX) {
+        return Err(PacketClass::MALFORMED);
+    }
+    // SAFETY: the fixed header and the TCP/UDP header are in bounds; both of the latter
+    // start with the two ports.
+    let key_words = unsafe {
+        let src = ip.cast::<u8>().add(IPV6_SRC_AT).cast::<[u32; 4]>().read_unaligned();
+        let dst = ip.cast::<u8>().add(IPV6_DST_AT).cast::<[u32; 4]>().read_unaligned();
+        let (sp, dp) = (ports_at.cast::<u16>().read_unaligned().to_ne_bytes(), ports_at.add(2).cast::<u16>().read_unaligned().to_ne_bytes());
+        [
+            src[0],
+            src[1],
+            src[2],
+            src[3],
+            dst[0],
+            dst[1],
+            dst[2],
+            dst[3],
+            u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]),
+            u32::from_ne_bytes([next_header, 0, 0, 0]),
+        ]
+    };
+    Ok(Packet { eth, l3: ip.cast(), l4_offset, key_words, tcp_flags, ip_len: ip_len as u16 })
 }
 
 /// A `FlowKey`'s four words (a struct literal's zero padding compiles to a call of a
@@ -507,7 +839,7 @@ fn write_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6]) {
 /// A packet of a known flow. Returns `None` when the packet starts a new flow on the
 /// 5-tuple of a closed one.
 #[inline(always)]
-fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result<Option<u32>, Error> {
+fn established<F: Family>(ctx: &XdpContext, packet: &Packet<F>, entry: *mut FlowEntryOf<F::Addr>) -> Result<Option<u32>, Error> {
     // SAFETY: `entry` points at a live conntrack value; it is copied, then single fields
     // are written through the pointer (a racing CPU can at worst repeat a flag update).
     let flow = unsafe { *entry };
@@ -519,8 +851,8 @@ fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Resu
             TcpVerdict::Keep => {}
             TcpVerdict::Close => close = true,
             TcpVerdict::Reopen => {
-                let _ = CONNTRACK.remove(&flow.rewritten.reversed());
-                let _ = CONNTRACK.remove(packet.key());
+                let _ = F::conntrack().remove(&flow.rewritten.reversed());
+                let _ = F::conntrack().remove(packet.key());
                 return Ok(None);
             }
             TcpVerdict::Update { flags, fin_now, connected_now } => {
@@ -573,9 +905,9 @@ fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Resu
     if close {
         // A direct-server-return flow has no entry for replies.
         if !dsr {
-            let _ = CONNTRACK.remove(&flow.rewritten.reversed());
+            let _ = F::conntrack().remove(&flow.rewritten.reversed());
         }
-        let _ = CONNTRACK.remove(packet.key());
+        let _ = F::conntrack().remove(packet.key());
     } else if to_target && !dsr {
         restore_reply_entry(packet, &flow);
     }
@@ -587,13 +919,13 @@ fn established(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Resu
 /// would go to the kernel untranslated (and, for full NAT, be reset there). The lookup also
 /// marks the reply half used, so a flow in use keeps both halves.
 #[inline(always)]
-fn restore_reply_entry(packet: &Packet, flow: &FlowEntry) {
+fn restore_reply_entry<F: Family>(packet: &Packet<F>, flow: &FlowEntryOf<F::Addr>) {
     let reply_key = flow.rewritten.reversed();
-    if CONNTRACK.get_ptr(&reply_key).is_some() {
+    if F::conntrack().get_ptr(&reply_key).is_some() {
         return;
     }
-    let reply = established_reply(packet.key(), flow, flow.last_seen_ns);
-    if CONNTRACK.insert(&reply_key, &reply, u64::from(BPF_NOEXIST)).is_ok() {
+    let reply = established_reply::<F>(packet.key(), flow, flow.last_seen_ns);
+    if F::conntrack().insert(&reply_key, &reply, u64::from(BPF_NOEXIST)).is_ok() {
         count_flow_event(FlowEvent::ESTABLISHED_MISSED);
     }
 }
@@ -601,8 +933,8 @@ fn restore_reply_entry(packet: &Packet, flow: &FlowEntry) {
 /// The target's entry of an established flow, made from the client's: `client_key` and
 /// `flow` are the client's key and entry.
 #[inline(always)]
-fn established_reply(client_key: &FlowKey, flow: &FlowEntry, last_seen_ns: u64) -> FlowEntry {
-    FlowEntry {
+fn established_reply<F: Family>(client_key: &FlowKeyOf<F::Addr>, flow: &FlowEntryOf<F::Addr>, last_seen_ns: u64) -> FlowEntryOf<F::Addr> {
+    FlowEntryOf {
         rewritten: client_key.reversed(),
         counter_index: flow.counter_index,
         flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED | (flow.flags & FLOW_HTTP),
@@ -614,7 +946,7 @@ fn established_reply(client_key: &FlowKey, flow: &FlowEntry, last_seen_ns: u64) 
 /// Sends a packet of a known flow on its way: encapsulated for a direct-server-return
 /// flow, else translated and forwarded.
 #[inline(always)]
-fn send_flow_packet(ctx: &XdpContext, packet: &Packet, flow: &FlowEntry) -> Result<u32, Error> {
+fn send_flow_packet<F: Family>(ctx: &XdpContext, packet: &Packet<F>, flow: &FlowEntryOf<F::Addr>) -> Result<u32, Error> {
     if flow.flags & FLOW_DSR != 0 {
         return encapsulate(ctx, packet, &flow.rewritten);
     }
@@ -625,7 +957,7 @@ fn send_flow_packet(ctx: &XdpContext, packet: &Packet, flow: &FlowEntry) -> Resu
 /// A packet of a half-open TCP flow (in either direction). Returns `None` when the flow
 /// expired: the caller treats the packet as the first of a new flow.
 #[inline(always)]
-fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result<Option<u32>, Error> {
+fn half_open<F: Family>(ctx: &XdpContext, packet: &Packet<F>, entry: *mut FlowEntryOf<F::Addr>) -> Result<Option<u32>, Error> {
     // SAFETY: `entry` points at a live half-open value; it is copied, then single fields
     // are written through the pointer.
     let flow = unsafe { *entry };
@@ -638,9 +970,9 @@ fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result
         if to_target { (*packet.key(), flow.rewritten.reversed()) } else { (flow.rewritten.reversed(), *packet.key()) };
     let now = now_ns();
     if half_open_expired(flow.created_ns, now, half_open_timeout_ns()) {
-        let _ = HALF_OPEN.remove(&client_key);
+        let _ = F::half_open().remove(&client_key);
         if !dsr {
-            let _ = HALF_OPEN.remove(&reply_key);
+            let _ = F::half_open().remove(&reply_key);
         }
         count_flow_event(FlowEvent::HALF_OPEN_EXPIRED);
         return Ok(None);
@@ -648,32 +980,32 @@ fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result
     let counters = TARGET_COUNTERS.get_ptr_mut(flow.counter_index);
     match half_open_verdict(flow.flags, packet.tcp_flags) {
         HalfOpenVerdict::Promote if dsr => {
-            if CONNTRACK.insert(&client_key, &flow, u64::from(BPF_ANY)).is_ok() {
-                let _ = HALF_OPEN.remove(&client_key);
+            if F::conntrack().insert(&client_key, &flow, u64::from(BPF_ANY)).is_ok() {
+                let _ = F::half_open().remove(&client_key);
                 count_flow_event(FlowEvent::HALF_OPEN_PROMOTED);
             }
         }
         HalfOpenVerdict::Close if dsr => {
-            let _ = HALF_OPEN.remove(&client_key);
+            let _ = F::half_open().remove(&client_key);
         }
         HalfOpenVerdict::Promote => {
             // The target's entry as the handshake left it (its SYN-ACK marked it), or as it
             // would be, should the LRU have dropped it.
-            let reply = half_open_copy(&reply_key).unwrap_or(established_reply(&client_key, &flow, now));
-            if CONNTRACK.insert(&reply_key, &reply, u64::from(BPF_ANY)).is_err()
-                || CONNTRACK.insert(&client_key, &flow, u64::from(BPF_ANY)).is_err()
+            let reply = half_open_copy::<F>(&reply_key).unwrap_or(established_reply::<F>(&client_key, &flow, now));
+            if F::conntrack().insert(&reply_key, &reply, u64::from(BPF_ANY)).is_err()
+                || F::conntrack().insert(&client_key, &flow, u64::from(BPF_ANY)).is_err()
             {
                 // Conntrack refused (it cannot be full: it is an LRU): keep it half-open.
-                let _ = CONNTRACK.remove(&reply_key);
+                let _ = F::conntrack().remove(&reply_key);
             } else {
-                let _ = HALF_OPEN.remove(&client_key);
-                let _ = HALF_OPEN.remove(&reply_key);
+                let _ = F::half_open().remove(&client_key);
+                let _ = F::half_open().remove(&reply_key);
                 count_flow_event(FlowEvent::HALF_OPEN_PROMOTED);
             }
         }
         HalfOpenVerdict::Close => {
-            let _ = HALF_OPEN.remove(&client_key);
-            let _ = HALF_OPEN.remove(&reply_key);
+            let _ = F::half_open().remove(&client_key);
+            let _ = F::half_open().remove(&reply_key);
             // The target refused the connect (its listener is gone, or it is overloaded).
             if !to_target && flow.flags & FLOW_CONNECT_FAILED == 0 {
                 count_failed_connect(flow.counter_index);
@@ -684,8 +1016,8 @@ fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result
             if to_target && packet.tcp_flags & TCP_SYN != 0 && flow.flags & FLOW_CONNECT_FAILED == 0 {
                 // The client sends its SYN again: if the target has not answered it within the
                 // connect timeout, the connect failed (a dead or blackholed target).
-                let answered = half_open_copy(&reply_key).is_some_and(|r| r.flags & FLOW_ESTABLISHED != 0);
-                if !answered && connect_timed_out(now.saturating_sub(flow.created_ns), gateway_connect_timeout_ns(&client_key)) {
+                let answered = half_open_copy::<F>(&reply_key).is_some_and(|r| r.flags & FLOW_ESTABLISHED != 0);
+                if !answered && connect_timed_out(now.saturating_sub(flow.created_ns), gateway_connect_timeout_ns::<F>(&client_key)) {
                     count_failed_connect(flow.counter_index);
                     // SAFETY: see above.
                     unsafe { (*entry).flags = flow.flags | FLOW_CONNECT_FAILED };
@@ -731,7 +1063,7 @@ fn half_open(ctx: &XdpContext, packet: &Packet, entry: *mut FlowEntry) -> Result
 /// ways, then forward like any packet of the flow. A TCP SYN starts a half-open flow (in
 /// `HALF_OPEN`, until the client's ACK); anything else goes to `CONNTRACK` at once.
 #[inline(always)]
-fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result<u32, Error> {
+fn new_flow<F: Family>(ctx: &XdpContext, packet: &Packet<F>, gateway: &GatewayState) -> Result<u32, Error> {
     let key = packet.key();
     if gateway.target_count == 0 {
         count_gateway(gateway.gateway_id, |c| &mut c.no_target);
@@ -754,21 +1086,21 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     if index >= gateway.target_count || index >= MAX_TARGETS_PER_GATEWAY {
         return Err(Error::Inconsistent);
     }
-    let target = *TARGETS.get(gateway.table_index * MAX_TARGETS_PER_GATEWAY + index).ok_or(Error::Inconsistent)?;
+    let target = *F::targets().get(gateway.table_index * MAX_TARGETS_PER_GATEWAY + index).ok_or(Error::Inconsistent)?;
     if gateway.flags & GATEWAY_DSR != 0 {
         return new_dsr_flow(ctx, packet, gateway, &target, hash, syn);
     }
 
     let now = now_ns();
     let http = if gateway.flags & GATEWAY_HTTP != 0 { FLOW_HTTP } else { 0 };
-    let from_target = FlowEntry {
+    let from_target = FlowEntryOf {
         rewritten: key.reversed(),
         counter_index: target.counter_index,
         flags: FLOW_FROM_TARGET | http,
         last_seen_ns: now,
         created_ns: now,
     };
-    let mut to_target = FlowKey {
+    let mut to_target = FlowKeyOf {
         src_addr: key.src_addr,
         dst_addr: target.addr,
         src_port: key.src_port,
@@ -781,7 +1113,10 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
     if full_nat {
         to_target.src_addr = target.snat_addr;
     }
-    let mut claim = Claim {
+    let claim_at = F::claim_scratch().ok_or(Error::Inconsistent)?;
+    // SAFETY: this CPU's slot; nothing else uses it while we run here.
+    let claim = unsafe { &mut *claim_at };
+    *claim = Claim::<F> {
         to: to_target,
         from_target,
         now,
@@ -795,8 +1130,9 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         reusable: 0,
         oldest: 0,
         _pad: 0,
+        family: PhantomData,
     };
-    let claimed = if syn { claim_half_open(&mut claim) } else { claim_conntrack(&mut claim) };
+    let claimed = if syn { claim_half_open(claim) } else { claim_conntrack(claim) };
     let to_target = claim.to;
     if !claimed {
         // Dropped, not passed: the kernel would answer the VIP with "unreachable", while
@@ -804,14 +1140,14 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, gateway: &GatewayState) -> Result
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
         return Ok(xdp_action::XDP_DROP);
     }
-    let flow = FlowEntry {
+    let flow = FlowEntryOf {
         rewritten: to_target,
         counter_index: target.counter_index,
         flags: FLOW_TO_TARGET | http,
         last_seen_ns: now,
         created_ns: now,
     };
-    let table = if syn { &HALF_OPEN } else { &CONNTRACK };
+    let table = if syn { F::half_open() } else { F::conntrack() };
     if table.insert(key, &flow, u64::from(BPF_ANY)).is_err() {
         let _ = table.remove(&to_target.reversed());
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
@@ -846,20 +1182,20 @@ fn count_new_flow(gateway_id: u32, counter_index: u32, syn: bool, ip_len: u16) {
 /// (a SYN's in `HALF_OPEN`, anything else's in `CONNTRACK`), naming the outer header's
 /// addresses; the packet leaves inside it, unchanged.
 #[inline(always)]
-fn new_dsr_flow(
+fn new_dsr_flow<F: Family>(
     ctx: &XdpContext,
-    packet: &Packet,
+    packet: &Packet<F>,
     gateway: &GatewayState,
-    target: &TargetEntry,
+    target: &TargetEntryOf<F::Addr>,
     hash: u32,
     syn: bool,
 ) -> Result<u32, Error> {
     let key = packet.key();
-    let source = match DSR_SOURCES.get(gateway.gateway_id) {
+    let source = match F::dsr_sources().get(gateway.gateway_id) {
         Some(source) => source.address(hash, target.snat_addr),
         None => target.snat_addr,
     };
-    let outer = FlowKey {
+    let outer = FlowKeyOf {
         src_addr: source,
         dst_addr: target.addr,
         src_port: key.src_port,
@@ -869,14 +1205,14 @@ fn new_dsr_flow(
         _pad_word: 0,
     };
     let now = now_ns();
-    let flow = FlowEntry {
+    let flow = FlowEntryOf {
         rewritten: outer,
         counter_index: target.counter_index,
         flags: FLOW_TO_TARGET | FLOW_DSR,
         last_seen_ns: now,
         created_ns: now,
     };
-    let table = if syn { &HALF_OPEN } else { &CONNTRACK };
+    let table = if syn { F::half_open() } else { F::conntrack() };
     if table.insert(key, &flow, u64::from(BPF_ANY)).is_err() {
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
         return Ok(xdp_action::XDP_DROP);
@@ -892,17 +1228,17 @@ static NO_SOURCE_POOL: SourcePool = SourcePool { addrs: [0; MAX_SOURCE_ADDRESSES
 /// candidate per call (the verifier checks the callback once, not each iteration), with
 /// what it found kept here. Values, not pointers: the callback sees only this struct.
 #[repr(C)]
-struct Claim {
+struct Claim<F: Family> {
     /// The flow's key towards the target; its source is each candidate in turn, and the
     /// claimed one at the end.
-    to: FlowKey,
+    to: FlowKeyOf<F::Addr>,
     /// The reply direction's entry, claimed under the reply key.
-    from_target: FlowEntry,
+    from_target: FlowEntryOf<F::Addr>,
     now: u64,
     timeout: u64,
     /// `created_ns` of the oldest half-open holder that may lose its port.
     oldest_created: u64,
-    node_addr: u32,
+    node_addr: F::Addr,
     hash: u32,
     gateway_id: u32,
     /// 1 for full NAT (candidates from the pool), 0 for DNAT (the client's own tuple).
@@ -914,9 +1250,10 @@ struct Claim {
     /// Candidate index + 1 of the oldest half-open holder that may lose its port (0: none).
     oldest: u32,
     _pad: u32,
+    family: PhantomData<F>,
 }
 
-impl Claim {
+impl<F: Family> Claim<F> {
     /// The gateway's pool (read in place; a copy would not fit the stack).
     #[inline(always)]
     fn pool(&self) -> &'static SourcePool {
@@ -928,7 +1265,7 @@ impl Claim {
     fn candidate(&mut self, attempt: u32) {
         if self.full_nat != 0 {
             let pool = self.pool();
-            set_source(&mut self.to, self.hash, attempt, pool, self.node_addr);
+            set_source::<F>(&mut self.to, self.hash, attempt, pool, self.node_addr);
         }
     }
 
@@ -945,15 +1282,15 @@ impl Claim {
 /// range and, with a pool, one of its addresses (else the node's address towards the
 /// target).
 #[inline(always)]
-fn set_source(to: &mut FlowKey, hash: u32, attempt: u32, pool: &SourcePool, node_addr: u32) {
+fn set_source<F: Family>(to: &mut FlowKeyOf<F::Addr>, hash: u32, attempt: u32, pool: &SourcePool, node_addr: F::Addr) {
     let (port_min, port_count) =
         if pool.port_count == 0 { (SNAT_PORT_MIN, SNAT_PORT_MAX - SNAT_PORT_MIN + 1) } else { (pool.port_min, pool.port_count) };
     to.src_port = snat_port_in(hash, attempt, port_min, port_count).to_be();
     to.src_addr = node_addr;
     if pool.count > 0 {
         let i = snat_address_index(hash, attempt, pool.count) as usize;
-        if let Some(addr) = pool.addrs.get(i & (MAX_SOURCE_ADDRESSES - 1)) {
-            to.src_addr = *addr;
+        if let Some(addr) = F::pool_address(pool, i) {
+            to.src_addr = addr;
         }
     }
 }
@@ -962,34 +1299,35 @@ fn set_source(to: &mut FlowKey, hash: u32, attempt: u32, pool: &SourcePool, node
 /// `HALF_OPEN` when no established flow and no live half-open flow holds it; a holder past
 /// the half-open timeout gives it up at once; otherwise the best fallbacks are noted.
 /// Returns 1 to stop the loop.
-extern "C" fn half_open_candidate(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: `ctx` is the `Claim` on `claim_half_open`'s stack, passed to bpf_loop.
-    let claim = unsafe { &mut *ctx.cast::<Claim>() };
+extern "C" fn half_open_candidate<F: Family>(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(claim) = F::claim_scratch() else { return 1 };
+    // SAFETY: this CPU's slot, which `new_flow` filled; nothing else uses it meanwhile.
+    let claim = unsafe { &mut *claim };
     let attempt = index as u32;
     claim.candidate(attempt);
     let reply_key = claim.to.reversed();
     // SAFETY: a map value read in place.
-    if let Some(held) = unsafe { CONNTRACK.get(&reply_key) } {
-        if claim.reusable == 0 && port_reusable(held, conntrack_copy(&held.rewritten.reversed()).as_ref(), claim.now) {
+    if let Some(held) = unsafe { F::conntrack().get(&reply_key) } {
+        if claim.reusable == 0 && port_reusable(held, conntrack_copy::<F>(&held.rewritten.reversed()).as_ref(), claim.now) {
             claim.reusable = attempt + 1;
         }
         return 0;
     }
-    if HALF_OPEN.insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
+    if F::half_open().insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
         claim.claimed = 1;
         return 1;
     }
-    let Some(holder) = half_open_copy(&reply_key) else { return 0 };
+    let Some(holder) = half_open_copy::<F>(&reply_key) else { return 0 };
     if holder.rewritten == claim.from_target.rewritten {
         // This very flow: a SYN again, its own entry evicted meanwhile.
         claim.claimed = 1;
         return 1;
     }
     if half_open_expired(holder.created_ns, claim.now, claim.timeout) {
-        let _ = HALF_OPEN.remove(&holder.rewritten.reversed());
-        let _ = HALF_OPEN.remove(&reply_key);
+        let _ = F::half_open().remove(&holder.rewritten.reversed());
+        let _ = F::half_open().remove(&reply_key);
         count_flow_event(FlowEvent::HALF_OPEN_EXPIRED);
-        if HALF_OPEN.insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
+        if F::half_open().insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
             claim.claimed = 1;
             return 1;
         }
@@ -1008,9 +1346,9 @@ extern "C" fn half_open_candidate(index: u64, ctx: *mut core::ffi::c_void) -> i6
 /// oldest half-open holder old enough ([`half_open_port_takeable`]) loses its port (a SYN
 /// flood's pressure). With DNAT there is one candidate, the client's own tuple.
 #[inline(always)]
-fn claim_half_open(claim: &mut Claim) -> bool {
+fn claim_half_open<F: Family>(claim: &mut Claim<F>) -> bool {
     // SAFETY: the callback is a static function of this program; `claim` outlives the call.
-    unsafe { bpf_loop(claim.attempts(), half_open_candidate as *mut _, (claim as *mut Claim).cast(), 0) };
+    unsafe { bpf_loop(claim.attempts(), half_open_candidate::<F> as *mut _, core::ptr::null_mut(), 0) };
     if claim.claimed != 0 {
         return true;
     }
@@ -1020,12 +1358,12 @@ fn claim_half_open(claim: &mut Claim) -> bool {
     if claim.reusable != 0 {
         claim.candidate(claim.reusable - 1);
         let reply_key = claim.to.reversed();
-        if let Some(held) = conntrack_copy(&reply_key) {
+        if let Some(held) = conntrack_copy::<F>(&reply_key) {
             let old_forward = held.rewritten.reversed();
-            if port_reusable(&held, conntrack_copy(&old_forward).as_ref(), claim.now) {
-                let _ = CONNTRACK.remove(&old_forward);
-                let _ = CONNTRACK.remove(&reply_key);
-                if HALF_OPEN.insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
+            if port_reusable(&held, conntrack_copy::<F>(&old_forward).as_ref(), claim.now) {
+                let _ = F::conntrack().remove(&old_forward);
+                let _ = F::conntrack().remove(&reply_key);
+                if F::half_open().insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
                     return true;
                 }
             }
@@ -1034,45 +1372,46 @@ fn claim_half_open(claim: &mut Claim) -> bool {
     if claim.oldest != 0 {
         claim.candidate(claim.oldest - 1);
         let reply_key = claim.to.reversed();
-        if let Some(holder) = half_open_copy(&reply_key) {
+        if let Some(holder) = half_open_copy::<F>(&reply_key) {
             if holder.created_ns == claim.oldest_created {
-                let _ = HALF_OPEN.remove(&holder.rewritten.reversed());
-                let _ = HALF_OPEN.remove(&reply_key);
+                let _ = F::half_open().remove(&holder.rewritten.reversed());
+                let _ = F::half_open().remove(&reply_key);
                 count_flow_event(FlowEvent::HALF_OPEN_TAKEN_OVER);
             }
         }
-        return HALF_OPEN.insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok();
+        return F::half_open().insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok();
     }
     false
 }
 
 /// One candidate of a conntrack flow's search (a `bpf_loop` callback): claimed in
 /// `CONNTRACK` unless a live half-open flow or another flow holds it. Returns 1 to stop.
-extern "C" fn conntrack_candidate(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: `ctx` is the `Claim` on `claim_conntrack`'s stack, passed to bpf_loop.
-    let claim = unsafe { &mut *ctx.cast::<Claim>() };
+extern "C" fn conntrack_candidate<F: Family>(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(claim) = F::claim_scratch() else { return 1 };
+    // SAFETY: as in `half_open_candidate`.
+    let claim = unsafe { &mut *claim };
     let attempt = index as u32;
     claim.candidate(attempt);
     let reply_key = claim.to.reversed();
     if claim.to.proto == PROTO_TCP {
-        if let Some(holder) = half_open_copy(&reply_key) {
+        if let Some(holder) = half_open_copy::<F>(&reply_key) {
             if holder.rewritten != claim.from_target.rewritten && !half_open_expired(holder.created_ns, claim.now, claim.timeout) {
                 return 0;
             }
         }
     }
-    if CONNTRACK.insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
+    if F::conntrack().insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
         claim.claimed = 1;
         return 1;
     }
     // Taken: by this very flow (its forward entry was evicted, or another CPU got its first
     // packet too), or by another flow, then try the next port.
-    let Some(existing) = conntrack_copy(&reply_key) else { return 0 };
+    let Some(existing) = conntrack_copy::<F>(&reply_key) else { return 0 };
     if existing.rewritten == claim.from_target.rewritten {
         claim.claimed = 1;
         return 1;
     }
-    if claim.reusable == 0 && port_reusable(&existing, conntrack_copy(&existing.rewritten.reversed()).as_ref(), claim.now) {
+    if claim.reusable == 0 && port_reusable(&existing, conntrack_copy::<F>(&existing.rewritten.reversed()).as_ref(), claim.now) {
         claim.reusable = attempt + 1;
     }
     0
@@ -1084,31 +1423,31 @@ extern "C" fn conntrack_candidate(index: u64, ctx: *mut core::ffi::c_void) -> i6
 /// closed long enough ago is used only if none is free, since the target may still hold
 /// that connection in TIME_WAIT and refuse a new one on the same port.
 #[inline(always)]
-fn claim_conntrack(claim: &mut Claim) -> bool {
+fn claim_conntrack<F: Family>(claim: &mut Claim<F>) -> bool {
     // SAFETY: as in `claim_half_open`.
-    unsafe { bpf_loop(claim.attempts(), conntrack_candidate as *mut _, (claim as *mut Claim).cast(), 0) };
+    unsafe { bpf_loop(claim.attempts(), conntrack_candidate::<F> as *mut _, core::ptr::null_mut(), 0) };
     if claim.claimed != 0 {
         return true;
     }
     if claim.full_nat != 0 && claim.reusable != 0 {
         claim.candidate(claim.reusable - 1);
-        return take_over_port(&claim.to.reversed(), &claim.from_target, claim.now);
+        return take_over_port::<F>(&claim.to.reversed(), &claim.from_target, claim.now);
     }
     false
 }
 
 /// A copy of the half-open entry of `key`, if any.
 #[inline(always)]
-fn half_open_copy(key: &FlowKey) -> Option<FlowEntry> {
+fn half_open_copy<F: Family>(key: &FlowKeyOf<F::Addr>) -> Option<FlowEntryOf<F::Addr>> {
     // SAFETY: the value is copied out at once.
-    unsafe { HALF_OPEN.get(key) }.copied()
+    unsafe { F::half_open().get(key) }.copied()
 }
 
 /// A copy of the conntrack entry of `key`, if any.
 #[inline(always)]
-fn conntrack_copy(key: &FlowKey) -> Option<FlowEntry> {
+fn conntrack_copy<F: Family>(key: &FlowKeyOf<F::Addr>) -> Option<FlowEntryOf<F::Addr>> {
     // SAFETY: the value is copied out at once.
-    unsafe { CONNTRACK.get(key) }.copied()
+    unsafe { F::conntrack().get(key) }.copied()
 }
 
 /// Takes the source port of `reply_key` over from the flow closed a while ago that holds
@@ -1116,17 +1455,17 @@ fn conntrack_copy(key: &FlowKey) -> Option<FlowEntry> {
 /// the port is claimed again atomically (another CPU may win it). False if the holder is
 /// no longer such a flow, or the claim was lost.
 #[inline(always)]
-fn take_over_port(reply_key: &FlowKey, from_target: &FlowEntry, now: u64) -> bool {
-    let Some(existing) = conntrack_copy(reply_key) else {
-        return CONNTRACK.insert(reply_key, from_target, u64::from(BPF_NOEXIST)).is_ok();
+fn take_over_port<F: Family>(reply_key: &FlowKeyOf<F::Addr>, from_target: &FlowEntryOf<F::Addr>, now: u64) -> bool {
+    let Some(existing) = conntrack_copy::<F>(reply_key) else {
+        return F::conntrack().insert(reply_key, from_target, u64::from(BPF_NOEXIST)).is_ok();
     };
     let old_forward = existing.rewritten.reversed();
-    if !port_reusable(&existing, conntrack_copy(&old_forward).as_ref(), now) {
+    if !port_reusable(&existing, conntrack_copy::<F>(&old_forward).as_ref(), now) {
         return false;
     }
-    let _ = CONNTRACK.remove(&old_forward);
-    let _ = CONNTRACK.remove(reply_key);
-    CONNTRACK.insert(reply_key, from_target, u64::from(BPF_NOEXIST)).is_ok()
+    let _ = F::conntrack().remove(&old_forward);
+    let _ = F::conntrack().remove(reply_key);
+    F::conntrack().insert(reply_key, from_target, u64::from(BPF_NOEXIST)).is_ok()
 }
 
 /// `bpf_ktime_get_ns` as of this CPU's last jiffy (at most one jiffy old).
@@ -1151,12 +1490,13 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// Rewrites addresses and ports to `to`, updating the IPv4 and TCP/UDP checksums
-/// incrementally (the L4 checksum covers the addresses through the pseudo-header).
+/// Rewrites addresses and ports to `to`, updating the IPv4 header's and the TCP/UDP
+/// checksums incrementally (the L4 checksum covers the addresses through the
+/// pseudo-header, in both families).
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> Result<(), Error> {
+fn rewrite<F: Family>(ctx: &XdpContext, packet: &Packet<F>, to: &FlowKeyOf<F::Addr>) -> Result<(), Error> {
     let from = packet.key();
-    let addresses = CsumDelta::new().replace32(from.src_addr, to.src_addr).replace32(from.dst_addr, to.dst_addr);
+    let addresses = from.dst_addr.replace_in(to.dst_addr, from.src_addr.replace_in(to.src_addr, CsumDelta::new()));
     let l4 = addresses.replace16(from.src_port, to.src_port).replace16(from.dst_port, to.dst_port);
     // The L4 header is bounds-checked again for its own type: the verifier does not tie
     // the earlier check to the protocol on this path.
@@ -1170,10 +1510,7 @@ fn rewrite(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> Result<(), Error>
     // SAFETY: `parse` checked the IP header and the line above the TCP/UDP header; every
     // offset written lies inside them.
     unsafe {
-        let ip = packet.ip;
-        (*ip).src_addr = to.src_addr.to_ne_bytes();
-        (*ip).dst_addr = to.dst_addr.to_ne_bytes();
-        (*ip).check = addresses.apply(u16::from_ne_bytes((*ip).check)).to_ne_bytes();
+        F::write_addresses(packet.l3, to, addresses);
         ports.cast::<u16>().write_unaligned(to.src_port);
         ports.add(2).cast::<u16>().write_unaligned(to.dst_port);
         let check = ports.add(check_at).cast::<u16>();
@@ -1197,12 +1534,12 @@ enum Route {
 /// The route of a packet of `len` bytes (IP length) from `src` to `dst` (network order),
 /// with the L4 fields the FIB may hash on.
 #[inline(always)]
-fn route(ctx: &XdpContext, src: u32, dst: u32, proto: u8, sport: u16, dport: u16, len: u16) -> Route {
+fn route<F: Family>(ctx: &XdpContext, src: F::Addr, dst: F::Addr, proto: u8, sport: u16, dport: u16, len: u16) -> Route {
     let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: bpf_jiffies64 has no preconditions.
     let jiffies = unsafe { bpf_jiffies64() };
-    let slot = (src ^ dst.rotate_left(16) ^ ingress).wrapping_mul(0x9e37_79b1) >> 24;
-    let cached = NEXT_HOPS.get_ptr_mut(slot & (NEXT_HOP_SLOTS - 1));
+    let slot = (src.fold() ^ dst.fold().rotate_left(16) ^ ingress).wrapping_mul(0x9e37_79b1) >> 24;
+    let cached = F::next_hops().get_ptr_mut(slot & (NEXT_HOP_SLOTS - 1));
     if let Some(hop) = cached {
         // SAFETY: this CPU's slot; nothing else writes it while we run here.
         let h = unsafe { &*hop };
@@ -1210,19 +1547,21 @@ fn route(ctx: &XdpContext, src: u32, dst: u32, proto: u8, sport: u16, dport: u16
             return Route::Send { egress: h.egress, ingress, macs: mac_words(&h.dmac, &h.smac) };
         }
     }
+    let Some(fib) = FIB_PARAMS.get_ptr_mut(0) else { return Route::Pass(ForwardEvent::PASS_FIB) };
+    // SAFETY: this CPU's slot; nothing else uses it while we run here.
+    let fib = unsafe { &mut *fib };
     // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain integers and unions of
     // integers).
-    let mut fib: FibParams = unsafe { mem::zeroed() };
-    fib.family = AF_INET;
+    *fib = unsafe { mem::zeroed() };
+    fib.family = F::FIB_FAMILY;
     fib.l4_protocol = proto;
     fib.sport = sport;
     fib.dport = dport;
     fib.__bindgen_anon_1.tot_len = len;
     fib.ifindex = ingress;
-    fib.__bindgen_anon_3.ipv4_src = src;
-    fib.__bindgen_anon_4.ipv4_dst = dst;
+    F::set_fib_addresses(fib, src, dst);
     // SAFETY: `fib` is a valid bpf_fib_lookup on our stack, its size passed alongside.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), fib, mem::size_of::<FibParams>() as i32, 0) };
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         if let Some(hop) = cached {
             // SAFETY: this CPU's slot; on success the FIB wrote the egress MTU over tot_len.
@@ -1273,46 +1612,68 @@ fn send_by(eth: *mut EthHdr, route: Route) -> u32 {
 /// Sends a translated packet on its way: the FIB names the egress interface and next-hop
 /// MAC; without a resolved neighbour (or for a local destination) the kernel forwards it.
 #[inline(always)]
-fn forward(ctx: &XdpContext, packet: &Packet, to: &FlowKey) -> u32 {
-    let route = route(ctx, to.src_addr, to.dst_addr, to.proto, to.src_port, to.dst_port, packet.ip_len);
+fn forward<F: Family>(ctx: &XdpContext, packet: &Packet<F>, to: &FlowKeyOf<F::Addr>) -> u32 {
+    let route = route::<F>(ctx, to.src_addr, to.dst_addr, to.proto, to.src_port, to.dst_port, packet.ip_len);
     send_by(packet.eth, route)
 }
 
-/// Sends a direct-server-return packet to its target inside an outer IPv4 header (IP in
-/// IP) from `outer.src_addr` to `outer.dst_addr`; the packet itself is left as it came.
-/// One that would no longer fit the egress MTU is answered with an ICMP "fragmentation
-/// needed" to the client instead. Without a resolved neighbour the kernel forwards the
-/// encapsulated packet.
+/// Sends a direct-server-return packet to its target inside an outer header of its own
+/// family (IP in IP, IPv6 in IPv6) from `outer.src_addr` to `outer.dst_addr`; the packet
+/// itself is left as it came. One that would no longer fit the egress MTU is answered with
+/// an ICMP "fragmentation needed" (ICMPv6 "packet too big") to the client instead. Without
+/// a resolved neighbour the kernel forwards the encapsulated packet.
 #[inline(always)]
-fn encapsulate(ctx: &XdpContext, packet: &Packet, outer: &FlowKey) -> Result<u32, Error> {
-    let Some(outer_len) = packet.ip_len.checked_add(OUTER_HEADER_LEN) else {
-        return icmp_too_big(ctx, packet, u16::MAX - OUTER_HEADER_LEN);
+fn encapsulate<F: Family>(ctx: &XdpContext, packet: &Packet<F>, outer: &FlowKeyOf<F::Addr>) -> Result<u32, Error> {
+    let added = F::HEADER_LEN as u16;
+    let Some(outer_len) = packet.ip_len.checked_add(added) else {
+        return F::icmp_too_big(ctx, packet, u16::MAX - added);
     };
     // Ports hidden from the compiler: two zero stores merged into one 32-bit store land
     // misaligned on the stack, which the verifier refuses.
     let no_port = core::hint::black_box(0u16);
-    let route = route(ctx, outer.src_addr, outer.dst_addr, PROTO_IPIP, no_port, no_port, outer_len);
+    let route = route::<F>(ctx, outer.src_addr, outer.dst_addr, F::PROTO_ENCAP, no_port, no_port, outer_len);
     if let Route::TooBig(mtu) = route {
-        return icmp_too_big(ctx, packet, mtu.saturating_sub(OUTER_HEADER_LEN));
+        return F::icmp_too_big(ctx, packet, mtu.saturating_sub(added));
     }
-    // SAFETY: `parse` checked the IP header; its first byte holds the TOS after the version.
-    let tos = unsafe { (*packet.ip).tos };
+    // SAFETY: `parse` checked the IP header; its first word holds the version and the
+    // TOS (traffic class and flow label), which the outer header keeps.
+    let inner_word = unsafe { packet.l3.cast::<u32>().read_unaligned() };
     let macs = read_macs(packet.eth);
     // SAFETY: the helper moves the packet's start; packet pointers are fetched again below.
-    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -i32::from(OUTER_HEADER_LEN)) } != 0 {
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -i32::from(added)) } != 0 {
         count_event(ForwardEvent::ENCAP_FAILED);
         return Ok(xdp_action::XDP_DROP);
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    let l3: *mut [u8; IPV6_HEADER_LEN] = ptr_at(ctx, EthHdr::LEN)?;
     // The frame as it arrived, for the kernel should it have to forward it.
     write_mac_words(eth, macs);
-    // SAFETY: `ptr_at` checked that the Ethernet and outer IP headers lie in the packet.
+    // SAFETY: `ptr_at` checked that the Ethernet header and 40 bytes after it (an outer
+    // header of either family) lie in the packet.
     unsafe {
-        (*eth).ether_type = EtherType::Ipv4 as u16;
-        write_ipv4_header(ip, tos, outer_len, PROTO_IPIP, outer.src_addr, outer.dst_addr);
+        (*eth).ether_type = F::ETHER_TYPE;
+        F::write_outer_header(l3.cast(), inner_word, outer_len, outer.src_addr, outer.dst_addr);
     }
     Ok(send_by(eth, route))
+}
+
+/// Writes a fixed IPv6 header: `first_word` gives the traffic class and flow label (its
+/// version is set to 6), `payload_len` and `next_header` what follows.
+///
+/// # Safety
+/// `ip` must point at 40 writable bytes inside the packet.
+#[inline(always)]
+unsafe fn write_ipv6_header(ip: *mut u8, first_word: u32, payload_len: u16, next_header: u8, hop_limit: u8, src: Ipv6Words, dst: Ipv6Words) {
+    let mut first = first_word.to_ne_bytes();
+    first[0] = 0x60 | (first[0] & 0x0f);
+    let len = payload_len.to_be_bytes();
+    // SAFETY: the caller's contract.
+    unsafe {
+        ip.cast::<[u8; 4]>().write_unaligned(first);
+        ip.add(4).cast::<[u8; 4]>().write_unaligned([len[0], len[1], next_header, hop_limit]);
+        ip.add(IPV6_SRC_AT).cast::<Ipv6Words>().write_unaligned(src);
+        ip.add(IPV6_DST_AT).cast::<Ipv6Words>().write_unaligned(dst);
+    }
 }
 
 /// Writes an IPv4 header without options (TTL 64, don't fragment) and its checksum.
@@ -1342,9 +1703,10 @@ unsafe fn write_ipv4_header(ip: *mut Ipv4Hdr, tos: u8, len: u16, proto: u8, src:
 /// quoting its IP header and first 8 bytes (a header with options is dropped instead:
 /// TCP and UDP stacks send none).
 #[inline(always)]
-fn icmp_too_big(ctx: &XdpContext, packet: &Packet, mtu: u16) -> Result<u32, Error> {
+fn icmp_too_big(ctx: &XdpContext, packet: &Packet<V4>, mtu: u16) -> Result<u32, Error> {
+    let ip = packet.l3.cast::<Ipv4Hdr>();
     // SAFETY: `parse` checked the IP header.
-    let (vihl, src, dst) = unsafe { ((*packet.ip).vihl, (*packet.ip).src_addr, (*packet.ip).dst_addr) };
+    let (vihl, src, dst) = unsafe { ((*ip).vihl, (*ip).src_addr, (*ip).dst_addr) };
     if vihl != 0x45 {
         return Ok(xdp_action::XDP_DROP);
     }
@@ -1378,6 +1740,53 @@ fn icmp_too_big(ctx: &XdpContext, packet: &Packet, mtu: u16) -> Result<u32, Erro
         let mtu = mtu.to_be_bytes();
         *icmp = [3, 4, 0, 0, 0, 0, mtu[0], mtu[1]];
         let check = (!fold(sum_words(&*quoted))).to_ne_bytes();
+        (*icmp)[2] = check[0];
+        (*icmp)[3] = check[1];
+    }
+    count_event(ForwardEvent::ICMP_TOO_BIG);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Answers an IPv6 packet that cannot be sent encapsulated with an ICMPv6 "packet too big"
+/// (type 2) naming `mtu`, back to its sender out of the interface it came in on, from the
+/// address it was sent to, quoting its fixed header and first 8 bytes.
+#[inline(always)]
+fn icmp6_too_big(ctx: &XdpContext, packet: &Packet<V6>, mtu: u16) -> Result<u32, Error> {
+    let key = *packet.key();
+    let macs = read_macs(packet.eth);
+    let added = IPV6_HEADER_LEN + ICMP_HEADER_LEN;
+    // SAFETY: the helper moves the packet's start; packet pointers are fetched again below.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -(added as i32)) } != 0 {
+        count_event(ForwardEvent::ENCAP_FAILED);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    // Ethernet, the new IPv6 and ICMPv6 headers, then the quoted header and 8 bytes.
+    const MESSAGE_LEN: usize = ICMP_HEADER_LEN + IPV6_HEADER_LEN + ICMP_QUOTED_L4_LEN;
+    let wanted = EthHdr::LEN + IPV6_HEADER_LEN + MESSAGE_LEN;
+    let len = ctx.data_end() - ctx.data();
+    if len < wanted {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    // SAFETY: the helper only shortens the packet; packet pointers are fetched again below.
+    if len > wanted && unsafe { bpf_xdp_adjust_tail(ctx.as_ptr().cast(), wanted as i32 - len as i32) } != 0 {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let ip: *mut [u8; IPV6_HEADER_LEN] = ptr_at(ctx, EthHdr::LEN)?;
+    let message: *mut [u8; MESSAGE_LEN] = ptr_at(ctx, EthHdr::LEN + IPV6_HEADER_LEN)?;
+    write_mac_words(eth, [macs[3], macs[4], macs[5], macs[0], macs[1], macs[2]]);
+    let mtu = u32::from(mtu).to_be_bytes();
+    // SAFETY: `ptr_at` checked every header written lies in the packet.
+    unsafe {
+        (*eth).ether_type = EtherType::Ipv6 as u16;
+        write_ipv6_header(ip.cast(), 0, MESSAGE_LEN as u16, PROTO_ICMPV6, 255, key.dst_addr, key.src_addr);
+        let icmp = message.cast::<[u8; ICMP_HEADER_LEN]>();
+        *icmp = [2, 0, 0, 0, mtu[0], mtu[1], mtu[2], mtu[3]];
+        // The checksum covers a pseudo-header: both addresses, the length and the protocol.
+        let pseudo = sum_words(&*ip.cast::<u8>().add(IPV6_SRC_AT).cast::<[u8; 32]>())
+            + u64::from(u16::from_ne_bytes((MESSAGE_LEN as u16).to_be_bytes()))
+            + u64::from(u16::from_ne_bytes(u16::from(PROTO_ICMPV6).to_be_bytes()));
+        let check = (!fold(pseudo + sum_words(&*message))).to_ne_bytes();
         (*icmp)[2] = check[0];
         (*icmp)[3] = check[1];
     }
@@ -1430,7 +1839,11 @@ pub fn splitter_decap(ctx: XdpContext) -> u32 {
 fn try_decap(ctx: &XdpContext) -> Result<u32, Error> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: `ptr_at` checked that a whole EthHdr lies inside the packet.
-    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type == EtherType::Ipv6 as u16 {
+        return try_decap6(ctx, eth);
+    }
+    if ether_type != EtherType::Ipv4 as u16 {
         return Err(Error::Pass);
     }
     let outer: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
@@ -1451,6 +1864,29 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, Error> {
     write_mac_words(eth, macs);
     // SAFETY: `ptr_at` checked that a whole EthHdr lies inside the packet.
     unsafe { (*eth).ether_type = EtherType::Ipv4 as u16 };
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Decapsulates IPv6-in-IPv6: an outer fixed header whose next header is IPv6, around an
+/// IPv6 packet.
+#[inline(always)]
+fn try_decap6(ctx: &XdpContext, eth: *mut EthHdr) -> Result<u32, Error> {
+    let outer: *mut [u8; IPV6_HEADER_LEN] = ptr_at(ctx, EthHdr::LEN)?;
+    let inner: *mut [u8; IPV6_HEADER_LEN] = ptr_at(ctx, EthHdr::LEN + IPV6_HEADER_LEN)?;
+    // SAFETY: `ptr_at` checked both headers lie inside the packet.
+    let (version, next_header, inner_version) = unsafe { ((*outer)[0] >> 4, (*outer)[6], (*inner)[0] >> 4) };
+    if version != 6 || next_header != PROTO_IPV6 || inner_version != 6 {
+        return Err(Error::Pass);
+    }
+    let macs = read_macs(eth);
+    // SAFETY: the helper moves the packet's start; the Ethernet header is fetched again.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), IPV6_HEADER_LEN as i32) } != 0 {
+        return Err(Error::Pass);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    write_mac_words(eth, macs);
+    // SAFETY: `ptr_at` checked that a whole EthHdr lies inside the packet.
+    unsafe { (*eth).ether_type = EtherType::Ipv6 as u16 };
     Ok(xdp_action::XDP_PASS)
 }
 
