@@ -382,7 +382,7 @@ impl Family for V6 {
     const ETHER_TYPE: u16 = EtherType::Ipv6 as u16;
     const FIB_FAMILY: u8 = AF_INET6;
     const PROTO_ENCAP: u8 = PROTO_IPV6;
-    const OUTLINED: bool = false;
+    const OUTLINED: bool = true;
 
     #[inline(always)]
     fn gateways() -> &'static HashMap<GatewayKey6, GatewayState> {
