@@ -124,7 +124,10 @@ mod tests {
     #[test]
     fn the_ipv4_hash_is_unchanged() {
         assert_eq!(flow_hash(&key(0x0201_000a, 40_000)), reference_flow_hash(0x0201_000a, 0x0a00_000a, 40_000, 9050, 6));
-        assert_eq!(client_hash(0x0201_000au32), { let h = mix64(0x0201_000a ^ 0x5851_f42d_4c95_7f2d); (h ^ (h >> 32)) as u32 });
+        assert_eq!(client_hash(0x0201_000au32), {
+            let h = mix64(0x0201_000a ^ 0x5851_f42d_4c95_7f2d);
+            (h ^ (h >> 32)) as u32
+        });
     }
 
     fn reference_flow_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {

@@ -16,7 +16,7 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 
-use crate::{ptr_at, write_macs, AF_INET};
+use crate::{mac_words, ptr_at, write_mac_words, AF_INET};
 
 /// A program that passes every packet: attached to the peers of interfaces the splitter
 /// redirects into (veth delivers redirected frames promptly only to a peer with XDP).
@@ -57,7 +57,7 @@ pub fn xdp_forward(ctx: XdpContext) -> u32 {
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return xdp_action::XDP_PASS;
     }
-    write_macs(eth, &fib.dmac, &fib.smac);
+    write_mac_words(eth, mac_words(&fib.dmac, &fib.smac));
     if fib.ifindex == ctx.ingress_ifindex() as u32 {
         return xdp_action::XDP_TX;
     }

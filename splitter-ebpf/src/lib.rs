@@ -218,13 +218,13 @@ struct CoarseClock {
 #[map]
 static COARSE_CLOCK: PerCpuArray<CoarseClock> = PerCpuArray::with_max_entries(1, 0);
 
-/// A new flow's search for a source (see [`Claim`]), one per CPU: kept off the stack,
-/// which the rest of a packet's path fills (an XDP program is not re-entered on its CPU
-/// while it runs). Written and read by: this program only.
+/// The flow state a packet's path works on (see [`Work`]), one per CPU: kept off the
+/// stack, which holds little more than a key and an entry of IPv6 (an XDP program is not
+/// re-entered on its CPU while it runs). Written and read by: this program only.
 #[map]
-static CLAIMS: PerCpuArray<Claim<V4>> = PerCpuArray::with_max_entries(1, 0);
+static WORK: PerCpuArray<Work<V4>> = PerCpuArray::with_max_entries(1, 0);
 #[map]
-static CLAIMS6: PerCpuArray<Claim<V6>> = PerCpuArray::with_max_entries(1, 0);
+static WORK6: PerCpuArray<Work<V6>> = PerCpuArray::with_max_entries(1, 0);
 
 /// The FIB lookup's parameters, one per CPU, off the stack as `CLAIMS`. Written and read
 /// by: this program only.
@@ -275,8 +275,8 @@ trait Family: Sized + 'static {
     fn half_open() -> &'static LruHashMap<FlowKeyOf<Self::Addr>, FlowEntryOf<Self::Addr>>;
     fn dsr_sources() -> &'static Array<DsrSourceOf<Self::Addr>>;
     fn next_hops() -> &'static PerCpuArray<NextHop<Self::Addr>>;
-    /// This CPU's `CLAIMS` slot of the family.
-    fn claim_scratch() -> Option<*mut Claim<Self>>;
+    /// This CPU's `WORK` slot of the family.
+    fn work() -> Option<*mut Work<Self>>;
     /// Address `i` of a full-NAT source pool, if the pool holds this family's addresses.
     fn pool_address(pool: &SourcePool, i: usize) -> Option<Self::Addr>;
     /// The gateway address and port a target's answer without flow state is sent from
@@ -337,8 +337,8 @@ impl Family for V4 {
         &NEXT_HOPS
     }
     #[inline(always)]
-    fn claim_scratch() -> Option<*mut Claim<Self>> {
-        CLAIMS.get_ptr_mut(0)
+    fn work() -> Option<*mut Work<Self>> {
+        WORK.get_ptr_mut(0)
     }
     #[inline(always)]
     fn pool_address(pool: &SourcePool, i: usize) -> Option<u32> {
@@ -409,8 +409,8 @@ impl Family for V6 {
         &NEXT_HOPS6
     }
     #[inline(always)]
-    fn claim_scratch() -> Option<*mut Claim<Self>> {
-        CLAIMS6.get_ptr_mut(0)
+    fn work() -> Option<*mut Work<Self>> {
+        WORK6.get_ptr_mut(0)
     }
     /// Source pools hold IPv4 addresses: an IPv6 gateway's flows leave from the node's address.
     #[inline(always)]
@@ -605,12 +605,12 @@ fn try_splitter(ctx: &XdpContext) -> Result<u32, Error> {
     let ether_type = unsafe { (*eth).ether_type };
     let class = if ether_type == EtherType::Ipv4 as u16 {
         match parse(ctx, eth) {
-            Ok(packet) => return splitter_packet::<V4>(ctx, &packet),
+            Ok(packet) => return family_path(ctx, &packet),
             Err(class) => class,
         }
     } else if ether_type == EtherType::Ipv6 as u16 {
         match parse6(ctx, eth) {
-            Ok(packet) => return splitter_packet::<V6>(ctx, &packet),
+            Ok(packet) => return family_path(ctx, &packet),
             Err(class) => class,
         }
     } else {
@@ -620,9 +620,27 @@ fn try_splitter(ctx: &XdpContext) -> Result<u32, Error> {
     Err(Error::Pass)
 }
 
-/// A TCP or UDP packet of either family: a known flow's, a new flow's, or not the
-/// splitter's.
+/// A family's path, a function of its own: the verifier sums the stack frames along a
+/// call chain, and IPv6's chain must not include IPv4's frame.
 #[inline(never)]
+fn family_path<F: Family>(ctx: &XdpContext, packet: &Packet<F>) -> Result<u32, Error> {
+    splitter_packet(ctx, packet)
+}
+
+/// What a stage of a packet's path decided.
+enum Step {
+    /// Return this action.
+    Done(u32),
+    /// Send the packet as `Work::send` says (see [`send_work`]).
+    Send,
+    /// The flow is not (any more) the stage's: on to the next stage.
+    Next,
+}
+
+/// A TCP or UDP packet of either family: a known flow's, a new flow's, or not the
+/// splitter's. Each stage leaves its flow state in this CPU's [`Work`], and sending runs
+/// after the stage returns, so their stack frames are not nested.
+#[inline(always)]
 fn splitter_packet<F: Family>(ctx: &XdpContext, packet: &Packet<F>) -> Result<u32, Error> {
     count(if packet.key().proto == PROTO_TCP { PacketClass::TCP } else { PacketClass::UDP });
     // Most packets on a shared NIC are not the splitter's: pass them before any hash lookup.
@@ -631,33 +649,60 @@ fn splitter_packet<F: Family>(ctx: &XdpContext, packet: &Packet<F>) -> Result<u3
             return Err(Error::Pass);
         }
     }
+    let work = F::work().ok_or(Error::Inconsistent)?;
+    let step = if F::OUTLINED { outlined(|| flow_step(ctx, packet, work)) } else { flow_step(ctx, packet, work) }?;
+    match step {
+        Step::Done(action) => Ok(action),
+        Step::Send if F::OUTLINED => outlined(|| send_work(ctx, packet, work)),
+        Step::Send => send_work(ctx, packet, work),
+        Step::Next => Err(Error::Pass),
+    }
+}
 
+/// The stages of a packet's path: a known flow's, a half-open one's, else a new flow's.
+#[inline(always)]
+fn flow_step<F: Family>(ctx: &XdpContext, packet: &Packet<F>, work: *mut Work<F>) -> Result<Step, Error> {
     if let Some(entry) = F::conntrack().get_ptr_mut(packet.key()) {
-        let known = if F::OUTLINED { outlined(|| established(ctx, packet, entry)) } else { established(ctx, packet, entry) };
-        if let Some(action) = known? {
-            return Ok(action);
+        let step = if F::OUTLINED { outlined(|| established(ctx, packet, entry, work)) } else { established(ctx, packet, entry, work) }?;
+        if !matches!(step, Step::Next) {
+            return Ok(step);
         }
         // A new SYN reusing a closed flow's 5-tuple: start a new flow below.
     }
     if packet.key().proto == PROTO_TCP {
         if let Some(entry) = F::half_open().get_ptr_mut(packet.key()) {
-            let known = if F::OUTLINED { outlined(|| half_open(ctx, packet, entry)) } else { half_open(ctx, packet, entry) };
-            if let Some(action) = known? {
-                return Ok(action);
+            let step = if F::OUTLINED { outlined(|| half_open(packet, entry, work)) } else { half_open(packet, entry, work) }?;
+            if !matches!(step, Step::Next) {
+                return Ok(step);
             }
             // Expired: a new flow below (or a miss, for anything but a SYN).
         }
     }
     let gateway_key = GatewayKeyOf { vip: packet.key().dst_addr, port: packet.key().dst_port, proto: packet.key().proto, _pad: 0 };
-    // SAFETY: the value is copied out at once; the agent replaces values whole.
-    let Some(gateway) = (unsafe { F::gateways().get(&gateway_key) }).copied() else {
-        return dnat_reply(ctx, packet);
+    // SAFETY: the value is read in place; the agent replaces values whole.
+    let Some(gateway) = (unsafe { F::gateways().get(&gateway_key) }) else {
+        return dnat_reply(ctx, packet).map(Step::Done);
     };
+    #[cfg(feature = "log")]
+    debug!(ctx, "new flow through table {}", gateway.table_index);
     if F::OUTLINED {
-        outlined(|| new_flow(ctx, packet, &gateway))
+        outlined(|| new_flow(packet, gateway, work))
     } else {
-        new_flow(ctx, packet, &gateway)
+        new_flow(packet, gateway, work)
     }
+}
+
+/// Sends a packet of a flow as its stage left it in `work`: encapsulated for a
+/// direct-server-return flow, else translated and forwarded.
+#[inline(always)]
+fn send_work<F: Family>(ctx: &XdpContext, packet: &Packet<F>, work: *mut Work<F>) -> Result<u32, Error> {
+    // SAFETY: this CPU's slot, which the stage filled; nothing else uses it meanwhile.
+    let w = unsafe { &*work };
+    if w.send_flags & FLOW_DSR != 0 {
+        return encapsulate(ctx, packet, &w.send);
+    }
+    rewrite(ctx, packet, &w.send)?;
+    Ok(forward(ctx, packet, &w.send))
 }
 
 /// Runs `stage` as a function of its own (a BPF-to-BPF call), with its own stack frame.
@@ -690,7 +735,8 @@ fn dnat_reply<F: Family>(ctx: &XdpContext, packet: &Packet<F>) -> Result<u32, Er
         _pad: 0,
         _pad_word: 0,
     };
-    let route = route::<F>(ctx, rewritten.src_addr, rewritten.dst_addr, rewritten.proto, rewritten.src_port, rewritten.dst_port, packet.ip_len);
+    let route =
+        route::<F>(ctx, rewritten.src_addr, rewritten.dst_addr, rewritten.proto, rewritten.src_port, rewritten.dst_port, packet.ip_len);
     if matches!(route, Route::Pass(_)) {
         return Err(Error::Pass);
     }
@@ -795,7 +841,8 @@ fn parse6(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Packet<V6>, PacketClass>
     let key_words = unsafe {
         let src = ip.cast::<u8>().add(IPV6_SRC_AT).cast::<[u32; 4]>().read_unaligned();
         let dst = ip.cast::<u8>().add(IPV6_DST_AT).cast::<[u32; 4]>().read_unaligned();
-        let (sp, dp) = (ports_at.cast::<u16>().read_unaligned().to_ne_bytes(), ports_at.add(2).cast::<u16>().read_unaligned().to_ne_bytes());
+        let (sp, dp) =
+            (ports_at.cast::<u16>().read_unaligned().to_ne_bytes(), ports_at.add(2).cast::<u16>().read_unaligned().to_ne_bytes());
         [
             src[0],
             src[1],
@@ -830,19 +877,21 @@ fn mac_words(dst: &[u8; 6], src: &[u8; 6]) -> [u16; 6] {
     [w(dst, 0), w(dst, 1), w(dst, 2), w(src, 0), w(src, 1), w(src, 2)]
 }
 
-/// Writes both MAC addresses of the Ethernet header.
-#[inline(always)]
-fn write_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6]) {
-    write_mac_words(eth, mac_words(dst, src));
-}
-
 /// A packet of a known flow. Returns `None` when the packet starts a new flow on the
 /// 5-tuple of a closed one.
 #[inline(always)]
-fn established<F: Family>(ctx: &XdpContext, packet: &Packet<F>, entry: *mut FlowEntryOf<F::Addr>) -> Result<Option<u32>, Error> {
+fn established<F: Family>(
+    ctx: &XdpContext,
+    packet: &Packet<F>,
+    entry: *mut FlowEntryOf<F::Addr>,
+    work: *mut Work<F>,
+) -> Result<Step, Error> {
+    // SAFETY: this CPU's slot; nothing else uses it while we run here.
+    let w = unsafe { &mut *work };
     // SAFETY: `entry` points at a live conntrack value; it is copied, then single fields
     // are written through the pointer (a racing CPU can at worst repeat a flag update).
-    let flow = unsafe { *entry };
+    w.flow = unsafe { *entry };
+    let flow = &w.flow;
     let counters = TARGET_COUNTERS.get_ptr_mut(flow.counter_index);
     let to_target = flow.flags & FLOW_TO_TARGET != 0;
     let mut close = false;
@@ -851,9 +900,10 @@ fn established<F: Family>(ctx: &XdpContext, packet: &Packet<F>, entry: *mut Flow
             TcpVerdict::Keep => {}
             TcpVerdict::Close => close = true,
             TcpVerdict::Reopen => {
-                let _ = F::conntrack().remove(&flow.rewritten.reversed());
+                w.reply_key = flow.rewritten.reversed();
+                let _ = F::conntrack().remove(&w.reply_key);
                 let _ = F::conntrack().remove(packet.key());
-                return Ok(None);
+                return Ok(Step::Next);
             }
             TcpVerdict::Update { flags, fin_now, connected_now } => {
                 // SAFETY: see above.
@@ -902,110 +952,113 @@ fn established<F: Family>(ctx: &XdpContext, packet: &Packet<F>, entry: *mut Flow
         count_http_status(ctx, packet, flow.counter_index);
     }
     let dsr = flow.flags & FLOW_DSR != 0;
+    w.send = flow.rewritten;
+    w.send_flags = flow.flags;
+    w.reply_key = flow.rewritten.reversed();
     if close {
         // A direct-server-return flow has no entry for replies.
         if !dsr {
-            let _ = F::conntrack().remove(&flow.rewritten.reversed());
+            let _ = F::conntrack().remove(&w.reply_key);
         }
         let _ = F::conntrack().remove(packet.key());
     } else if to_target && !dsr {
-        restore_reply_entry(packet, &flow);
+        restore_reply_entry(packet, w);
     }
-    send_flow_packet(ctx, packet, &flow).map(Some)
+    Ok(Step::Send)
 }
 
-/// Makes sure the target's answers to a client's packet find their entry. At capacity the
-/// LRU can evict one half of a flow alone; without its reply half, the target's answer
-/// would go to the kernel untranslated (and, for full NAT, be reset there). The lookup also
-/// marks the reply half used, so a flow in use keeps both halves.
+/// Makes sure the target's answers to a client's packet find their entry (`w.reply_key`,
+/// of the flow `w.flow`). At capacity the LRU can evict one half of a flow alone; without
+/// its reply half, the target's answer would go to the kernel untranslated (and, for full
+/// NAT, be reset there). The lookup also marks the reply half used, so a flow in use keeps
+/// both halves.
 #[inline(always)]
-fn restore_reply_entry<F: Family>(packet: &Packet<F>, flow: &FlowEntryOf<F::Addr>) {
-    let reply_key = flow.rewritten.reversed();
-    if F::conntrack().get_ptr(&reply_key).is_some() {
+fn restore_reply_entry<F: Family>(packet: &Packet<F>, w: &mut Work<F>) {
+    if F::conntrack().get_ptr(&w.reply_key).is_some() {
         return;
     }
-    let reply = established_reply::<F>(packet.key(), flow, flow.last_seen_ns);
-    if F::conntrack().insert(&reply_key, &reply, u64::from(BPF_NOEXIST)).is_ok() {
+    set_established_reply(&mut w.other, packet.key(), &w.flow, w.flow.last_seen_ns);
+    if F::conntrack().insert(&w.reply_key, &w.other, u64::from(BPF_NOEXIST)).is_ok() {
         count_flow_event(FlowEvent::ESTABLISHED_MISSED);
     }
 }
 
-/// The target's entry of an established flow, made from the client's: `client_key` and
-/// `flow` are the client's key and entry.
+/// Makes `reply` the target's entry of an established flow, made from the client's:
+/// `client_key` and `flow` are the client's key and entry.
 #[inline(always)]
-fn established_reply<F: Family>(client_key: &FlowKeyOf<F::Addr>, flow: &FlowEntryOf<F::Addr>, last_seen_ns: u64) -> FlowEntryOf<F::Addr> {
-    FlowEntryOf {
-        rewritten: client_key.reversed(),
-        counter_index: flow.counter_index,
-        flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED | (flow.flags & FLOW_HTTP),
-        last_seen_ns,
-        created_ns: flow.created_ns,
-    }
-}
-
-/// Sends a packet of a known flow on its way: encapsulated for a direct-server-return
-/// flow, else translated and forwarded.
-#[inline(always)]
-fn send_flow_packet<F: Family>(ctx: &XdpContext, packet: &Packet<F>, flow: &FlowEntryOf<F::Addr>) -> Result<u32, Error> {
-    if flow.flags & FLOW_DSR != 0 {
-        return encapsulate(ctx, packet, &flow.rewritten);
-    }
-    rewrite(ctx, packet, &flow.rewritten)?;
-    Ok(forward(ctx, packet, &flow.rewritten))
+fn set_established_reply<A: Address>(reply: &mut FlowEntryOf<A>, client_key: &FlowKeyOf<A>, flow: &FlowEntryOf<A>, last_seen_ns: u64) {
+    reply.rewritten = client_key.reversed();
+    reply.counter_index = flow.counter_index;
+    reply.flags = FLOW_FROM_TARGET | FLOW_ESTABLISHED | (flow.flags & FLOW_HTTP);
+    reply.last_seen_ns = last_seen_ns;
+    reply.created_ns = flow.created_ns;
 }
 
 /// A packet of a half-open TCP flow (in either direction). Returns `None` when the flow
 /// expired: the caller treats the packet as the first of a new flow.
 #[inline(always)]
-fn half_open<F: Family>(ctx: &XdpContext, packet: &Packet<F>, entry: *mut FlowEntryOf<F::Addr>) -> Result<Option<u32>, Error> {
+fn half_open<F: Family>(packet: &Packet<F>, entry: *mut FlowEntryOf<F::Addr>, work: *mut Work<F>) -> Result<Step, Error> {
+    // SAFETY: this CPU's slot; nothing else uses it while we run here.
+    let w = unsafe { &mut *work };
     // SAFETY: `entry` points at a live half-open value; it is copied, then single fields
     // are written through the pointer.
-    let flow = unsafe { *entry };
+    w.flow = unsafe { *entry };
+    let flow = &w.flow;
     let to_target = flow.flags & FLOW_TO_TARGET != 0;
     // A direct-server-return flow has the client's entry alone: the target answers the
     // client directly.
     let dsr = flow.flags & FLOW_DSR != 0;
     // The client's key and the target's (reply) key of the flow.
-    let (client_key, reply_key) =
-        if to_target { (*packet.key(), flow.rewritten.reversed()) } else { (flow.rewritten.reversed(), *packet.key()) };
+    if to_target {
+        w.client_key = *packet.key();
+        w.reply_key = flow.rewritten.reversed();
+    } else {
+        w.client_key = flow.rewritten.reversed();
+        w.reply_key = *packet.key();
+    }
+    let (client_key, reply_key) = (&w.client_key, &w.reply_key);
     let now = now_ns();
     if half_open_expired(flow.created_ns, now, half_open_timeout_ns()) {
-        let _ = F::half_open().remove(&client_key);
+        let _ = F::half_open().remove(client_key);
         if !dsr {
-            let _ = F::half_open().remove(&reply_key);
+            let _ = F::half_open().remove(reply_key);
         }
         count_flow_event(FlowEvent::HALF_OPEN_EXPIRED);
-        return Ok(None);
+        return Ok(Step::Next);
     }
     let counters = TARGET_COUNTERS.get_ptr_mut(flow.counter_index);
     match half_open_verdict(flow.flags, packet.tcp_flags) {
         HalfOpenVerdict::Promote if dsr => {
-            if F::conntrack().insert(&client_key, &flow, u64::from(BPF_ANY)).is_ok() {
-                let _ = F::half_open().remove(&client_key);
+            if F::conntrack().insert(client_key, flow, u64::from(BPF_ANY)).is_ok() {
+                let _ = F::half_open().remove(client_key);
                 count_flow_event(FlowEvent::HALF_OPEN_PROMOTED);
             }
         }
         HalfOpenVerdict::Close if dsr => {
-            let _ = F::half_open().remove(&client_key);
+            let _ = F::half_open().remove(client_key);
         }
         HalfOpenVerdict::Promote => {
             // The target's entry as the handshake left it (its SYN-ACK marked it), or as it
             // would be, should the LRU have dropped it.
-            let reply = half_open_copy::<F>(&reply_key).unwrap_or(established_reply::<F>(&client_key, &flow, now));
-            if F::conntrack().insert(&reply_key, &reply, u64::from(BPF_ANY)).is_err()
-                || F::conntrack().insert(&client_key, &flow, u64::from(BPF_ANY)).is_err()
+            // SAFETY: the value is copied out at once.
+            match unsafe { F::half_open().get(reply_key) } {
+                Some(reply) => w.other = *reply,
+                None => set_established_reply(&mut w.other, client_key, flow, now),
+            }
+            if F::conntrack().insert(reply_key, &w.other, u64::from(BPF_ANY)).is_err()
+                || F::conntrack().insert(client_key, flow, u64::from(BPF_ANY)).is_err()
             {
                 // Conntrack refused (it cannot be full: it is an LRU): keep it half-open.
-                let _ = F::conntrack().remove(&reply_key);
+                let _ = F::conntrack().remove(reply_key);
             } else {
-                let _ = F::half_open().remove(&client_key);
-                let _ = F::half_open().remove(&reply_key);
+                let _ = F::half_open().remove(client_key);
+                let _ = F::half_open().remove(reply_key);
                 count_flow_event(FlowEvent::HALF_OPEN_PROMOTED);
             }
         }
         HalfOpenVerdict::Close => {
-            let _ = F::half_open().remove(&client_key);
-            let _ = F::half_open().remove(&reply_key);
+            let _ = F::half_open().remove(client_key);
+            let _ = F::half_open().remove(reply_key);
             // The target refused the connect (its listener is gone, or it is overloaded).
             if !to_target && flow.flags & FLOW_CONNECT_FAILED == 0 {
                 count_failed_connect(flow.counter_index);
@@ -1016,8 +1069,9 @@ fn half_open<F: Family>(ctx: &XdpContext, packet: &Packet<F>, entry: *mut FlowEn
             if to_target && packet.tcp_flags & TCP_SYN != 0 && flow.flags & FLOW_CONNECT_FAILED == 0 {
                 // The client sends its SYN again: if the target has not answered it within the
                 // connect timeout, the connect failed (a dead or blackholed target).
-                let answered = half_open_copy::<F>(&reply_key).is_some_and(|r| r.flags & FLOW_ESTABLISHED != 0);
-                if !answered && connect_timed_out(now.saturating_sub(flow.created_ns), gateway_connect_timeout_ns::<F>(&client_key)) {
+                // SAFETY: a map value read in place.
+                let answered = unsafe { F::half_open().get(reply_key) }.is_some_and(|r| r.flags & FLOW_ESTABLISHED != 0);
+                if !answered && connect_timed_out(now.saturating_sub(flow.created_ns), gateway_connect_timeout_ns::<F>(client_key)) {
                     count_failed_connect(flow.counter_index);
                     // SAFETY: see above.
                     unsafe { (*entry).flags = flow.flags | FLOW_CONNECT_FAILED };
@@ -1056,14 +1110,16 @@ fn half_open<F: Family>(ctx: &XdpContext, packet: &Packet<F>, entry: *mut FlowEn
             }
         }
     }
-    send_flow_packet(ctx, packet, &flow).map(Some)
+    w.send = flow.rewritten;
+    w.send_flags = flow.flags;
+    Ok(Step::Send)
 }
 
 /// The first packet of a flow to a gateway: pick a target, record the translation both
 /// ways, then forward like any packet of the flow. A TCP SYN starts a half-open flow (in
 /// `HALF_OPEN`, until the client's ACK); anything else goes to `CONNTRACK` at once.
 #[inline(always)]
-fn new_flow<F: Family>(ctx: &XdpContext, packet: &Packet<F>, gateway: &GatewayState) -> Result<u32, Error> {
+fn new_flow<F: Family>(packet: &Packet<F>, gateway: &GatewayState, work: *mut Work<F>) -> Result<Step, Error> {
     let key = packet.key();
     if gateway.target_count == 0 {
         count_gateway(gateway.gateway_id, |c| &mut c.no_target);
@@ -1086,22 +1142,24 @@ fn new_flow<F: Family>(ctx: &XdpContext, packet: &Packet<F>, gateway: &GatewaySt
     if index >= gateway.target_count || index >= MAX_TARGETS_PER_GATEWAY {
         return Err(Error::Inconsistent);
     }
-    let target = *F::targets().get(gateway.table_index * MAX_TARGETS_PER_GATEWAY + index).ok_or(Error::Inconsistent)?;
+    let target = F::targets().get(gateway.table_index * MAX_TARGETS_PER_GATEWAY + index).ok_or(Error::Inconsistent)?;
+    // SAFETY: this CPU's slot; nothing else uses it while we run here.
+    let w = unsafe { &mut *work };
     if gateway.flags & GATEWAY_DSR != 0 {
-        return new_dsr_flow(ctx, packet, gateway, &target, hash, syn);
+        return Ok(new_dsr_flow(packet, gateway, target, hash, syn, w));
     }
 
     let now = now_ns();
     let http = if gateway.flags & GATEWAY_HTTP != 0 { FLOW_HTTP } else { 0 };
-    let from_target = FlowEntryOf {
-        rewritten: key.reversed(),
-        counter_index: target.counter_index,
-        flags: FLOW_FROM_TARGET | http,
-        last_seen_ns: now,
-        created_ns: now,
-    };
-    let mut to_target = FlowKeyOf {
-        src_addr: key.src_addr,
+    let full_nat = gateway.flags & GATEWAY_DNAT == 0;
+    let claim = &mut w.claim;
+    claim.from_target.rewritten = key.reversed();
+    claim.from_target.counter_index = target.counter_index;
+    claim.from_target.flags = FLOW_FROM_TARGET | http;
+    claim.from_target.last_seen_ns = now;
+    claim.from_target.created_ns = now;
+    claim.to = FlowKeyOf {
+        src_addr: if full_nat { target.snat_addr } else { key.src_addr },
         dst_addr: target.addr,
         src_port: key.src_port,
         dst_port: target.port,
@@ -1109,55 +1167,41 @@ fn new_flow<F: Family>(ctx: &XdpContext, packet: &Packet<F>, gateway: &GatewaySt
         _pad: 0,
         _pad_word: 0,
     };
-    let full_nat = gateway.flags & GATEWAY_DNAT == 0;
-    if full_nat {
-        to_target.src_addr = target.snat_addr;
-    }
-    let claim_at = F::claim_scratch().ok_or(Error::Inconsistent)?;
-    // SAFETY: this CPU's slot; nothing else uses it while we run here.
-    let claim = unsafe { &mut *claim_at };
-    *claim = Claim::<F> {
-        to: to_target,
-        from_target,
-        now,
-        timeout: half_open_timeout_ns(),
-        oldest_created: 0,
-        node_addr: to_target.src_addr,
-        hash,
-        gateway_id: gateway.gateway_id,
-        full_nat: u32::from(full_nat),
-        claimed: 0,
-        reusable: 0,
-        oldest: 0,
-        _pad: 0,
-        family: PhantomData,
-    };
-    let claimed = if syn { claim_half_open(claim) } else { claim_conntrack(claim) };
-    let to_target = claim.to;
+    claim.now = now;
+    claim.timeout = half_open_timeout_ns();
+    claim.oldest_created = 0;
+    claim.node_addr = claim.to.src_addr;
+    claim.hash = hash;
+    claim.gateway_id = gateway.gateway_id;
+    claim.full_nat = u32::from(full_nat);
+    claim.claimed = 0;
+    claim.reusable = 0;
+    claim.oldest = 0;
+    let claimed = if syn { claim_half_open(work) } else { claim_conntrack(work) };
+    // SAFETY: as above; the claim's callbacks are done with the slot.
+    let w = unsafe { &mut *work };
     if !claimed {
         // Dropped, not passed: the kernel would answer the VIP with "unreachable", while
         // a dropped SYN is retried by the client a second later.
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
-        return Ok(xdp_action::XDP_DROP);
+        return Ok(Step::Done(xdp_action::XDP_DROP));
     }
-    let flow = FlowEntryOf {
-        rewritten: to_target,
-        counter_index: target.counter_index,
-        flags: FLOW_TO_TARGET | http,
-        last_seen_ns: now,
-        created_ns: now,
-    };
+    w.send = w.claim.to;
+    w.send_flags = 0;
+    w.flow.rewritten = w.claim.to;
+    w.flow.counter_index = target.counter_index;
+    w.flow.flags = FLOW_TO_TARGET | http;
+    w.flow.last_seen_ns = now;
+    w.flow.created_ns = now;
     let table = if syn { F::half_open() } else { F::conntrack() };
-    if table.insert(key, &flow, u64::from(BPF_ANY)).is_err() {
-        let _ = table.remove(&to_target.reversed());
+    if table.insert(key, &w.flow, u64::from(BPF_ANY)).is_err() {
+        w.claim.reply_key = w.claim.to.reversed();
+        let _ = table.remove(&w.claim.reply_key);
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
-        return Ok(xdp_action::XDP_DROP);
+        return Ok(Step::Done(xdp_action::XDP_DROP));
     }
     count_new_flow(gateway.gateway_id, target.counter_index, syn, packet.ip_len);
-    #[cfg(feature = "log")]
-    debug!(ctx, "new flow to target index {} (table {})", index, gateway.table_index);
-    rewrite(ctx, packet, &to_target)?;
-    Ok(forward(ctx, packet, &to_target))
+    Ok(Step::Send)
 }
 
 /// Counts a new flow, and its first packet, for its gateway and target (and a handshake
@@ -1183,19 +1227,19 @@ fn count_new_flow(gateway_id: u32, counter_index: u32, syn: bool, ip_len: u16) {
 /// addresses; the packet leaves inside it, unchanged.
 #[inline(always)]
 fn new_dsr_flow<F: Family>(
-    ctx: &XdpContext,
     packet: &Packet<F>,
     gateway: &GatewayState,
     target: &TargetEntryOf<F::Addr>,
     hash: u32,
     syn: bool,
-) -> Result<u32, Error> {
+    w: &mut Work<F>,
+) -> Step {
     let key = packet.key();
     let source = match F::dsr_sources().get(gateway.gateway_id) {
         Some(source) => source.address(hash, target.snat_addr),
         None => target.snat_addr,
     };
-    let outer = FlowKeyOf {
+    w.send = FlowKeyOf {
         src_addr: source,
         dst_addr: target.addr,
         src_port: key.src_port,
@@ -1204,34 +1248,56 @@ fn new_dsr_flow<F: Family>(
         _pad: 0,
         _pad_word: 0,
     };
+    w.send_flags = FLOW_DSR;
     let now = now_ns();
-    let flow = FlowEntryOf {
-        rewritten: outer,
-        counter_index: target.counter_index,
-        flags: FLOW_TO_TARGET | FLOW_DSR,
-        last_seen_ns: now,
-        created_ns: now,
-    };
+    w.flow.rewritten = w.send;
+    w.flow.counter_index = target.counter_index;
+    w.flow.flags = FLOW_TO_TARGET | FLOW_DSR;
+    w.flow.last_seen_ns = now;
+    w.flow.created_ns = now;
     let table = if syn { F::half_open() } else { F::conntrack() };
-    if table.insert(key, &flow, u64::from(BPF_ANY)).is_err() {
+    if table.insert(key, &w.flow, u64::from(BPF_ANY)).is_err() {
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
-        return Ok(xdp_action::XDP_DROP);
+        return Step::Done(xdp_action::XDP_DROP);
     }
     count_new_flow(gateway.gateway_id, target.counter_index, syn, packet.ip_len);
-    encapsulate(ctx, packet, &outer)
+    Step::Send
 }
 
 /// The pool of a gateway whose pool slot cannot be read (none is configured then either).
 static NO_SOURCE_POOL: SourcePool = SourcePool { addrs: [0; MAX_SOURCE_ADDRESSES], count: 0, port_min: 0, port_count: 0 };
 
+/// What a packet's path works on, off the stack (see `WORK`).
+#[repr(C)]
+struct Work<F: Family> {
+    claim: Claim<F>,
+    /// The tuple a packet leaves with: its translation, or a direct-server-return packet's
+    /// outer addresses (then `send_flags` has `FLOW_DSR`).
+    send: FlowKeyOf<F::Addr>,
+    send_flags: u32,
+    _pad: u32,
+    /// The flow's entry: a copy of a known flow's, or a new flow's.
+    flow: FlowEntryOf<F::Addr>,
+    /// The other half of the flow (its reply entry) being written.
+    other: FlowEntryOf<F::Addr>,
+    /// A half-open flow's client key and target (reply) key; `reply_key` also holds a known
+    /// flow's reply key.
+    client_key: FlowKeyOf<F::Addr>,
+    reply_key: FlowKeyOf<F::Addr>,
+}
+
 /// A search for a free source among a new flow's candidates, run by `bpf_loop` one
 /// candidate per call (the verifier checks the callback once, not each iteration), with
-/// what it found kept here. Values, not pointers: the callback sees only this struct.
+/// what it found kept here.
 #[repr(C)]
 struct Claim<F: Family> {
     /// The flow's key towards the target; its source is each candidate in turn, and the
     /// claimed one at the end.
     to: FlowKeyOf<F::Addr>,
+    /// `to` reversed: the key the reply entry is claimed under.
+    reply_key: FlowKeyOf<F::Addr>,
+    /// A holder's other key, while it is examined.
+    holder_key: FlowKeyOf<F::Addr>,
     /// The reply direction's entry, claimed under the reply key.
     from_target: FlowEntryOf<F::Addr>,
     now: u64,
@@ -1260,13 +1326,15 @@ impl<F: Family> Claim<F> {
         SOURCE_POOLS.get(self.gateway_id).unwrap_or(&NO_SOURCE_POOL)
     }
 
-    /// Makes candidate `attempt` the key's source (full NAT only).
+    /// Makes candidate `attempt` the key's source (full NAT only), and `reply_key` its
+    /// reverse.
     #[inline(always)]
     fn candidate(&mut self, attempt: u32) {
         if self.full_nat != 0 {
             let pool = self.pool();
             set_source::<F>(&mut self.to, self.hash, attempt, pool, self.node_addr);
         }
+        self.reply_key = self.to.reversed();
     }
 
     fn attempts(&self) -> u32 {
@@ -1275,6 +1343,15 @@ impl<F: Family> Claim<F> {
         } else {
             1
         }
+    }
+
+    /// Whether `held`, the conntrack entry holding `reply_key`, is a flow closed long
+    /// enough ago to give its port up (its forward entry is looked up by `holder_key`).
+    #[inline(always)]
+    fn reusable_holder(&mut self, held: &FlowEntryOf<F::Addr>) -> bool {
+        self.holder_key = held.rewritten.reversed();
+        // SAFETY: a map value read in place.
+        port_reusable(held, unsafe { F::conntrack().get(&self.holder_key) }, self.now)
     }
 }
 
@@ -1295,47 +1372,56 @@ fn set_source<F: Family>(to: &mut FlowKeyOf<F::Addr>, hash: u32, attempt: u32, p
     }
 }
 
+/// This CPU's claim in `WORK`, for a `bpf_loop` callback (whose context must be on the
+/// stack, so the slot is looked up again).
+#[inline(always)]
+fn claim_of<F: Family>() -> Option<&'static mut Claim<F>> {
+    // SAFETY: this CPU's slot, which `new_flow` filled; nothing else uses it meanwhile
+    // (`new_flow` holds no reference into it across `bpf_loop`).
+    F::work().map(|w| unsafe { &mut (*w).claim })
+}
+
 /// One candidate of a half-open flow's search (a `bpf_loop` callback): claimed in
 /// `HALF_OPEN` when no established flow and no live half-open flow holds it; a holder past
 /// the half-open timeout gives it up at once; otherwise the best fallbacks are noted.
 /// Returns 1 to stop the loop.
 extern "C" fn half_open_candidate<F: Family>(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
-    let Some(claim) = F::claim_scratch() else { return 1 };
-    // SAFETY: this CPU's slot, which `new_flow` filled; nothing else uses it meanwhile.
-    let claim = unsafe { &mut *claim };
+    let Some(claim) = claim_of::<F>() else { return 1 };
     let attempt = index as u32;
     claim.candidate(attempt);
-    let reply_key = claim.to.reversed();
     // SAFETY: a map value read in place.
-    if let Some(held) = unsafe { F::conntrack().get(&reply_key) } {
-        if claim.reusable == 0 && port_reusable(held, conntrack_copy::<F>(&held.rewritten.reversed()).as_ref(), claim.now) {
+    if let Some(held) = unsafe { F::conntrack().get(&claim.reply_key) } {
+        if claim.reusable == 0 && claim.reusable_holder(held) {
             claim.reusable = attempt + 1;
         }
         return 0;
     }
-    if F::half_open().insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
+    if F::half_open().insert(&claim.reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
         claim.claimed = 1;
         return 1;
     }
-    let Some(holder) = half_open_copy::<F>(&reply_key) else { return 0 };
+    // SAFETY: a map value read in place.
+    let Some(holder) = (unsafe { F::half_open().get(&claim.reply_key) }) else { return 0 };
     if holder.rewritten == claim.from_target.rewritten {
         // This very flow: a SYN again, its own entry evicted meanwhile.
         claim.claimed = 1;
         return 1;
     }
-    if half_open_expired(holder.created_ns, claim.now, claim.timeout) {
-        let _ = F::half_open().remove(&holder.rewritten.reversed());
-        let _ = F::half_open().remove(&reply_key);
+    let holder_created = holder.created_ns;
+    if half_open_expired(holder_created, claim.now, claim.timeout) {
+        claim.holder_key = holder.rewritten.reversed();
+        let _ = F::half_open().remove(&claim.holder_key);
+        let _ = F::half_open().remove(&claim.reply_key);
         count_flow_event(FlowEvent::HALF_OPEN_EXPIRED);
-        if F::half_open().insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
+        if F::half_open().insert(&claim.reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
             claim.claimed = 1;
             return 1;
         }
         return 0;
     }
-    if half_open_port_takeable(holder.created_ns, claim.now) && (claim.oldest == 0 || holder.created_ns < claim.oldest_created) {
+    if half_open_port_takeable(holder_created, claim.now) && (claim.oldest == 0 || holder_created < claim.oldest_created) {
         claim.oldest = attempt + 1;
-        claim.oldest_created = holder.created_ns;
+        claim.oldest_created = holder_created;
     }
     0
 }
@@ -1346,9 +1432,14 @@ extern "C" fn half_open_candidate<F: Family>(index: u64, _ctx: *mut core::ffi::c
 /// oldest half-open holder old enough ([`half_open_port_takeable`]) loses its port (a SYN
 /// flood's pressure). With DNAT there is one candidate, the client's own tuple.
 #[inline(always)]
-fn claim_half_open<F: Family>(claim: &mut Claim<F>) -> bool {
-    // SAFETY: the callback is a static function of this program; `claim` outlives the call.
-    unsafe { bpf_loop(claim.attempts(), half_open_candidate::<F> as *mut _, core::ptr::null_mut(), 0) };
+fn claim_half_open<F: Family>(work: *mut Work<F>) -> bool {
+    // SAFETY: this CPU's slot; no reference into it is held across the loop, whose
+    // callbacks use it.
+    let attempts = unsafe { (*work).claim.attempts() };
+    // SAFETY: the callback is a static function of this program.
+    unsafe { bpf_loop(attempts, half_open_candidate::<F> as *mut _, core::ptr::null_mut(), 0) };
+    // SAFETY: as above, the loop is over.
+    let claim = unsafe { &mut (*work).claim };
     if claim.claimed != 0 {
         return true;
     }
@@ -1357,13 +1448,12 @@ fn claim_half_open<F: Family>(claim: &mut Claim<F>) -> bool {
     }
     if claim.reusable != 0 {
         claim.candidate(claim.reusable - 1);
-        let reply_key = claim.to.reversed();
-        if let Some(held) = conntrack_copy::<F>(&reply_key) {
-            let old_forward = held.rewritten.reversed();
-            if port_reusable(&held, conntrack_copy::<F>(&old_forward).as_ref(), claim.now) {
-                let _ = F::conntrack().remove(&old_forward);
-                let _ = F::conntrack().remove(&reply_key);
-                if F::half_open().insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
+        // SAFETY: a map value read in place.
+        if let Some(held) = unsafe { F::conntrack().get(&claim.reply_key) } {
+            if claim.reusable_holder(held) {
+                let _ = F::conntrack().remove(&claim.holder_key);
+                let _ = F::conntrack().remove(&claim.reply_key);
+                if F::half_open().insert(&claim.reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
                     return true;
                 }
             }
@@ -1371,15 +1461,16 @@ fn claim_half_open<F: Family>(claim: &mut Claim<F>) -> bool {
     }
     if claim.oldest != 0 {
         claim.candidate(claim.oldest - 1);
-        let reply_key = claim.to.reversed();
-        if let Some(holder) = half_open_copy::<F>(&reply_key) {
+        // SAFETY: a map value read in place.
+        if let Some(holder) = unsafe { F::half_open().get(&claim.reply_key) } {
             if holder.created_ns == claim.oldest_created {
-                let _ = F::half_open().remove(&holder.rewritten.reversed());
-                let _ = F::half_open().remove(&reply_key);
+                claim.holder_key = holder.rewritten.reversed();
+                let _ = F::half_open().remove(&claim.holder_key);
+                let _ = F::half_open().remove(&claim.reply_key);
                 count_flow_event(FlowEvent::HALF_OPEN_TAKEN_OVER);
             }
         }
-        return F::half_open().insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok();
+        return F::half_open().insert(&claim.reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok();
     }
     false
 }
@@ -1387,31 +1478,30 @@ fn claim_half_open<F: Family>(claim: &mut Claim<F>) -> bool {
 /// One candidate of a conntrack flow's search (a `bpf_loop` callback): claimed in
 /// `CONNTRACK` unless a live half-open flow or another flow holds it. Returns 1 to stop.
 extern "C" fn conntrack_candidate<F: Family>(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
-    let Some(claim) = F::claim_scratch() else { return 1 };
-    // SAFETY: as in `half_open_candidate`.
-    let claim = unsafe { &mut *claim };
+    let Some(claim) = claim_of::<F>() else { return 1 };
     let attempt = index as u32;
     claim.candidate(attempt);
-    let reply_key = claim.to.reversed();
     if claim.to.proto == PROTO_TCP {
-        if let Some(holder) = half_open_copy::<F>(&reply_key) {
+        // SAFETY: a map value read in place.
+        if let Some(holder) = unsafe { F::half_open().get(&claim.reply_key) } {
             if holder.rewritten != claim.from_target.rewritten && !half_open_expired(holder.created_ns, claim.now, claim.timeout) {
                 return 0;
             }
         }
     }
-    if F::conntrack().insert(&reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
+    if F::conntrack().insert(&claim.reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok() {
         claim.claimed = 1;
         return 1;
     }
     // Taken: by this very flow (its forward entry was evicted, or another CPU got its first
     // packet too), or by another flow, then try the next port.
-    let Some(existing) = conntrack_copy::<F>(&reply_key) else { return 0 };
+    // SAFETY: a map value read in place.
+    let Some(existing) = (unsafe { F::conntrack().get(&claim.reply_key) }) else { return 0 };
     if existing.rewritten == claim.from_target.rewritten {
         claim.claimed = 1;
         return 1;
     }
-    if claim.reusable == 0 && port_reusable(&existing, conntrack_copy::<F>(&existing.rewritten.reversed()).as_ref(), claim.now) {
+    if claim.reusable == 0 && claim.reusable_holder(existing) {
         claim.reusable = attempt + 1;
     }
     0
@@ -1423,49 +1513,38 @@ extern "C" fn conntrack_candidate<F: Family>(index: u64, _ctx: *mut core::ffi::c
 /// closed long enough ago is used only if none is free, since the target may still hold
 /// that connection in TIME_WAIT and refuse a new one on the same port.
 #[inline(always)]
-fn claim_conntrack<F: Family>(claim: &mut Claim<F>) -> bool {
+fn claim_conntrack<F: Family>(work: *mut Work<F>) -> bool {
     // SAFETY: as in `claim_half_open`.
-    unsafe { bpf_loop(claim.attempts(), conntrack_candidate::<F> as *mut _, core::ptr::null_mut(), 0) };
+    let attempts = unsafe { (*work).claim.attempts() };
+    // SAFETY: the callback is a static function of this program.
+    unsafe { bpf_loop(attempts, conntrack_candidate::<F> as *mut _, core::ptr::null_mut(), 0) };
+    // SAFETY: as in `claim_half_open`.
+    let claim = unsafe { &mut (*work).claim };
     if claim.claimed != 0 {
         return true;
     }
     if claim.full_nat != 0 && claim.reusable != 0 {
         claim.candidate(claim.reusable - 1);
-        return take_over_port::<F>(&claim.to.reversed(), &claim.from_target, claim.now);
+        return take_over_port(claim);
     }
     false
 }
 
-/// A copy of the half-open entry of `key`, if any.
+/// Takes the source port of `claim.reply_key` over from the flow closed a while ago that
+/// holds it, rather than wait for the agent's sweep: that flow's two entries are removed,
+/// then the port is claimed again atomically (another CPU may win it). False if the holder
+/// is no longer such a flow, or the claim was lost.
 #[inline(always)]
-fn half_open_copy<F: Family>(key: &FlowKeyOf<F::Addr>) -> Option<FlowEntryOf<F::Addr>> {
-    // SAFETY: the value is copied out at once.
-    unsafe { F::half_open().get(key) }.copied()
-}
-
-/// A copy of the conntrack entry of `key`, if any.
-#[inline(always)]
-fn conntrack_copy<F: Family>(key: &FlowKeyOf<F::Addr>) -> Option<FlowEntryOf<F::Addr>> {
-    // SAFETY: the value is copied out at once.
-    unsafe { F::conntrack().get(key) }.copied()
-}
-
-/// Takes the source port of `reply_key` over from the flow closed a while ago that holds
-/// it, rather than wait for the agent's sweep: that flow's two entries are removed, then
-/// the port is claimed again atomically (another CPU may win it). False if the holder is
-/// no longer such a flow, or the claim was lost.
-#[inline(always)]
-fn take_over_port<F: Family>(reply_key: &FlowKeyOf<F::Addr>, from_target: &FlowEntryOf<F::Addr>, now: u64) -> bool {
-    let Some(existing) = conntrack_copy::<F>(reply_key) else {
-        return F::conntrack().insert(reply_key, from_target, u64::from(BPF_NOEXIST)).is_ok();
-    };
-    let old_forward = existing.rewritten.reversed();
-    if !port_reusable(&existing, conntrack_copy::<F>(&old_forward).as_ref(), now) {
-        return false;
+fn take_over_port<F: Family>(claim: &mut Claim<F>) -> bool {
+    // SAFETY: a map value read in place.
+    if let Some(existing) = unsafe { F::conntrack().get(&claim.reply_key) } {
+        if !claim.reusable_holder(existing) {
+            return false;
+        }
+        let _ = F::conntrack().remove(&claim.holder_key);
+        let _ = F::conntrack().remove(&claim.reply_key);
     }
-    let _ = F::conntrack().remove(&old_forward);
-    let _ = F::conntrack().remove(reply_key);
-    F::conntrack().insert(reply_key, from_target, u64::from(BPF_NOEXIST)).is_ok()
+    F::conntrack().insert(&claim.reply_key, &claim.from_target, u64::from(BPF_NOEXIST)).is_ok()
 }
 
 /// `bpf_ktime_get_ns` as of this CPU's last jiffy (at most one jiffy old).
@@ -1663,7 +1742,15 @@ fn encapsulate<F: Family>(ctx: &XdpContext, packet: &Packet<F>, outer: &FlowKeyO
 /// # Safety
 /// `ip` must point at 40 writable bytes inside the packet.
 #[inline(always)]
-unsafe fn write_ipv6_header(ip: *mut u8, first_word: u32, payload_len: u16, next_header: u8, hop_limit: u8, src: Ipv6Words, dst: Ipv6Words) {
+unsafe fn write_ipv6_header(
+    ip: *mut u8,
+    first_word: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    src: Ipv6Words,
+    dst: Ipv6Words,
+) {
     let mut first = first_word.to_ne_bytes();
     first[0] = 0x60 | (first[0] & 0x0f);
     let len = payload_len.to_be_bytes();
