@@ -77,13 +77,25 @@ pub mod map_names {
     /// Target (address, port, protocol) to its DNAT gateway (`DnatReply`), for answers no
     /// flow state on this node knows; written by the agent, read by the program.
     pub const DNAT_REPLIES: &str = "DNAT_REPLIES";
+    /// `GATEWAYS` of IPv6 gateways (`GatewayKey6`); written by the agent, read by the program.
+    pub const GATEWAYS6: &str = "GATEWAYS6";
+    /// `TARGETS` of IPv6 gateways' tables (`TargetEntry6`, at the same indices); written by
+    /// the agent, read by the program.
+    pub const TARGETS6: &str = "TARGETS6";
+    /// `CONNTRACK` of IPv6 flows (`FlowKey6` to `FlowEntry6`); written by the program (and
+    /// expired by the agent), read by both.
+    pub const CONNTRACK6: &str = "CONNTRACK6";
+    /// `HALF_OPEN` of IPv6 flows; written by the program, read by the agent.
+    pub const HALF_OPEN6: &str = "HALF_OPEN6";
+    /// `DSR_SOURCES` of IPv6 gateways (`DsrSource6`); written by the agent, read by the program.
+    pub const DSR_SOURCES6: &str = "DSR_SOURCES6";
     /// The maps every datapath of this layout version has had since its first release: pins
     /// holding these (and a program and links) are a datapath to adopt or upgrade; maps
     /// added since are created when missing.
     pub const CORE: [&str; 8] =
         [GATEWAYS, BUCKET_TABLES, TARGETS, CONNTRACK, TARGET_COUNTERS, GATEWAY_COUNTERS, PACKET_COUNTERS, FORWARD_EVENTS];
     /// Every map the agent pins and adopts.
-    pub const PINNED: [&str; 16] = [
+    pub const PINNED: [&str; 21] = [
         GATEWAYS,
         BUCKET_TABLES,
         TARGETS,
@@ -100,6 +112,11 @@ pub mod map_names {
         ADDRESS_FILTER,
         DSR_SOURCES,
         DNAT_REPLIES,
+        GATEWAYS6,
+        TARGETS6,
+        CONNTRACK6,
+        HALF_OPEN6,
+        DSR_SOURCES6,
     ];
 }
 

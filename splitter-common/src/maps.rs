@@ -16,6 +16,16 @@ use crate::{assert_size, csum::CsumDelta, flow::mix64, table::BUCKET_TABLE_SIZE}
 /// An IPv6 address as maps hold it: the header's sixteen bytes as four native words.
 pub type Ipv6Words = [u32; 4];
 
+/// An IPv6 address's header bytes as maps hold them.
+pub fn ipv6_words(octets: [u8; 16]) -> Ipv6Words {
+    core::array::from_fn(|i| u32::from_ne_bytes([octets[4 * i], octets[4 * i + 1], octets[4 * i + 2], octets[4 * i + 3]]))
+}
+
+/// The header bytes of an IPv6 address as maps hold it.
+pub fn ipv6_octets(words: Ipv6Words) -> [u8; 16] {
+    core::array::from_fn(|i| words[i / 4].to_ne_bytes()[i % 4])
+}
+
 /// An address as map keys and values hold it (network byte order, see the module docs).
 pub trait Address: Copy + Clone + PartialEq + Eq + Default + Pod + core::fmt::Debug + core::hash::Hash {
     /// 32 bits standing for the address in flow hashes and the address filter: an IPv4

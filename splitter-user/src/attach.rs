@@ -76,6 +76,12 @@ fn expected_sizes(name: &str) -> Option<(usize, usize)> {
         map_names::ADDRESS_FILTER => (4, size_of::<splitter_common::maps::AddressFilter>()),
         map_names::DSR_SOURCES => (4, size_of::<splitter_common::maps::DsrSource>()),
         map_names::DNAT_REPLIES => (size_of::<GatewayKey>(), size_of::<splitter_common::maps::DnatReply>()),
+        map_names::GATEWAYS6 => (size_of::<splitter_common::maps::GatewayKey6>(), size_of::<GatewayState>()),
+        map_names::TARGETS6 => (4, size_of::<splitter_common::maps::TargetEntry6>()),
+        map_names::CONNTRACK6 | map_names::HALF_OPEN6 => {
+            (size_of::<splitter_common::maps::FlowKey6>(), size_of::<splitter_common::maps::FlowEntry6>())
+        }
+        map_names::DSR_SOURCES6 => (4, size_of::<splitter_common::maps::DsrSource6>()),
         _ => return None,
     })
 }

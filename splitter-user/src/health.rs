@@ -5,11 +5,7 @@
 //! `unhealthy_threshold` failures in a row and healthy again after `healthy_threshold`
 //! successes in a row, and the controller recomputes the gateway's shares when one does.
 
-use std::{
-    collections::BTreeMap,
-    net::{SocketAddr, SocketAddrV4},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use http_body_util::Empty;
 use hyper::body::Bytes;
@@ -42,7 +38,7 @@ pub struct CheckSpec {
     pub check: HealthCheck,
     /// A DSR gateway's VIP:port: the check goes to the target inside an IP-in-IP header,
     /// addressed to the VIP, as its traffic does.
-    pub through_tunnel_to: Option<SocketAddrV4>,
+    pub through_tunnel_to: Option<SocketAddr>,
 }
 
 /// The state of one target's checks.
@@ -234,7 +230,7 @@ pub async fn check_once(target: &Target, check: &HealthCheck) -> Result<(), Stri
 /// comes back directly. The half-open connection is then reset through the tunnel. A TCP
 /// handshake is all a tunnelled check does: an `http` check of a DSR gateway checks that
 /// much too.
-pub async fn check_through_tunnel(target: &Target, vip: SocketAddrV4, check: &HealthCheck) -> Result<(), String> {
+pub async fn check_through_tunnel(target: &Target, vip: SocketAddr, check: &HealthCheck) -> Result<(), String> {
     let (target, timeout) = (*target, Duration::from_millis(check.timeout_ms.max(1)));
     tokio::task::spawn_blocking(move || crate::tunnel_probe::tunnel_syn_probe(target.addr, vip, timeout))
         .await

@@ -14,13 +14,10 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// The address this node sends from towards `addr` (what the kernel's routing picks).
-pub fn source_towards(addr: std::net::Ipv4Addr) -> std::io::Result<std::net::Ipv4Addr> {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+pub fn source_towards(addr: std::net::IpAddr) -> std::io::Result<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
     socket.connect((addr, 9))?;
-    match socket.local_addr()? {
-        std::net::SocketAddr::V4(a) => Ok(*a.ip()),
-        std::net::SocketAddr::V6(_) => Err(std::io::Error::other("an IPv6 source towards an IPv4 address")),
-    }
+    Ok(socket.local_addr()?.ip())
 }
 
 /// The interface index of `name`, or one clear error if there is no such interface.

@@ -415,7 +415,7 @@ impl<D: Dataplane> Controller<D> {
             .filter_map(|g| g.health_check.as_ref().map(|c| (g, c)))
             .flat_map(|(g, c)| {
                 // A DSR target is checked through the tunnel, at the VIP it must serve.
-                let through_tunnel_to = (g.mode == Mode::Dsr).then_some(std::net::SocketAddrV4::new(g.virtual_address, g.port));
+                let through_tunnel_to = (g.mode == Mode::Dsr).then_some(std::net::SocketAddr::new(g.virtual_address, g.port));
                 g.routes.iter().flat_map(|r| r.targets.iter()).map(move |t| CheckSpec {
                     gateway: g.name.clone(),
                     target: *t,

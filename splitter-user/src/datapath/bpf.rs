@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, UdpSocket},
     os::fd::AsFd,
     time::{Duration, Instant},
 };
@@ -21,16 +21,17 @@ use splitter_common::{
     conntrack::{flow_expired, Timeouts},
     map_names,
     maps::{
-        AddressFilter, BucketTable, DatapathInfo, DnatReply, DsrSource, FlowEntry, FlowKey, GatewayCounters, GatewayKey, GatewayState,
-        SourcePool, TargetCounters, TargetEntry, TargetOutcomes, FLOW_FIN_SEEN, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP,
-        GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
+        ipv6_words, Address, AddressFilter, BucketTable, DatapathInfo, DnatReply, DsrSource, FlowEntry, FlowEntry6, FlowEntryOf, FlowKey,
+        FlowKey6, FlowKeyOf, GatewayCounters, GatewayKey, GatewayKey6, GatewayState, SourcePool, TargetCounters, TargetEntry, TargetEntry6,
+        TargetOutcomes, FLOW_FIN_SEEN, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT,
+        MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
     },
     FlowEvent, ForwardEvent, PacketClass,
 };
 
 use super::{
     describe_weights,
-    layout::{gateway_key, target_addr, Layout, LiveGateway},
+    layout::{gateway_key, target_fold, Layout, LiveGateway, LiveKey},
     Dataplane, Limits, Placement,
 };
 use crate::{
@@ -61,6 +62,10 @@ pub struct Maps {
     pub dnat_replies: HashMap<MapData, GatewayKey, DnatReply>,
     pub datapath_info: Array<MapData, DatapathInfo>,
     pub address_filter: Array<MapData, AddressFilter>,
+    pub gateways6: HashMap<MapData, GatewayKey6, GatewayState>,
+    pub targets6: Array<MapData, TargetEntry6>,
+    pub conntrack6: HashMap<MapData, FlowKey6, FlowEntry6>,
+    pub half_open6: HashMap<MapData, FlowKey6, FlowEntry6>,
 }
 
 impl Maps {
@@ -83,6 +88,10 @@ impl Maps {
             dnat_replies: take(ebpf, map_names::DNAT_REPLIES)?,
             datapath_info: take(ebpf, map_names::DATAPATH_INFO)?,
             address_filter: take(ebpf, map_names::ADDRESS_FILTER)?,
+            gateways6: take(ebpf, map_names::GATEWAYS6)?,
+            targets6: take(ebpf, map_names::TARGETS6)?,
+            conntrack6: take(ebpf, map_names::CONNTRACK6)?,
+            half_open6: take(ebpf, map_names::HALF_OPEN6)?,
         })
     }
 
@@ -108,6 +117,10 @@ pub struct Datapath {
     dsr_sources: Array<MapData, DsrSource>,
     dnat_replies: HashMap<MapData, GatewayKey, DnatReply>,
     address_filter: Array<MapData, AddressFilter>,
+    gateways6: HashMap<MapData, GatewayKey6, GatewayState>,
+    targets6: Array<MapData, TargetEntry6>,
+    conntrack6: HashMap<MapData, FlowKey6, FlowEntry6>,
+    half_open6: HashMap<MapData, FlowKey6, FlowEntry6>,
     /// What `address_filter` holds (written only when it changes).
     filter: Box<AddressFilter>,
     layout: Layout,
@@ -130,7 +143,12 @@ pub fn load_object(object: &[u8], limits: Limits, kernel_log_level: u8, pins: Op
         .map_max_entries(map_names::BUCKET_TABLES, 2 * limits.max_gateways)
         .map_max_entries(map_names::TARGETS, 2 * limits.max_gateways * MAX_TARGETS_PER_GATEWAY)
         .map_max_entries(map_names::CONNTRACK, limits.conntrack_entries)
-        .map_max_entries(map_names::HALF_OPEN, limits.half_open_entries);
+        .map_max_entries(map_names::HALF_OPEN, limits.half_open_entries)
+        .map_max_entries(map_names::GATEWAYS6, limits.max_gateways)
+        .map_max_entries(map_names::DSR_SOURCES6, limits.max_gateways)
+        .map_max_entries(map_names::TARGETS6, 2 * limits.max_gateways * MAX_TARGETS_PER_GATEWAY)
+        .map_max_entries(map_names::CONNTRACK6, limits.conntrack_entries)
+        .map_max_entries(map_names::HALF_OPEN6, limits.half_open_entries);
     if let Some(pins) = pins {
         for name in map_names::PINNED {
             loader.map_pin_path(name, pins.map(name));
@@ -165,6 +183,10 @@ impl Datapath {
             source_pools: maps.source_pools,
             dsr_sources: maps.dsr_sources,
             dnat_replies: maps.dnat_replies,
+            gateways6: maps.gateways6,
+            targets6: maps.targets6,
+            conntrack6: maps.conntrack6,
+            half_open6: maps.half_open6,
             layout: Layout::new(limits),
         }
     }
@@ -183,8 +205,31 @@ impl Datapath {
         self.layout
             .gateways
             .values()
-            .flat_map(|live| std::iter::once(live.key.vip).chain(live.targets.iter().map(|(t, _)| target_addr(t))))
+            .flat_map(|live| std::iter::once(live.key.vip_fold()).chain(live.targets.iter().map(|(t, _)| target_fold(t))))
             .collect()
+    }
+
+    /// The state `GATEWAYS` (or `GATEWAYS6`) holds for `key`.
+    fn gateway_state(&self, key: &LiveKey) -> Option<GatewayState> {
+        match key {
+            LiveKey::V4(key) => self.gateways_map.get(key, 0).ok(),
+            LiveKey::V6(key) => self.gateways6.get(key, 0).ok(),
+        }
+    }
+
+    /// The switch of a gateway: one update of its value in its family's map.
+    fn write_gateway_state(&mut self, key: &LiveKey, state: GatewayState) -> Result<()> {
+        match key {
+            LiveKey::V4(key) => self.gateways_map.insert(key, state, 0).context("writing GATEWAYS"),
+            LiveKey::V6(key) => self.gateways6.insert(key, state, 0).context("writing GATEWAYS6"),
+        }
+    }
+
+    fn remove_gateway_state(&mut self, key: &LiveKey) -> Result<()> {
+        match key {
+            LiveKey::V4(key) => self.gateways_map.remove(key).context("removing from GATEWAYS"),
+            LiveKey::V6(key) => self.gateways6.remove(key).context("removing from GATEWAYS6"),
+        }
     }
 
     /// Brings `DNAT_REPLIES` in line with the live gateways (entries of gateways and
@@ -230,16 +275,14 @@ impl Dataplane for Datapath {
         let key = gateway_key(gateway);
         // A pinned state with another connect timeout is not adopted: applying it anew writes it.
         let live = self
-            .gateways_map
-            .get(&key, 0)
-            .ok()
+            .gateway_state(&key)
             .filter(|state| state.connect_timeout_ms == gateway.connect_timeout_ms.unwrap_or(0))
             .map(|state| (state.gateway_id, u64::from(state.generation)));
         let Some(targets) = self.layout.adoptable(shares, placement, live) else { return false };
         // The pinned filter may come from another build (an older agent leaves it alone):
         // the adopted gateway's buckets pass before anything else.
         let mut filter = *self.filter;
-        filter.keep_all(std::iter::once(key.vip).chain(targets.iter().map(|(t, _)| target_addr(t))));
+        filter.keep_all(std::iter::once(key.vip_fold()).chain(targets.iter().map(|(t, _)| target_fold(t))));
         if let Err(e) = self.write_filter(filter) {
             warn!("gateway {} not adopted: {e:#}", gateway.name);
             return false;
@@ -287,13 +330,7 @@ impl Dataplane for Datapath {
         if slots.is_empty() {
             return Ok(0);
         }
-        let doomed: Vec<(FlowKey, FlowEntry)> =
-            self.conntrack.iter().filter_map(Result::ok).filter(|(_, entry)| slots.contains(&entry.counter_index)).collect();
-        for (key, _) in &doomed {
-            let _ = self.conntrack.remove(key);
-        }
-        // A flow's client entry counts it (a DSR flow has no other).
-        Ok(doomed.iter().filter(|(_, entry)| entry.flags & FLOW_TO_TARGET != 0).count())
+        Ok(flush_slots(&mut self.conntrack, &slots) + flush_slots(&mut self.conntrack6, &slots))
     }
 
     fn conntrack_capacity(&self) -> u32 {
@@ -311,6 +348,7 @@ impl Dataplane for Datapath {
         let targets_only: Vec<Target> = shares.iter().map(|(t, _)| *t).collect();
         let slots = self.layout.counter_slots_for(&gateway.name, &targets_only)?;
         let full_nat = needs_node_source(gateway);
+        let unspecified = if key_is_v6(&key) { IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) } else { IpAddr::from(Ipv4Addr::UNSPECIFIED) };
         let mut targets = Vec::with_capacity(shares.len());
         let mut entries = Vec::with_capacity(shares.len());
         for ((target, share), (slot, _)) in shares.iter().zip(&slots) {
@@ -318,18 +356,12 @@ impl Dataplane for Datapath {
             // that became unreachable (and unhealthy) must not keep the others' table from
             // being applied.
             let snat_addr = match (full_nat, *share) {
-                (false, _) => Ipv4Addr::UNSPECIFIED,
-                (true, 0) => source_address_towards(target).unwrap_or(Ipv4Addr::UNSPECIFIED),
+                (false, _) => unspecified,
+                (true, 0) => source_address_towards(target).unwrap_or(unspecified),
                 (true, _) => source_address_towards(target)?,
             };
             targets.push((*target, *slot));
-            entries.push(TargetEntry {
-                addr: target_addr(target),
-                snat_addr: u32::from_ne_bytes(snat_addr.octets()),
-                port: target.port.to_be(),
-                _pad: 0,
-                counter_index: *slot,
-            });
+            entries.push(TargetSlot::new(target, snat_addr, *slot)?);
         }
         for (slot, new) in &slots {
             if *new {
@@ -349,11 +381,15 @@ impl Dataplane for Datapath {
         }
         // The gateway's buckets pass the filter before anything can send a flow its way.
         let mut filter = *self.filter;
-        filter.keep_all(std::iter::once(key.vip).chain(entries.iter().map(|e| e.addr)));
+        filter.keep_all(std::iter::once(key.vip_fold()).chain(targets.iter().map(|(t, _)| target_fold(t))));
         self.write_filter(filter)?;
         let table_index = id * 2 + (generation & 1) as u32;
         for (i, entry) in entries.iter().enumerate() {
-            self.targets_map.set(table_index * MAX_TARGETS_PER_GATEWAY + i as u32, entry, 0).context("writing TARGETS")?;
+            let index = table_index * MAX_TARGETS_PER_GATEWAY + i as u32;
+            match entry {
+                TargetSlot::V4(entry) => self.targets_map.set(index, entry, 0).context("writing TARGETS")?,
+                TargetSlot::V6(entry) => self.targets6.set(index, entry, 0).context("writing TARGETS6")?,
+            }
         }
         let target_count = if table_slots.is_empty() { 0 } else { entries.len() as u32 };
         if target_count > 0 {
@@ -386,11 +422,11 @@ impl Dataplane for Datapath {
             connect_timeout_ms: gateway.connect_timeout_ms.unwrap_or(0),
         };
         // The switch: one update of the gateway's value.
-        self.gateways_map.insert(key, state, 0).context("writing GATEWAYS")?;
+        self.write_gateway_state(&key, state)?;
         let previous = self.layout.gateways.get(&gateway.name).map(|old| old.key);
         if let Some(old_key) = previous {
             if old_key != key {
-                let _ = self.gateways_map.remove(&old_key);
+                let _ = self.remove_gateway_state(&old_key);
             }
         } else {
             self.reset_gateway_counters(id)?;
@@ -415,7 +451,7 @@ impl Dataplane for Datapath {
 
     fn remove(&mut self, name: &str) -> Result<()> {
         let key = self.layout.gateways.get(name).map(|g| g.key).with_context(|| format!("no gateway {name}"))?;
-        self.gateways_map.remove(&key).context("removing from GATEWAYS")?;
+        self.remove_gateway_state(&key)?;
         self.layout.forget(name);
         self.write_dnat_replies()?;
         info!("removed gateway {name}");
@@ -490,10 +526,12 @@ impl Dataplane for Datapath {
 
     fn conntrack_entries(&self) -> usize {
         super::batch::count::<FlowKey, FlowEntry>(self.conntrack.map().fd().as_fd()).unwrap_or(0)
+            + super::batch::count::<FlowKey6, FlowEntry6>(self.conntrack6.map().fd().as_fd()).unwrap_or(0)
     }
 
     fn half_open_entries(&self) -> usize {
         super::batch::count::<FlowKey, FlowEntry>(self.half_open.map().fd().as_fd()).unwrap_or(0)
+            + super::batch::count::<FlowKey6, FlowEntry6>(self.half_open6.map().fd().as_fd()).unwrap_or(0)
     }
 
     fn half_open_capacity(&self) -> u32 {
@@ -511,64 +549,140 @@ impl Dataplane for Datapath {
     /// Forgets flows whose close completed or that sat idle past their timeout.
     fn sweep_conntrack(&mut self, timeouts: &Timeouts) -> Result<usize> {
         let now = monotonic_ns();
-        // The whole table in a few system calls. Only entries that can expire are looked
-        // at: a TCP flow expires after a FIN (so one of its entries carries FIN_SEEN, and
-        // that entry finds the other), a UDP flow when idle. Established flows, however
-        // many, cost nothing beyond the copy, one batch at a time.
-        let mut candidates: std::collections::HashMap<FlowKey, FlowEntry> = std::collections::HashMap::new();
         // The address filter from what is live: every gateway's addresses and those of
         // every flow still in conntrack (a deleted gateway's, a removed target's).
         let mut filter = AddressFilter::ALL_FOREIGN;
-        super::batch::for_each::<FlowKey, FlowEntry>(self.conntrack.map().fd().as_fd(), |k, e| {
-            filter.keep_flow(k, e);
-            if e.rewritten.proto != PROTO_TCP || e.flags & FLOW_FIN_SEEN != 0 {
-                candidates.insert(*k, *e);
-            }
-        })
-        .context("reading CONNTRACK")?;
-        // Handshakes in progress, a deleted gateway's or a removed target's among them.
-        super::batch::for_each::<FlowKey, FlowEntry>(self.half_open.map().fd().as_fd(), |k, e| filter.keep_flow(k, e))
-            .context("reading HALF_OPEN")?;
+        let candidates = expiry_candidates(&self.conntrack, &self.half_open, &mut filter).context("reading CONNTRACK")?;
+        let candidates6 = expiry_candidates(&self.conntrack6, &self.half_open6, &mut filter).context("reading CONNTRACK6")?;
         filter.keep_all(self.live_addresses());
         self.write_filter(filter)?;
-        // Each expired key with the value it was judged on (None: the peer was missing).
-        let mut expired: Vec<(FlowKey, Option<FlowEntry>)> = Vec::new();
-        for (key, entry) in &candidates {
-            let peer_key = entry.rewritten.reversed();
-            let found = match candidates.get(&peer_key) {
-                Some(peer) => Some(*peer),
-                // The peer has no FIN (a half-closed flow): read it.
-                None => self.conntrack.get(&peer_key, 0).ok(),
-            };
-            let peer = found.unwrap_or(*entry);
-            if flow_expired(entry, &peer, now, timeouts) {
-                expired.push((*key, Some(*entry)));
-                expired.push((peer_key, found));
-            }
-        }
-        expired.sort_unstable_by_key(|(k, _)| bytemuck::bytes_of(k).to_vec());
-        expired.dedup_by_key(|(k, _)| *k);
-        // The datapath keeps working while we iterate: it may have given an expired key to
-        // a new flow since (a closed flow's source port taken over, a client reopening the
-        // same 5-tuple). Removing that key would cut the new flow off (its replies would
-        // reach no client), so a key is removed only if it still holds the judged value.
-        let (mut removed, mut reused) = (0usize, 0usize);
-        for (key, judged) in &expired {
-            match self.conntrack.get(key, 0) {
-                Ok(current) if Some(current) == *judged => {
-                    if self.conntrack.remove(key).is_ok() {
-                        removed += 1;
-                    }
-                }
-                Ok(_) => reused += 1,
-                Err(_) => {}
-            }
-        }
-        if removed > 0 || reused > 0 {
-            debug!("conntrack sweep removed {removed} entries, kept {reused} reused by new flows meanwhile");
-        }
-        Ok(removed)
+        Ok(expire(&mut self.conntrack, &candidates, now, timeouts) + expire(&mut self.conntrack6, &candidates6, now, timeouts))
     }
+}
+
+/// A target's entry in its family's `TARGETS` map.
+enum TargetSlot {
+    V4(TargetEntry),
+    V6(TargetEntry6),
+}
+
+impl TargetSlot {
+    fn new(target: &Target, snat_addr: IpAddr, counter_index: u32) -> Result<Self> {
+        let port = target.port.to_be();
+        Ok(match (target.addr, snat_addr) {
+            (IpAddr::V4(addr), IpAddr::V4(snat)) => Self::V4(TargetEntry {
+                addr: u32::from_ne_bytes(addr.octets()),
+                snat_addr: u32::from_ne_bytes(snat.octets()),
+                port,
+                _pad: 0,
+                counter_index,
+            }),
+            (IpAddr::V6(addr), IpAddr::V6(snat)) => Self::V6(TargetEntry6 {
+                addr: ipv6_words(addr.octets()),
+                snat_addr: ipv6_words(snat.octets()),
+                port,
+                _pad: 0,
+                counter_index,
+            }),
+            (_, snat) => anyhow::bail!("target {target}: the node's source address towards it, {snat}, is of another family"),
+        })
+    }
+}
+
+fn key_is_v6(key: &LiveKey) -> bool {
+    matches!(key, LiveKey::V6(_))
+}
+
+/// Removes the flows of the counter slots `slots` from `conntrack`; returns how many flows
+/// that was (a flow's client entry counts it: a DSR flow has no other).
+fn flush_slots<A: Address>(conntrack: &mut HashMap<MapData, FlowKeyOf<A>, FlowEntryOf<A>>, slots: &BTreeSet<u32>) -> usize
+where
+    FlowKeyOf<A>: aya::Pod + bytemuck::Pod,
+    FlowEntryOf<A>: aya::Pod + bytemuck::Pod,
+{
+    let doomed: Vec<(FlowKeyOf<A>, FlowEntryOf<A>)> =
+        conntrack.iter().filter_map(Result::ok).filter(|(_, entry)| slots.contains(&entry.counter_index)).collect();
+    for (key, _) in &doomed {
+        let _ = conntrack.remove(key);
+    }
+    doomed.iter().filter(|(_, entry)| entry.flags & FLOW_TO_TARGET != 0).count()
+}
+
+/// The entries of `conntrack` that can expire, with every flow's addresses (and those of
+/// `half_open`'s handshakes in progress) kept in `filter`. The whole table in a few system
+/// calls. Only entries that can expire are kept: a TCP flow expires after a FIN (so one of
+/// its entries carries FIN_SEEN, and that entry finds the other), a UDP flow when idle.
+/// Established flows, however many, cost nothing beyond the copy, one batch at a time.
+fn expiry_candidates<A: Address>(
+    conntrack: &HashMap<MapData, FlowKeyOf<A>, FlowEntryOf<A>>,
+    half_open: &HashMap<MapData, FlowKeyOf<A>, FlowEntryOf<A>>,
+    filter: &mut AddressFilter,
+) -> Result<std::collections::HashMap<FlowKeyOf<A>, FlowEntryOf<A>>>
+where
+    FlowKeyOf<A>: aya::Pod + bytemuck::Pod,
+    FlowEntryOf<A>: aya::Pod + bytemuck::Pod,
+{
+    let mut candidates = std::collections::HashMap::new();
+    super::batch::for_each::<FlowKeyOf<A>, FlowEntryOf<A>>(conntrack.map().fd().as_fd(), |k, e| {
+        filter.keep_flow(k, e);
+        if e.rewritten.proto != PROTO_TCP || e.flags & FLOW_FIN_SEEN != 0 {
+            candidates.insert(*k, *e);
+        }
+    })?;
+    // Handshakes in progress, a deleted gateway's or a removed target's among them.
+    super::batch::for_each::<FlowKeyOf<A>, FlowEntryOf<A>>(half_open.map().fd().as_fd(), |k, e| filter.keep_flow(k, e))
+        .context("reading the half-open flows")?;
+    Ok(candidates)
+}
+
+/// Removes the expired flows among `candidates` from `conntrack`; returns how many entries.
+fn expire<A: Address>(
+    conntrack: &mut HashMap<MapData, FlowKeyOf<A>, FlowEntryOf<A>>,
+    candidates: &std::collections::HashMap<FlowKeyOf<A>, FlowEntryOf<A>>,
+    now: u64,
+    timeouts: &Timeouts,
+) -> usize
+where
+    FlowKeyOf<A>: aya::Pod + bytemuck::Pod,
+    FlowEntryOf<A>: aya::Pod + bytemuck::Pod,
+{
+    // Each expired key with the value it was judged on (None: the peer was missing).
+    let mut expired: Vec<(FlowKeyOf<A>, Option<FlowEntryOf<A>>)> = Vec::new();
+    for (key, entry) in candidates {
+        let peer_key = entry.rewritten.reversed();
+        let found = match candidates.get(&peer_key) {
+            Some(peer) => Some(*peer),
+            // The peer has no FIN (a half-closed flow): read it.
+            None => conntrack.get(&peer_key, 0).ok(),
+        };
+        let peer = found.unwrap_or(*entry);
+        if flow_expired(entry, &peer, now, timeouts) {
+            expired.push((*key, Some(*entry)));
+            expired.push((peer_key, found));
+        }
+    }
+    expired.sort_unstable_by_key(|(k, _)| bytemuck::bytes_of(k).to_vec());
+    expired.dedup_by_key(|(k, _)| *k);
+    // The datapath keeps working while we iterate: it may have given an expired key to
+    // a new flow since (a closed flow's source port taken over, a client reopening the
+    // same 5-tuple). Removing that key would cut the new flow off (its replies would
+    // reach no client), so a key is removed only if it still holds the judged value.
+    let (mut removed, mut reused) = (0usize, 0usize);
+    for (key, judged) in &expired {
+        match conntrack.get(key, 0) {
+            Ok(current) if Some(current) == *judged => {
+                if conntrack.remove(key).is_ok() {
+                    removed += 1;
+                }
+            }
+            Ok(_) => reused += 1,
+            Err(_) => {}
+        }
+    }
+    if removed > 0 || reused > 0 {
+        debug!("conntrack sweep removed {removed} entries, kept {reused} reused by new flows meanwhile");
+    }
+    removed
 }
 
 /// A gateway's full-NAT source addresses and ports as the program reads them.
@@ -611,14 +725,15 @@ fn dsr_source(gateway: &Gateway) -> DsrSource {
 
 /// The address this node uses as source towards `target` (what the kernel's routing
 /// picks), used as the full-NAT source so replies come back here.
-fn source_address_towards(target: &Target) -> Result<Ipv4Addr> {
+fn source_address_towards(target: &Target) -> Result<IpAddr> {
     crate::system::source_towards(target.addr).with_context(|| format!("no route to target {target}"))
 }
 
 /// Makes the kernel resolve the target's next hop now, so the XDP fast path finds the
 /// neighbour entry for the first flows (one empty datagram to the discard port).
 fn prime_neighbour(target: &Target) {
-    let sent = UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(&[], (target.addr, 9)));
+    let any = if target.addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let sent = UdpSocket::bind(any).and_then(|s| s.send_to(&[], (target.addr, 9)));
     if let Err(e) = sent {
         warn!("cannot prime the neighbour entry of {}: {e}", target.addr);
     }

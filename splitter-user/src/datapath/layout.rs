@@ -4,12 +4,16 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     time::Instant,
 };
 
 use anyhow::{ensure, Context, Result};
 use splitter_common::{
-    maps::{DnatReply, GatewayKey, FLOW_HTTP, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP, PROTO_UDP},
+    maps::{
+        ipv6_words, Address, DnatReply, GatewayKey, GatewayKey6, FLOW_HTTP, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
+        PROTO_UDP,
+    },
     table::{build_bucket_table, table_fingerprint, TableTarget},
 };
 
@@ -20,7 +24,7 @@ use crate::gateway::{Gateway, Mode, Protocol, Target};
 #[derive(Clone, Debug)]
 pub struct LiveGateway {
     pub id: u32,
-    pub key: GatewayKey,
+    pub key: LiveKey,
     pub generation: u64,
     pub last_switch: Option<Instant>,
     pub config: Gateway,
@@ -187,19 +191,48 @@ impl Layout {
     }
 }
 
-/// The datapath's key of a gateway: VIP, port and protocol as packets carry them.
-pub fn gateway_key(gateway: &Gateway) -> GatewayKey {
-    GatewayKey {
-        vip: u32::from_ne_bytes(gateway.virtual_address.octets()),
-        port: gateway.port.to_be(),
-        proto: if gateway.protocol.is_udp() { PROTO_UDP } else { PROTO_TCP },
-        _pad: 0,
+/// A gateway's key in its family's map (`GATEWAYS` or `GATEWAYS6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LiveKey {
+    V4(GatewayKey),
+    V6(GatewayKey6),
+}
+
+impl LiveKey {
+    /// The VIP as the address filter sees it ([`Address::fold`]).
+    pub fn vip_fold(&self) -> u32 {
+        match self {
+            Self::V4(key) => key.vip,
+            Self::V6(key) => key.vip.fold(),
+        }
     }
 }
 
-/// A target's address as the datapath's maps hold it (network byte order).
-pub fn target_addr(target: &Target) -> u32 {
-    u32::from_ne_bytes(target.addr.octets())
+/// The datapath's key of a gateway: VIP, port and protocol as packets carry them.
+pub fn gateway_key(gateway: &Gateway) -> LiveKey {
+    let port = gateway.port.to_be();
+    let proto = if gateway.protocol.is_udp() { PROTO_UDP } else { PROTO_TCP };
+    match gateway.virtual_address {
+        IpAddr::V4(vip) => LiveKey::V4(GatewayKey { vip: u32::from_ne_bytes(vip.octets()), port, proto, _pad: 0 }),
+        IpAddr::V6(vip) => LiveKey::V6(GatewayKey6 { vip: ipv6_words(vip.octets()), port, proto, _pad: 0 }),
+    }
+}
+
+/// A target's IPv4 address as the datapath's maps hold it (network byte order); none for
+/// an IPv6 target.
+pub fn target_addr(target: &Target) -> Option<u32> {
+    match target.addr {
+        IpAddr::V4(addr) => Some(u32::from_ne_bytes(addr.octets())),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// A target's address as the address filter sees it ([`Address::fold`]).
+pub fn target_fold(target: &Target) -> u32 {
+    match target.addr {
+        IpAddr::V4(addr) => u32::from_ne_bytes(addr.octets()),
+        IpAddr::V6(addr) => ipv6_words(addr.octets()).fold(),
+    }
 }
 
 /// What the `DNAT_REPLIES` map holds for the live gateways: each DNAT gateway's targets
@@ -211,10 +244,13 @@ pub fn dnat_replies<'a>(gateways: impl IntoIterator<Item = &'a LiveGateway>) -> 
     let mut replies: BTreeMap<(u32, u16, u8), (GatewayKey, DnatReply)> = BTreeMap::new();
     let mut shared = BTreeSet::new();
     for live in gateways.into_iter().filter(|g| g.config.mode == Mode::Dnat) {
+        // IPv6 answers without flow state are the kernel's.
+        let LiveKey::V4(gateway) = live.key else { continue };
         let flow_flags = if live.config.protocol == Protocol::Http { FLOW_HTTP as u16 } else { 0 };
         for (target, slot) in &live.targets {
-            let key = GatewayKey { vip: target_addr(target), port: target.port.to_be(), proto: live.key.proto, _pad: 0 };
-            let reply = DnatReply { vip: live.key.vip, counter_index: *slot, gateway_id: live.id, port: live.key.port, flow_flags };
+            let Some(addr) = target_addr(target) else { continue };
+            let key = GatewayKey { vip: addr, port: target.port.to_be(), proto: gateway.proto, _pad: 0 };
+            let reply = DnatReply { vip: gateway.vip, counter_index: *slot, gateway_id: live.id, port: gateway.port, flow_flags };
             let id = (key.vip, key.port, key.proto);
             match replies.get(&id) {
                 Some((_, other)) if other.vip != reply.vip || other.port != reply.port => {
@@ -268,6 +304,7 @@ mod tests {
         assert!(!by_target.contains_key("10.1.0.4:80"), "full NAT answers come to the node's own address: {by_target:?}");
         assert_eq!(shared, vec!["10.1.0.2:80".parse::<Target>().unwrap()]);
         let (k, r) = replies.iter().find(|(_, r)| r.gateway_id == 1).unwrap();
-        assert_eq!((r.vip, r.port, k.proto), (a.key.vip, a.key.port, PROTO_TCP));
+        let LiveKey::V4(a_key) = a.key else { panic!("an IPv4 gateway") };
+        assert_eq!((r.vip, r.port, k.proto), (a_key.vip, a_key.port, PROTO_TCP));
     }
 }

@@ -15,7 +15,7 @@ mod yaml;
 use std::{
     collections::BTreeMap,
     fmt::{self, Write as _},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     str::FromStr,
 };
 
@@ -95,30 +95,39 @@ impl Mode {
     }
 }
 
-/// A backend: IPv4 address and port. Written and read as `10.1.0.11:8080`.
+/// A backend: IPv4 or IPv6 address and port. Written and read as `10.1.0.11:8080` or
+/// `[2001:db8::11]:8080`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Target {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
 }
 
 impl Target {
-    /// The target's identity in the bucket table builder: address and port in one `u64`.
+    /// The target's identity in the bucket table builder: address and port in one `u64`
+    /// (an IPv6 address folded to 32 bits as the datapath folds it, with the top bit set),
+    /// the same on every node.
     pub fn table_key(&self) -> u64 {
-        u64::from(u32::from(self.addr)) << 16 | u64::from(self.port)
+        match self.addr {
+            IpAddr::V4(addr) => u64::from(u32::from(addr)) << 16 | u64::from(self.port),
+            IpAddr::V6(addr) => {
+                let folded = splitter_common::maps::Address::fold(splitter_common::maps::ipv6_words(addr.octets()));
+                1 << 63 | u64::from(folded) << 16 | u64::from(self.port)
+            }
+        }
     }
 }
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.addr, self.port)
+        write!(f, "{}", std::net::SocketAddr::from((self.addr, self.port)))
     }
 }
 
 impl FromStr for Target {
     type Err = String;
 
-    /// Parses `IPV4:PORT`; the error says what is wrong, without the input's location.
+    /// Parses `IPV4:PORT` or `[IPV6]:PORT`; the error says what is wrong, without the input's location.
     fn from_str(text: &str) -> Result<Self, String> {
         parse::parse_target(text)
     }
@@ -150,7 +159,7 @@ pub struct Gateway {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
-    pub virtual_address: Ipv4Addr,
+    pub virtual_address: IpAddr,
     pub sticky: Sticky,
     pub mode: Mode,
     /// Sorted by name.
@@ -532,7 +541,9 @@ impl Gateway {
                     let _ = writeln!(out, "    # no weight: takes {} (its share of the rest)", format_weight(route.weight));
                 }
             }
-            let targets: Vec<String> = route.targets.iter().map(Target::to_string).collect();
+            // `[` opens a YAML sequence: an IPv6 target is quoted.
+            let targets: Vec<String> =
+                route.targets.iter().map(|t| if t.addr.is_ipv6() { format!("\"{t}\"") } else { t.to_string() }).collect();
             let _ = writeln!(out, "    targets: [{}]", targets.join(", "));
         }
         if let Some(check) = &self.health_check {

@@ -8,7 +8,7 @@ pub use scalars::{check_name, format_weight, parse_weight, MAX_NAME_BYTES};
 use scalars::{check_unicast, parse_port_number, parse_port_spec};
 pub(in crate::gateway) use scalars::{effective_weights, parse_target};
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use super::{
     policy::{CanarySpec, HealthCheck, SourceSpec},
@@ -158,11 +158,11 @@ impl<'a> Reader<'a> {
         };
         let virtual_address = match fields.value("virtual_address") {
             Some(node) => {
-                let text = self.scalar(node, "virtual_address", "an IPv4 address")?;
-                let addr: Ipv4Addr = text
+                let text = self.scalar(node, "virtual_address", "an IPv4 or IPv6 address")?;
+                let addr: IpAddr = text
                     .trim()
                     .parse()
-                    .map_err(|_| self.error(Some(node.position), "virtual_address", format!("`{text}` is not an IPv4 address")))?;
+                    .map_err(|_| self.error(Some(node.position), "virtual_address", format!("`{text}` is not an IPv4 or IPv6 address")))?;
                 check_unicast(addr).map_err(|why| self.error(Some(node.position), "virtual_address", why))?;
                 Some(addr)
             }
@@ -253,7 +253,7 @@ impl<'a> Reader<'a> {
         fields: &Fields<'_>,
         name: String,
         port: Option<(u16, Protocol)>,
-        virtual_address: Option<Ipv4Addr>,
+        virtual_address: Option<IpAddr>,
         sticky: Option<Sticky>,
         mode: Option<Mode>,
         routes: Vec<RouteDocument<'_>>,
@@ -276,6 +276,17 @@ impl<'a> Reader<'a> {
             )
         })?;
 
+        if virtual_address.is_ipv6() && (!source.addresses.is_empty() || source.prefix.is_some()) {
+            return Err(self.error(
+                fields.key_position("source").or(Some(root.position)),
+                "source",
+                format!(
+                    "source addresses and prefixes are IPv4, and the virtual address {virtual_address} is IPv6: an IPv6 \
+                     gateway's packets leave from the node's own address (source.ports may be set)"
+                ),
+            ));
+        }
+
         // Every route needs targets, and a target belongs to one route only.
         let mut first_seen: BTreeMap<Target, String> = BTreeMap::new();
         for route in &routes {
@@ -289,6 +300,16 @@ impl<'a> Reader<'a> {
                 ));
             };
             for (target, node, field) in targets {
+                if target.addr.is_ipv4() != virtual_address.is_ipv4() {
+                    return Err(self.error(
+                        Some(node.position),
+                        field,
+                        format!(
+                            "target {target} is not of the family of the virtual address {virtual_address}: a gateway \
+                             forwards IPv4 to IPv4 and IPv6 to IPv6"
+                        ),
+                    ));
+                }
                 if let Some(first) = first_seen.insert(*target, field.clone()) {
                     return Err(self.error(Some(node.position), field, format!("duplicate target {target} (already at {first})")));
                 }
@@ -459,12 +480,12 @@ impl<'a> Reader<'a> {
             let host = fields
                 .value("host")
                 .ok_or_else(|| self.error(Some(item.position), &host_field, "missing: an instance needs its host address"))?;
-            let host_text = self.scalar(host, &host_field, "an IPv4 address")?;
-            let addr: Ipv4Addr = host_text.trim().parse().map_err(|_| {
+            let host_text = self.scalar(host, &host_field, "an IPv4 or IPv6 address")?;
+            let addr: IpAddr = host_text.trim().parse().map_err(|_| {
                 self.error(
                     Some(host.position),
                     &host_field,
-                    format!("`{host_text}` is not an IPv4 address (the splitter forwards to addresses, not names)"),
+                    format!("`{host_text}` is not an IPv4 or IPv6 address (the splitter forwards to addresses, not names)"),
                 )
             })?;
             check_unicast(addr).map_err(|why| self.error(Some(host.position), &host_field, why))?;

@@ -1,7 +1,7 @@
 //! Scalar values of gateway documents: names, weights, targets, ports, and the rule that
 //! shares the rest of 100% among routes without a weight.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::gateway::{Protocol, Target, FULL_WEIGHT};
 
@@ -80,11 +80,14 @@ pub fn format_weight(hundredths: u32) -> String {
     }
 }
 
-/// Parses `IPV4:PORT`.
+/// Parses `IPV4:PORT` or `[IPV6]:PORT`.
 pub(in crate::gateway) fn parse_target(text: &str) -> Result<Target, String> {
-    let usage = || format!("`{text}` is not a target: expected IPV4:PORT like 10.1.0.11:8080");
+    let usage = || format!("`{text}` is not a target: expected IPV4:PORT like 10.1.0.11:8080 or [IPV6]:PORT like [2001:db8::11]:8080");
     let (address, port) = text.trim().rsplit_once(':').ok_or_else(usage)?;
-    let addr: Ipv4Addr = address.parse().map_err(|_| usage())?;
+    let addr: IpAddr = match address.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+        Some(v6) => IpAddr::V6(v6.parse().map_err(|_| usage())?),
+        None => IpAddr::V4(address.parse().map_err(|_| usage())?),
+    };
     check_unicast(addr).map_err(|why| format!("`{text}`: {why}"))?;
     let port = parse_port_number(port).map_err(|why| format!("`{text}`: {why}"))?;
     Ok(Target { addr, port })
@@ -100,9 +103,11 @@ pub(super) fn parse_port_number(text: &str) -> Result<u16, String> {
     }
 }
 
-/// Refuses addresses that cannot be one host: 0.0.0.0, broadcast, multicast.
-pub(super) fn check_unicast(addr: Ipv4Addr) -> Result<(), String> {
-    if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+/// Refuses addresses that cannot be one host: unspecified, broadcast, multicast.
+pub(super) fn check_unicast(addr: impl Into<IpAddr>) -> Result<(), String> {
+    let addr = addr.into();
+    let broadcast = matches!(addr, IpAddr::V4(v4) if v4.is_broadcast());
+    if addr.is_unspecified() || broadcast || addr.is_multicast() {
         Err(format!("{addr} is not a unicast address"))
     } else {
         Ok(())

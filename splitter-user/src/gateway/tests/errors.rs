@@ -68,7 +68,7 @@ fn bad_documents_give_one_line_errors_with_their_position() {
         (
             "bad virtual address",
             sava_with(3, "virtual_address: 10.0.0.300"),
-            "bad.yaml:3:18: virtual_address: `10.0.0.300` is not an IPv4 address".to_owned(),
+            "bad.yaml:3:18: virtual_address: `10.0.0.300` is not an IPv4 or IPv6 address".to_owned(),
         ),
         (
             "broadcast virtual address",
@@ -88,7 +88,7 @@ fn bad_documents_give_one_line_errors_with_their_position() {
         (
             "target without port",
             sava_with(10, "    targets: [10.1.0.21]"),
-            format!("bad.yaml:10:15: {R1}.targets[0]: `10.1.0.21` is not a target: expected IPV4:PORT like 10.1.0.11:8080"),
+            format!("bad.yaml:10:15: {R1}.targets[0]: `10.1.0.21` is not a target: expected IPV4:PORT like 10.1.0.11:8080 or [IPV6]:PORT like [2001:db8::11]:8080"),
         ),
         (
             "target port zero",
@@ -157,7 +157,7 @@ fn bad_documents_give_one_line_errors_with_their_position() {
             "instance host that is a name",
             sava_with(10, "    instances: [{host: sava-1.local, port: 8080}]"),
             format!(
-                "bad.yaml:10:24: {R1}.instances[0].host: `sava-1.local` is not an IPv4 address (the splitter forwards \
+                "bad.yaml:10:24: {R1}.instances[0].host: `sava-1.local` is not an IPv4 or IPv6 address (the splitter forwards \
                  to addresses, not names)"
             ),
         ),

@@ -424,3 +424,67 @@ fn a_refusal_with_line_breaks_in_a_key_stays_one_line() {
     assert!(err.starts_with("f.yaml:"), "{err:?}");
     assert!(err.contains("\\n"), "the line breaks are shown escaped: {err:?}");
 }
+
+#[test]
+fn an_ipv6_gateway_loads_with_bracketed_targets() {
+    let g = load_gateway("ipv6.yaml");
+    assert_eq!(g.virtual_address, "2001:db8::10".parse::<std::net::IpAddr>().unwrap());
+    let targets: Vec<String> = g.routes.iter().flat_map(|r| r.targets.iter().map(Target::to_string)).collect();
+    assert_eq!(
+        targets,
+        ["[2001:db8:1::11]:8080", "[2001:db8:1::12]:8080", "[2001:db8:1::13]:8080", "[2001:db8:1::21]:8080"],
+        "targets print as they are written"
+    );
+    for text in &targets {
+        assert_eq!(text.parse::<Target>().unwrap().to_string(), *text);
+    }
+    // The canonical text form is what renders back.
+    assert!(g.to_yaml().contains("virtual_address: 2001:db8::10"), "{}", g.to_yaml());
+    assert_eq!(gateway(&g.to_yaml()), g, "an IPv6 gateway round-trips through its YAML");
+}
+
+#[test]
+fn ipv6_table_keys_differ_from_each_other_and_from_ipv4_ones() {
+    let keys: std::collections::BTreeSet<u64> =
+        ["[2001:db8::1]:80", "[2001:db8::2]:80", "[2001:db8::1]:81", "10.0.0.1:80", "[::ffff:10.0.0.1]:80"]
+            .iter()
+            .map(|t| t.parse::<Target>().unwrap().table_key())
+            .collect();
+    assert_eq!(keys.len(), 5, "{keys:?}");
+}
+
+#[test]
+fn mixed_families_and_ipv6_source_pools_give_located_errors() {
+    let v6 = std::fs::read_to_string(config_dir().join("ipv6.yaml")).unwrap();
+    let line_of = |needle: &str| v6.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let cases = [
+        (
+            v6.replace("\"[2001:db8:1::21]:8080\"", "10.1.0.21:8080"),
+            format!(
+                "test.yaml:{}:15: routes.shop:1.1.targets[0]: target 10.1.0.21:8080 is not of the family of the virtual \
+                 address 2001:db8::10: a gateway forwards IPv4 to IPv4 and IPv6 to IPv6",
+                line_of("[2001:db8:1::21]")
+            ),
+        ),
+        (
+            format!("{v6}source:\n  addresses: [10.9.0.1]\n"),
+            format!(
+                "test.yaml:{}:1: source: source addresses and prefixes are IPv4, and the virtual address 2001:db8::10 is \
+                 IPv6: an IPv6 gateway's packets leave from the node's own address (source.ports may be set)",
+                v6.lines().count() + 1
+            ),
+        ),
+        (
+            v6.replace("[2001:db8:1::11]:8080", "[2001:db8:1::11:8080"),
+            format!(
+                "test.yaml:{}:15: routes.shop:1.0.targets[0]: `[2001:db8:1::11:8080` is not a target: expected IPV4:PORT like \
+                 10.1.0.11:8080 or [IPV6]:PORT like [2001:db8::11]:8080",
+                line_of("[2001:db8:1::11]")
+            ),
+        ),
+    ];
+    for (text, want) in cases {
+        let err = parse_documents("test.yaml", &text).expect_err(&want).to_string();
+        assert_eq!(err, want);
+    }
+}
