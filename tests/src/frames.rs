@@ -1,10 +1,13 @@
 //! Crafted Ethernet frames for `BPF_PROG_TEST_RUN`, and an independent checksum
 //! calculator (a full recomputation, to check the datapath's incremental updates).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const ETH_LEN: usize = 14;
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+pub const IPV6_LEN: usize = 40;
+pub const PROTO_ICMPV6: u8 = 58;
 pub const ETHERTYPE_VLAN: u16 = 0x8100;
 pub const ETHERTYPE_ARP: u16 = 0x0806;
 pub const PROTO_ICMP: u8 = 1;
@@ -170,6 +173,108 @@ fn l4_sum(f: &[u8]) -> u16 {
     ones_complement_sum(l4, u32::from(ones_complement_sum(&pseudo, 0)))
 }
 
+/// An IPv6 packet description; `build` gives the Ethernet frame with a valid L4 checksum.
+#[derive(Clone, Debug)]
+pub struct Ipv6Packet {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    /// The traffic class and flow label (the header's first word, version bits aside).
+    pub class_and_label: u32,
+    /// The next header of the fixed header: the L4 protocol, or the first extension
+    /// header's type when `extensions` holds any.
+    pub next_header: u8,
+    /// Extension headers as raw bytes (their own next-header fields included).
+    pub extensions: Vec<u8>,
+    pub l4: Vec<u8>,
+}
+
+impl Ipv6Packet {
+    pub fn new(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, l4: Vec<u8>) -> Self {
+        Self { src, dst, class_and_label: 0x0b_12345, next_header: proto, extensions: Vec::new(), l4 }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let payload = self.extensions.len() + self.l4.len();
+        let mut f = Vec::with_capacity(ETH_LEN + IPV6_LEN + payload);
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01]);
+        f.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+        f.extend_from_slice(&(0x6000_0000 | (self.class_and_label & 0x0fff_ffff)).to_be_bytes());
+        f.extend_from_slice(&(payload as u16).to_be_bytes());
+        f.push(self.next_header);
+        f.push(64);
+        f.extend_from_slice(&self.src.octets());
+        f.extend_from_slice(&self.dst.octets());
+        f.extend_from_slice(&self.extensions);
+        f.extend_from_slice(&self.l4);
+        if self.extensions.is_empty() {
+            fix_checksums6(&mut f);
+        }
+        f
+    }
+}
+
+/// The source of an Ethernet/IPv6 frame.
+pub fn ip6_src(f: &[u8]) -> Ipv6Addr {
+    Ipv6Addr::from(<[u8; 16]>::try_from(&f[ETH_LEN + 8..ETH_LEN + 24]).unwrap())
+}
+
+/// The destination of an Ethernet/IPv6 frame.
+pub fn ip6_dst(f: &[u8]) -> Ipv6Addr {
+    Ipv6Addr::from(<[u8; 16]>::try_from(&f[ETH_LEN + 24..ETH_LEN + 40]).unwrap())
+}
+
+/// Recomputes the TCP, UDP or ICMPv6 checksum of an Ethernet/IPv6 frame without extension
+/// headers in place.
+pub fn fix_checksums6(f: &mut [u8]) {
+    let l4 = ETH_LEN + IPV6_LEN;
+    let check_at = match f[ETH_LEN + 6] {
+        PROTO_TCP if f.len() >= l4 + 20 => l4 + 16,
+        PROTO_UDP if f.len() >= l4 + 8 => l4 + 6,
+        PROTO_ICMPV6 if f.len() >= l4 + 4 => l4 + 2,
+        _ => return,
+    };
+    f[check_at..check_at + 2].copy_from_slice(&[0, 0]);
+    let sum = !l4_sum6(f);
+    let sum = if f[ETH_LEN + 6] == PROTO_UDP && sum == 0 { 0xffff } else { sum };
+    f[check_at..check_at + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Whether the L4 checksum (TCP, UDP or ICMPv6) of a whole Ethernet/IPv6 frame without
+/// extension headers verifies; `None` for any other frame.
+pub fn checksums6_checked(f: &[u8]) -> Option<bool> {
+    if f.len() < ETH_LEN + IPV6_LEN || f[12..14] != ETHERTYPE_IPV6.to_be_bytes() || f[ETH_LEN] >> 4 != 6 {
+        return None;
+    }
+    let payload = usize::from(u16::from_be_bytes([f[ETH_LEN + 4], f[ETH_LEN + 5]]));
+    if ETH_LEN + IPV6_LEN + payload > f.len() {
+        return None;
+    }
+    let l4 = &f[ETH_LEN + IPV6_LEN..ETH_LEN + IPV6_LEN + payload];
+    match f[ETH_LEN + 6] {
+        PROTO_TCP if l4.len() >= 20 => {}
+        PROTO_UDP if l4.len() >= 8 && l4[6..8] != [0, 0] => {}
+        PROTO_ICMPV6 if l4.len() >= 4 => {}
+        _ => return None,
+    }
+    Some(l4_sum6(f) == 0xffff)
+}
+
+/// True when [`checksums6_checked`] says the checksum verifies.
+pub fn checksums6_valid(f: &[u8]) -> bool {
+    checksums6_checked(f) == Some(true)
+}
+
+/// Sum over the IPv6 pseudo-header and the L4 segment (checksum field included as it is).
+fn l4_sum6(f: &[u8]) -> u16 {
+    let payload = usize::from(u16::from_be_bytes([f[ETH_LEN + 4], f[ETH_LEN + 5]]));
+    let l4 = &f[ETH_LEN + IPV6_LEN..ETH_LEN + IPV6_LEN + payload];
+    let mut pseudo = Vec::with_capacity(40);
+    pseudo.extend_from_slice(&f[ETH_LEN + 8..ETH_LEN + 40]);
+    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, f[ETH_LEN + 6]]);
+    ones_complement_sum(l4, u32::from(ones_complement_sum(&pseudo, 0)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +289,19 @@ mod tests {
             let last = f.len() - 1;
             f[last] ^= 1;
             assert!(!checksums_valid(&f));
+        }
+    }
+
+    #[test]
+    fn built_ipv6_frames_have_valid_checksums() {
+        let a: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let b: Ipv6Addr = "2001:db8::2".parse().unwrap();
+        for (proto, l4) in [(PROTO_TCP, tcp(1, 2, TCP_SYN, b"x")), (PROTO_UDP, udp(3, 4, b"odd"))] {
+            let mut f = Ipv6Packet::new(a, b, proto, l4).build();
+            assert!(checksums6_valid(&f));
+            let last = f.len() - 1;
+            f[last] ^= 1;
+            assert!(!checksums6_valid(&f));
         }
     }
 }

@@ -37,6 +37,19 @@ impl Netns {
         Ok(ns)
     }
 
+    /// [`Netns::new`] with IPv6 on (for interfaces made from now on), without router
+    /// solicitations, address autoconfiguration or duplicate address detection.
+    pub fn new_dual_stack(role: &str) -> Result<Self> {
+        let ns = Self::new(role)?;
+        for key in ["all", "default", "lo"] {
+            for (setting, value) in [("disable_ipv6", "0"), ("accept_ra", "0"), ("autoconf", "0"), ("router_solicitations", "0")] {
+                ns.sysctl(&format!("net.ipv6.conf.{key}.{setting}"), value)?;
+            }
+            ns.sysctl(&format!("net.ipv6.conf.{key}.accept_dad"), "0")?;
+        }
+        Ok(ns)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
