@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!  client (10.10.1.2, +extra)  --  splitter (10.10.1.1 | 10.10.2.1)  --  backends (10.10.2.x)
+//!  [2001:db8:1::2]                   [2001:db8:1::1 | 2001:db8:2::1]       [2001:db8:2::x]
 //!        cli0                     spl-c            spl-b                       bk0
 //! ```
 //!
@@ -30,6 +31,12 @@ pub const VIP: &str = "10.0.0.10";
 pub const CLIENT_ADDR: &str = "10.10.1.2";
 pub const SPLITTER_CLIENT_SIDE: &str = "10.10.1.1";
 pub const SPLITTER_BACKEND_SIDE: &str = "10.10.2.1";
+/// The IPv6 side of a dual-stack testbed ([`Testbed::dual_stack`]): the VIP, the client,
+/// the splitter's two sides; backends sit in 2001:db8:2::/64.
+pub const VIP6: &str = "2001:db8::10";
+pub const CLIENT_ADDR6: &str = "2001:db8:1::2";
+pub const SPLITTER_CLIENT_SIDE6: &str = "2001:db8:1::1";
+pub const SPLITTER_BACKEND_SIDE6: &str = "2001:db8:2::1";
 
 /// Routes of the sava gateway (Vamp's canary tutorial) the namespace tests use.
 pub const SAVA_STABLE: &str = "sava/sava:1.0.0";
@@ -158,9 +165,21 @@ impl Testbed {
     /// A testbed whose veths have `queues` queues at each end (see
     /// [`Veth::create_with_queues`]).
     pub fn with_queues(queues: usize) -> Result<Self> {
-        let client = Netns::new("client")?;
-        let splitter = Netns::new("splitter")?;
-        let backends = Netns::new("backends")?;
+        Self::build(queues, false)
+    }
+
+    /// A testbed that also speaks IPv6: the client at [`CLIENT_ADDR6`], the splitter at
+    /// [`SPLITTER_CLIENT_SIDE6`] and [`SPLITTER_BACKEND_SIDE6`] (forwarding), backends in
+    /// 2001:db8:2::/64, each side routing via the splitter as in IPv4.
+    pub fn dual_stack() -> Result<Self> {
+        Self::build(1, true)
+    }
+
+    fn build(queues: usize, ipv6: bool) -> Result<Self> {
+        let namespace = if ipv6 { Netns::new_dual_stack } else { Netns::new };
+        let client = namespace("client")?;
+        let splitter = namespace("splitter")?;
+        let backends = namespace("backends")?;
         let (client_cidr, splitter_client_cidr) = (format!("{CLIENT_ADDR}/24"), format!("{SPLITTER_CLIENT_SIDE}/24"));
         Veth::create_with_queues(&client, "cli0", &client_cidr, &splitter, "spl-c", &splitter_client_cidr, queues)?;
         let splitter_backend_cidr = format!("{SPLITTER_BACKEND_SIDE}/24");
@@ -170,6 +189,15 @@ impl Testbed {
         // Packets the datapath passes up (next hop not resolved yet) are forwarded by the
         // kernel; full-NAT ones carry this node's own source address.
         splitter.sysctl("net.ipv4.ip_forward", "1")?;
+        if ipv6 {
+            client.ip(&["-6", "addr", "add", &format!("{CLIENT_ADDR6}/64"), "dev", "cli0", "nodad"])?;
+            splitter.ip(&["-6", "addr", "add", &format!("{SPLITTER_CLIENT_SIDE6}/64"), "dev", "spl-c", "nodad"])?;
+            splitter.ip(&["-6", "addr", "add", &format!("{SPLITTER_BACKEND_SIDE6}/64"), "dev", "spl-b", "nodad"])?;
+            backends.ip(&["-6", "addr", "add", "2001:db8:2::2/64", "dev", "bk0", "nodad"])?;
+            client.ip(&["-6", "route", "add", "default", "via", SPLITTER_CLIENT_SIDE6])?;
+            backends.ip(&["-6", "route", "add", "default", "via", SPLITTER_BACKEND_SIDE6])?;
+            splitter.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
         for dev in ["all", "spl-c", "spl-b"] {
             splitter.sysctl(&format!("net.ipv4.conf.{dev}.accept_local"), "1")?;
         }
@@ -215,11 +243,19 @@ impl Testbed {
     /// Starts a backend process on `addr:port` (added to the backends' interface if new)
     /// answering `version`; `extra` are more `splitter-backend` flags (`--udp`, `--reset`).
     pub fn start_backend(&mut self, addr: &str, port: u16, version: &str, extra: &[&str]) -> Result<()> {
-        let have = self.backends.ip_output(&["-4", "addr", "show", "dev", "bk0"])?;
-        if !have.contains(&format!("inet {addr}/")) {
-            self.backends.ip(&["addr", "add", &format!("{addr}/24"), "dev", "bk0"])?;
+        let ip: std::net::IpAddr = addr.parse().with_context(|| format!("backend address {addr}"))?;
+        if ip.is_ipv4() {
+            let have = self.backends.ip_output(&["-4", "addr", "show", "dev", "bk0"])?;
+            if !have.contains(&format!("inet {addr}/")) {
+                self.backends.ip(&["addr", "add", &format!("{addr}/24"), "dev", "bk0"])?;
+            }
+        } else {
+            let have = self.backends.ip_output(&["-6", "addr", "show", "dev", "bk0"])?;
+            if !have.contains(&format!("inet6 {addr}/")) {
+                self.backends.ip(&["-6", "addr", "add", &format!("{addr}/64"), "dev", "bk0", "nodad"])?;
+            }
         }
-        let listen = format!("{addr}:{port}");
+        let listen = std::net::SocketAddr::new(ip, port).to_string();
         let mut args = vec!["--listen", &listen, "--version", version];
         args.extend_from_slice(extra);
         let process = self.backends.spawn(sibling_bin("splitter-backend"), &args)?;

@@ -5,43 +5,65 @@ use std::{collections::BTreeMap, sync::Mutex, thread, time::Duration};
 
 use splitter_tests::{
     privileged,
-    testbed::{http_get, sava_gateway, LineClient, Testbed, VIP},
+    testbed::{http_get, sava_gateway, LineClient, Testbed, VIP, VIP6},
 };
 
 const DCOS_09: [&str; 3] = ["10.10.2.11", "10.10.2.12", "10.10.2.13"];
 const DCOS_10: &str = "10.10.2.21";
 
-fn dcos_gateway(mode: &str) -> String {
+const DCOS6_09: [&str; 3] = ["2001:db8:2::11", "2001:db8:2::12", "2001:db8:2::13"];
+const DCOS6_10: &str = "2001:db8:2::21";
+
+/// The DC/OS example's addresses in one family: the VIP, the 0.9 instances, the 1.0 one.
+struct Family {
+    vip: &'static str,
+    stable: [&'static str; 3],
+    canary: &'static str,
+}
+
+const IPV4: Family = Family { vip: VIP, stable: DCOS_09, canary: DCOS_10 };
+const IPV6: Family = Family { vip: VIP6, stable: DCOS6_09, canary: DCOS6_10 };
+
+fn target(addr: &str) -> String {
+    std::net::SocketAddr::new(addr.parse().unwrap(), 8080).to_string()
+}
+
+fn dcos_gateway(mode: &str, family: &Family) -> String {
+    let quoted = |addr: &str| format!("\"{}\"", target(addr));
+    let stable: Vec<String> = family.stable.iter().map(|a| quoted(a)).collect();
     format!(
         "name: simpleservice
 port: 9050/http
-virtual_address: {VIP}
+virtual_address: {}
 mode: {mode}
 routes:
   simpleservice/0.9:
     weight: 80%
-    targets: [10.10.2.11:8080, 10.10.2.12:8080, 10.10.2.13:8080]
+    targets: [{}]
   simpleservice/1.0:
     weight: 20%
-    targets: [10.10.2.21:8080]
-"
+    targets: [{}]
+",
+        family.vip,
+        stable.join(", "),
+        quoted(family.canary)
     )
 }
 
-fn dcos_testbed(mode: &str) -> Testbed {
-    let mut bed = Testbed::new().unwrap();
-    for addr in DCOS_09 {
+fn dcos_testbed(mode: &str, family: &Family) -> Testbed {
+    let mut bed = if family.vip == VIP6 { Testbed::dual_stack() } else { Testbed::new() }.unwrap();
+    for addr in family.stable {
         bed.start_backend(addr, 8080, "0.9", &[]).unwrap();
     }
-    bed.start_backend(DCOS_10, 8080, "1.0", &[]).unwrap();
-    bed.write_config("simpleservice.yaml", &dcos_gateway(mode)).unwrap();
+    bed.start_backend(family.canary, 8080, "1.0", &[]).unwrap();
+    bed.write_config("simpleservice.yaml", &dcos_gateway(mode, family)).unwrap();
     bed.start_agent(&[]).unwrap();
     bed
 }
 
-/// `connections` HTTP requests to the VIP from `threads` client threads; returns how
+/// `connections` HTTP requests to `vip_port` from `threads` client threads; returns how
 /// many each backend (`VERSION ADDR:PORT`) answered. Panics on any failed request.
-fn requests(bed: &Testbed, connections: usize, threads: usize) -> BTreeMap<String, usize> {
+fn requests_to(bed: &Testbed, vip_port: &str, connections: usize, threads: usize) -> BTreeMap<String, usize> {
     let answers = Mutex::new(BTreeMap::new());
     bed.client
         .enter(|| {
@@ -50,7 +72,7 @@ fn requests(bed: &Testbed, connections: usize, threads: usize) -> BTreeMap<Strin
                     let answers = &answers;
                     s.spawn(move || {
                         for i in (t..connections).step_by(threads) {
-                            let body = http_get(&format!("{VIP}:9050"), None).unwrap_or_else(|e| panic!("request {i}: {e:#}"));
+                            let body = http_get(vip_port, None).unwrap_or_else(|e| panic!("request {i}: {e:#}"));
                             *answers.lock().unwrap().entry(body).or_insert(0) += 1;
                         }
                     });
@@ -67,10 +89,11 @@ fn share(answers: &BTreeMap<String, usize>, prefix: &str) -> f64 {
     100.0 * part as f64 / total as f64
 }
 
-fn dcos_split(mode: &str) {
-    let bed = dcos_testbed(mode);
+fn dcos_split(mode: &str, family: &Family) {
+    let bed = dcos_testbed(mode, family);
     let connections = 2000;
-    let answers = requests(&bed, connections, 4);
+    let vip_port = std::net::SocketAddr::new(family.vip.parse().unwrap(), 9050).to_string();
+    let answers = requests_to(&bed, &vip_port, connections, 4);
     println!("{mode}: {connections} connections: {answers:?}");
     assert_eq!(answers.values().sum::<usize>(), connections, "every connection got a complete response");
     // Each flow lands on a target with its share's probability: a check allows 4.5
@@ -80,8 +103,8 @@ fn dcos_split(mode: &str) {
     let v10 = share(&answers, "1.0 ");
     assert!((v09 - 80.0).abs() <= tolerance(80.0), "0.9 got {v09:.1}%, want 80 ± {:.1}", tolerance(80.0));
     assert!((v10 - 20.0).abs() <= tolerance(20.0), "1.0 got {v10:.1}%, want 20 ± {:.1}", tolerance(20.0));
-    for addr in DCOS_09 {
-        let s = share(&answers, &format!("0.9 {addr}:"));
+    for addr in family.stable {
+        let s = share(&answers, &format!("0.9 {}", target(addr)));
         let third = 80.0 / 3.0;
         assert!((s - third).abs() <= tolerance(third), "instance {addr} got {s:.1}%, want {third:.1}% ± {:.1}", tolerance(third));
     }
@@ -113,7 +136,7 @@ fn dcos_80_20_split_full_nat() {
     if !privileged("dcos_80_20_split_full_nat") {
         return;
     }
-    dcos_split("fullnat");
+    dcos_split("fullnat", &IPV4);
 }
 
 #[test]
@@ -121,7 +144,23 @@ fn dcos_80_20_split_dnat() {
     if !privileged("dcos_80_20_split_dnat") {
         return;
     }
-    dcos_split("dnat");
+    dcos_split("dnat", &IPV4);
+}
+
+#[test]
+fn dcos_80_20_split_over_ipv6_full_nat() {
+    if !privileged("dcos_80_20_split_over_ipv6_full_nat") {
+        return;
+    }
+    dcos_split("fullnat", &IPV6);
+}
+
+#[test]
+fn dcos_80_20_split_over_ipv6_dnat() {
+    if !privileged("dcos_80_20_split_over_ipv6_dnat") {
+        return;
+    }
+    dcos_split("dnat", &IPV6);
 }
 
 fn sava(stable: &str, canary: &str) -> String {
