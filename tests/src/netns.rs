@@ -172,7 +172,11 @@ impl Drop for Netns {
 /// checksums, where veth would hand it partial ones).
 pub fn bridge_port(fabric: &Netns, ns: &Netns, dev: &str, addr: &str, fabric_end: &str) -> Result<()> {
     ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", fabric_end, "netns", fabric.name()])?;
-    ns.ip(&["addr", "add", addr, "dev", dev])?;
+    if addr.contains(':') {
+        ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"])?;
+    } else {
+        ns.ip(&["addr", "add", addr, "dev", dev])?;
+    }
     ns.ip(&["link", "set", dev, "up"])?;
     fabric.ip(&["link", "set", fabric_end, "master", "br0"])?;
     fabric.ip(&["link", "set", fabric_end, "up"])?;

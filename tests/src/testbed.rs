@@ -128,19 +128,22 @@ pub fn sibling_bin(name: &str) -> PathBuf {
 }
 
 /// A target of a direct-server-return gateway, in its own namespace `name` on `fabric`'s
-/// bridge at `addr/24` (its bridge end named `fabric_end`): the VIP on its loopback, the
+/// bridge at `addr/24` (`addr/64` for IPv6; its bridge end named `fabric_end`): the VIP on its loopback, the
 /// project's decapsulation program on its port, and a backend answering `version` on
 /// port 80 of every address. Returns the namespace, the decapsulation program and the
 /// backend.
 pub fn dsr_target(fabric: &Netns, name: &str, addr: &str, fabric_end: &str, vip: &str, version: &str) -> Result<(Netns, Process, Process)> {
-    let target = Netns::new(name)?;
-    crate::netns::bridge_port(fabric, &target, "t0", &format!("{addr}/24"), fabric_end)?;
-    target.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+    let ipv6 = addr.contains(':');
+    let target = if ipv6 { Netns::new_dual_stack(name)? } else { Netns::new(name)? };
+    let (prefix, host) = if ipv6 { (64, 128) } else { (24, 32) };
+    crate::netns::bridge_port(fabric, &target, "t0", &format!("{addr}/{prefix}"), fabric_end)?;
+    target.ip(&["addr", "add", &format!("{vip}/{host}"), "dev", "lo"])?;
     let decap = target.spawn(splitter_bin(), &["decap", "--iface", "t0"])?;
     decap.wait_for_line("are decapsulated", Duration::from_secs(10))?;
     // Listening on every address: a check sent to the target's own address would pass
     // whether or not it serves the VIP.
-    let backend = target.spawn(sibling_bin("splitter-backend"), &["--listen", "0.0.0.0:80", "--version", version])?;
+    let any = if ipv6 { "[::]:80" } else { "0.0.0.0:80" };
+    let backend = target.spawn(sibling_bin("splitter-backend"), &["--listen", any, "--version", version])?;
     backend.wait_for_line("listening", Duration::from_secs(10))?;
     Ok((target, decap, backend))
 }

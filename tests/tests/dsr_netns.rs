@@ -8,6 +8,8 @@
 //!   target i 10.10.2.1x ┘   each target in its own namespace, the VIP 10.0.0.80 on its lo
 //! ```
 //!
+//! and the same in IPv6 (2001:db8:2::/64, the VIP 2001:db8::80, IPv6 in IPv6).
+//!
 //! The client routes the VIP via the splitter; the splitter (one-arm, on `spl0`)
 //! encapsulates each flow's packets to its target; the targets' answers go from the VIP
 //! straight to the client over the bridge, never through the splitter.
@@ -22,20 +24,63 @@ use splitter_tests::{
     Process,
 };
 
-const VIP: &str = "10.0.0.80";
-const VIP_PORT: &str = "10.0.0.80:80";
-/// Target instances: address and the version each one answers with (three of `v1`, one
-/// of `v2`, told apart by an instance suffix).
-const TARGETS: [(&str, &str); 4] = [("10.10.2.11", "v1-a"), ("10.10.2.12", "v1-b"), ("10.10.2.13", "v1-c"), ("10.10.2.14", "v2-a")];
+/// The testbed's addresses in one family: the VIP, the client, the splitter, the targets
+/// with the version each answers (three of `v1`, one of `v2`, told apart by an instance
+/// suffix), and the prefix length of the fabric.
+struct Family {
+    vip: &'static str,
+    client: &'static str,
+    splitter: &'static str,
+    targets: [(&'static str, &'static str); 4],
+    prefix: u8,
+}
 
-fn gateway(v1: &str, v2: &str) -> String {
-    format!(
-        "name: web\nport: 80/tcp\nvirtual_address: {VIP}\nmode: dsr\nroutes:\n  v1:\n    weight: {v1}\n    targets: \
-         [10.10.2.11:80, 10.10.2.12:80, 10.10.2.13:80]\n  v2:\n    weight: {v2}\n    targets: [10.10.2.14:80]\n"
-    )
+const IPV4: Family = Family {
+    vip: "10.0.0.80",
+    client: "10.10.2.2",
+    splitter: "10.10.2.1",
+    targets: [("10.10.2.11", "v1-a"), ("10.10.2.12", "v1-b"), ("10.10.2.13", "v1-c"), ("10.10.2.14", "v2-a")],
+    prefix: 24,
+};
+
+const IPV6: Family = Family {
+    vip: "2001:db8::80",
+    client: "2001:db8:2::2",
+    splitter: "2001:db8:2::1",
+    targets: [("2001:db8:2::11", "v1-a"), ("2001:db8:2::12", "v1-b"), ("2001:db8:2::13", "v1-c"), ("2001:db8:2::14", "v2-a")],
+    prefix: 64,
+};
+
+impl Family {
+    fn ipv6(&self) -> bool {
+        self.vip.contains(':')
+    }
+
+    /// `addr:port` as a socket address is written (`[addr]:port` for IPv6).
+    fn at(addr: &str, port: u16) -> String {
+        std::net::SocketAddr::new(addr.parse().unwrap(), port).to_string()
+    }
+
+    fn vip_port(&self) -> String {
+        Self::at(self.vip, 80)
+    }
+
+    fn gateway(&self, v1: &str, v2: &str) -> String {
+        let target = |i: usize| format!("\"{}\"", Self::at(self.targets[i].0, 80));
+        format!(
+            "name: web\nport: 80/tcp\nvirtual_address: {}\nmode: dsr\nroutes:\n  v1:\n    weight: {v1}\n    targets: \
+             [{}, {}, {}]\n  v2:\n    weight: {v2}\n    targets: [{}]\n",
+            self.vip,
+            target(0),
+            target(1),
+            target(2),
+            target(3)
+        )
+    }
 }
 
 struct DsrBed {
+    family: &'static Family,
     fabric: Netns,
     client: Netns,
     splitter: Netns,
@@ -49,24 +94,30 @@ struct DsrBed {
 }
 
 impl DsrBed {
-    fn new() -> Result<Self> {
-        let fabric = Netns::new("dsr-fabric")?;
+    fn new(family: &'static Family) -> Result<Self> {
+        let namespace = if family.ipv6() { Netns::new_dual_stack } else { Netns::new };
+        let fabric = namespace("dsr-fabric")?;
         fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
         fabric.ip(&["link", "set", "br0", "up"])?;
-        let client = Netns::new("dsr-client")?;
-        bridge_port(&fabric, &client, "cli0", "10.10.2.2/24", "f-cli")?;
-        client.ip(&["route", "add", &format!("{VIP}/32"), "via", "10.10.2.1"])?;
-        let splitter = Netns::new("dsr-splitter")?;
-        bridge_port(&fabric, &splitter, "spl0", "10.10.2.1/24", "f-spl")?;
+        let client = namespace("dsr-client")?;
+        let host = if family.ipv6() { 128 } else { 32 };
+        bridge_port(&fabric, &client, "cli0", &format!("{}/{}", family.client, family.prefix), "f-cli")?;
+        client.ip(&["route", "add", &format!("{}/{host}", family.vip), "via", family.splitter])?;
+        let splitter = namespace("dsr-splitter")?;
+        bridge_port(&fabric, &splitter, "spl0", &format!("{}/{}", family.splitter, family.prefix), "f-spl")?;
         // Encapsulated packets the datapath passes up (next hop not resolved yet) are
         // forwarded by the kernel, with this node's own address as their source.
         splitter.sysctl("net.ipv4.ip_forward", "1")?;
+        if family.ipv6() {
+            splitter.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
         for dev in ["all", "spl0"] {
             splitter.sysctl(&format!("net.ipv4.conf.{dev}.accept_local"), "1")?;
         }
         // XDP_TX on a veth reaches its peer promptly only when the peer runs XDP.
         let pass = XdpAttachment::attach(&fabric, "f-spl", "xdp_pass")?;
         let mut bed = Self {
+            family,
             fabric,
             client,
             splitter,
@@ -77,8 +128,8 @@ impl DsrBed {
             agent: None,
             _pass: pass,
         };
-        for (i, (addr, version)) in TARGETS.iter().enumerate() {
-            let (target, decap, backend) = dsr_target(&bed.fabric, &format!("dsr-t{i}"), addr, &format!("f-t{i}"), VIP, version)?;
+        for (i, (addr, version)) in family.targets.iter().enumerate() {
+            let (target, decap, backend) = dsr_target(&bed.fabric, &format!("dsr-t{i}"), addr, &format!("f-t{i}"), family.vip, version)?;
             bed.processes.push(decap);
             bed.processes.push(backend);
             bed.targets.push(target);
@@ -119,11 +170,12 @@ impl DsrBed {
     /// `n` HTTP GETs to the VIP from the client, counted by the instance that answered;
     /// any failed one fails the test.
     fn sample(&self, n: usize) -> BTreeMap<String, usize> {
+        let vip_port = self.family.vip_port();
         self.client
             .enter(|| {
                 let mut counts = BTreeMap::new();
                 for i in 0..n {
-                    let body = http_get(VIP_PORT, None).unwrap_or_else(|e| panic!("connection {i} to the VIP: {e:#}"));
+                    let body = http_get(&vip_port, None).unwrap_or_else(|e| panic!("connection {i} to the VIP: {e:#}"));
                     let version = body.split_whitespace().next().unwrap_or("").to_string();
                     *counts.entry(version).or_insert(0) += 1;
                 }
@@ -160,8 +212,20 @@ fn dsr_splits_2000_connections_80_20_over_3_and_1_instances_and_replies_bypass_t
     if !privileged("dsr_splits_2000_connections_80_20_over_3_and_1_instances_and_replies_bypass_the_splitter") {
         return;
     }
-    let mut bed = DsrBed::new().unwrap();
-    bed.start_agent(&gateway("80%", "20%")).unwrap();
+    split_2000_and_replies_bypass_the_splitter(&IPV4);
+}
+
+#[test]
+fn ipv6_dsr_splits_2000_connections_80_20_over_3_and_1_instances_and_replies_bypass_the_splitter() {
+    if !privileged("ipv6_dsr_splits_2000_connections_80_20_over_3_and_1_instances_and_replies_bypass_the_splitter") {
+        return;
+    }
+    split_2000_and_replies_bypass_the_splitter(&IPV6);
+}
+
+fn split_2000_and_replies_bypass_the_splitter(family: &'static Family) {
+    let mut bed = DsrBed::new(family).unwrap();
+    bed.start_agent(&family.gateway("80%", "20%")).unwrap();
     let client_sent = bed.client.tx_packets("cli0").unwrap();
     let (to_splitter, from_targets) = bed.counters().unwrap();
 
@@ -189,7 +253,8 @@ fn dsr_splits_2000_connections_80_20_over_3_and_1_instances_and_replies_bypass_t
     );
     let stats: serde_json::Value = serde_json::from_str(&bed.cli(&["stats", "-o", "json"]).unwrap()).unwrap();
     let text = stats.to_string();
-    assert!(text.contains("10.10.2.11:80"), "stats name the targets: {text}");
+    let first = Family::at(family.targets[0].0, 80);
+    assert!(text.contains(&first), "stats name the targets: {text}");
 }
 
 #[test]
@@ -197,14 +262,27 @@ fn dsr_flows_keep_their_target_across_weight_changes() {
     if !privileged("dsr_flows_keep_their_target_across_weight_changes") {
         return;
     }
-    let mut bed = DsrBed::new().unwrap();
-    bed.start_agent(&gateway("90%", "10%")).unwrap();
+    flows_keep_their_target_across_weight_changes(&IPV4);
+}
+
+#[test]
+fn ipv6_dsr_flows_keep_their_target_across_weight_changes() {
+    if !privileged("ipv6_dsr_flows_keep_their_target_across_weight_changes") {
+        return;
+    }
+    flows_keep_their_target_across_weight_changes(&IPV6);
+}
+
+fn flows_keep_their_target_across_weight_changes(family: &'static Family) {
+    let mut bed = DsrBed::new(family).unwrap();
+    bed.start_agent(&family.gateway("90%", "10%")).unwrap();
+    let vip_port = family.vip_port();
     let mut connections: Vec<(LineClient, String)> = bed
         .client
         .enter(|| {
             (0..50)
                 .map(|i| {
-                    let mut c = LineClient::connect(VIP_PORT).with_context(|| format!("connection {i}"))?;
+                    let mut c = LineClient::connect(&vip_port).with_context(|| format!("connection {i}"))?;
                     let first = c.ask()?;
                     Ok((c, first))
                 })
@@ -244,10 +322,24 @@ fn dsr_health_checks_go_through_the_tunnel_to_the_vip() {
     if !privileged("dsr_health_checks_go_through_the_tunnel_to_the_vip") {
         return;
     }
-    let mut bed = DsrBed::new().unwrap();
+    health_checks_go_through_the_tunnel_to_the_vip(&IPV4);
+}
+
+#[test]
+fn ipv6_dsr_health_checks_go_through_the_tunnel_to_the_vip() {
+    if !privileged("ipv6_dsr_health_checks_go_through_the_tunnel_to_the_vip") {
+        return;
+    }
+    health_checks_go_through_the_tunnel_to_the_vip(&IPV6);
+}
+
+fn health_checks_go_through_the_tunnel_to_the_vip(family: &'static Family) {
+    let mut bed = DsrBed::new(family).unwrap();
     let check = "health_check:\n  protocol: tcp\n  interval: 200ms\n  timeout: 150ms\n  unhealthy_threshold: 2\n  \
                  healthy_threshold: 2\n";
-    bed.start_agent(&(gateway("80%", "20%") + check)).unwrap();
+    bed.start_agent(&(family.gateway("80%", "20%") + check)).unwrap();
+    let third = Family::at(family.targets[2].0, 80);
+    let host = if family.ipv6() { 128 } else { 32 };
     std::thread::sleep(Duration::from_secs(1));
     let got = bed.cli(&["get", "web"]).unwrap();
     assert!(!got.contains(":80 unhealthy"), "every target serves the VIP: {got}");
@@ -255,21 +347,20 @@ fn dsr_health_checks_go_through_the_tunnel_to_the_vip() {
     // One target stops holding the VIP: its backend still listens on every address, so a
     // check of 10.10.2.13:80 itself would pass, but the tunnelled packets to the VIP are
     // no longer its own.
-    bed.targets[2].ip(&["addr", "del", &format!("{VIP}/32"), "dev", "lo"]).unwrap();
-    bed.agent().wait_for_line("target 10.10.2.13:80 unhealthy", Duration::from_secs(10)).unwrap();
-    let direct =
-        bed.splitter.enter(|| std::net::TcpStream::connect_timeout(&"10.10.2.13:80".parse().unwrap(), Duration::from_secs(2))).unwrap();
+    bed.targets[2].ip(&["addr", "del", &format!("{}/{host}", family.vip), "dev", "lo"]).unwrap();
+    bed.agent().wait_for_line(&format!("target {third} unhealthy"), Duration::from_secs(10)).unwrap();
+    let direct = bed.splitter.enter(|| std::net::TcpStream::connect_timeout(&third.parse().unwrap(), Duration::from_secs(2))).unwrap();
     assert!(direct.is_ok(), "the backend itself still answers on its own address");
     let got = bed.cli(&["get", "web"]).unwrap();
-    assert!(got.contains("10.10.2.13:80 unhealthy"), "get shows it: {got}");
+    assert!(got.contains(&format!("{third} unhealthy")), "get shows it: {got}");
     // 1000 connections: one standard deviation of v1's share is 1.3 points.
     let counts = bed.sample(1000);
     assert_eq!(counts.get("v1-c"), None, "no new connection goes to the target without the VIP: {counts:?}");
     let v1 = share(&counts, "v1", 1000);
     assert!((v1 - 80.0).abs() <= 6.0, "v1 keeps its 80% on its two other instances: {v1:.1}% ({counts:?})");
 
-    bed.targets[2].ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]).unwrap();
-    bed.agent().wait_for_line("target 10.10.2.13:80 healthy again", Duration::from_secs(10)).unwrap();
+    bed.targets[2].ip(&["addr", "add", &format!("{}/{host}", family.vip), "dev", "lo"]).unwrap();
+    bed.agent().wait_for_line(&format!("target {third} healthy again"), Duration::from_secs(10)).unwrap();
     let counts = bed.sample(300);
     assert!(counts.get("v1-c").copied().unwrap_or(0) > 40, "the instance takes its share again: {counts:?}");
 }

@@ -3,6 +3,7 @@
 //! ```text
 //!  gen (trafgen, CPU 0)       mid (the system under test)          sink (XDP_DROP)
 //!  cli0 10.10.1.2  ---------  spl-c 10.10.1.1 | spl-b 10.10.2.1  ---------  bk0 10.10.2.2
+//!  2001:db8:1::2              2001:db8:1::1 | 2001:db8:2::1             2001:db8:2::11, ::21
 //! ```
 //!
 //! The sink drops every frame in XDP (its stack is not counted) and counts them; the
@@ -30,6 +31,10 @@ pub const GEN_ADDR: &str = "10.10.1.2";
 /// Backend addresses (on the sink's veth, which drops everything).
 pub const BACKENDS: [&str; 2] = ["10.10.2.11", "10.10.2.21"];
 pub const UDP_PORT: u16 = 9000;
+/// The IPv6 side of the testbed: the VIP, the generator, the backends.
+pub const VIP6: &str = "2001:db8::10";
+pub const GEN_ADDR6: &str = "2001:db8:1::2";
+pub const BACKENDS6: [&str; 2] = ["2001:db8:2::11", "2001:db8:2::21"];
 
 pub struct ForwardBed {
     pub gen: Netns,
@@ -49,9 +54,9 @@ pub fn mac_of(ns: &Netns, dev: &str) -> Result<String> {
 
 impl ForwardBed {
     pub fn new() -> Result<Self> {
-        let gen = Netns::new("gen")?;
-        let mid = Netns::new("mid")?;
-        let sink = Netns::new("sink")?;
+        let gen = Netns::new_dual_stack("gen")?;
+        let mid = Netns::new_dual_stack("mid")?;
+        let sink = Netns::new_dual_stack("sink")?;
         Veth::create(&gen, "cli0", &format!("{GEN_ADDR}/24"), &mid, "spl-c", "10.10.1.1/24")?;
         Veth::create(&sink, "bk0", "10.10.2.2/24", &mid, "spl-b", "10.10.2.1/24")?;
         for addr in BACKENDS {
@@ -70,6 +75,15 @@ impl ForwardBed {
         }
         let gen_mac = mac_of(&gen, "cli0")?;
         mid.ip(&["neigh", "replace", GEN_ADDR, "lladdr", &gen_mac, "dev", "spl-c", "nud", "permanent"])?;
+        gen.ip(&["-6", "addr", "add", &format!("{GEN_ADDR6}/64"), "dev", "cli0", "nodad"])?;
+        mid.ip(&["-6", "addr", "add", "2001:db8:1::1/64", "dev", "spl-c", "nodad"])?;
+        mid.ip(&["-6", "addr", "add", "2001:db8:2::1/64", "dev", "spl-b", "nodad"])?;
+        for addr in BACKENDS6 {
+            sink.ip(&["-6", "addr", "add", &format!("{addr}/64"), "dev", "bk0", "nodad"])?;
+            mid.ip(&["neigh", "replace", addr, "lladdr", &sink_mac, "dev", "spl-b", "nud", "permanent"])?;
+        }
+        mid.ip(&["neigh", "replace", GEN_ADDR6, "lladdr", &gen_mac, "dev", "spl-c", "nud", "permanent"])?;
+        mid.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         let sink_drop = XdpAttachment::attach(&sink, "bk0", "xdp_drop")?;
         Ok(Self { mid_in_mac: mac_of(&mid, "spl-c")?, gen, mid, sink, gen_mac, run: TempDir::new("bench")?, _sink_drop: sink_drop })
     }
@@ -103,6 +117,20 @@ impl ForwardBed {
             self.mid_in_mac, self.gen_mac
         );
         let path = self.run.path().join(format!("trafgen-{src}-{dst}-{low}-{high}.cfg"));
+        fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// [`Self::trafgen_config`] in IPv6 (62-byte frames: no fill after the UDP header),
+    /// from the generator's IPv6 address to `dst`.
+    pub fn trafgen_config6(&self, dst: &str, flows: u32) -> Result<std::path::PathBuf> {
+        let sport = format!("dinc(10000, {})", 10000 + flows.max(1) - 1);
+        let text = format!(
+            "{{\n  eth(da={}, sa={}, type=0x86dd),\n  ipv6(sa={GEN_ADDR6}, da={dst}, hl=64, nh=17),\n  \
+             udp(sp={sport}, dp={UDP_PORT})\n}}\n",
+            self.mid_in_mac, self.gen_mac
+        );
+        let path = self.run.path().join(format!("trafgen6-{dst}-{flows}.cfg"));
         fs::write(&path, text)?;
         Ok(path)
     }
