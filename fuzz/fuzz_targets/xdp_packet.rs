@@ -18,7 +18,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::{Mutex, OnceLock},
 };
 
@@ -145,9 +145,13 @@ fn fuzzer() -> &'static Fuzzer {
             let Document::Gateway(gateway) = document else { continue };
             datapath.apply(&gateway, &gateway.weighted_targets()).expect("the fuzz gateways apply");
             let proto = if gateway.protocol.is_udp() { UDP } else { TCP };
-            vips.push((gateway.virtual_address, gateway.port, proto));
+            let ipv4 = |addr: IpAddr| match addr {
+                IpAddr::V4(addr) => addr,
+                IpAddr::V6(_) => panic!("the fuzz gateways are IPv4"),
+            };
+            vips.push((ipv4(gateway.virtual_address), gateway.port, proto));
             for route in &gateway.routes {
-                targets.extend(route.targets.iter().map(|t| (t.addr, t.port)));
+                targets.extend(route.targets.iter().map(|t| (ipv4(t.addr), t.port)));
             }
         }
         Fuzzer { ebpf, _datapath: Mutex::new(datapath), vips, targets, seen: Mutex::new(Seen::default()) }
