@@ -230,6 +230,8 @@ static WORK6: PerCpuArray<Work<V6>> = PerCpuArray::with_max_entries(1, 0);
 /// by: this program only.
 #[map]
 static FIB_PARAMS: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);
+// `route` zeroes it in 8-byte words.
+const _: () = assert!(mem::size_of::<FibParams>() % 8 == 0);
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -426,8 +428,8 @@ impl Family for V6 {
     unsafe fn write_addresses(l3: *mut u8, to: &FlowKey6, _addresses: CsumDelta) {
         // SAFETY: the caller's contract; IPv6 has no header checksum.
         unsafe {
-            l3.add(IPV6_SRC_AT).cast::<Ipv6Words>().write_unaligned(to.src_addr);
-            l3.add(IPV6_DST_AT).cast::<Ipv6Words>().write_unaligned(to.dst_addr);
+            write_ipv6_address(l3.add(IPV6_SRC_AT), to.src_addr);
+            write_ipv6_address(l3.add(IPV6_DST_AT), to.dst_addr);
         }
     }
     #[inline(always)]
@@ -564,6 +566,34 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Error> {
         return Err(Error::Pass);
     }
     Ok((start + offset) as *mut T)
+}
+
+/// Copies `*src` over `*dst`. A plain assignment of a value this large may compile to a
+/// call to `memmove`, which BPF has only as a byte-at-a-time loop; a non-overlapping copy
+/// is expanded into word loads and stores.
+///
+/// # Safety
+/// Both pointers must be valid and aligned for `T`, and the values must not overlap.
+#[inline(always)]
+unsafe fn copy_value<T: Copy>(dst: *mut T, src: *const T) {
+    // SAFETY: the caller's contract.
+    unsafe { core::ptr::copy_nonoverlapping(src, dst, 1) }
+}
+
+/// Writes an IPv6 address at `at` as four 32-bit stores (see [`copy_value`]).
+///
+/// # Safety
+/// `at` must point at 16 writable bytes.
+#[inline(always)]
+unsafe fn write_ipv6_address(at: *mut u8, address: Ipv6Words) {
+    let words = at.cast::<u32>();
+    // SAFETY: the caller's contract; the stores are unaligned.
+    unsafe {
+        words.write_unaligned(address[0]);
+        words.add(1).write_unaligned(address[1]);
+        words.add(2).write_unaligned(address[2]);
+        words.add(3).write_unaligned(address[3]);
+    }
 }
 
 /// The parsed headers of a TCP or UDP packet over IPv4 or IPv6.
@@ -890,7 +920,7 @@ fn established<F: Family>(
     let w = unsafe { &mut *work };
     // SAFETY: `entry` points at a live conntrack value; it is copied, then single fields
     // are written through the pointer (a racing CPU can at worst repeat a flag update).
-    w.flow = unsafe { *entry };
+    unsafe { copy_value(&mut w.flow, entry) };
     let flow = &w.flow;
     let counters = TARGET_COUNTERS.get_ptr_mut(flow.counter_index);
     let to_target = flow.flags & FLOW_TO_TARGET != 0;
@@ -1002,19 +1032,20 @@ fn half_open<F: Family>(packet: &Packet<F>, entry: *mut FlowEntryOf<F::Addr>, wo
     let w = unsafe { &mut *work };
     // SAFETY: `entry` points at a live half-open value; it is copied, then single fields
     // are written through the pointer.
-    w.flow = unsafe { *entry };
+    unsafe { copy_value(&mut w.flow, entry) };
     let flow = &w.flow;
     let to_target = flow.flags & FLOW_TO_TARGET != 0;
     // A direct-server-return flow has the client's entry alone: the target answers the
     // client directly.
     let dsr = flow.flags & FLOW_DSR != 0;
     // The client's key and the target's (reply) key of the flow.
+    // SAFETY (both copies): the packet's key is on the stack, apart from this CPU's slot.
     if to_target {
-        w.client_key = *packet.key();
+        unsafe { copy_value(&mut w.client_key, packet.key()) };
         w.reply_key = flow.rewritten.reversed();
     } else {
         w.client_key = flow.rewritten.reversed();
-        w.reply_key = *packet.key();
+        unsafe { copy_value(&mut w.reply_key, packet.key()) };
     }
     let (client_key, reply_key) = (&w.client_key, &w.reply_key);
     let now = now_ns();
@@ -1042,7 +1073,8 @@ fn half_open<F: Family>(packet: &Packet<F>, entry: *mut FlowEntryOf<F::Addr>, wo
             // would be, should the LRU have dropped it.
             // SAFETY: the value is copied out at once.
             match unsafe { F::half_open().get(reply_key) } {
-                Some(reply) => w.other = *reply,
+                // SAFETY: a map value, apart from this CPU's slot.
+                Some(reply) => unsafe { copy_value(&mut w.other, reply) },
                 None => set_established_reply(&mut w.other, client_key, flow, now),
             }
             if F::conntrack().insert(reply_key, &w.other, u64::from(BPF_ANY)).is_err()
@@ -1627,11 +1659,16 @@ fn route<F: Family>(ctx: &XdpContext, src: F::Addr, dst: F::Addr, proto: u8, spo
         }
     }
     let Some(fib) = FIB_PARAMS.get_ptr_mut(0) else { return Route::Pass(ForwardEvent::PASS_FIB) };
+    // Zeroed word by word: `mem::zeroed()` assigned whole becomes a byte-at-a-time memset
+    // (see `copy_value`); volatile stores are not merged back into one.
+    let words = fib.cast::<u64>();
+    for i in 0..mem::size_of::<FibParams>() / 8 {
+        // SAFETY: this CPU's slot, 8-byte aligned, `size_of::<FibParams>()` bytes long;
+        // all-zero is a valid bpf_fib_lookup (plain integers and unions of integers).
+        unsafe { words.add(i).write_volatile(0) };
+    }
     // SAFETY: this CPU's slot; nothing else uses it while we run here.
     let fib = unsafe { &mut *fib };
-    // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain integers and unions of
-    // integers).
-    *fib = unsafe { mem::zeroed() };
     fib.family = F::FIB_FAMILY;
     fib.l4_protocol = proto;
     fib.sport = sport;
@@ -1758,8 +1795,8 @@ unsafe fn write_ipv6_header(
     unsafe {
         ip.cast::<[u8; 4]>().write_unaligned(first);
         ip.add(4).cast::<[u8; 4]>().write_unaligned([len[0], len[1], next_header, hop_limit]);
-        ip.add(IPV6_SRC_AT).cast::<Ipv6Words>().write_unaligned(src);
-        ip.add(IPV6_DST_AT).cast::<Ipv6Words>().write_unaligned(dst);
+        write_ipv6_address(ip.add(IPV6_SRC_AT), src);
+        write_ipv6_address(ip.add(IPV6_DST_AT), dst);
     }
 }
 

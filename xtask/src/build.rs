@@ -306,5 +306,29 @@ fn check_sections(path: &Path) -> Result<()> {
     let missing: Vec<&str> = REQUIRED_SECTIONS.iter().copied().filter(|s| !names.contains(s)).collect();
     ensure!(missing.is_empty(), "{} lacks sections {missing:?} (has {names:?})", path.display());
     eprintln!("xtask: object sections: {}", names.join(" "));
+    check_no_byte_loops(&file, path)
+}
+
+/// Fails if program code calls `memmove`: BPF has it only as compiler_builtins' loop of
+/// one byte per iteration (a 64-byte copy costs hundreds of instructions), where a
+/// non-overlapping copy is expanded into word loads and stores.
+fn check_no_byte_loops(file: &object::File, path: &Path) -> Result<()> {
+    use object::{ObjectSymbol, RelocationTarget};
+    let mut calls = Vec::new();
+    for section in file.sections() {
+        for (offset, relocation) in section.relocations() {
+            let RelocationTarget::Symbol(index) = relocation.target() else { continue };
+            let Ok(symbol) = file.symbol_by_index(index) else { continue };
+            if symbol.name() == Ok("memmove") {
+                calls.push(format!("{}+{offset:#x}", section.name().unwrap_or("?")));
+            }
+        }
+    }
+    ensure!(
+        calls.is_empty(),
+        "{} calls memmove (a byte-at-a-time loop in BPF) at {}: copy with `copy_value` (copy_nonoverlapping) instead",
+        path.display(),
+        calls.join(", ")
+    );
     Ok(())
 }

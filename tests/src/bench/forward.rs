@@ -17,6 +17,7 @@ use splitter_tests::{process::Process, testbed::XdpAttachment};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum System {
     Floor,
+    Floor6,
     Routing,
     BareXdp,
     SplitterFullNat,
@@ -28,8 +29,9 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 9] = [
+    pub const ALL: [System; 10] = [
         System::Floor,
+        System::Floor6,
         System::Routing,
         System::BareXdp,
         System::SplitterFullNat,
@@ -43,6 +45,7 @@ impl System {
     pub fn label(self) -> &'static str {
         match self {
             System::Floor => "XDP_DROP at the middle's ingress (floor; the generator's ceiling)",
+            System::Floor6 => "XDP_DROP at the middle's ingress, IPv6 frames (the IPv6 rows' floor; 62-byte frames)",
             System::Routing => "plain kernel routing, no balancing",
             System::BareXdp => "bare XDP forwarder (`xdp_forward`: FIB + MAC rewrite + redirect)",
             System::SplitterFullNat => "**splitter, full NAT** (native XDP)",
@@ -57,6 +60,7 @@ impl System {
     pub fn short(self) -> &'static str {
         match self {
             System::Floor => "floor (XDP_DROP)",
+            System::Floor6 => "floor v6 (XDP_DROP)",
             System::Routing => "kernel routing",
             System::BareXdp => "bare XDP fwd",
             System::SplitterFullNat => "splitter fullnat",
@@ -72,13 +76,27 @@ impl System {
     fn destination(self) -> &'static str {
         match self {
             System::SplitterFullNat | System::SplitterDnat | System::SplitterDsr | System::Nftables => VIP,
-            System::SplitterFullNat6 | System::SplitterDsr6 => VIP6,
+            System::Floor6 | System::SplitterFullNat6 | System::SplitterDsr6 => VIP6,
             _ => BACKENDS[0],
         }
     }
 
     fn ipv6(self) -> bool {
-        matches!(self, System::SplitterFullNat6 | System::SplitterDsr6)
+        matches!(self, System::Floor6 | System::SplitterFullNat6 | System::SplitterDsr6)
+    }
+
+    /// A floor row: XDP_DROP at the middle's ingress, what the others are measured above.
+    pub fn is_floor(self) -> bool {
+        matches!(self, System::Floor | System::Floor6)
+    }
+
+    /// The floor this system is measured above: the one of its own frames.
+    fn floor(self) -> System {
+        if self.ipv6() {
+            System::Floor6
+        } else {
+            System::Floor
+        }
     }
 }
 
@@ -117,7 +135,7 @@ fn nft_ruleset() -> String {
 
 fn set_up(bed: &ForwardBed, system: System) -> Result<Setup> {
     Ok(match system {
-        System::Floor => Setup::Xdp(XdpAttachment::attach(&bed.mid, "spl-c", "xdp_drop")?),
+        System::Floor | System::Floor6 => Setup::Xdp(XdpAttachment::attach(&bed.mid, "spl-c", "xdp_drop")?),
         System::Routing => Setup::Nothing,
         System::BareXdp => Setup::Xdp(XdpAttachment::attach(&bed.mid, "spl-c", "xdp_forward")?),
         System::SplitterFullNat => Setup::Agent(bed.start_agent(&gateway_yaml("fullnat"), &["--ephemeral"])?),
@@ -157,8 +175,10 @@ pub struct Row {
     pub cost_us: f64,
     /// Same, from CPU 0's busy time in /proc/stat.
     pub cpu0_cost_us: f64,
-    /// `cost_us` minus the floor's of the same round (µs).
+    /// `cost_us` minus the floor's (of the same frames) of the same round (µs), the median.
     pub marginal_us: f64,
+    /// The lowest and highest of the rounds' `marginal_us`.
+    pub marginal_range: (f64, f64),
     pub delivered_fraction: f64,
 }
 
@@ -238,7 +258,7 @@ pub fn run(opts: Options) -> Result<ForwardResults> {
                 // Warm-up: every flow's first packet (conntrack entries), caches.
                 bed.send(&config, 20_000)?;
                 std::thread::sleep(Duration::from_millis(200));
-                if system == System::Floor {
+                if system.is_floor() {
                     bed.measure(&config, Duration::from_secs(seconds), || bed.mid_ingress_drops())
                 } else {
                     bed.measure(&config, Duration::from_secs(seconds), || bed.sink_count())
@@ -259,21 +279,26 @@ pub fn run(opts: Options) -> Result<ForwardResults> {
             per_system.iter_mut().find(|(s, _)| *s == system).unwrap().1.push(run);
         }
     }
-    let floors: Vec<f64> = per_system[0].1.iter().map(|r| r.cost_us()).collect();
+    let floor_costs = |floor: System| -> Vec<f64> {
+        per_system.iter().find(|(s, _)| *s == floor).map(|(_, runs)| runs.iter().map(|r| r.cost_us()).collect()).unwrap_or_default()
+    };
     let rows = per_system
         .iter()
         .map(|(system, runs)| {
+            let floors = floor_costs(system.floor());
             let mut pps: Vec<f64> = runs.iter().map(|r| r.pps()).collect();
             let mut cost: Vec<f64> = runs.iter().map(|r| r.cost_us()).collect();
             let mut cpu0: Vec<f64> = runs.iter().map(|r| r.cpu0_cost_us()).collect();
             let mut marginal: Vec<f64> = runs.iter().zip(&floors).map(|(r, f)| r.cost_us() - f).collect();
             let mut fraction: Vec<f64> = runs.iter().map(|r| r.delivered as f64 / r.sent.max(1) as f64).collect();
+            let marginal_range = marginal.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), m| (lo.min(*m), hi.max(*m)));
             Row {
                 system: *system,
                 pps: median(&mut pps),
                 cost_us: median(&mut cost),
                 cpu0_cost_us: median(&mut cpu0),
                 marginal_us: median(&mut marginal),
+                marginal_range,
                 delivered_fraction: median(&mut fraction),
             }
         })
@@ -290,9 +315,13 @@ fn profile(bed: &ForwardBed, flows: u32) -> Result<Vec<(System, String)>> {
     let jit_kallsyms = std::fs::read_to_string("/proc/sys/net/core/bpf_jit_kallsyms").unwrap_or_default();
     let _ = std::fs::write("/proc/sys/net/core/bpf_jit_kallsyms", "1");
     let mut out = Vec::new();
-    for system in [System::BareXdp, System::SplitterFullNat, System::Nftables] {
+    for system in [System::BareXdp, System::SplitterFullNat, System::SplitterFullNat6, System::Nftables] {
         say(format!("profiling {}", system.short()));
-        let config = bed.trafgen_config(system.destination(), flows)?;
+        let config = if system.ipv6() {
+            bed.trafgen_config6(system.destination(), flows)?
+        } else {
+            bed.trafgen_config(system.destination(), flows)?
+        };
         let setup = set_up(bed, system)?;
         let text = (|| -> Result<String> {
             bed.send(&config, 20_000)?;
@@ -333,8 +362,15 @@ pub fn section(r: &ForwardResults) -> String {
     for row in &r.rows {
         let (marginal, vs_nft, vs_bare) = if row.system == System::Floor {
             ("—".to_string(), "—".to_string(), "—".to_string())
+        } else if row.system.is_floor() {
+            (format!("{:+.3} (above the IPv4 floor)", row.cost_us - floor), "—".to_string(), "—".to_string())
         } else {
-            (format!("{:+.3}", row.marginal_us), format!("{:.2}x", row.marginal_us / nft), format!("{:.2}x", row.marginal_us / bare))
+            let (lo, hi) = row.marginal_range;
+            (
+                format!("{:+.3} ({lo:+.3} to {hi:+.3})", row.marginal_us),
+                format!("{:.2}x", row.marginal_us / nft),
+                format!("{:.2}x", row.marginal_us / bare),
+            )
         };
         rows.push_str(&format!(
             "| {} | {} | {:.3} | {} | {} | {} | {:.3} | {:.1}% |\n",
@@ -360,7 +396,8 @@ pub fn section(r: &ForwardResults) -> String {
          (every flow's first packet). **CPU/packet** is the generator's CPU time plus ksoftirqd's, divided \
          by the packets that reached the sink (the whole veth path runs in the sender's softirq context on \
          CPU 0); **above floor** subtracts the same figure for XDP_DROP at the middle's ingress in the same \
-         round. The median of the rounds is shown. `CPU 0 busy` is the cross-check from /proc/stat. The \
+         round, of the same frames (IPv6 rows above the IPv6 floor): the median of the rounds, the lowest and \
+         highest in brackets. The other columns show the median of the rounds. `CPU 0 busy` is the cross-check from /proc/stat. The \
          agent runs pinned to CPU 1.\n\n\
          | system | packets/s | CPU µs/packet | above floor (µs) | vs nftables | vs bare XDP | CPU 0 busy µs/packet | delivered |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|\n{rows}\n\

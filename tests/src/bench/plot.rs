@@ -65,7 +65,7 @@ pub fn svg(figures: &Figures, subtitle: &str) -> Option<String> {
         let bars: Vec<Bar> = f
             .rows
             .iter()
-            .filter(|r| r.system != super::forward::System::Floor)
+            .filter(|r| !r.system.is_floor())
             .map(|r| Bar {
                 label: r.system.short().into(),
                 value: r.marginal_us.max(0.0),
