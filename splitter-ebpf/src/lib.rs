@@ -266,10 +266,6 @@ trait Family: Sized + 'static {
     const FIB_FAMILY: u8;
     /// The outer header's protocol of a direct-server-return packet.
     const PROTO_ENCAP: u8;
-    /// Whether each stage of a packet's path (a known flow's, a half-open one's, a new
-    /// one's) is a function of its own: IPv6's keys and entries are too large for one
-    /// stack frame holding them all.
-    const OUTLINED: bool;
 
     fn gateways() -> &'static HashMap<GatewayKeyOf<Self::Addr>, GatewayState>;
     fn targets() -> &'static Array<TargetEntryOf<Self::Addr>>;
@@ -312,7 +308,6 @@ impl Family for V4 {
     const ETHER_TYPE: u16 = EtherType::Ipv4 as u16;
     const FIB_FAMILY: u8 = AF_INET;
     const PROTO_ENCAP: u8 = PROTO_IPIP;
-    const OUTLINED: bool = false;
 
     #[inline(always)]
     fn gateways() -> &'static HashMap<GatewayKey, GatewayState> {
@@ -384,7 +379,6 @@ impl Family for V6 {
     const ETHER_TYPE: u16 = EtherType::Ipv6 as u16;
     const FIB_FAMILY: u8 = AF_INET6;
     const PROTO_ENCAP: u8 = PROTO_IPV6;
-    const OUTLINED: bool = true;
 
     #[inline(always)]
     fn gateways() -> &'static HashMap<GatewayKey6, GatewayState> {
@@ -680,10 +674,9 @@ fn splitter_packet<F: Family>(ctx: &XdpContext, packet: &Packet<F>) -> Result<u3
         }
     }
     let work = F::work().ok_or(Error::Inconsistent)?;
-    let step = if F::OUTLINED { outlined(|| flow_step(ctx, packet, work)) } else { flow_step(ctx, packet, work) }?;
+    let step = flow_step(ctx, packet, work)?;
     match step {
         Step::Done(action) => Ok(action),
-        Step::Send if F::OUTLINED => outlined(|| send_work(ctx, packet, work)),
         Step::Send => send_work(ctx, packet, work),
         Step::Next => Err(Error::Pass),
     }
@@ -693,7 +686,7 @@ fn splitter_packet<F: Family>(ctx: &XdpContext, packet: &Packet<F>) -> Result<u3
 #[inline(always)]
 fn flow_step<F: Family>(ctx: &XdpContext, packet: &Packet<F>, work: *mut Work<F>) -> Result<Step, Error> {
     if let Some(entry) = F::conntrack().get_ptr_mut(packet.key()) {
-        let step = if F::OUTLINED { outlined(|| established(ctx, packet, entry, work)) } else { established(ctx, packet, entry, work) }?;
+        let step = established(ctx, packet, entry, work)?;
         if !matches!(step, Step::Next) {
             return Ok(step);
         }
@@ -701,7 +694,7 @@ fn flow_step<F: Family>(ctx: &XdpContext, packet: &Packet<F>, work: *mut Work<F>
     }
     if packet.key().proto == PROTO_TCP {
         if let Some(entry) = F::half_open().get_ptr_mut(packet.key()) {
-            let step = if F::OUTLINED { outlined(|| half_open(packet, entry, work)) } else { half_open(packet, entry, work) }?;
+            let step = half_open(packet, entry, work)?;
             if !matches!(step, Step::Next) {
                 return Ok(step);
             }
@@ -715,11 +708,7 @@ fn flow_step<F: Family>(ctx: &XdpContext, packet: &Packet<F>, work: *mut Work<F>
     };
     #[cfg(feature = "log")]
     debug!(ctx, "new flow through table {}", gateway.table_index);
-    if F::OUTLINED {
-        outlined(|| new_flow(packet, gateway, work))
-    } else {
-        new_flow(packet, gateway, work)
-    }
+    new_flow(packet, gateway, work)
 }
 
 /// Sends a packet of a flow as its stage left it in `work`: encapsulated for a
@@ -733,12 +722,6 @@ fn send_work<F: Family>(ctx: &XdpContext, packet: &Packet<F>, work: *mut Work<F>
     }
     rewrite(ctx, packet, &w.send)?;
     Ok(forward(ctx, packet, &w.send))
-}
-
-/// Runs `stage` as a function of its own (a BPF-to-BPF call), with its own stack frame.
-#[inline(never)]
-fn outlined<T>(stage: impl FnOnce() -> T) -> T {
-    stage()
 }
 
 /// An answer of a DNAT gateway's target that no flow state here knows: the flow's forward
@@ -1649,7 +1632,7 @@ fn route<F: Family>(ctx: &XdpContext, src: F::Addr, dst: F::Addr, proto: u8, spo
     let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: bpf_jiffies64 has no preconditions.
     let jiffies = unsafe { bpf_jiffies64() };
-    let slot = (src.fold() ^ dst.fold().rotate_left(16) ^ ingress).wrapping_mul(0x9e37_79b1) >> 24;
+    let slot = (src.low_word() ^ dst.low_word().rotate_left(16) ^ ingress).wrapping_mul(0x9e37_79b1) >> 24;
     let cached = F::next_hops().get_ptr_mut(slot & (NEXT_HOP_SLOTS - 1));
     if let Some(hop) = cached {
         // SAFETY: this CPU's slot; nothing else writes it while we run here.

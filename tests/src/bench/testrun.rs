@@ -11,7 +11,7 @@
 //! repeat: each is one run (`repeat = 1`) on a frame of a flow never seen, averaged over
 //! many flows, next to the same one-run method on XDP_PASS and on an established flow.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -21,8 +21,9 @@ use aya::{
 };
 use splitter_common::{
     maps::{
-        AddressFilter, BucketTable, FlowEntry, FlowKey, GatewayKey, GatewayState, TargetEntry, FLOW_ESTABLISHED, FLOW_FROM_TARGET,
-        FLOW_HTTP, FLOW_TO_TARGET, GATEWAY_DNAT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
+        ipv6_words, Address, AddressFilter, BucketTable, FlowEntry, FlowEntry6, FlowKey, FlowKey6, GatewayKey, GatewayState, TargetEntry,
+        FLOW_DSR, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_HTTP, FLOW_TO_TARGET, GATEWAY_DNAT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
+        PROTO_UDP,
     },
     table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE},
     PROGRAM_NAME,
@@ -31,7 +32,7 @@ use splitter_common::{
 use super::{median_and_spread, say, Options, TargetCheck};
 use splitter_tests::{
     ebpf_object,
-    frames::{tcp, udp, Ipv4Packet, TCP_ACK},
+    frames::{tcp, udp, Ipv4Packet, Ipv6Packet, TCP_ACK},
     pin_to_cpu,
     testbed::helper_object,
     Netns, Veth,
@@ -45,6 +46,11 @@ const OTHER: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 99);
 /// A non-matching destination whose address-filter bucket is kept (as if it shared one
 /// with a gateway's address): the lookups the filter saves, measured beside it.
 const OTHER_KEPT: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 98);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+const TARGET6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x11);
+/// The outer source of direct-server-return packets (as a DSR source prefix would give).
+const DSR_SOURCE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -92,6 +98,15 @@ pub const REPLY_PATH: &str = "reply path (target to client), one-arm: XDP_TX";
 pub const ESTABLISHED_TCP_TWO_ARM: &str = "established TCP flow (ACK), two-arm: redirect";
 pub const ESTABLISHED_UDP_TWO_ARM: &str = "established UDP flow, two-arm: redirect";
 pub const REPLY_PATH_TWO_ARM: &str = "reply path (target to client), two-arm: redirect";
+/// The established UDP flow of IPv6 (62-byte frames), one-arm and two-arm.
+pub const ESTABLISHED_UDP6: &str = "established UDP flow, IPv6, one-arm: XDP_TX";
+pub const ESTABLISHED_UDP6_TWO_ARM: &str = "established UDP flow, IPv6, two-arm: redirect";
+/// Established flows timed one run per frame, as direct server return must be (each run
+/// grows the frame by the outer header, so a repeated run would not be the same packet).
+pub const ESTABLISHED_UDP_ONE_RUN: &str = "established UDP flow, full NAT (one run per frame)";
+pub const ESTABLISHED_UDP6_ONE_RUN: &str = "established UDP flow, IPv6 full NAT (one run per frame)";
+pub const DSR_ONE_RUN: &str = "established UDP flow, DSR: IP in IP (one run per frame)";
+pub const DSR6_ONE_RUN: &str = "established UDP flow, IPv6 DSR: IPv6 in IPv6 (one run per frame)";
 
 impl TestRunResults {
     pub fn ns(&self, name: &str) -> f64 {
@@ -126,6 +141,25 @@ impl TestRunResults {
                 context: false,
             });
         }
+        // The program's own share of the IPv6 and direct-server-return targets: against the
+        // same IPv4 full NAT path timed the same way.
+        for (name, base, limit) in [
+            (ESTABLISHED_UDP6, ESTABLISHED_UDP, 1.15),
+            (ESTABLISHED_UDP6_TWO_ARM, ESTABLISHED_UDP_TWO_ARM, 1.15),
+            (DSR_ONE_RUN, ESTABLISHED_UDP_ONE_RUN, 1.0),
+            (DSR6_ONE_RUN, ESTABLISHED_UDP_ONE_RUN, 1.0),
+        ] {
+            let (ns, base_ns) = (self.ns(name), self.ns(base));
+            let ratio = ns / base_ns;
+            out.push(TargetCheck {
+                what: format!("test_run cost, {name} vs {base} (medians)"),
+                measured: format!("{ns:.0} ns vs {base_ns:.0} ns = {ratio:.2}x"),
+                target: format!("≤ {limit:.2}x"),
+                met: ratio <= limit,
+                note: if ratio <= limit { String::new() } else { format!("missed by {:.0}%", (ratio / limit - 1.0) * 100.0) },
+                context: false,
+            });
+        }
         for name in [ESTABLISHED_TCP, ESTABLISHED_UDP, REPLY_PATH, ESTABLISHED_TCP_TWO_ARM, ESTABLISHED_UDP_TWO_ARM, REPLY_PATH_TWO_ARM] {
             out.push(ratio_check(name, 2.5));
             let ns = self.ns(name);
@@ -154,13 +188,19 @@ struct Bed {
 
 impl Bed {
     fn new() -> Result<Self> {
-        let ns = Netns::new("trun")?;
-        let peer = Netns::new("trun-peer")?;
+        let ns = Netns::new_dual_stack("trun")?;
+        let peer = Netns::new_dual_stack("trun-peer")?;
         Veth::create(&ns, "tr0", "10.10.2.1/24", &peer, "tr1", "10.10.2.2/24")?;
         ns.ip(&["addr", "add", "10.10.1.1/24", "dev", "tr0"])?;
         ns.ip(&["route", "add", "10.0.0.0/24", "dev", "tr0"])?;
+        for net in ["2001:db8:2::1/64", "2001:db8:1::1/64"] {
+            ns.ip(&["-6", "addr", "add", net, "dev", "tr0", "nodad"])?;
+        }
+        ns.ip(&["-6", "route", "add", "2001:db8::/64", "dev", "tr0"])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
-        for addr in ["10.10.2.11", "10.10.2.21", "10.10.1.2", "10.0.0.10", "10.10.2.99"] {
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        for addr in ["10.10.2.11", "10.10.2.21", "10.10.1.2", "10.0.0.10", "10.10.2.99", "2001:db8::10", "2001:db8:1::2", "2001:db8:2::11"]
+        {
             ns.ip(&["neigh", "replace", addr, "lladdr", "02:aa:bb:cc:dd:01", "dev", "tr0", "nud", "permanent"])?;
         }
         let mut ebpf = EbpfLoader::new()
@@ -222,8 +262,26 @@ impl Bed {
 
     /// A conntrack entry translating `key` to itself.
     fn identity_flow(&mut self, key: FlowKey, flags: u32) -> Result<()> {
+        self.flow(key, key, flags)
+    }
+
+    /// A conntrack entry translating `key` to `rewritten` (a direct-server-return flow's
+    /// outer addresses).
+    fn flow(&mut self, key: FlowKey, rewritten: FlowKey, flags: u32) -> Result<()> {
         let mut ct: HashMap<&mut MapData, FlowKey, FlowEntry> = HashMap::try_from(self.ebpf.map_mut("CONNTRACK").context("CONNTRACK")?)?;
-        ct.insert(key, FlowEntry { rewritten: key, counter_index: 0, flags, last_seen_ns: 0, created_ns: 0 }, 0)?;
+        ct.insert(key, FlowEntry { rewritten, counter_index: 0, flags, last_seen_ns: 0, created_ns: 0 }, 0)?;
+        Ok(())
+    }
+
+    /// An IPv6 conntrack entry translating `key` to `rewritten`, its addresses kept in the
+    /// address filter.
+    fn flow6(&mut self, key: FlowKey6, rewritten: FlowKey6, flags: u32) -> Result<()> {
+        self.filter.keep(key.dst_addr.fold());
+        let mut map: Array<&mut MapData, AddressFilter> = Array::try_from(self.ebpf.map_mut("ADDRESS_FILTER").context("ADDRESS_FILTER")?)?;
+        map.set(0, self.filter, 0)?;
+        let mut ct: HashMap<&mut MapData, FlowKey6, FlowEntry6> =
+            HashMap::try_from(self.ebpf.map_mut("CONNTRACK6").context("CONNTRACK6")?)?;
+        ct.insert(key, FlowEntry6 { rewritten, counter_index: 0, flags, last_seen_ns: 0, created_ns: 0 }, 0)?;
         Ok(())
     }
 
@@ -243,6 +301,23 @@ fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowK
 
 fn udp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     Ipv4Packet::new(src, dst, 17, udp(sport, dport, &[0; 18])).build()
+}
+
+fn key6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> FlowKey6 {
+    FlowKey6 {
+        src_addr: ipv6_words(src.octets()),
+        dst_addr: ipv6_words(dst.octets()),
+        src_port: sport.to_be(),
+        dst_port: dport.to_be(),
+        proto: PROTO_UDP,
+        _pad: 0,
+        _pad_word: 0,
+    }
+}
+
+/// A 62-byte IPv6 UDP frame, the smallest (no payload), as the forwarding section sends.
+fn udp_frame6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
+    Ipv6Packet::new(src, dst, 17, udp(sport, dport, &[])).build()
 }
 
 /// One run of `prog` on `frame` repeated `repeat` times: (kernel mean ns per run, action).
@@ -285,10 +360,20 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
     bed.identity_flow(tcp_reply, FLOW_FROM_TARGET | FLOW_ESTABLISHED)?;
     let http_reply = key(TARGETS[0], 9000, CLIENT, 40006, PROTO_TCP);
     bed.identity_flow(http_reply, FLOW_FROM_TARGET | FLOW_ESTABLISHED | FLOW_HTTP)?;
+    let est_udp6 = key6(CLIENT6, 40000, VIP6, 9000);
+    bed.flow6(est_udp6, est_udp6, FLOW_TO_TARGET)?;
+    // Direct server return: the entry holds the outer header's addresses.
+    let dsr = key(CLIENT, 40007, VIP, 9000, PROTO_UDP);
+    bed.flow(dsr, key(SNAT, 0, TARGETS[0], 0, PROTO_UDP), FLOW_TO_TARGET | FLOW_DSR)?;
+    let dsr6 = key6(CLIENT6, 40007, VIP6, 9000);
+    bed.flow6(dsr6, key6(DSR_SOURCE6, 0, TARGET6, 0), FLOW_TO_TARGET | FLOW_DSR)?;
 
     let udp_est = udp_frame(CLIENT, 40000, VIP, 9000);
     let tcp_est = Ipv4Packet::new(CLIENT, VIP, 6, tcp(40001, 9000, TCP_ACK, &[0; 6])).build();
     let udp_reply = udp_frame(TARGETS[0], 9000, CLIENT, 40002);
+    let udp_est6 = udp_frame6(CLIENT6, 40000, VIP6, 9000);
+    let dsr_frame = udp_frame(CLIENT, 40007, VIP, 9000);
+    let dsr_frame6 = udp_frame6(CLIENT6, 40007, VIP6, 9000);
     let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
     let tcp_reply_frame = Ipv4Packet::new(TARGETS[0], CLIENT, 6, tcp(9000, 40005, TCP_ACK, response)).build();
     let http_reply_frame = Ipv4Packet::new(TARGETS[0], CLIENT, 6, tcp(9000, 40006, TCP_ACK, response)).build();
@@ -308,7 +393,7 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
         // SAFETY: a NUL-terminated name; the call only reads it.
         let one_arm = Some(Some(unsafe { libc::if_nametoindex(c"tr0".as_ptr()) }).filter(|i| *i != 0).context("no tr0 in the namespace")?);
         let two_arm = None;
-        let repeated: [RepeatedCase; 15] = [
+        let repeated: [RepeatedCase; 17] = [
             ("bare XDP_PASS", "xdp_pass", &udp_est, one_arm, XDP_PASS),
             ("bare XDP_DROP", "xdp_drop", &udp_est, one_arm, XDP_DROP),
             (BARE_FORWARDER, "xdp_forward", &to_backend, two_arm, XDP_REDIRECT),
@@ -319,6 +404,8 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
             (ESTABLISHED_TCP_TWO_ARM, PROGRAM_NAME, &tcp_est, two_arm, XDP_REDIRECT),
             (ESTABLISHED_UDP_TWO_ARM, PROGRAM_NAME, &udp_est, two_arm, XDP_REDIRECT),
             (REPLY_PATH_TWO_ARM, PROGRAM_NAME, &udp_reply, two_arm, XDP_REDIRECT),
+            (ESTABLISHED_UDP6, PROGRAM_NAME, &udp_est6, one_arm, XDP_TX),
+            (ESTABLISHED_UDP6_TWO_ARM, PROGRAM_NAME, &udp_est6, two_arm, XDP_REDIRECT),
             ("TCP reply with a response (plain TCP gateway)", PROGRAM_NAME, &tcp_reply_frame, one_arm, XDP_TX),
             ("TCP reply with a response (HTTP gateway: status line counted)", PROGRAM_NAME, &http_reply_frame, one_arm, XDP_TX),
             (NON_MATCHING, PROGRAM_NAME, &no_match, one_arm, XDP_PASS),
@@ -374,21 +461,35 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
             say(format!("test_run {name}: {ns:.0} ns ({min:.0}-{max:.0} over {trials} groups of {per_group} flows), action {action}"));
             cases.push(Case { name, program: PROGRAM_NAME, ns, min, max, action, expected: XDP_REDIRECT, method: "one run per frame" });
         }
-        for (name, program, frame) in [
-            ("bare XDP_PASS (one run per frame)", "xdp_pass", udp_est.as_slice()),
-            ("established UDP flow (one run per frame)", PROGRAM_NAME, udp_est.as_slice()),
-        ] {
-            let prog = bed_ref.program(program)?;
-            let mut total = 0u64;
-            let mut action = 0;
-            for _ in 0..new_flows {
-                let (ns, a) = run_once(prog, frame, 1)?;
-                total += ns;
-                action = a;
+        // One run per frame: XDP_PASS, established full NAT and direct server return of
+        // both families, the runs interleaved across the cases in `trials` groups.
+        let one_run: [(&'static str, &'static str, &[u8]); 5] = [
+            ("bare XDP_PASS (one run per frame)", "xdp_pass", &udp_est),
+            (ESTABLISHED_UDP_ONE_RUN, PROGRAM_NAME, &udp_est),
+            (ESTABLISHED_UDP6_ONE_RUN, PROGRAM_NAME, &udp_est6),
+            (DSR_ONE_RUN, PROGRAM_NAME, &dsr_frame),
+            (DSR6_ONE_RUN, PROGRAM_NAME, &dsr_frame6),
+        ];
+        let per_group = new_flows / trials;
+        let mut group_means = vec![Vec::new(); one_run.len()];
+        let mut actions = vec![0; one_run.len()];
+        for _ in 0..trials {
+            for (i, (_, program, frame)) in one_run.iter().enumerate() {
+                let prog = bed_ref.program(program)?;
+                let mut total = 0u64;
+                for _ in 0..per_group {
+                    let (ns, a) = run_once(prog, frame, 1)?;
+                    total += ns;
+                    actions[i] = a;
+                }
+                group_means[i].push(total as f64 / per_group as f64);
             }
-            let ns = total as f64 / new_flows as f64;
-            let expected = if program == "xdp_pass" { XDP_PASS } else { XDP_REDIRECT };
-            cases.push(Case { name, program, ns, min: ns, max: ns, action, expected, method: "one run per frame" });
+        }
+        for (i, (name, program, _)) in one_run.iter().enumerate() {
+            let (ns, min, max) = median_and_spread(&mut group_means[i]);
+            say(format!("test_run {name}: {ns:.0} ns ({min:.0}-{max:.0} over {trials} groups of {per_group} runs), action {}", actions[i]));
+            let expected = if *program == "xdp_pass" { XDP_PASS } else { XDP_REDIRECT };
+            cases.push(Case { name, program, ns, min, max, action: actions[i], expected, method: "one run per frame" });
         }
         Ok(cases)
     })??;
@@ -479,7 +580,9 @@ pub fn section(r: &TestRunResults) -> String {
          update, FIB lookup, MAC rewrite, redirect). New flows cannot repeat: one run per frame over {} \
          flows never seen before, in groups (one per trial) whose mean is a sample: the median group and the \
          spread of the groups, compared with XDP_PASS and an established flow timed the same way (that \
-         method adds the timer's own overhead to every run). The namespace's FIB resolves every destination \
+         method adds the timer's own overhead to every run). Direct server return is timed the same way \
+         beside established full NAT of both families: each run grows the frame by the outer header, so a \
+         repeated run would not be the same packet. IPv6 frames are 62 bytes. The namespace's FIB resolves every destination \
          to a static neighbour. One-arm cases arrive on the interface their route leaves by (`ctx_in` names \
          it), so the datapath answers with XDP_TX, as a balancer on one NIC does (Katran's topology); two-arm \
          cases arrive on another interface and are redirected (`bpf_redirect`), as from a client network to a \
