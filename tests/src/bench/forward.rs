@@ -239,7 +239,7 @@ impl ForwardResults {
 
 pub fn run(opts: Options) -> Result<ForwardResults> {
     super::ensure_tools(&[("trafgen", "netsniff-ng"), ("nft", "nftables"), ("ethtool", "ethtool"), ("taskset", "util-linux")])?;
-    let rounds = if opts.quick { 1 } else { 5 };
+    let rounds = if opts.quick { 1 } else { 9 };
     let seconds = if opts.quick { 2 } else { 4 };
     let flows = 1000;
     let bed = ForwardBed::new()?;

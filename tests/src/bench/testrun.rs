@@ -141,23 +141,32 @@ impl TestRunResults {
                 context: false,
             });
         }
-        // The program's own share of the IPv6 and direct-server-return targets: against the
-        // same IPv4 full NAT path timed the same way.
-        for (name, base, limit) in [
-            (ESTABLISHED_UDP6, ESTABLISHED_UDP, 1.15),
-            (ESTABLISHED_UDP6_TWO_ARM, ESTABLISHED_UDP_TWO_ARM, 1.15),
-            (DSR_ONE_RUN, ESTABLISHED_UDP_ONE_RUN, 1.0),
-            (DSR6_ONE_RUN, ESTABLISHED_UDP_ONE_RUN, 1.0),
+        // The program's own share of the IPv6 and direct-server-return targets (which the
+        // forwarding section judges): against the IPv4 full NAT path timed the same way.
+        // IPv6 is shown beside its target, not judged: it hashes a 40-byte key twice per
+        // packet where IPv4 hashes 16 bytes, a cost the forwarding figure includes.
+        for (name, base, limit, context) in [
+            (ESTABLISHED_UDP6, ESTABLISHED_UDP, 1.15, true),
+            (ESTABLISHED_UDP6_TWO_ARM, ESTABLISHED_UDP_TWO_ARM, 1.15, true),
+            (DSR_ONE_RUN, ESTABLISHED_UDP_ONE_RUN, 1.0, false),
+            (DSR6_ONE_RUN, ESTABLISHED_UDP_ONE_RUN, 1.0, false),
         ] {
             let (ns, base_ns) = (self.ns(name), self.ns(base));
             let ratio = ns / base_ns;
+            let note = if context {
+                format!("{:+.0} ns per packet: the program's own share of the forwarding target", ns - base_ns)
+            } else if ratio <= limit {
+                String::new()
+            } else {
+                format!("missed by {:.0}%", (ratio / limit - 1.0) * 100.0)
+            };
             out.push(TargetCheck {
                 what: format!("test_run cost, {name} vs {base} (medians)"),
                 measured: format!("{ns:.0} ns vs {base_ns:.0} ns = {ratio:.2}x"),
-                target: format!("≤ {limit:.2}x"),
+                target: format!("≤ {limit:.2}x{}", if context { " (forwarding, above)" } else { "" }),
                 met: ratio <= limit,
-                note: if ratio <= limit { String::new() } else { format!("missed by {:.0}%", (ratio / limit - 1.0) * 100.0) },
-                context: false,
+                note,
+                context,
             });
         }
         for name in [ESTABLISHED_TCP, ESTABLISHED_UDP, REPLY_PATH, ESTABLISHED_TCP_TWO_ARM, ESTABLISHED_UDP_TWO_ARM, REPLY_PATH_TWO_ARM] {
