@@ -89,13 +89,16 @@ pub mod map_names {
     pub const HALF_OPEN6: &str = "HALF_OPEN6";
     /// `DSR_SOURCES` of IPv6 gateways (`DsrSource6`); written by the agent, read by the program.
     pub const DSR_SOURCES6: &str = "DSR_SOURCES6";
+    /// `DNAT_REPLIES` of IPv6 gateways (`GatewayKey6` to `DnatReply6`); written by the
+    /// agent, read by the program.
+    pub const DNAT_REPLIES6: &str = "DNAT_REPLIES6";
     /// The maps every datapath of this layout version has had since its first release: pins
     /// holding these (and a program and links) are a datapath to adopt or upgrade; maps
     /// added since are created when missing.
     pub const CORE: [&str; 8] =
         [GATEWAYS, BUCKET_TABLES, TARGETS, CONNTRACK, TARGET_COUNTERS, GATEWAY_COUNTERS, PACKET_COUNTERS, FORWARD_EVENTS];
     /// Every map the agent pins and adopts.
-    pub const PINNED: [&str; 21] = [
+    pub const PINNED: [&str; 22] = [
         GATEWAYS,
         BUCKET_TABLES,
         TARGETS,
@@ -117,6 +120,7 @@ pub mod map_names {
         CONNTRACK6,
         HALF_OPEN6,
         DSR_SOURCES6,
+        DNAT_REPLIES6,
     ];
 }
 

@@ -414,10 +414,10 @@ pod_forms!(GatewayKeyOf, TargetEntryOf, FlowKeyOf, FlowEntryOf, DsrSourceOf);
 /// half of the flow went through another node (ECMP moved it, or the target's route back
 /// names this node), so the reply is sent from the gateway's address like any reply.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct DnatReply {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Zeroable)]
+pub struct DnatReplyOf<A> {
     /// The gateway's virtual address, network byte order.
-    pub vip: u32,
+    pub vip: A,
     /// The target's `TargetEntry.counter_index`.
     pub counter_index: u32,
     /// The gateway's `GatewayState.gateway_id` (host order).
@@ -427,7 +427,11 @@ pub struct DnatReply {
     /// `FLOW_HTTP` when the gateway speaks HTTP, else 0 (host order).
     pub flow_flags: u16,
 }
+pub type DnatReply = DnatReplyOf<u32>;
+pub type DnatReply6 = DnatReplyOf<Ipv6Words>;
 assert_size!(DnatReply, 16);
+assert_size!(DnatReply6, 28);
+pod_forms!(DnatReplyOf);
 
 /// Words of the address filter: 65 536 buckets of one bit.
 pub const ADDRESS_FILTER_WORDS: usize = 1024;
@@ -513,6 +517,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::FlowKey6 {}
     unsafe impl aya::Pod for super::FlowEntry6 {}
     unsafe impl aya::Pod for super::DsrSource6 {}
+    unsafe impl aya::Pod for super::DnatReply6 {}
 }
 
 #[cfg(test)]

@@ -46,12 +46,12 @@ use splitter_common::{
     csum::{fold, sum_words, CsumDelta},
     flow::{bucket_slot, client_hash, flow_hash, snat_address_index, snat_port_in, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
-        Address, AddressFilter, BucketTable, DatapathInfo, DnatReply, DsrSource, DsrSource6, DsrSourceOf, FlowEntry, FlowEntry6,
-        FlowEntryOf, FlowKey, FlowKey6, FlowKeyOf, GatewayCounters, GatewayKey, GatewayKey6, GatewayKeyOf, GatewayState, Ipv6Words,
-        SourcePool, TargetCounters, TargetEntry, TargetEntry6, TargetEntryOf, TargetOutcomes, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_HALF_OPEN_ENTRIES, DEFAULT_MAX_GATEWAYS, FLOW_CONNECT_FAILED, FLOW_DSR, FLOW_ESTABLISHED, FLOW_FROM_TARGET, FLOW_HTTP,
-        FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES, MAX_TARGETS_PER_GATEWAY,
-        MAX_TARGET_COUNTERS, PROTO_TCP,
+        Address, AddressFilter, BucketTable, DatapathInfo, DnatReply, DnatReply6, DnatReplyOf, DsrSource, DsrSource6, DsrSourceOf,
+        FlowEntry, FlowEntry6, FlowEntryOf, FlowKey, FlowKey6, FlowKeyOf, GatewayCounters, GatewayKey, GatewayKey6, GatewayKeyOf,
+        GatewayState, Ipv6Words, SourcePool, TargetCounters, TargetEntry, TargetEntry6, TargetEntryOf, TargetOutcomes,
+        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_HALF_OPEN_ENTRIES, DEFAULT_MAX_GATEWAYS, FLOW_CONNECT_FAILED, FLOW_DSR, FLOW_ESTABLISHED,
+        FLOW_FROM_TARGET, FLOW_HTTP, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES,
+        MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
     },
     FlowEvent, ForwardEvent, PacketClass,
 };
@@ -125,6 +125,10 @@ static DSR_SOURCES: Array<DsrSource> = Array::with_max_entries(DEFAULT_MAX_GATEW
 /// Read by: this program.
 #[map]
 static DNAT_REPLIES: HashMap<GatewayKey, DnatReply> = HashMap::with_max_entries(MAX_TARGET_COUNTERS, 0);
+
+/// `DNAT_REPLIES` of IPv6 gateways. Written by: the agent. Read by: this program.
+#[map]
+static DNAT_REPLIES6: HashMap<GatewayKey6, DnatReply6> = HashMap::with_max_entries(MAX_TARGET_COUNTERS, 0);
 
 /// `GATEWAYS` for IPv6 VIPs; their tables are in `BUCKET_TABLES` and their targets in
 /// `TARGETS6`, at the same indices. Written by: the agent. Read by: this program.
@@ -279,7 +283,7 @@ trait Family: Sized + 'static {
     fn pool_address(pool: &SourcePool, i: usize) -> Option<Self::Addr>;
     /// The gateway address and port a target's answer without flow state is sent from
     /// (DNAT gateways, see `DNAT_REPLIES`).
-    fn dnat_reply(target: &GatewayKeyOf<Self::Addr>) -> Option<(Self::Addr, DnatReply)>;
+    fn dnat_reply(target: &GatewayKeyOf<Self::Addr>) -> Option<&'static DnatReplyOf<Self::Addr>>;
     /// Writes `to`'s addresses into the IP header at `l3` (`addresses`: the checksum
     /// change they make, for a header checksum).
     ///
@@ -342,9 +346,9 @@ impl Family for V4 {
         pool.addrs.get(i & (MAX_SOURCE_ADDRESSES - 1)).copied()
     }
     #[inline(always)]
-    fn dnat_reply(target: &GatewayKey) -> Option<(u32, DnatReply)> {
-        // SAFETY: the value is copied out at once; the agent replaces values whole.
-        unsafe { DNAT_REPLIES.get(target) }.map(|reply| (reply.vip, *reply))
+    fn dnat_reply(target: &GatewayKey) -> Option<&'static DnatReply> {
+        // SAFETY: the value is read in place; the agent replaces values whole.
+        unsafe { DNAT_REPLIES.get(target) }
     }
     #[inline(always)]
     unsafe fn write_addresses(l3: *mut u8, to: &FlowKey, addresses: CsumDelta) {
@@ -413,10 +417,10 @@ impl Family for V6 {
     fn pool_address(_pool: &SourcePool, _i: usize) -> Option<Ipv6Words> {
         None
     }
-    /// IPv6 DNAT answers without state are the kernel's (no `DNAT_REPLIES` for IPv6).
     #[inline(always)]
-    fn dnat_reply(_target: &GatewayKey6) -> Option<(Ipv6Words, DnatReply)> {
-        None
+    fn dnat_reply(target: &GatewayKey6) -> Option<&'static DnatReply6> {
+        // SAFETY: the value is read in place; the agent replaces values whole.
+        unsafe { DNAT_REPLIES6.get(target) }
     }
     #[inline(always)]
     unsafe fn write_addresses(l3: *mut u8, to: &FlowKey6, _addresses: CsumDelta) {
@@ -736,11 +740,11 @@ fn dnat_reply<F: Family>(ctx: &XdpContext, packet: &Packet<F>) -> Result<u32, Er
         return Err(Error::Pass);
     }
     let source = GatewayKeyOf { vip: key.src_addr, port: key.src_port, proto: key.proto, _pad: 0 };
-    let Some((vip, reply)) = F::dnat_reply(&source) else {
+    let Some(reply) = F::dnat_reply(&source) else {
         return Err(Error::Pass);
     };
     let rewritten = FlowKeyOf {
-        src_addr: vip,
+        src_addr: reply.vip,
         dst_addr: key.dst_addr,
         src_port: reply.port,
         dst_port: key.dst_port,

@@ -82,6 +82,7 @@ fn expected_sizes(name: &str) -> Option<(usize, usize)> {
             (size_of::<splitter_common::maps::FlowKey6>(), size_of::<splitter_common::maps::FlowEntry6>())
         }
         map_names::DSR_SOURCES6 => (4, size_of::<splitter_common::maps::DsrSource6>()),
+        map_names::DNAT_REPLIES6 => (size_of::<splitter_common::maps::GatewayKey6>(), size_of::<splitter_common::maps::DnatReply6>()),
         _ => return None,
     })
 }

@@ -15,8 +15,9 @@ use aya::{
 use splitter_common::{
     flow::{bucket_slot, client_hash, flow_hash, SNAT_PORT_MAX, SNAT_PORT_MIN},
     maps::{
-        ipv6_words, Address, BucketTable, FlowEntry6, FlowKey6, GatewayKey, GatewayKey6, GatewayState, TargetEntry, TargetEntry6, FLOW_DSR,
-        FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP, PROTO_UDP,
+        ipv6_words, Address, BucketTable, DnatReply6, FlowEntry6, FlowKey6, GatewayKey, GatewayKey6, GatewayState, TargetEntry,
+        TargetEntry6, FLOW_DSR, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
+        PROTO_UDP,
     },
     table::{build_bucket_table, TableTarget, BUCKET_TABLE_SIZE},
     ForwardEvent, DECAP_PROGRAM_NAME, PROGRAM_NAME,
@@ -151,6 +152,17 @@ impl Bench {
         m.get(&event.0, 0).unwrap().iter().sum()
     }
 
+    /// Makes `targets()` answer for IPv6 gateway `id` (VIP:port/proto) without flow state,
+    /// as the agent writes `DNAT_REPLIES6` for a DNAT gateway.
+    fn dnat_replies6(&mut self, id: u32, port: u16, proto: u8) {
+        let mut m: HashMap<&mut MapData, GatewayKey6, DnatReply6> = HashMap::try_from(self.ebpf.map_mut("DNAT_REPLIES6").unwrap()).unwrap();
+        for (i, (addr, tport)) in targets().iter().enumerate() {
+            let key = GatewayKey6 { vip: words(*addr), port: tport.to_be(), proto, _pad: 0 };
+            let reply = DnatReply6 { vip: words(vip()), counter_index: 10 + i as u32, gateway_id: id, port: port.to_be(), flow_flags: 0 };
+            m.insert(key, reply, 0).unwrap();
+        }
+    }
+
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.run_program(PROGRAM_NAME, frame)
     }
@@ -255,6 +267,43 @@ fn ipv6_dnat_and_udp_keep_the_client_address_and_sticky_clients_keep_their_targe
     }
     assert_eq!(seen.len(), 1, "one client, one target (sticky: client)");
     assert_eq!(bench.len_of("CONNTRACK6"), 32, "UDP: both entries of each flow at once");
+}
+
+#[test]
+fn an_ipv6_dnat_targets_answer_no_state_knows_is_sent_from_the_vip_and_its_own_traffic_passes() {
+    if !privileged("an_ipv6_dnat_targets_answer_no_state_knows_is_sent_from_the_vip_and_its_own_traffic_passes") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway6(0, 80, PROTO_TCP, GATEWAY_DNAT, 0, [500_000, 500_000]);
+    let (taddr, tport) = targets()[1];
+    let answer = tcp6(taddr, tport, client(), 40100, TCP_ACK, b"HTTP/1.1 200 OK\r\n");
+    let (action, out) = bench.run(&answer);
+    assert_eq!((action, &out), (XDP_PASS, &answer), "no DNAT_REPLIES6 entry: passed untouched");
+
+    bench.dnat_replies6(0, 80, PROTO_TCP);
+    let (action, out) = bench.run(&answer);
+    assert_eq!(action, XDP_REDIRECT, "sent towards the client");
+    assert_eq!(endpoints(&out), ((vip(), 80), (client(), 40100)), "the answer comes from VIP:port");
+    assert!(frames::checksums6_valid(&out));
+    assert_eq!(&out[ETH_LEN + IPV6_LEN + 20..], b"HTTP/1.1 200 OK\r\n", "payload untouched");
+    let kept = bench.conntrack6(&key6(taddr, tport, client(), 40100, PROTO_TCP)).expect("the answer's entry is kept");
+    assert_eq!(kept.counter_index, 11, "counted for its target");
+    let (_, again) = bench.run(&tcp6(taddr, tport, client(), 40100, TCP_ACK | TCP_RST, b""));
+    assert_eq!(endpoints(&again).0, (vip(), 80), "the next answer takes the entry");
+    assert!(frames::checksums6_valid(&again));
+
+    // The target's own connection (a SYN), an answer to this host (a health check's) and
+    // one from another port are not the gateway's.
+    for frame in [
+        tcp6(taddr, tport, client(), 40101, TCP_SYN, b""),
+        tcp6(taddr, tport, snat(), 40102, TCP_SYN | TCP_ACK, b""),
+        tcp6(taddr, tport + 1, client(), 40103, TCP_ACK, b""),
+    ] {
+        let (action, out) = bench.run(&frame);
+        assert_eq!((action, &out), (XDP_PASS, &frame), "passed untouched");
+    }
+    assert!(bench.conntrack6(&key6(taddr, tport, snat(), 40102, PROTO_TCP)).is_none());
 }
 
 #[test]

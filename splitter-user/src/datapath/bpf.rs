@@ -21,10 +21,10 @@ use splitter_common::{
     conntrack::{flow_expired, Timeouts},
     map_names,
     maps::{
-        ipv6_words, Address, AddressFilter, BucketTable, DatapathInfo, DnatReply, DsrSource, FlowEntry, FlowEntry6, FlowEntryOf, FlowKey,
-        FlowKey6, FlowKeyOf, GatewayCounters, GatewayKey, GatewayKey6, GatewayState, SourcePool, TargetCounters, TargetEntry, TargetEntry6,
-        TargetOutcomes, FLOW_FIN_SEEN, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT,
-        MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
+        ipv6_words, Address, AddressFilter, BucketTable, DatapathInfo, DnatReply, DnatReply6, DsrSource, FlowEntry, FlowEntry6,
+        FlowEntryOf, FlowKey, FlowKey6, FlowKeyOf, GatewayCounters, GatewayKey, GatewayKey6, GatewayState, SourcePool, TargetCounters,
+        TargetEntry, TargetEntry6, TargetOutcomes, FLOW_FIN_SEEN, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP,
+        GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
     },
     FlowEvent, ForwardEvent, PacketClass,
 };
@@ -60,6 +60,7 @@ pub struct Maps {
     pub source_pools: Array<MapData, SourcePool>,
     pub dsr_sources: Array<MapData, DsrSource>,
     pub dnat_replies: HashMap<MapData, GatewayKey, DnatReply>,
+    pub dnat_replies6: HashMap<MapData, GatewayKey6, DnatReply6>,
     pub datapath_info: Array<MapData, DatapathInfo>,
     pub address_filter: Array<MapData, AddressFilter>,
     pub gateways6: HashMap<MapData, GatewayKey6, GatewayState>,
@@ -86,6 +87,7 @@ impl Maps {
             source_pools: take(ebpf, map_names::SOURCE_POOLS)?,
             dsr_sources: take(ebpf, map_names::DSR_SOURCES)?,
             dnat_replies: take(ebpf, map_names::DNAT_REPLIES)?,
+            dnat_replies6: take(ebpf, map_names::DNAT_REPLIES6)?,
             datapath_info: take(ebpf, map_names::DATAPATH_INFO)?,
             address_filter: take(ebpf, map_names::ADDRESS_FILTER)?,
             gateways6: take(ebpf, map_names::GATEWAYS6)?,
@@ -116,6 +118,7 @@ pub struct Datapath {
     source_pools: Array<MapData, SourcePool>,
     dsr_sources: Array<MapData, DsrSource>,
     dnat_replies: HashMap<MapData, GatewayKey, DnatReply>,
+    dnat_replies6: HashMap<MapData, GatewayKey6, DnatReply6>,
     address_filter: Array<MapData, AddressFilter>,
     gateways6: HashMap<MapData, GatewayKey6, GatewayState>,
     targets6: Array<MapData, TargetEntry6>,
@@ -157,6 +160,26 @@ pub fn load_object(object: &[u8], limits: Limits, kernel_log_level: u8, pins: Op
     loader.load(object).context("loading the eBPF object")
 }
 
+/// Makes `map` hold exactly `wanted`: keys not in it are removed, values that differ
+/// written.
+fn sync_hash_map<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod + PartialEq>(
+    map: &mut HashMap<MapData, K, V>,
+    wanted: Vec<(K, V)>,
+    name: &str,
+) -> Result<()> {
+    let keys: std::collections::HashSet<K> = wanted.iter().map(|(key, _)| *key).collect();
+    let stale: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| !keys.contains(k)).collect();
+    for key in stale {
+        let _ = map.remove(&key);
+    }
+    for (key, value) in wanted {
+        if map.get(&key, 0).ok() != Some(value) {
+            map.insert(key, value, 0).with_context(|| format!("writing {name}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
     let map = ebpf.take_map(name).with_context(|| format!("the eBPF object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
@@ -183,6 +206,7 @@ impl Datapath {
             source_pools: maps.source_pools,
             dsr_sources: maps.dsr_sources,
             dnat_replies: maps.dnat_replies,
+            dnat_replies6: maps.dnat_replies6,
             gateways6: maps.gateways6,
             targets6: maps.targets6,
             conntrack6: maps.conntrack6,
@@ -232,27 +256,18 @@ impl Datapath {
         }
     }
 
-    /// Brings `DNAT_REPLIES` in line with the live gateways (entries of gateways and
-    /// targets gone are removed, also those an earlier agent left).
+    /// Brings `DNAT_REPLIES` and `DNAT_REPLIES6` in line with the live gateways (entries
+    /// of gateways and targets gone are removed, also those an earlier agent left).
     fn write_dnat_replies(&mut self) -> Result<()> {
-        let (replies, shared) = super::layout::dnat_replies(self.layout.gateways.values());
-        for target in shared {
+        let replies = super::layout::dnat_replies(self.layout.gateways.values());
+        for target in &replies.shared {
             warn!(
                 "target {target} belongs to more than one dnat gateway: its answers are translated only by the node that saw \
                  the flow start (through ECMP, a flow moved to another node loses its answers)"
             );
         }
-        let wanted: std::collections::HashSet<GatewayKey> = replies.iter().map(|(key, _)| *key).collect();
-        let stale: Vec<GatewayKey> = self.dnat_replies.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
-        for key in stale {
-            let _ = self.dnat_replies.remove(&key);
-        }
-        for (key, reply) in replies {
-            if self.dnat_replies.get(&key, 0).ok() != Some(reply) {
-                self.dnat_replies.insert(key, reply, 0).context("writing DNAT_REPLIES")?;
-            }
-        }
-        Ok(())
+        sync_hash_map(&mut self.dnat_replies, replies.v4, map_names::DNAT_REPLIES)?;
+        sync_hash_map(&mut self.dnat_replies6, replies.v6, map_names::DNAT_REPLIES6)
     }
 
     fn zero_target_counters(&mut self, slot: u32) -> Result<()> {

@@ -4,15 +4,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     time::Instant,
 };
 
 use anyhow::{ensure, Context, Result};
 use splitter_common::{
     maps::{
-        ipv6_words, Address, DnatReply, GatewayKey, GatewayKey6, FLOW_HTTP, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
-        PROTO_UDP,
+        ipv6_words, Address, DnatReply, DnatReply6, GatewayKey, GatewayKey6, FLOW_HTTP, MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS,
+        PROTO_TCP, PROTO_UDP,
     },
     table::{build_bucket_table, table_fingerprint, TableTarget},
 };
@@ -235,29 +235,61 @@ pub fn target_fold(target: &Target) -> u32 {
     }
 }
 
-/// What the `DNAT_REPLIES` map holds for the live gateways: each DNAT gateway's targets
-/// (address, port and protocol, as packets from them carry them) to the gateway, so that
-/// any node can send a target's answer from the gateway's address without the flow's
-/// state. A target two DNAT gateways share is left out, and returned apart: which
-/// gateway's address its answer should carry cannot be told without the flow's state.
-pub fn dnat_replies<'a>(gateways: impl IntoIterator<Item = &'a LiveGateway>) -> (Vec<(GatewayKey, DnatReply)>, Vec<Target>) {
-    let mut replies: BTreeMap<(u32, u16, u8), (GatewayKey, DnatReply)> = BTreeMap::new();
+/// What the `DNAT_REPLIES` and `DNAT_REPLIES6` maps hold for the live gateways: each
+/// DNAT gateway's targets (address, port and protocol, as packets from them carry them) to
+/// the gateway, so that any node can send a target's answer from the gateway's address
+/// without the flow's state.
+pub struct DnatReplies {
+    pub v4: Vec<(GatewayKey, DnatReply)>,
+    pub v6: Vec<(GatewayKey6, DnatReply6)>,
+    /// Targets two DNAT gateways share, left out: which gateway's address their answers
+    /// should carry cannot be told without the flow's state.
+    pub shared: Vec<Target>,
+}
+
+/// A target as packets from it carry it: address, port, protocol.
+type Endpoint = (IpAddr, u16, u8);
+
+/// One target's entry in either map.
+enum DnatReplyEntry {
+    V4(GatewayKey, DnatReply),
+    V6(GatewayKey6, DnatReply6),
+}
+
+/// The [`DnatReplies`] of `gateways`.
+pub fn dnat_replies<'a>(gateways: impl IntoIterator<Item = &'a LiveGateway>) -> DnatReplies {
+    // By target: the gateway and the entry.
+    let mut replies: BTreeMap<Endpoint, (SocketAddr, DnatReplyEntry)> = BTreeMap::new();
     let mut shared = BTreeSet::new();
     for live in gateways.into_iter().filter(|g| g.config.mode == Mode::Dnat) {
-        // IPv6 answers without flow state are the kernel's.
-        let LiveKey::V4(gateway) = live.key else { continue };
         let flow_flags = if live.config.protocol == Protocol::Http { FLOW_HTTP as u16 } else { 0 };
+        let gateway = SocketAddr::new(live.config.virtual_address, live.config.port);
         for (target, slot) in &live.targets {
-            let Some(addr) = target_addr(target) else { continue };
-            let key = GatewayKey { vip: addr, port: target.port.to_be(), proto: gateway.proto, _pad: 0 };
-            let reply = DnatReply { vip: gateway.vip, counter_index: *slot, gateway_id: live.id, port: gateway.port, flow_flags };
-            let id = (key.vip, key.port, key.proto);
+            let (entry, proto) = match (live.key, target.addr) {
+                (LiveKey::V4(key), IpAddr::V4(addr)) => (
+                    DnatReplyEntry::V4(
+                        GatewayKey { vip: u32::from_ne_bytes(addr.octets()), port: target.port.to_be(), proto: key.proto, _pad: 0 },
+                        DnatReply { vip: key.vip, counter_index: *slot, gateway_id: live.id, port: key.port, flow_flags },
+                    ),
+                    key.proto,
+                ),
+                (LiveKey::V6(key), IpAddr::V6(addr)) => (
+                    DnatReplyEntry::V6(
+                        GatewayKey6 { vip: ipv6_words(addr.octets()), port: target.port.to_be(), proto: key.proto, _pad: 0 },
+                        DnatReply6 { vip: key.vip, counter_index: *slot, gateway_id: live.id, port: key.port, flow_flags },
+                    ),
+                    key.proto,
+                ),
+                // Validation keeps a gateway's targets in its family.
+                _ => continue,
+            };
+            let id = (target.addr, target.port, proto);
             match replies.get(&id) {
-                Some((_, other)) if other.vip != reply.vip || other.port != reply.port => {
+                Some((other, _)) if *other != gateway => {
                     shared.insert((id, *target));
                 }
                 _ => {
-                    replies.insert(id, (key, reply));
+                    replies.insert(id, (gateway, entry));
                 }
             }
         }
@@ -265,7 +297,14 @@ pub fn dnat_replies<'a>(gateways: impl IntoIterator<Item = &'a LiveGateway>) -> 
     for (id, _) in &shared {
         replies.remove(id);
     }
-    (replies.into_values().collect(), shared.into_iter().map(|(_, t)| t).collect())
+    let mut out = DnatReplies { v4: Vec::new(), v6: Vec::new(), shared: shared.into_iter().map(|(_, t)| t).collect() };
+    for (_, entry) in replies.into_values() {
+        match entry {
+            DnatReplyEntry::V4(key, reply) => out.v4.push((key, reply)),
+            DnatReplyEntry::V6(key, reply) => out.v6.push((key, reply)),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -275,7 +314,7 @@ mod tests {
     fn live(name: &str, id: u32, yaml_mode: &str, vip: &str, targets: &[&str]) -> LiveGateway {
         let doc = format!(
             "name: {name}\nport: 80/tcp\nvirtual_address: {vip}\nmode: {yaml_mode}\nroutes:\n  v1:\n    weight: 100%\n    targets: [{}]\n",
-            targets.join(", ")
+            targets.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", ")
         );
         let Ok([crate::gateway::Document::Gateway(config)]) = <[_; 1]>::try_from(crate::gateway::parse_documents("test", &doc).unwrap())
         else {
@@ -291,7 +330,8 @@ mod tests {
         let a = live("a", 1, "dnat", "10.0.0.1", &["10.1.0.1:80", "10.1.0.2:80"]);
         let b = live("b", 2, "dnat", "10.0.0.2", &["10.1.0.2:80", "10.1.0.3:80"]);
         let c = live("c", 3, "fullnat", "10.0.0.3", &["10.1.0.4:80"]);
-        let (replies, shared) = dnat_replies([&a, &b, &c]);
+        let DnatReplies { v4: replies, v6, shared } = dnat_replies([&a, &b, &c]);
+        assert!(v6.is_empty());
         let by_target: BTreeMap<String, (u32, u32)> = replies
             .iter()
             .map(|(k, r)| {
@@ -306,5 +346,21 @@ mod tests {
         let (k, r) = replies.iter().find(|(_, r)| r.gateway_id == 1).unwrap();
         let LiveKey::V4(a_key) = a.key else { panic!("an IPv4 gateway") };
         assert_eq!((r.vip, r.port, k.proto), (a_key.vip, a_key.port, PROTO_TCP));
+    }
+
+    #[test]
+    fn an_ipv6_dnat_gateways_targets_answer_for_it_in_the_ipv6_map() {
+        let v4 = live("a", 1, "dnat", "10.0.0.1", &["10.1.0.1:80"]);
+        let v6 = live("b", 2, "dnat", "2001:db8::10", &["[2001:db8:2::11]:8080", "[2001:db8:2::21]:8080"]);
+        let both = live("c", 3, "dnat", "2001:db8::20", &["[2001:db8:2::21]:8080"]);
+        let DnatReplies { v4: replies4, v6: replies6, shared } = dnat_replies([&v4, &v6, &both]);
+        assert_eq!(replies4.len(), 1);
+        let LiveKey::V6(key) = v6.key else { panic!("an IPv6 gateway") };
+        let target = ipv6_words("2001:db8:2::11".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        assert_eq!(replies6.len(), 1, "the target both IPv6 gateways name answers for neither: {replies6:?}");
+        let (k, r) = replies6[0];
+        assert_eq!((k.vip, u16::from_be(k.port), k.proto), (target, 8080, PROTO_TCP));
+        assert_eq!((r.vip, r.port, r.gateway_id, r.counter_index), (key.vip, key.port, 2, 20));
+        assert_eq!(shared, vec!["[2001:db8:2::21]:8080".parse::<Target>().unwrap()]);
     }
 }
