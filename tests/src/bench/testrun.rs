@@ -232,7 +232,12 @@ impl Bed {
     /// Keeps `addr`'s bucket in the address filter (as the agent does for a gateway's VIP
     /// and targets before the gateway goes live).
     fn keep(&mut self, addr: Ipv4Addr) -> Result<()> {
-        self.filter.keep(ne(addr));
+        self.keep_fold(ne(addr))
+    }
+
+    /// [`Bed::keep`] of an address as the filter sees it ([`Address::fold`]).
+    fn keep_fold(&mut self, fold: u32) -> Result<()> {
+        self.filter.keep(fold);
         let mut map: Array<&mut MapData, AddressFilter> = Array::try_from(self.ebpf.map_mut("ADDRESS_FILTER").context("ADDRESS_FILTER")?)?;
         map.set(0, self.filter, 0)?;
         Ok(())
@@ -285,9 +290,7 @@ impl Bed {
     /// An IPv6 conntrack entry translating `key` to `rewritten`, its addresses kept in the
     /// address filter.
     fn flow6(&mut self, key: FlowKey6, rewritten: FlowKey6, flags: u32) -> Result<()> {
-        self.filter.keep(key.dst_addr.fold());
-        let mut map: Array<&mut MapData, AddressFilter> = Array::try_from(self.ebpf.map_mut("ADDRESS_FILTER").context("ADDRESS_FILTER")?)?;
-        map.set(0, self.filter, 0)?;
+        self.keep_fold(key.dst_addr.fold())?;
         let mut ct: HashMap<&mut MapData, FlowKey6, FlowEntry6> =
             HashMap::try_from(self.ebpf.map_mut("CONNTRACK6").context("CONNTRACK6")?)?;
         ct.insert(key, FlowEntry6 { rewritten, counter_index: 0, flags, last_seen_ns: 0, created_ns: 0 }, 0)?;
