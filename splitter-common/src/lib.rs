@@ -92,13 +92,20 @@ pub mod map_names {
     /// `DNAT_REPLIES` of IPv6 gateways (`GatewayKey6` to `DnatReply6`); written by the
     /// agent, read by the program.
     pub const DNAT_REPLIES6: &str = "DNAT_REPLIES6";
+    /// Full-NAT flows that did not get their first candidate source (client `FlowKey` to
+    /// the candidate's index, a `u32`), so that a flow whose conntrack entries were
+    /// evicted is re-created on the source its target knows; written and read by the
+    /// program only (an LRU: a lost record costs what having none did).
+    pub const PORT_CHOICES: &str = "PORT_CHOICES";
+    /// `PORT_CHOICES` of IPv6 flows (`FlowKey6` to `u32`); written and read by the program.
+    pub const PORT_CHOICES6: &str = "PORT_CHOICES6";
     /// The maps every datapath of this layout version has had since its first release: pins
     /// holding these (and a program and links) are a datapath to adopt or upgrade; maps
     /// added since are created when missing.
     pub const CORE: [&str; 8] =
         [GATEWAYS, BUCKET_TABLES, TARGETS, CONNTRACK, TARGET_COUNTERS, GATEWAY_COUNTERS, PACKET_COUNTERS, FORWARD_EVENTS];
     /// Every map the agent pins and adopts.
-    pub const PINNED: [&str; 22] = [
+    pub const PINNED: [&str; 24] = [
         GATEWAYS,
         BUCKET_TABLES,
         TARGETS,
@@ -121,6 +128,8 @@ pub mod map_names {
         HALF_OPEN6,
         DSR_SOURCES6,
         DNAT_REPLIES6,
+        PORT_CHOICES,
+        PORT_CHOICES6,
     ];
 }
 

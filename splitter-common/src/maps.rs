@@ -123,6 +123,19 @@ pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 /// (`--half-open-size`). A flood evicts the oldest half-open flows first, so the table
 /// needs to hold only what arrives within a handshake's round trip.
 pub const DEFAULT_HALF_OPEN_ENTRIES: u32 = 262_144;
+/// Capacity of `PORT_CHOICES` (and `PORT_CHOICES6`) for a conntrack of `conntrack_entries`:
+/// only full-NAT flows whose first candidate source was held have a record, a small share
+/// of the flows (two conntrack entries each) unless their targets' ports run short; when
+/// more have one, the least recently recorded make room.
+pub const fn port_choice_entries(conntrack_entries: u32) -> u32 {
+    let entries = conntrack_entries / 8;
+    if entries < 1024 {
+        1024
+    } else {
+        entries
+    }
+}
+
 /// Per-target counter slots (one per gateway target, stable across weight changes).
 pub const MAX_TARGET_COUNTERS: u32 = 4096;
 

@@ -46,9 +46,9 @@ use splitter_common::{
     csum::{fold, sum_words, CsumDelta},
     flow::{bucket_slot, client_hash, flow_hash, snat_address_index, snat_port_in, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     maps::{
-        Address, AddressFilter, BucketTable, DatapathInfo, DnatReply, DnatReply6, DnatReplyOf, DsrSource, DsrSource6, DsrSourceOf,
-        FlowEntry, FlowEntry6, FlowEntryOf, FlowKey, FlowKey6, FlowKeyOf, GatewayCounters, GatewayKey, GatewayKey6, GatewayKeyOf,
-        GatewayState, Ipv6Words, SourcePool, TargetCounters, TargetEntry, TargetEntry6, TargetEntryOf, TargetOutcomes,
+        port_choice_entries, Address, AddressFilter, BucketTable, DatapathInfo, DnatReply, DnatReply6, DnatReplyOf, DsrSource, DsrSource6,
+        DsrSourceOf, FlowEntry, FlowEntry6, FlowEntryOf, FlowKey, FlowKey6, FlowKeyOf, GatewayCounters, GatewayKey, GatewayKey6,
+        GatewayKeyOf, GatewayState, Ipv6Words, SourcePool, TargetCounters, TargetEntry, TargetEntry6, TargetEntryOf, TargetOutcomes,
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_HALF_OPEN_ENTRIES, DEFAULT_MAX_GATEWAYS, FLOW_CONNECT_FAILED, FLOW_DSR, FLOW_ESTABLISHED,
         FLOW_FROM_TARGET, FLOW_HTTP, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP, GATEWAY_STICKY_CLIENT, MAX_SOURCE_ADDRESSES,
         MAX_TARGETS_PER_GATEWAY, MAX_TARGET_COUNTERS, PROTO_TCP,
@@ -93,6 +93,13 @@ static CONNTRACK: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(
 /// free). Written by: this program. Read by: this program (the agent only counts it).
 #[map]
 static HALF_OPEN: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_HALF_OPEN_ENTRIES, 0);
+
+/// The candidate index of each full-NAT flow's source when it was not the first (client
+/// key to index): a flow whose conntrack entries were both evicted is re-created on the
+/// source its target knows, not on the first one free by then. Written by: this program
+/// (new flows). Read by: this program (flows re-created mid-stream).
+#[map]
+static PORT_CHOICES: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(port_choice_entries(DEFAULT_CONNTRACK_ENTRIES), 0);
 
 /// Flow-state events, per CPU, indexed by [`FlowEvent`].
 /// Written by: this program. Read by: the agent.
@@ -146,6 +153,10 @@ static CONNTRACK6: LruHashMap<FlowKey6, FlowEntry6> = LruHashMap::with_max_entri
 /// `HALF_OPEN` of IPv6 flows. Written by: this program. Read by: this program (the agent counts it).
 #[map]
 static HALF_OPEN6: LruHashMap<FlowKey6, FlowEntry6> = LruHashMap::with_max_entries(DEFAULT_HALF_OPEN_ENTRIES, 0);
+
+/// `PORT_CHOICES` of IPv6 flows. Written by: this program. Read by: this program.
+#[map]
+static PORT_CHOICES6: LruHashMap<FlowKey6, u32> = LruHashMap::with_max_entries(port_choice_entries(DEFAULT_CONNTRACK_ENTRIES), 0);
 
 /// `DSR_SOURCES` of IPv6 gateways, at `GatewayState.gateway_id`. Written by: the agent
 /// (before the gateway's state names it). Read by: this program.
@@ -275,6 +286,7 @@ trait Family: Sized + 'static {
     fn targets() -> &'static Array<TargetEntryOf<Self::Addr>>;
     fn conntrack() -> &'static LruHashMap<FlowKeyOf<Self::Addr>, FlowEntryOf<Self::Addr>>;
     fn half_open() -> &'static LruHashMap<FlowKeyOf<Self::Addr>, FlowEntryOf<Self::Addr>>;
+    fn port_choices() -> &'static LruHashMap<FlowKeyOf<Self::Addr>, u32>;
     fn dsr_sources() -> &'static Array<DsrSourceOf<Self::Addr>>;
     fn next_hops() -> &'static PerCpuArray<NextHop<Self::Addr>>;
     /// This CPU's `WORK` slot of the family.
@@ -328,6 +340,10 @@ impl Family for V4 {
     #[inline(always)]
     fn half_open() -> &'static LruHashMap<FlowKey, FlowEntry> {
         &HALF_OPEN
+    }
+    #[inline(always)]
+    fn port_choices() -> &'static LruHashMap<FlowKey, u32> {
+        &PORT_CHOICES
     }
     #[inline(always)]
     fn dsr_sources() -> &'static Array<DsrSource> {
@@ -399,6 +415,10 @@ impl Family for V6 {
     #[inline(always)]
     fn half_open() -> &'static LruHashMap<FlowKey6, FlowEntry6> {
         &HALF_OPEN6
+    }
+    #[inline(always)]
+    fn port_choices() -> &'static LruHashMap<FlowKey6, u32> {
+        &PORT_CHOICES6
     }
     #[inline(always)]
     fn dsr_sources() -> &'static Array<DsrSource6> {
@@ -1196,7 +1216,8 @@ fn new_flow<F: Family>(packet: &Packet<F>, gateway: &GatewayState, work: *mut Wo
     claim.claimed = 0;
     claim.reusable = 0;
     claim.oldest = 0;
-    let claimed = if syn { claim_half_open(work) } else { claim_conntrack(work) };
+    claim.recorded = 0;
+    let claimed = if syn { claim_half_open(work) } else { claim_conntrack(work, key) };
     // SAFETY: as above; the claim's callbacks are done with the slot.
     let w = unsafe { &mut *work };
     if !claimed {
@@ -1219,8 +1240,30 @@ fn new_flow<F: Family>(packet: &Packet<F>, gateway: &GatewayState, work: *mut Wo
         count_gateway(gateway.gateway_id, |c| &mut c.alloc_failed);
         return Ok(Step::Done(xdp_action::XDP_DROP));
     }
+    if full_nat {
+        record_port_choice(key, &w.claim, syn);
+    }
     count_new_flow(gateway.gateway_id, target.counter_index, syn, packet.ip_len);
     Ok(Step::Send)
+}
+
+/// Records which candidate source a new full-NAT flow got when it was not the first (a
+/// re-created flow starts from the first free one, which need not be the one its target
+/// knows), and forgets a record left by an earlier flow on the same client key (a new
+/// connection, `syn`, or a flow that got its first candidate back) so that it cannot
+/// mislead a later re-creation.
+#[inline(never)]
+fn record_port_choice<F: Family>(key: &FlowKeyOf<F::Addr>, claim: &Claim<F>, syn: bool) {
+    let attempt = claim.attempt;
+    if attempt != 0 {
+        if claim.recorded != attempt + 1 {
+            // A full table of records evicts its oldest: that flow is no worse off than
+            // with no record at all.
+            let _ = F::port_choices().insert(key, &attempt, u64::from(BPF_ANY));
+        }
+    } else if syn || claim.recorded != 0 {
+        let _ = F::port_choices().remove(key);
+    }
 }
 
 /// Counts a new flow, and its first packet, for its gateway and target (and a handshake
@@ -1334,6 +1377,11 @@ struct Claim<F: Family> {
     reusable: u32,
     /// Candidate index + 1 of the oldest half-open holder that may lose its port (0: none).
     oldest: u32,
+    /// The candidate `to` holds (the claimed one once `claimed`).
+    attempt: u32,
+    /// Candidate index + 1 that `PORT_CHOICES` records for the flow (0: none, or not
+    /// looked up).
+    recorded: u32,
     _pad: u32,
     family: PhantomData<F>,
 }
@@ -1349,6 +1397,7 @@ impl<F: Family> Claim<F> {
     /// reverse.
     #[inline(always)]
     fn candidate(&mut self, attempt: u32) {
+        self.attempt = attempt;
         if self.full_nat != 0 {
             let pool = self.pool();
             set_source::<F>(&mut self.to, self.hash, attempt, pool, self.node_addr);
@@ -1526,13 +1575,35 @@ extern "C" fn conntrack_candidate<F: Family>(index: u64, _ctx: *mut core::ffi::c
     0
 }
 
+/// Claims the source `PORT_CHOICES` records for a full-NAT flow seen mid-stream (one whose
+/// conntrack entries were evicted, perhaps): its target knows the connection on that one,
+/// which need not be the first free candidate by now. False when there is no record or
+/// another flow holds that source.
+#[inline(never)]
+fn claim_recorded<F: Family>(work: *mut Work<F>, key: &FlowKeyOf<F::Addr>) -> bool {
+    // SAFETY: a map value read in place.
+    let Some(&attempt) = (unsafe { F::port_choices().get(key) }) else { return false };
+    if attempt >= SNAT_PORT_TRIES {
+        return false;
+    }
+    // SAFETY: as in `claim_half_open`; the candidate's callback is done with it when read.
+    unsafe { (*work).claim.recorded = attempt + 1 };
+    conntrack_candidate::<F>(u64::from(attempt), core::ptr::null_mut());
+    // SAFETY: as above.
+    unsafe { (*work).claim.claimed != 0 }
+}
+
 /// Claims the reply key of a flow that goes straight to `CONNTRACK` (UDP, or a TCP flow
 /// seen mid-stream), atomically across CPUs: with full NAT, each candidate source is one
 /// attempt, so two CPUs never hand out the same one. The first candidate held by a flow
 /// closed long enough ago is used only if none is free, since the target may still hold
 /// that connection in TIME_WAIT and refuse a new one on the same port.
 #[inline(always)]
-fn claim_conntrack<F: Family>(work: *mut Work<F>) -> bool {
+fn claim_conntrack<F: Family>(work: *mut Work<F>, key: &FlowKeyOf<F::Addr>) -> bool {
+    // SAFETY: as in `claim_half_open`.
+    if unsafe { (*work).claim.full_nat } != 0 && claim_recorded(work, key) {
+        return true;
+    }
     // SAFETY: as in `claim_half_open`.
     let attempts = unsafe { (*work).claim.attempts() };
     // SAFETY: the callback is a static function of this program.

@@ -83,6 +83,8 @@ fn expected_sizes(name: &str) -> Option<(usize, usize)> {
         }
         map_names::DSR_SOURCES6 => (4, size_of::<splitter_common::maps::DsrSource6>()),
         map_names::DNAT_REPLIES6 => (size_of::<splitter_common::maps::GatewayKey6>(), size_of::<splitter_common::maps::DnatReply6>()),
+        map_names::PORT_CHOICES => (size_of::<FlowKey>(), size_of::<u32>()),
+        map_names::PORT_CHOICES6 => (size_of::<splitter_common::maps::FlowKey6>(), size_of::<u32>()),
         _ => return None,
     })
 }

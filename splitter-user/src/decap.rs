@@ -39,6 +39,10 @@ pub fn run(args: DecapArgs) -> Result<()> {
     let mut ebpf = aya::EbpfLoader::new()
         .map_max_entries(map_names::CONNTRACK, UNUSED_MAP_ENTRIES)
         .map_max_entries(map_names::HALF_OPEN, UNUSED_MAP_ENTRIES)
+        .map_max_entries(map_names::CONNTRACK6, UNUSED_MAP_ENTRIES)
+        .map_max_entries(map_names::HALF_OPEN6, UNUSED_MAP_ENTRIES)
+        .map_max_entries(map_names::PORT_CHOICES, UNUSED_MAP_ENTRIES)
+        .map_max_entries(map_names::PORT_CHOICES6, UNUSED_MAP_ENTRIES)
         .load(object)
         .context("loading the eBPF object")?;
     let program: &mut Xdp = ebpf

@@ -85,6 +85,11 @@ impl XdpAttachment {
 pub fn helper_object() -> Result<Ebpf> {
     EbpfLoader::new()
         .map_max_entries("CONNTRACK", 2)
+        .map_max_entries("HALF_OPEN", 2)
+        .map_max_entries("CONNTRACK6", 2)
+        .map_max_entries("HALF_OPEN6", 2)
+        .map_max_entries("PORT_CHOICES", 2)
+        .map_max_entries("PORT_CHOICES6", 2)
         .map_max_entries("GATEWAYS", 1)
         .map_max_entries("GATEWAY_COUNTERS", 1)
         .map_max_entries("BUCKET_TABLES", 1)

@@ -148,6 +148,12 @@ impl Bench {
         (reply_key, client)
     }
 
+    /// The candidate index `PORT_CHOICES` records for a full-NAT flow from `client`.
+    fn port_choice(&self, client: &FlowKey) -> Option<u32> {
+        let m: HashMap<&MapData, FlowKey, u32> = HashMap::try_from(self.ebpf.map("PORT_CHOICES").unwrap()).unwrap();
+        m.get(client, 0).ok()
+    }
+
     fn conntrack_len(&self) -> usize {
         self.len_of("CONNTRACK")
     }
@@ -626,6 +632,69 @@ fn full_nat_prefers_a_free_port_to_a_recently_closed_flows() {
     assert!(!bench.conntrack_has(&holder), "the closed flow's forward entry is gone");
     assert!(!bench.conntrack_has(&held) && bench.half_open_has(&held), "its reply key now belongs to the new (half-open) flow");
     assert!(bench.half_open_has(&second));
+}
+
+/// A full-NAT flow that got its second candidate source (another flow held the first) and
+/// then lost both conntrack entries, as did the first candidate's holder, is re-created on
+/// the second: the source its target knows the connection on, not the first one free by
+/// then. A new connection on the same client tuple that gets its first candidate forgets
+/// the record.
+#[test]
+fn an_evicted_full_nat_flow_is_re_created_on_the_source_its_target_knows() {
+    if !privileged("an_evicted_full_nat_flow_is_re_created_on_the_source_its_target_knows") {
+        return;
+    }
+    let mut bench = Bench::new();
+    bench.gateway(0, 9050, PROTO_TCP, 0, 0, [1_000_000, 0]);
+    let (taddr, tport) = TARGETS[0];
+    let client = flow_key(CLIENT, 40300, VIP, 9050, PROTO_TCP);
+    let hash = flow_hash(&client);
+    let now = monotonic_ns();
+    let first = flow_key(taddr, tport, SNAT, snat_port(hash, 0), PROTO_TCP);
+    let holder = FlowEntry {
+        rewritten: flow_key(CLIENT, 51000, VIP, 9050, PROTO_TCP).reversed(),
+        counter_index: 0,
+        flags: FLOW_FROM_TARGET | FLOW_ESTABLISHED,
+        last_seen_ns: now,
+        created_ns: now,
+    };
+    bench.conntrack_insert(first, holder);
+    let (action, out) = bench.run(&tcp_frame(CLIENT, 40300, VIP, 9050, TCP_SYN, b""));
+    let second = snat_port(hash, 1);
+    assert_eq!((action, sport(&out)), (XDP_REDIRECT, second), "the first candidate is held: the second");
+    let reply = flow_key(taddr, tport, SNAT, second, PROTO_TCP);
+    bench.run(&tcp_frame(taddr, tport, SNAT, second, TCP_SYN | TCP_ACK, b""));
+    bench.run(&tcp_frame(CLIENT, 40300, VIP, 9050, TCP_ACK, b""));
+    assert!(bench.conntrack_has(&client) && bench.conntrack_has(&reply), "established");
+    assert_eq!(bench.port_choice(&client), Some(1), "the second candidate is recorded");
+
+    // The LRU evicts both of the flow's entries and the first candidate's holder.
+    for key in [client, reply, first] {
+        bench.conntrack_remove(&key);
+    }
+    let missed = bench.flow_event(FlowEvent::ESTABLISHED_MISSED);
+    let (action, out) = bench.run(&tcp_frame(CLIENT, 40300, VIP, 9050, TCP_ACK, b"data"));
+    assert_eq!((action, ip_dst(&out), dport(&out)), (XDP_REDIRECT, taddr, tport));
+    assert_eq!(sport(&out), second, "re-created on the source the target knows, though the first is free");
+    assert_eq!(bench.flow_event(FlowEvent::ESTABLISHED_MISSED), missed + 1);
+    let (action, out) = bench.run(&tcp_frame(taddr, tport, SNAT, second, TCP_ACK, b"answer"));
+    assert_eq!((action, ip_dst(&out), dport(&out)), (XDP_REDIRECT, CLIENT, 40300), "the target's answer finds the flow");
+
+    // The connection ends; a new one on the same client tuple gets the first candidate,
+    // and once evicted in turn is re-created there.
+    bench.run(&tcp_frame(CLIENT, 40300, VIP, 9050, TCP_RST, b""));
+    assert!(!bench.conntrack_has(&client), "reset: forgotten");
+    let (_, out) = bench.run(&tcp_frame(CLIENT, 40300, VIP, 9050, TCP_SYN, b""));
+    assert_eq!(sport(&out), snat_port(hash, 0));
+    assert_eq!(bench.port_choice(&client), None, "the first candidate needs no record; the old one is gone");
+    bench.run(&tcp_frame(taddr, tport, SNAT, snat_port(hash, 0), TCP_SYN | TCP_ACK, b""));
+    bench.run(&tcp_frame(CLIENT, 40300, VIP, 9050, TCP_ACK, b""));
+    bench.conntrack_insert(reply, holder);
+    for key in [client, first] {
+        bench.conntrack_remove(&key);
+    }
+    let (_, out) = bench.run(&tcp_frame(CLIENT, 40300, VIP, 9050, TCP_ACK, b"data"));
+    assert_eq!(sport(&out), snat_port(hash, 0), "no record: the first free candidate, where it was");
 }
 
 /// A SYN flood's spoofed flows never complete their handshake: they live in the half-open

@@ -21,9 +21,9 @@ use splitter_common::{
     conntrack::{flow_expired, Timeouts},
     map_names,
     maps::{
-        ipv6_words, Address, AddressFilter, BucketTable, DatapathInfo, DnatReply, DnatReply6, DsrSource, FlowEntry, FlowEntry6,
-        FlowEntryOf, FlowKey, FlowKey6, FlowKeyOf, GatewayCounters, GatewayKey, GatewayKey6, GatewayState, SourcePool, TargetCounters,
-        TargetEntry, TargetEntry6, TargetOutcomes, FLOW_FIN_SEEN, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP,
+        ipv6_words, port_choice_entries, Address, AddressFilter, BucketTable, DatapathInfo, DnatReply, DnatReply6, DsrSource, FlowEntry,
+        FlowEntry6, FlowEntryOf, FlowKey, FlowKey6, FlowKeyOf, GatewayCounters, GatewayKey, GatewayKey6, GatewayState, SourcePool,
+        TargetCounters, TargetEntry, TargetEntry6, TargetOutcomes, FLOW_FIN_SEEN, FLOW_TO_TARGET, GATEWAY_DNAT, GATEWAY_DSR, GATEWAY_HTTP,
         GATEWAY_STICKY_CLIENT, MAX_TARGETS_PER_GATEWAY, PROTO_TCP,
     },
     FlowEvent, ForwardEvent, PacketClass,
@@ -151,7 +151,9 @@ pub fn load_object(object: &[u8], limits: Limits, kernel_log_level: u8, pins: Op
         .map_max_entries(map_names::DSR_SOURCES6, limits.max_gateways)
         .map_max_entries(map_names::TARGETS6, 2 * limits.max_gateways * MAX_TARGETS_PER_GATEWAY)
         .map_max_entries(map_names::CONNTRACK6, limits.conntrack_entries)
-        .map_max_entries(map_names::HALF_OPEN6, limits.half_open_entries);
+        .map_max_entries(map_names::HALF_OPEN6, limits.half_open_entries)
+        .map_max_entries(map_names::PORT_CHOICES, port_choice_entries(limits.conntrack_entries))
+        .map_max_entries(map_names::PORT_CHOICES6, port_choice_entries(limits.conntrack_entries));
     if let Some(pins) = pins {
         for name in map_names::PINNED {
             loader.map_pin_path(name, pins.map(name));
