@@ -178,11 +178,27 @@ fn percent_encode(text: &str) -> String {
 /// A metric's query with `{{gateway}}`, `{{route}}`, `{{targets}}` and `{{interval}}`
 /// filled in.
 pub fn render_query(query: &str, gateway: &str, route: &str, targets: &[String], interval: &str) -> String {
-    query
-        .replace("{{gateway}}", gateway)
-        .replace("{{route}}", route)
-        .replace("{{targets}}", &targets.join("|"))
-        .replace("{{interval}}", interval)
+    let query = query.replace("{{gateway}}", gateway).replace("{{route}}", route).replace("{{interval}}", interval);
+    let mut out = String::with_capacity(query.len());
+    let mut rest = query.as_str();
+    while let Some(at) = rest.find("{{targets}}") {
+        out.push_str(&rest[..at]);
+        // In a backtick (raw) string a regex escape is one backslash; in a quoted one the
+        // string's own escaping doubles it.
+        let raw = out.rfind(['"', '\'', '`']).is_some_and(|i| out[i..].starts_with('`'));
+        let alternatives: Vec<String> = targets.iter().map(|t| regex_literal(t, raw)).collect();
+        out.push_str(&alternatives.join("|"));
+        rest = &rest[at + "{{targets}}".len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `text` as a regex matching itself: the dots of an IPv4 address and the brackets of an
+/// IPv6 one are operators otherwise (`[2001:db8::1]:80` would be a character class).
+fn regex_literal(text: &str, raw: bool) -> String {
+    let escape = if raw { "\\" } else { "\\\\" };
+    text.chars().map(|c| if "\\.+*?()|[]{}^$".contains(c) { format!("{escape}{c}") } else { c.to_string() }).collect()
 }
 
 #[cfg(test)]
@@ -198,7 +214,14 @@ mod tests {
             &["10.0.0.1:80".into(), "10.0.0.2:80".into()],
             "30s",
         );
-        assert_eq!(q, "sum(rate(errors{instance=~\"10.0.0.1:80|10.0.0.2:80\"}[30s]))");
+        assert_eq!(q, r#"sum(rate(errors{instance=~"10\\.0\\.0\\.1:80|10\\.0\\.0\\.2:80"}[30s]))"#);
+        let v6 = ["[2001:db8::1]:80".to_string()];
+        assert_eq!(
+            render_query("x{instance=~`{{targets}}`}", "g", "r", &v6, "1s"),
+            r"x{instance=~`\[2001:db8::1\]:80`}",
+            "raw string: one backslash"
+        );
+        assert_eq!(render_query("x{instance=~'{{targets}}'}", "g", "r", &v6, "1s"), r"x{instance=~'\\[2001:db8::1\\]:80'}");
         assert_eq!(percent_encode("a b{c}"), "a%20b%7Bc%7D");
     }
 

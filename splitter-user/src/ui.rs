@@ -44,6 +44,10 @@ pub struct Guard {
     token: String,
     /// `Host` values that name this server (`127.0.0.1:8080`, `localhost:8080`).
     hosts: Vec<String>,
+    /// Served on every address (`0.0.0.0`, `::`): any IP literal on this port names it too.
+    /// A DNS-rebinding page reaches the server under its own host name, never as an IP
+    /// literal, so these are safe to accept.
+    any_address_port: Option<u16>,
 }
 
 impl Guard {
@@ -60,7 +64,22 @@ impl Guard {
         }
         hosts.sort();
         hosts.dedup();
-        Self { token, hosts }
+        Self { token, hosts, any_address_port: listen.ip().is_unspecified().then_some(port) }
+    }
+
+    /// Whether `host` (a `Host` header, or an `Origin` without its scheme) names this server.
+    fn names_this_server(&self, host: &str) -> bool {
+        if self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+            return true;
+        }
+        let Some(port) = self.any_address_port else { return false };
+        if let Ok(addr) = host.parse::<SocketAddr>() {
+            return addr.port() == port;
+        }
+        // Browsers leave the default port out of Host.
+        port == 80
+            && (host.parse::<std::net::Ipv4Addr>().is_ok()
+                || host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok()))
     }
 
     /// Whether a request may be served: `Err` holds the status and the one-line reason.
@@ -69,11 +88,12 @@ impl Guard {
     pub fn check(&self, method: &Method, path: &str, query: &str, headers: &HeaderMap) -> Result<(), (u16, String)> {
         let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
         let host = text(header::HOST).unwrap_or("");
-        if !self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
-            return Err((403, format!("Host `{host}` is not this dashboard's ({}): refused", self.hosts.join(", "))));
+        if !self.names_this_server(host) {
+            let also = if self.any_address_port.is_some() { ", or any IP address on this port" } else { "" };
+            return Err((403, format!("Host `{host}` is not this dashboard's ({}{also}): refused", self.hosts.join(", "))));
         }
         if let Some(origin) = text(header::ORIGIN) {
-            let same = origin.strip_prefix("http://").is_some_and(|o| self.hosts.iter().any(|h| h.eq_ignore_ascii_case(o)));
+            let same = origin.strip_prefix("http://").is_some_and(|o| self.names_this_server(o));
             if !same {
                 return Err((403, format!("Origin `{origin}` is not this dashboard: cross-site requests are refused")));
             }
@@ -260,6 +280,31 @@ mod tests {
             assert!(g.check(&Method::GET, "/api/v1/info", "", &headers(&[("host", host), token])).is_ok(), "{host}");
         }
         assert!(g.check(&Method::GET, "/api/v1/info", "", &headers(&[("host", "evil.example"), token])).is_err());
+    }
+
+    #[test]
+    fn served_on_every_address_any_ip_literal_on_its_port_is_this_dashboard_and_names_are_not() {
+        let token = (TOKEN_HEADER, "secret");
+        let ask = |g: &Guard, host: &str| g.check(&Method::GET, "/api/v1/info", "", &headers(&[("host", host), token]));
+        let g = Guard::new("secret".into(), "0.0.0.0:8080".parse().unwrap());
+        for host in ["192.0.2.7:8080", "[2001:db8::7]:8080", "127.0.0.1:8080", "localhost:8080"] {
+            assert!(ask(&g, host).is_ok(), "{host}");
+        }
+        for host in ["192.0.2.7:8081", "192.0.2.7", "evil.example:8080", "192.0.2.7.nip.io:8080"] {
+            let refused = ask(&g, host).unwrap_err();
+            assert!(refused.1.contains("or any IP address on this port"), "{host}: {}", refused.1);
+        }
+        let same = headers(&[("host", "192.0.2.7:8080"), ("origin", "http://192.0.2.7:8080"), token]);
+        assert!(g.check(&Method::POST, "/api/v1/promote/sava", "", &same).is_ok());
+        let cross = headers(&[("host", "192.0.2.7:8080"), ("origin", "http://evil.example:8080"), token]);
+        assert!(g.check(&Method::POST, "/api/v1/promote/sava", "", &cross).is_err());
+        // On port 80 browsers leave the port out.
+        let g = Guard::new("secret".into(), "[::]:80".parse().unwrap());
+        for host in ["192.0.2.7", "[2001:db8::7]", "192.0.2.7:80"] {
+            assert!(ask(&g, host).is_ok(), "{host}");
+        }
+        // On one address, another address is not this dashboard.
+        assert!(ask(&guard(), "192.0.2.7:8080").is_err());
     }
 
     #[test]

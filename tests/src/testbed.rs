@@ -470,8 +470,12 @@ pub fn http_get(addr: &str, local: Option<&str>) -> Result<String> {
 
 /// A TCP connection from a chosen local address (the client namespace has several).
 pub fn connect_from(local: &str, remote: &str) -> Result<std::net::TcpStream> {
+    connect_bound(format!("{local}:0").parse()?, remote)
+}
+
+/// A TCP connection from a chosen local address and port.
+pub fn connect_bound(local: std::net::SocketAddr, remote: &str) -> Result<std::net::TcpStream> {
     use socket2::{Domain, Socket, Type};
-    let local: std::net::SocketAddr = format!("{local}:0").parse()?;
     let remote: std::net::SocketAddr = remote.parse()?;
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     socket.bind(&local.into()).with_context(|| format!("bind {local}"))?;
@@ -488,7 +492,11 @@ pub struct LineClient {
 
 impl LineClient {
     pub fn connect(addr: &str) -> Result<Self> {
-        let stream = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(5))?;
+        Self::over(std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(5))?)
+    }
+
+    /// The line protocol over an open connection.
+    pub fn over(stream: std::net::TcpStream) -> Result<Self> {
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(Self { reader: std::io::BufReader::new(stream.try_clone()?), writer: stream })
     }

@@ -4,15 +4,20 @@
 //! more than one change back, `validate` and `events --follow`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
+use splitter_common::{
+    flow::{flow_hash, snat_port},
+    maps::{FlowKey, PROTO_TCP},
+};
 use splitter_tests::{
     privileged, splitter_bin,
-    testbed::{sava_gateway, LineClient, Testbed, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
+    testbed::{connect_bound, sava_gateway, LineClient, Testbed, CLIENT_ADDR, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
     traffic::HttpTraffic,
     Process,
 };
@@ -395,14 +400,41 @@ fn idle_udp_flows_expire_after_the_udp_timeout_and_active_ones_stay() {
     assert_eq!(bed.metric("splitter_gateway_new_flows_total{gateway=\"dns\"}"), new_flows + 1.0, "the idle flow came back as a new one");
 }
 
+/// Client ports for `n` connections to the sava gateway whose first full-NAT candidate
+/// source ports all differ. A connection whose entries are all evicted while its target
+/// still holds it is known by nothing here: a new flow whose first candidate is that port
+/// takes it (RELIABILITY.md), and the target's answer resets one connection or the other.
+/// Distinct first candidates keep that out of a test of the table's capacity; flows that
+/// did not get their first candidate are re-created on theirs (test_run_datapath).
+fn ports_with_distinct_first_candidates(n: usize) -> Vec<u16> {
+    let (client, vip) = (CLIENT_ADDR.parse::<Ipv4Addr>().unwrap(), VIP.parse::<Ipv4Addr>().unwrap());
+    let mut first_candidates = HashSet::new();
+    (20_000u16..)
+        .filter(|&port| {
+            let key = FlowKey {
+                src_addr: u32::from_ne_bytes(client.octets()),
+                dst_addr: u32::from_ne_bytes(vip.octets()),
+                src_port: port.to_be(),
+                dst_port: 9050u16.to_be(),
+                proto: PROTO_TCP,
+                _pad: 0,
+                _pad_word: 0,
+            };
+            first_candidates.insert(snat_port(flow_hash(&key), 0))
+        })
+        .take(n)
+        .collect()
+}
+
 /// `--conntrack-size` at its limit, for a gateway in `mode`: more long-lived connections
 /// than the table holds all connect (the least recently used entries make room) and the
 /// table never grows past its capacity; a connection whose entries were evicted is
-/// re-created by the table on its next packet (same weights, same target), and the agent
-/// counts it.
+/// re-created by the table on its next packet (same weights, same target, and for full
+/// NAT the same source port), and the agent counts it.
 fn conntrack_at_capacity(mode: &str) {
     const CAPACITY: usize = 128;
     const CONNECTIONS: usize = 100;
+    let ports = ports_with_distinct_first_candidates(CONNECTIONS);
     let mut bed = Testbed::new().unwrap();
     bed.start_backend("10.10.2.11", 8080, "1.0.0", &[]).unwrap();
     bed.start_backend("10.10.2.21", 8080, "1.1.0", &[]).unwrap();
@@ -412,9 +444,13 @@ fn conntrack_at_capacity(mode: &str) {
     let mut connections: Vec<(LineClient, String)> = bed
         .client
         .enter(|| {
-            (0..CONNECTIONS)
-                .map(|i| {
-                    let mut c = LineClient::connect(&format!("{VIP}:9050")).unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+            ports
+                .iter()
+                .enumerate()
+                .map(|(i, &port)| {
+                    let local = SocketAddr::new(IpAddr::V4(CLIENT_ADDR.parse().unwrap()), port);
+                    let stream = connect_bound(local, &format!("{VIP}:9050")).unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+                    let mut c = LineClient::over(stream).unwrap();
                     let version = c.ask().unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
                     (c, version)
                 })

@@ -414,8 +414,10 @@ impl<D: Dataplane> Controller<D> {
             .values()
             .filter_map(|g| g.health_check.as_ref().map(|c| (g, c)))
             .flat_map(|(g, c)| {
-                // A DSR target is checked through the tunnel, at the VIP it must serve.
-                let through_tunnel_to = (g.mode == Mode::Dsr).then_some(std::net::SocketAddr::new(g.virtual_address, g.port));
+                // A DSR target is checked through the tunnel, at the VIP it must serve (on
+                // the check's own port, if it has one).
+                let through_tunnel_to =
+                    (g.mode == Mode::Dsr).then_some(std::net::SocketAddr::new(g.virtual_address, c.port.unwrap_or(g.port)));
                 g.routes.iter().flat_map(|r| r.targets.iter()).map(move |t| CheckSpec {
                     gateway: g.name.clone(),
                     target: *t,

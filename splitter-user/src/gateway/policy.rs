@@ -155,8 +155,8 @@ pub struct Bound(pub f64);
 impl Eq for Bound {}
 
 /// A Prometheus query whose single value must stay within bounds. The query may use
-/// `{{gateway}}`, `{{route}}`, `{{targets}}` (the canary targets' `ADDR:PORT`, joined by
-/// `|` for a regex) and `{{interval}}` (the window, like `30s`).
+/// `{{gateway}}`, `{{route}}`, `{{targets}}` (the canary targets' `ADDR:PORT`, escaped as
+/// regex literals and joined by `|`) and `{{interval}}` (the window, like `30s`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetricCheck {
     pub name: String,

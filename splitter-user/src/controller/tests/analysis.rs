@@ -113,7 +113,7 @@ fn a_metric_above_its_max_rolls_back_with_its_evidence() {
     healthy_window(&mut c);
     let request = rx.try_recv().unwrap();
     let Check::Metrics(metrics) = &request.check else { panic!() };
-    assert_eq!(metrics[0].1, "sum(rate(errors{instance=~\"10.1.0.21:8080\"}[1s]))", "the query with its variables filled in");
+    assert_eq!(metrics[0].1, r#"sum(rate(errors{instance=~"10\\.1\\.0\\.21:8080"}[1s]))"#, "the query with its variables filled in");
     assert_eq!(canary(&c), 2000, "no step before the metrics answer");
     c.check_report(metrics_answer(&request, Ok(0.3)));
     assert_eq!(state(&mut c), RolloutState::RolledBack);

@@ -219,6 +219,27 @@ fn an_unhealthy_target_leaves_the_table_and_comes_back() {
 }
 
 #[test]
+fn a_dsr_targets_check_goes_through_the_tunnel_to_the_vip_on_the_checks_port() {
+    let mut c = controller();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    c.set_health_checks(tx);
+    let dsr = |port: &str| format!("{OTHER}mode: dsr\nhealth_check:\n  protocol: tcp\n{port}  interval: 1s\n  timeout: 500ms\n");
+    let tunnelled = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<crate::health::CheckSpec>>| {
+        let mut last = None;
+        while let Ok(specs) = rx.try_recv() {
+            last = Some(specs);
+        }
+        last.unwrap().iter().map(|s| (s.target.to_string(), s.through_tunnel_to.map(|a| a.to_string()))).collect::<Vec<_>>()
+    };
+    apply(&mut c, &dsr("")).unwrap();
+    let vip = Some("10.0.0.20:80".to_string());
+    assert_eq!(tunnelled(&mut rx), [("10.1.1.1:80".to_string(), vip.clone()), ("10.1.1.2:80".to_string(), vip)]);
+    apply(&mut c, &dsr("  port: 8081\n")).unwrap();
+    let vip = Some("10.0.0.20:8081".to_string());
+    assert_eq!(tunnelled(&mut rx), [("10.1.1.1:80".to_string(), vip.clone()), ("10.1.1.2:80".to_string(), vip)], "the check's own port");
+}
+
+#[test]
 fn gateways_beyond_the_limit_are_refused_whole() {
     let mut c = controller();
     let docs: Vec<String> =
