@@ -54,7 +54,7 @@ pub fn tcp_segment(src: SocketAddrV4, dst: SocketAddrV4, seq: u32, ack: u32, fla
     p
 }
 
-/// What a received IPv4 packet says to a probe from `local` to `vip`.
+/// What a received packet says to a probe from `local` to `vip`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Answer {
     /// The VIP accepted: SYN-ACK acknowledging `seq + 1`.
@@ -72,141 +72,15 @@ pub fn answer_to(packet: &[u8], local: SocketAddrV4, vip: SocketAddrV4, seq: u32
         return Answer::Other;
     }
     let ihl = usize::from(packet[0] & 0x0f) * 4;
-    let Some(tcp) = packet.get(ihl..ihl + 20) else { return Answer::Other };
-    let from = SocketAddrV4::new(Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]), u16::from_be_bytes([tcp[0], tcp[1]]));
-    let to = SocketAddrV4::new(Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]), u16::from_be_bytes([tcp[2], tcp[3]]));
-    if from != vip || to != local {
+    if ihl < 20 {
         return Answer::Other;
     }
-    let (flags, ack) = (tcp[13], u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]));
-    if flags & TCP_RST != 0 {
-        Answer::Refused
-    } else if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) && ack == seq.wrapping_add(1) {
-        Answer::Accepted
-    } else {
-        Answer::Other
+    let from = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+    let to = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+    if from != *vip.ip() || to != *local.ip() {
+        return Answer::Other;
     }
-}
-
-fn socket(kind: i32, protocol: i32) -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
-    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, protocol) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor just returned by socket(2), owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
-    // SAFETY: sockaddr_in is plain data; all zero is valid.
-    let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
-    sa.sin_family = libc::AF_INET as libc::sa_family_t;
-    sa.sin_port = addr.port().to_be();
-    sa.sin_addr.s_addr = u32::from_ne_bytes(addr.ip().octets());
-    sa
-}
-
-/// A TCP port of `addr` reserved for the probe (bound, never listening: the kernel answers
-/// the SYN-ACK with a reset, and no other socket can take the port meanwhile).
-fn reserve_port(addr: Ipv4Addr) -> io::Result<(OwnedFd, u16)> {
-    let fd = socket(libc::SOCK_STREAM, 0)?;
-    let sa = sockaddr(SocketAddrV4::new(addr, 0));
-    let mut bound = sa;
-    let mut len = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: `sa` and `bound` are sockaddr_in values that outlive the calls; the lengths
-    // passed are theirs.
-    unsafe {
-        if libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_in).cast(), len) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::getsockname(fd.as_raw_fd(), (&mut bound as *mut libc::sockaddr_in).cast(), &mut len) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok((fd, u16::from_be(bound.sin_port)))
-}
-
-/// Sends `inner` (an IPv4 packet) to `target` inside an IP-in-IP header the kernel adds.
-fn send_tunnelled(fd: &OwnedFd, target: Ipv4Addr, inner: &[u8]) -> io::Result<()> {
-    let sa = sockaddr(SocketAddrV4::new(target, 0));
-    // SAFETY: `inner` and `sa` outlive the call; the lengths passed are theirs.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            inner.as_ptr().cast(),
-            inner.len(),
-            0,
-            (&sa as *const libc::sockaddr_in).cast(),
-            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Checks that `target` serves `vip`: a SYN to the VIP through the tunnel, a SYN-ACK from
-/// the VIP within `timeout`. Blocking.
-pub fn tunnel_syn_probe(target: IpAddr, vip: SocketAddr, timeout: Duration) -> Result<(), String> {
-    match (target, vip) {
-        (IpAddr::V4(target), SocketAddr::V4(vip)) => tunnel_syn_probe4(target, vip, timeout),
-        (IpAddr::V6(target), SocketAddr::V6(vip)) => tunnel_syn_probe6(target, vip, timeout),
-        _ => Err(format!("target {target} and VIP {vip} are of different address families")),
-    }
-}
-
-fn tunnel_syn_probe4(target: Ipv4Addr, vip: SocketAddrV4, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    let node = match crate::system::source_towards(IpAddr::V4(target)) {
-        Ok(IpAddr::V4(node)) => node,
-        Ok(other) => return Err(format!("an IPv6 source {other} towards target {target}")),
-        Err(e) => return Err(format!("no route to target {target}: {e}")),
-    };
-    let (_reserved, port) = reserve_port(node).map_err(|e| format!("reserving a port on {node}: {e}"))?;
-    let local = SocketAddrV4::new(node, port);
-    let tunnel = socket(libc::SOCK_RAW, IPPROTO_IPIP).map_err(|e| format!("raw IP-in-IP socket (needs CAP_NET_RAW): {e}"))?;
-    let replies = socket(libc::SOCK_RAW, libc::IPPROTO_TCP).map_err(|e| format!("raw TCP socket (needs CAP_NET_RAW): {e}"))?;
-    let seq = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) ^ u32::from(port) << 16;
-    send_tunnelled(&tunnel, target, &tcp_segment(local, vip, seq, 0, TCP_SYN))
-        .map_err(|e| format!("sending the check to {target}: {e}"))?;
-    let mut buf = [0u8; 256];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!("no SYN-ACK from {vip} through target {target} within {}ms", timeout.as_millis()));
-        }
-        let tv = libc::timeval { tv_sec: left.as_secs() as libc::time_t, tv_usec: left.subsec_micros().max(1) as libc::suseconds_t };
-        // SAFETY: `tv` outlives the call and its size is passed; `buf` is writable for its
-        // whole length.
-        let received = unsafe {
-            libc::setsockopt(
-                replies.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                mem::size_of::<libc::timeval>() as libc::socklen_t,
-            );
-            libc::recv(replies.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-        };
-        if received < 0 {
-            let e = io::Error::last_os_error();
-            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) {
-                continue;
-            }
-            return Err(format!("reading answers: {e}"));
-        }
-        match answer_to(&buf[..received as usize], local, vip, seq) {
-            Answer::Accepted => {
-                // Leave nothing half-open on the target.
-                let _ = send_tunnelled(&tunnel, target, &tcp_segment(local, vip, seq.wrapping_add(1), 0, TCP_RST));
-                return Ok(());
-            }
-            Answer::Refused => return Err(format!("{vip} refused the connection through target {target} (reset)")),
-            Answer::Other => {}
-        }
-    }
+    segment_answer(&packet[ihl.min(packet.len())..], local.port(), vip.port(), seq)
 }
 
 /// A TCP segment without payload or options, with its IPv6 header (hop limit 64) and
@@ -239,9 +113,18 @@ pub fn tcp_segment6(src: SocketAddrV6, dst: SocketAddrV6, seq: u32, ack: u32, fl
 /// Reads a TCP segment from `from` (an IPv6 raw socket gives no IP header) as an answer
 /// to the SYN with `seq` from `local` to `vip`.
 pub fn answer6_to(segment: &[u8], from: Ipv6Addr, local: SocketAddrV6, vip: SocketAddrV6, seq: u32) -> Answer {
+    if from != *vip.ip() {
+        return Answer::Other;
+    }
+    segment_answer(segment, local.port(), vip.port(), seq)
+}
+
+/// Reads a TCP segment from the VIP's address as an answer to the SYN with `seq` from port
+/// `local_port` to port `vip_port`.
+fn segment_answer(segment: &[u8], local_port: u16, vip_port: u16, seq: u32) -> Answer {
     let Some(tcp) = segment.get(..20) else { return Answer::Other };
     let (sport, dport) = (u16::from_be_bytes([tcp[0], tcp[1]]), u16::from_be_bytes([tcp[2], tcp[3]]));
-    if from != *vip.ip() || sport != vip.port() || dport != local.port() {
+    if sport != vip_port || dport != local_port {
         return Answer::Other;
     }
     let (flags, ack) = (tcp[13], u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]));
@@ -254,9 +137,29 @@ pub fn answer6_to(segment: &[u8], from: Ipv6Addr, local: SocketAddrV6, vip: Sock
     }
 }
 
-fn socket6(kind: i32, protocol: i32) -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
-    let fd = unsafe { libc::socket(libc::AF_INET6, kind | libc::SOCK_CLOEXEC, protocol) };
+/// The probe's segment from `src` to `dst` with its IP header (none when the two are of
+/// different families).
+fn segment(src: SocketAddr, dst: SocketAddr, seq: u32, flags: u8) -> Option<Vec<u8>> {
+    match (src, dst) {
+        (SocketAddr::V4(src), SocketAddr::V4(dst)) => Some(tcp_segment(src, dst, seq, 0, flags).to_vec()),
+        (SocketAddr::V6(src), SocketAddr::V6(dst)) => Some(tcp_segment6(src, dst, seq, 0, flags).to_vec()),
+        _ => None,
+    }
+}
+
+/// What a received packet says to the probe, read as the family's raw socket gives it.
+fn answer(packet: &[u8], from: IpAddr, local: SocketAddr, vip: SocketAddr, seq: u32) -> Answer {
+    match (local, vip, from) {
+        (SocketAddr::V4(local), SocketAddr::V4(vip), _) => answer_to(packet, local, vip, seq),
+        (SocketAddr::V6(local), SocketAddr::V6(vip), IpAddr::V6(from)) => answer6_to(packet, from, local, vip, seq),
+        _ => Answer::Other,
+    }
+}
+
+fn socket(family: IpAddr, kind: i32, protocol: i32) -> io::Result<OwnedFd> {
+    let domain = if family.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: socket(2) with plain integer arguments; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -264,69 +167,101 @@ fn socket6(kind: i32, protocol: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn sockaddr6(addr: SocketAddrV6) -> libc::sockaddr_in6 {
-    // SAFETY: sockaddr_in6 is plain data; all zero is valid.
-    let mut sa: libc::sockaddr_in6 = unsafe { mem::zeroed() };
-    sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-    sa.sin6_port = addr.port().to_be();
-    sa.sin6_addr.s6_addr = addr.ip().octets();
-    sa
+/// `addr` as a socket address for the system calls, with its length.
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all zero is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for any socket address.
+            let sa = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_port = a.port().to_be();
+            sa.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above.
+            let sa = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_port = a.port().to_be();
+            sa.sin6_addr.s6_addr = a.ip().octets();
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }
 
-/// As [`reserve_port`], on an IPv6 address.
-fn reserve_port6(addr: Ipv6Addr) -> io::Result<(OwnedFd, u16)> {
-    let fd = socket6(libc::SOCK_STREAM, 0)?;
-    let sa = sockaddr6(SocketAddrV6::new(addr, 0, 0, 0));
-    let mut bound = sa;
-    let mut len = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-    // SAFETY: `sa` and `bound` are sockaddr_in6 values that outlive the calls; the lengths
-    // passed are theirs.
+/// The address and port in a socket address the kernel filled in (none: another family).
+fn socket_addr_of(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in, as its family says.
+            let sa = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::from((Ipv4Addr::from(sa.sin_addr.s_addr.to_ne_bytes()), u16::from_be(sa.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6, as its family says.
+            let sa = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::from((Ipv6Addr::from(sa.sin6_addr.s6_addr), u16::from_be(sa.sin6_port))))
+        }
+        _ => None,
+    }
+}
+
+/// A TCP port of `addr` reserved for the probe (bound, never listening: the kernel answers
+/// the SYN-ACK with a reset, and no other socket can take the port meanwhile).
+fn reserve_port(addr: IpAddr) -> io::Result<(OwnedFd, u16)> {
+    let fd = socket(addr, libc::SOCK_STREAM, 0)?;
+    let (sa, len) = sockaddr(SocketAddr::new(addr, 0));
+    // SAFETY: all zero is a valid sockaddr_storage to be filled.
+    let mut bound: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut bound_len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `sa` and `bound` outlive the calls; the lengths passed are theirs.
     unsafe {
-        if libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_in6).cast(), len) != 0 {
+        if libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
             return Err(io::Error::last_os_error());
         }
-        if libc::getsockname(fd.as_raw_fd(), (&mut bound as *mut libc::sockaddr_in6).cast(), &mut len) != 0 {
+        if libc::getsockname(fd.as_raw_fd(), (&mut bound as *mut libc::sockaddr_storage).cast(), &mut bound_len) != 0 {
             return Err(io::Error::last_os_error());
         }
     }
-    Ok((fd, u16::from_be(bound.sin6_port)))
+    let port = socket_addr_of(&bound).map(|a| a.port()).ok_or_else(|| io::Error::other("getsockname gave another family"))?;
+    Ok((fd, port))
 }
 
-/// Sends `inner` (an IPv6 packet) to `target` inside an IPv6 header the kernel adds.
-fn send_tunnelled6(fd: &OwnedFd, target: Ipv6Addr, inner: &[u8]) -> io::Result<()> {
-    let sa = sockaddr6(SocketAddrV6::new(target, 0, 0, 0));
+/// Sends `inner` (an IP packet) to `target` inside an outer header of its family, which
+/// the kernel adds.
+fn send_tunnelled(fd: &OwnedFd, target: IpAddr, inner: &[u8]) -> io::Result<()> {
+    let (sa, len) = sockaddr(SocketAddr::new(target, 0));
     // SAFETY: `inner` and `sa` outlive the call; the lengths passed are theirs.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            inner.as_ptr().cast(),
-            inner.len(),
-            0,
-            (&sa as *const libc::sockaddr_in6).cast(),
-            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        )
-    };
+    let sent =
+        unsafe { libc::sendto(fd.as_raw_fd(), inner.as_ptr().cast(), inner.len(), 0, (&sa as *const libc::sockaddr_storage).cast(), len) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
 }
 
-/// [`tunnel_syn_probe`] of an IPv6 target: the SYN goes inside an IPv6-in-IPv6 header.
-fn tunnel_syn_probe6(target: Ipv6Addr, vip: SocketAddrV6, timeout: Duration) -> Result<(), String> {
+/// Checks that `target` serves `vip`: a SYN to the VIP through the tunnel (IP-in-IP, or
+/// IPv6-in-IPv6 for an IPv6 target), a SYN-ACK from the VIP within `timeout`. Blocking.
+pub fn tunnel_syn_probe(target: IpAddr, vip: SocketAddr, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
-    let node = match crate::system::source_towards(IpAddr::V6(target)) {
-        Ok(IpAddr::V6(node)) => node,
-        Ok(other) => return Err(format!("an IPv4 source {other} towards target {target}")),
+    let node = match crate::system::source_towards(target) {
+        Ok(node) if node.is_ipv4() == target.is_ipv4() => node,
+        Ok(other) => return Err(format!("a source {other} of another family towards target {target}")),
         Err(e) => return Err(format!("no route to target {target}: {e}")),
     };
-    let (_reserved, port) = reserve_port6(node).map_err(|e| format!("reserving a port on {node}: {e}"))?;
-    let local = SocketAddrV6::new(node, port, 0, 0);
-    let tunnel = socket6(libc::SOCK_RAW, IPPROTO_IPV6_ENCAP).map_err(|e| format!("raw IPv6-in-IPv6 socket (needs CAP_NET_RAW): {e}"))?;
-    let replies = socket6(libc::SOCK_RAW, libc::IPPROTO_TCP).map_err(|e| format!("raw TCP socket (needs CAP_NET_RAW): {e}"))?;
+    let (_reserved, port) = reserve_port(node).map_err(|e| format!("reserving a port on {node}: {e}"))?;
+    let local = SocketAddr::new(node, port);
     let seq = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) ^ u32::from(port) << 16;
-    send_tunnelled6(&tunnel, target, &tcp_segment6(local, vip, seq, 0, TCP_SYN))
-        .map_err(|e| format!("sending the check to {target}: {e}"))?;
+    let (Some(syn), Some(reset)) = (segment(local, vip, seq, TCP_SYN), segment(local, vip, seq.wrapping_add(1), TCP_RST)) else {
+        return Err(format!("target {target} and VIP {vip} are of different address families"));
+    };
+    let (encap, tunnel_kind) = if target.is_ipv4() { (IPPROTO_IPIP, "IP-in-IP") } else { (IPPROTO_IPV6_ENCAP, "IPv6-in-IPv6") };
+    let tunnel = socket(target, libc::SOCK_RAW, encap).map_err(|e| format!("raw {tunnel_kind} socket (needs CAP_NET_RAW): {e}"))?;
+    let replies = socket(target, libc::SOCK_RAW, libc::IPPROTO_TCP).map_err(|e| format!("raw TCP socket (needs CAP_NET_RAW): {e}"))?;
+    send_tunnelled(&tunnel, target, &syn).map_err(|e| format!("sending the check to {target}: {e}"))?;
     let mut buf = [0u8; 256];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -334,9 +269,9 @@ fn tunnel_syn_probe6(target: Ipv6Addr, vip: SocketAddrV6, timeout: Duration) -> 
             return Err(format!("no SYN-ACK from {vip} through target {target} within {}ms", timeout.as_millis()));
         }
         let tv = libc::timeval { tv_sec: left.as_secs() as libc::time_t, tv_usec: left.subsec_micros().max(1) as libc::suseconds_t };
-        // SAFETY: all zero is a valid sockaddr_in6 to be filled.
-        let mut from: libc::sockaddr_in6 = unsafe { mem::zeroed() };
-        let mut from_len = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        // SAFETY: all zero is a valid sockaddr_storage to be filled.
+        let mut from: libc::sockaddr_storage = unsafe { mem::zeroed() };
+        let mut from_len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         // SAFETY: `tv`, `from` and `from_len` outlive the calls and their sizes are passed;
         // `buf` is writable for its whole length.
         let received = unsafe {
@@ -352,7 +287,7 @@ fn tunnel_syn_probe6(target: Ipv6Addr, vip: SocketAddrV6, timeout: Duration) -> 
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 0,
-                (&mut from as *mut libc::sockaddr_in6).cast(),
+                (&mut from as *mut libc::sockaddr_storage).cast(),
                 &mut from_len,
             )
         };
@@ -363,10 +298,11 @@ fn tunnel_syn_probe6(target: Ipv6Addr, vip: SocketAddrV6, timeout: Duration) -> 
             }
             return Err(format!("reading answers: {e}"));
         }
-        match answer6_to(&buf[..received as usize], Ipv6Addr::from(from.sin6_addr.s6_addr), local, vip, seq) {
+        let Some(from) = socket_addr_of(&from) else { continue };
+        match answer(&buf[..received as usize], from.ip(), local, vip, seq) {
             Answer::Accepted => {
                 // Leave nothing half-open on the target.
-                let _ = send_tunnelled6(&tunnel, target, &tcp_segment6(local, vip, seq.wrapping_add(1), 0, TCP_RST));
+                let _ = send_tunnelled(&tunnel, target, &reset);
                 return Ok(());
             }
             Answer::Refused => return Err(format!("{vip} refused the connection through target {target} (reset)")),
@@ -403,5 +339,20 @@ mod tests {
         let other_port = SocketAddrV4::new(*local.ip(), 40_001);
         assert_eq!(answer_to(&syn_ack, other_port, vip, 7), Answer::Other, "another probe's answer");
         assert_eq!(answer_to(&syn_ack[..30], local, vip, 7), Answer::Other, "truncated");
+
+        let local6 = SocketAddrV6::new("2001:db8:2::1".parse().unwrap(), 40_000, 0, 0);
+        let vip6 = SocketAddrV6::new("2001:db8::80".parse().unwrap(), 80, 0, 0);
+        let syn6 = tcp_segment6(local6, vip6, 7, 0, TCP_SYN);
+        let mut pseudo6 = syn6[8..40].to_vec();
+        pseudo6.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, 6]);
+        pseudo6.extend_from_slice(&syn6[40..]);
+        assert!(ones_complement_ok(&pseudo6), "TCP checksum over the IPv6 pseudo-header");
+        // An IPv6 raw socket gives the segment without its IP header, and its source apart.
+        let syn_ack6 = tcp_segment6(vip6, local6, 1000, 8, TCP_SYN | TCP_ACK);
+        assert_eq!(answer6_to(&syn_ack6[40..], *vip6.ip(), local6, vip6, 7), Answer::Accepted);
+        assert_eq!(answer6_to(&syn_ack6[40..], *local6.ip(), local6, vip6, 7), Answer::Other, "not from the VIP");
+        let rst6 = tcp_segment6(vip6, local6, 0, 8, TCP_RST | TCP_ACK);
+        assert_eq!(answer(&rst6[40..], IpAddr::V6(*vip6.ip()), local6.into(), vip6.into(), 7), Answer::Refused);
+        assert_eq!(segment(local.into(), vip6.into(), 7, TCP_SYN), None, "families mixed");
     }
 }
