@@ -104,6 +104,9 @@ pub mod map_names {
     /// added since are created when missing.
     pub const CORE: [&str; 8] =
         [GATEWAYS, BUCKET_TABLES, TARGETS, CONNTRACK, TARGET_COUNTERS, GATEWAY_COUNTERS, PACKET_COUNTERS, FORWARD_EVENTS];
+    /// The flow tables, sized by the conntrack and half-open limits: the maps to create at
+    /// their smallest when the object is loaded for a program other than the datapath.
+    pub const FLOW_TABLES: [&str; 6] = [CONNTRACK, HALF_OPEN, CONNTRACK6, HALF_OPEN6, PORT_CHOICES, PORT_CHOICES6];
     /// Every map the agent pins and adopts.
     pub const PINNED: [&str; 24] = [
         GATEWAYS,

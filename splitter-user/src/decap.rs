@@ -36,15 +36,11 @@ pub fn run(args: DecapArgs) -> Result<()> {
     if object.is_empty() {
         bail!("this binary was built without the eBPF object: build it with `cargo xtask build`");
     }
-    let mut ebpf = aya::EbpfLoader::new()
-        .map_max_entries(map_names::CONNTRACK, UNUSED_MAP_ENTRIES)
-        .map_max_entries(map_names::HALF_OPEN, UNUSED_MAP_ENTRIES)
-        .map_max_entries(map_names::CONNTRACK6, UNUSED_MAP_ENTRIES)
-        .map_max_entries(map_names::HALF_OPEN6, UNUSED_MAP_ENTRIES)
-        .map_max_entries(map_names::PORT_CHOICES, UNUSED_MAP_ENTRIES)
-        .map_max_entries(map_names::PORT_CHOICES6, UNUSED_MAP_ENTRIES)
-        .load(object)
-        .context("loading the eBPF object")?;
+    let mut loader = aya::EbpfLoader::new();
+    for name in map_names::FLOW_TABLES {
+        loader.map_max_entries(name, UNUSED_MAP_ENTRIES);
+    }
+    let mut ebpf = loader.load(object).context("loading the eBPF object")?;
     let program: &mut Xdp = ebpf
         .program_mut(DECAP_PROGRAM_NAME)
         .context("the eBPF object has no decapsulation program")?

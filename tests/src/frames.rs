@@ -3,6 +3,8 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use splitter_common::maps::FlowKey;
+
 pub const ETH_LEN: usize = 14;
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_IPV6: u16 = 0x86dd;
@@ -10,6 +12,25 @@ pub const IPV6_LEN: usize = 40;
 pub const PROTO_ICMPV6: u8 = 58;
 pub const ETHERTYPE_VLAN: u16 = 0x8100;
 pub const ETHERTYPE_ARP: u16 = 0x0806;
+
+/// An IPv4 address as the datapath's maps hold it: its wire bytes read in native order.
+pub fn ipv4_word(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// The conntrack key the datapath reads from an IPv4 packet from `src:sport` to
+/// `dst:dport`.
+pub fn flow_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src_addr: ipv4_word(src),
+        dst_addr: ipv4_word(dst),
+        src_port: sport.to_be(),
+        dst_port: dport.to_be(),
+        proto,
+        _pad: 0,
+        _pad_word: 0,
+    }
+}
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;

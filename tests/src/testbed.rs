@@ -83,13 +83,11 @@ impl XdpAttachment {
 /// `bench_tcp_client`...), which use none of the datapath's large maps: those are created
 /// at their smallest.
 pub fn helper_object() -> Result<Ebpf> {
-    EbpfLoader::new()
-        .map_max_entries("CONNTRACK", 2)
-        .map_max_entries("HALF_OPEN", 2)
-        .map_max_entries("CONNTRACK6", 2)
-        .map_max_entries("HALF_OPEN6", 2)
-        .map_max_entries("PORT_CHOICES", 2)
-        .map_max_entries("PORT_CHOICES6", 2)
+    let mut loader = EbpfLoader::new();
+    for name in splitter_common::map_names::FLOW_TABLES {
+        loader.map_max_entries(name, 2);
+    }
+    loader
         .map_max_entries("GATEWAYS", 1)
         .map_max_entries("GATEWAY_COUNTERS", 1)
         .map_max_entries("BUCKET_TABLES", 1)

@@ -13,9 +13,10 @@ use std::{
 
 use splitter_common::{
     flow::{flow_hash, snat_port},
-    maps::{FlowKey, PROTO_TCP},
+    maps::PROTO_TCP,
 };
 use splitter_tests::{
+    frames::flow_key,
     privileged, splitter_bin,
     testbed::{connect_bound, sava_gateway, LineClient, Testbed, CLIENT_ADDR, SAVA_CANARY as CANARY, SAVA_STABLE as STABLE, VIP},
     traffic::HttpTraffic,
@@ -410,18 +411,7 @@ fn ports_with_distinct_first_candidates(n: usize) -> Vec<u16> {
     let (client, vip) = (CLIENT_ADDR.parse::<Ipv4Addr>().unwrap(), VIP.parse::<Ipv4Addr>().unwrap());
     let mut first_candidates = HashSet::new();
     (20_000u16..)
-        .filter(|&port| {
-            let key = FlowKey {
-                src_addr: u32::from_ne_bytes(client.octets()),
-                dst_addr: u32::from_ne_bytes(vip.octets()),
-                src_port: port.to_be(),
-                dst_port: 9050u16.to_be(),
-                proto: PROTO_TCP,
-                _pad: 0,
-                _pad_word: 0,
-            };
-            first_candidates.insert(snat_port(flow_hash(&key), 0))
-        })
+        .filter(|&port| first_candidates.insert(snat_port(flow_hash(&flow_key(client, port, vip, 9050, PROTO_TCP)), 0)))
         .take(n)
         .collect()
 }

@@ -25,7 +25,7 @@ use splitter_common::{
 };
 use splitter_tests::{
     ebpf_object,
-    frames::{self, Ipv4Packet, ETH_LEN, TCP_ACK, TCP_RST, TCP_SYN},
+    frames::{self, flow_key, ipv4_word, Ipv4Packet, ETH_LEN, TCP_ACK, TCP_RST, TCP_SYN},
     privileged, run_xdp, Netns, Veth,
 };
 
@@ -39,10 +39,6 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
 const SNAT: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 1);
 const TARGETS: [(Ipv4Addr, u16); 2] = [(Ipv4Addr::new(10, 10, 2, 11), 8080), (Ipv4Addr::new(10, 10, 2, 21), 8080)];
 const NEIGH_MAC: [u8; 6] = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0x01];
-
-fn ne(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
-}
 
 struct Bench {
     ns: Netns,
@@ -81,7 +77,8 @@ impl Bench {
     fn gateway(&mut self, id: u32, port: u16, proto: u8, flags: u32, table_index: u32, weights: [u32; 2]) {
         let mut targets: Array<&mut MapData, TargetEntry> = Array::try_from(self.ebpf.map_mut("TARGETS").unwrap()).unwrap();
         for (i, (addr, tport)) in TARGETS.iter().enumerate() {
-            let entry = TargetEntry { addr: ne(*addr), snat_addr: ne(SNAT), port: tport.to_be(), _pad: 0, counter_index: i as u32 };
+            let entry =
+                TargetEntry { addr: ipv4_word(*addr), snat_addr: ipv4_word(SNAT), port: tport.to_be(), _pad: 0, counter_index: i as u32 };
             targets.set(table_index * MAX_TARGETS_PER_GATEWAY + i as u32, entry, 0).unwrap();
         }
         let table_targets: Vec<TableTarget> = TARGETS
@@ -96,7 +93,7 @@ impl Bench {
         tables.set(table_index, table, 0).unwrap();
         let mut gateways: HashMap<&mut MapData, GatewayKey, GatewayState> =
             HashMap::try_from(self.ebpf.map_mut("GATEWAYS").unwrap()).unwrap();
-        let key = GatewayKey { vip: ne(VIP), port: port.to_be(), proto, _pad: 0 };
+        let key = GatewayKey { vip: ipv4_word(VIP), port: port.to_be(), proto, _pad: 0 };
         let state = GatewayState { gateway_id: id, table_index, target_count: 2, flags, generation: table_index, connect_timeout_ms: 0 };
         gateways.insert(key, state, 0).unwrap();
     }
@@ -105,7 +102,7 @@ impl Bench {
     fn address_filter(&mut self, kept: &[Ipv4Addr]) {
         let mut filter = AddressFilter::ALL_FOREIGN;
         for addr in kept {
-            filter.keep(ne(*addr));
+            filter.keep(ipv4_word(*addr));
         }
         let mut map: Array<&mut MapData, AddressFilter> = Array::try_from(self.ebpf.map_mut("ADDRESS_FILTER").unwrap()).unwrap();
         map.set(0, filter, 0).unwrap();
@@ -212,8 +209,8 @@ impl Bench {
     fn dnat_replies(&mut self, id: u32, port: u16, proto: u8) {
         let mut m: HashMap<&mut MapData, GatewayKey, DnatReply> = HashMap::try_from(self.ebpf.map_mut("DNAT_REPLIES").unwrap()).unwrap();
         for (i, (addr, tport)) in TARGETS.iter().enumerate() {
-            let key = GatewayKey { vip: ne(*addr), port: tport.to_be(), proto, _pad: 0 };
-            let reply = DnatReply { vip: ne(VIP), counter_index: i as u32, gateway_id: id, port: port.to_be(), flow_flags: 0 };
+            let key = GatewayKey { vip: ipv4_word(*addr), port: tport.to_be(), proto, _pad: 0 };
+            let reply = DnatReply { vip: ipv4_word(VIP), counter_index: i as u32, gateway_id: id, port: port.to_be(), flow_flags: 0 };
             m.insert(key, reply, 0).unwrap();
         }
     }
@@ -307,12 +304,8 @@ fn the_reference_hash_matches_the_shared_one() {
         let key = flow_key(src, sp, dst, dp, proto);
         assert_eq!(reference_flow_hash(&frame), flow_hash(&key), "case {i}");
         assert_eq!(reference_hash_slot(flow_hash(&key)), bucket_slot(flow_hash(&key)) as usize, "case {i}");
-        assert_eq!(reference_client_hash(src), client_hash(ne(src)), "case {i}");
+        assert_eq!(reference_client_hash(src), client_hash(ipv4_word(src)), "case {i}");
     }
-}
-
-fn flow_key(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16, proto: u8) -> FlowKey {
-    FlowKey { src_addr: ne(src), dst_addr: ne(dst), src_port: sp.to_be(), dst_port: dp.to_be(), proto, _pad: 0, _pad_word: 0 }
 }
 
 #[test]
@@ -800,7 +793,7 @@ fn the_address_filter_passes_foreign_packets_and_keeps_the_gateways() {
 
     // A packet of no gateway, between two foreign addresses: passed as it came, no state.
     let elsewhere = Ipv4Addr::new(192, 0, 2, 77);
-    assert!(![VIP, TARGETS[0].0, TARGETS[1].0].iter().any(|a| address_bucket(ne(*a)) == address_bucket(ne(elsewhere))));
+    assert!(![VIP, TARGETS[0].0, TARGETS[1].0].iter().any(|a| address_bucket(ipv4_word(*a)) == address_bucket(ipv4_word(elsewhere))));
     let foreign = tcp_frame(CLIENT, 40500, elsewhere, 9050, TCP_SYN, b"");
     let (action, out) = bench.run(&foreign);
     assert_eq!((action, &out), (XDP_PASS, &foreign));
@@ -897,7 +890,7 @@ fn dsr_sources_come_from_the_gateways_prefix_per_flow_and_udp_goes_straight_to_c
     let mut bench = Bench::new();
     bench.gateway(0, 5353, PROTO_UDP, GATEWAY_DSR, 0, [500_000, 500_000]);
     let prefix = Ipv4Addr::new(10, 10, 2, 128);
-    let source = DsrSource { prefix: ne(prefix), host_mask: ne(Ipv4Addr::new(0, 0, 0, 127)) };
+    let source = DsrSource { prefix: ipv4_word(prefix), host_mask: ipv4_word(Ipv4Addr::new(0, 0, 0, 127)) };
     bench.dsr_source(0, source);
     let mut sources = std::collections::BTreeSet::new();
     for port in 30000..30064u16 {
@@ -906,7 +899,7 @@ fn dsr_sources_come_from_the_gateways_prefix_per_flow_and_udp_goes_straight_to_c
         assert_eq!(action, XDP_REDIRECT);
         let (src, _) = outer_header(&out, request.len() - ETH_LEN);
         assert_eq!(u32::from(src) & 0xffff_ff80, u32::from(prefix), "{src} lies in 10.10.2.128/25");
-        assert_eq!(ne(src), source.address(reference_flow_hash(&request), ne(SNAT)), "the flow's hash picks the host part");
+        assert_eq!(ipv4_word(src), source.address(reference_flow_hash(&request), ipv4_word(SNAT)), "the flow's hash picks the host part");
         // The same flow again: the same outer source (from conntrack).
         let (_, again) = bench.run(&request);
         assert_eq!(again, out);

@@ -32,7 +32,7 @@ use splitter_common::{
 use super::{median_and_spread, say, Options, TargetCheck};
 use splitter_tests::{
     ebpf_object,
-    frames::{tcp, udp, Ipv4Packet, Ipv6Packet, TCP_ACK},
+    frames::{flow_key, ipv4_word, tcp, udp, Ipv4Packet, Ipv6Packet, TCP_ACK},
     pin_to_cpu,
     testbed::helper_object,
     Netns, Veth,
@@ -55,10 +55,6 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
-
-fn ne(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
-}
 
 #[derive(Clone, Debug)]
 pub struct Case {
@@ -232,7 +228,7 @@ impl Bed {
     /// Keeps `addr`'s bucket in the address filter (as the agent does for a gateway's VIP
     /// and targets before the gateway goes live).
     fn keep(&mut self, addr: Ipv4Addr) -> Result<()> {
-        self.keep_fold(ne(addr))
+        self.keep_fold(ipv4_word(addr))
     }
 
     /// [`Bed::keep`] of an address as the filter sees it ([`Address::fold`]).
@@ -250,7 +246,8 @@ impl Bed {
         }
         let mut targets: Array<&mut MapData, TargetEntry> = Array::try_from(self.ebpf.map_mut("TARGETS").context("TARGETS")?)?;
         for (i, addr) in TARGETS.iter().enumerate() {
-            let entry = TargetEntry { addr: ne(*addr), snat_addr: ne(SNAT), port: port.to_be(), _pad: 0, counter_index: i as u32 };
+            let entry =
+                TargetEntry { addr: ipv4_word(*addr), snat_addr: ipv4_word(SNAT), port: port.to_be(), _pad: 0, counter_index: i as u32 };
             targets.set(table_index * MAX_TARGETS_PER_GATEWAY + i as u32, entry, 0)?;
         }
         let table_targets: Vec<TableTarget> = TARGETS
@@ -265,7 +262,7 @@ impl Bed {
         tables.set(table_index, table, 0)?;
         let mut gateways: HashMap<&mut MapData, GatewayKey, GatewayState> =
             HashMap::try_from(self.ebpf.map_mut("GATEWAYS").context("GATEWAYS")?)?;
-        let key = GatewayKey { vip: ne(VIP), port: port.to_be(), proto: PROTO_UDP, _pad: 0 };
+        let key = GatewayKey { vip: ipv4_word(VIP), port: port.to_be(), proto: PROTO_UDP, _pad: 0 };
         gateways.insert(
             key,
             GatewayState { gateway_id: id, table_index, target_count: 2, flags, generation: 1, connect_timeout_ms: 0 },
@@ -306,10 +303,6 @@ impl Bed {
 /// A repeated case: name, program, frame, ingress interface (none: loopback), the action
 /// it must end in.
 type RepeatedCase<'a> = (&'static str, &'static str, &'a [u8], Option<u32>, u32);
-
-fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
-    FlowKey { src_addr: ne(src), dst_addr: ne(dst), src_port: sport.to_be(), dst_port: dport.to_be(), proto, _pad: 0, _pad_word: 0 }
-}
 
 fn udp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     Ipv4Packet::new(src, dst, 17, udp(sport, dport, &[0; 18])).build()
@@ -360,23 +353,23 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
     let mut bed = Bed::new()?;
     bed.gateway(0, 9000, 0, 0)?;
     bed.gateway(1, 9001, GATEWAY_DNAT, 2)?;
-    let est_udp = key(CLIENT, 40000, VIP, 9000, PROTO_UDP);
+    let est_udp = flow_key(CLIENT, 40000, VIP, 9000, PROTO_UDP);
     bed.identity_flow(est_udp, FLOW_TO_TARGET)?;
-    let est_tcp = key(CLIENT, 40001, VIP, 9000, PROTO_TCP);
+    let est_tcp = flow_key(CLIENT, 40001, VIP, 9000, PROTO_TCP);
     bed.identity_flow(est_tcp, FLOW_TO_TARGET | FLOW_ESTABLISHED)?;
-    let reply = key(TARGETS[0], 9000, CLIENT, 40002, PROTO_UDP);
+    let reply = flow_key(TARGETS[0], 9000, CLIENT, 40002, PROTO_UDP);
     bed.identity_flow(reply, FLOW_FROM_TARGET | FLOW_ESTABLISHED)?;
     // TCP replies carrying a response's first segment, of a plain TCP flow and of an HTTP
     // gateway's flow (whose status line the datapath reads and counts).
-    let tcp_reply = key(TARGETS[0], 9000, CLIENT, 40005, PROTO_TCP);
+    let tcp_reply = flow_key(TARGETS[0], 9000, CLIENT, 40005, PROTO_TCP);
     bed.identity_flow(tcp_reply, FLOW_FROM_TARGET | FLOW_ESTABLISHED)?;
-    let http_reply = key(TARGETS[0], 9000, CLIENT, 40006, PROTO_TCP);
+    let http_reply = flow_key(TARGETS[0], 9000, CLIENT, 40006, PROTO_TCP);
     bed.identity_flow(http_reply, FLOW_FROM_TARGET | FLOW_ESTABLISHED | FLOW_HTTP)?;
     let est_udp6 = key6(CLIENT6, 40000, VIP6, 9000);
     bed.flow6(est_udp6, est_udp6, FLOW_TO_TARGET)?;
     // Direct server return: the entry holds the outer header's addresses.
-    let dsr = key(CLIENT, 40007, VIP, 9000, PROTO_UDP);
-    bed.flow(dsr, key(SNAT, 0, TARGETS[0], 0, PROTO_UDP), FLOW_TO_TARGET | FLOW_DSR)?;
+    let dsr = flow_key(CLIENT, 40007, VIP, 9000, PROTO_UDP);
+    bed.flow(dsr, flow_key(SNAT, 0, TARGETS[0], 0, PROTO_UDP), FLOW_TO_TARGET | FLOW_DSR)?;
     let dsr6 = key6(CLIENT6, 40007, VIP6, 9000);
     bed.flow6(dsr6, key6(DSR_SOURCE6, 0, TARGET6, 0), FLOW_TO_TARGET | FLOW_DSR)?;
 
@@ -393,7 +386,7 @@ pub fn run(opts: Options) -> Result<TestRunResults> {
     bed.keep(OTHER_KEPT)?;
     let no_match_kept = udp_frame(CLIENT, 40003, OTHER_KEPT, 53);
     for addr in [CLIENT, OTHER] {
-        anyhow::ensure!(bed.filter.is_foreign(ne(addr)), "{addr} shares a filter bucket with a gateway's address");
+        anyhow::ensure!(bed.filter.is_foreign(ipv4_word(addr)), "{addr} shares a filter bucket with a gateway's address");
     }
     let to_backend = udp_frame(CLIENT, 40004, TARGETS[0], 9000);
 

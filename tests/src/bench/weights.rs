@@ -33,7 +33,7 @@ use super::{
     topo::{Control, ForwardBed, BACKENDS, UDP_PORT, VIP},
     Options, TargetCheck,
 };
-use splitter_tests::frames::{udp, Ipv4Packet};
+use splitter_tests::frames::{flow_key, ipv4_word, udp, Ipv4Packet};
 
 const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 77);
 const CYCLE: [u32; 8] = [90, 70, 50, 30, 10, 30, 50, 70];
@@ -106,10 +106,6 @@ impl WeightResults {
     }
 }
 
-fn ne(a: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(a.octets())
-}
-
 /// The table the agent builds for weights `a`/`100-a` over the two backends.
 fn table_for(a: u32) -> Vec<u16> {
     let targets: Vec<TableTarget> = BACKENDS
@@ -124,15 +120,7 @@ fn table_for(a: u32) -> Vec<u16> {
 }
 
 fn probe_key(sport: u16) -> FlowKey {
-    FlowKey {
-        src_addr: ne(PROBE_SOURCE),
-        dst_addr: ne(VIP.parse().unwrap()),
-        src_port: sport.to_be(),
-        dst_port: UDP_PORT.to_be(),
-        proto: PROTO_UDP,
-        _pad: 0,
-        _pad_word: 0,
-    }
+    flow_key(PROBE_SOURCE, sport, VIP.parse().unwrap(), UDP_PORT, PROTO_UDP)
 }
 
 /// The descriptors of the agent's program and GATEWAYS map (by id, from its fdinfo).
@@ -233,7 +221,7 @@ fn run_variant(
     let agent = bed.start_agent_on("0,1", &gateway_yaml("fullnat"), extra)?;
     let result = (|| -> Result<Variant> {
         let (program, gateways) = agent_objects(agent.pid())?;
-        let gateway_key = GatewayKey { vip: ne(VIP.parse()?), port: UDP_PORT.to_be(), proto: PROTO_UDP, _pad: 0 };
+        let gateway_key = GatewayKey { vip: ipv4_word(VIP.parse()?), port: UDP_PORT.to_be(), proto: PROTO_UDP, _pad: 0 };
         let mut generation = live_generation(&gateways, &gateway_key).context("no live gateway")?;
         let mut control = Control::connect(&bed.socket())?;
         let established = bed.trafgen_config(VIP, 1000)?;
